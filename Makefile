@@ -1,0 +1,45 @@
+# make test   - set everything up on a fresh machine and run the whole suite
+# make demo   - install, pull the default model, start a local swarm and stream one generation
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: install deps-system model test test-fast proto bench demo clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch is pinned to the CPU build found on local disk when none is present; an
+# unpinned torch could pull a multi-GB CUDA build.
+install: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+
+# Debian packages the integration tests need (a real MQTT broker, a real browser).
+deps-system:
+	@if ! command -v mosquitto >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q mosquitto; \
+		else echo "mosquitto missing: apt-get install mosquitto"; fi; fi
+
+model: install
+	$(VENV)/bin/swarm model pull
+
+test: install deps-system model
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow"
+
+proto: install
+	$(PY) -m swarm_proto.build
+
+bench: install model
+	$(PY) bench/engine.py
+
+demo: install model
+	$(VENV)/bin/swarm generate --local --chat "Tell me about the ocean in two sentences."
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist
