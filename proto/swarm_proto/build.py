@@ -34,7 +34,7 @@ _VERSION_STAMPS = (
 
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc on swarm.proto, writing the three stub files into ``out_dir``."""
-    from grpc_tools import protoc  # dev dependency; imported here so the package needs none
+    from grpc_tools import protoc  # type: ignore[import-untyped]  # dev dependency only
 
     with tempfile.TemporaryDirectory() as tmp:
         args = [
@@ -60,7 +60,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def _well_known_include() -> str:
-    import grpc_tools
+    import grpc_tools  # type: ignore[import-untyped]
 
     return str(Path(grpc_tools.__file__).resolve().parent / "_proto")
 
