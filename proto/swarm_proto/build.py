@@ -60,7 +60,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def _well_known_include() -> str:
-    import grpc_tools  # type: ignore[import-untyped]
+    import grpc_tools
 
     return str(Path(grpc_tools.__file__).resolve().parent / "_proto")
 
