@@ -1,0 +1,147 @@
+"""Build a model slice from a model source, reading only that slice's tensors.
+
+Sources: a Hugging Face folder (config.json + safetensors, single file or a
+sharded index) or a GGUF file. Both readers hand back tensors under Hugging
+Face names; this module maps them onto the slice's fused parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from swarm_node import gguf_loader, hf_loader
+from swarm_node.config import ModelArgs
+from swarm_node.errors import ModelFormatError
+from swarm_node.model import ModelSlice, check_range
+
+log = logging.getLogger(__name__)
+
+TensorReader = Callable[[Iterable[str]], dict[str, torch.Tensor]]
+
+
+def read_args(source: str | Path) -> ModelArgs:
+    """The hyperparameters of the model at `source`, without reading any weights."""
+    path = Path(source)
+    if _is_gguf(path):
+        return gguf_loader.read_args(path)
+    return hf_loader.read_args(path)
+
+
+def load_slice(
+    source: str | Path,
+    start: int,
+    end: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> ModelSlice:
+    """Layers [start, end) of the model at `source`, with only their tensors read."""
+    path = Path(source)
+    args = read_args(path)
+    check_range(args, start, end)
+    names = slice_tensor_names(args, start, end)
+    reader: TensorReader = (
+        (lambda n: gguf_loader.read_tensors(path, args, n)) if _is_gguf(path) else (lambda n: hf_loader.read_tensors(path, n))
+    )
+    tensors = reader(names)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ModelFormatError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if args.tie_word_embeddings and end == args.num_layers:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+
+    with torch.device("meta"):
+        model = ModelSlice(args, start, end)
+    state = _fuse(args, start, end, tensors, dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rotary.inv_freq = args.inv_freq()
+    model.eval()
+    log.info("loaded layers [%d, %d) of %s (%.1f MB)", start, end, path.name, model_bytes(model) / 1e6)
+    return model.to(device)
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of distinct parameter storage (a tied head counts once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        ptr = p.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += p.untyped_storage().nbytes()
+    return total
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf" or (path.is_file() and _has_gguf_magic(path))
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def slice_tensor_names(args: ModelArgs, start: int, end: int) -> list[str]:
+    """Hugging Face names of every tensor layers [start, end) need."""
+    names = []
+    if start == 0:
+        names.append("model.embed_tokens.weight")
+    for i in range(start, end):
+        p = f"model.layers.{i}."
+        names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+        if args.attention_bias:
+            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+    if end == args.num_layers:
+        names.append("model.norm.weight")
+        if args.tie_word_embeddings:
+            names.append("model.embed_tokens.weight")
+        else:
+            names.append("lm_head.weight")
+    return list(dict.fromkeys(names))
+
+
+def _fuse(args: ModelArgs, start: int, end: int, t: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Map Hugging Face tensors onto the slice's parameter names, fusing qkv and gate/up."""
+    def get(name: str) -> torch.Tensor:
+        x = t[name]
+        return x.to(dtype)
+
+    expect = {
+        "q_proj.weight": (args.q_size, args.hidden_size),
+        "k_proj.weight": (args.kv_size, args.hidden_size),
+        "v_proj.weight": (args.kv_size, args.hidden_size),
+        "o_proj.weight": (args.hidden_size, args.q_size),
+    }
+    state: dict[str, torch.Tensor] = {}
+    for i in range(start, end):
+        p, q = f"model.layers.{i}.", f"layers.{i - start}."
+        for key, shape in expect.items():
+            got = tuple(t[p + "self_attn." + key].shape)
+            if got != shape:
+                raise ModelFormatError(f"tensor {p}self_attn.{key} has shape {got}, expected {shape}")
+        state[q + "attention.wqkv.weight"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        if args.attention_bias:
+            state[q + "attention.wqkv.bias"] = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+        state[q + "attention.wo.weight"] = get(p + "self_attn.o_proj.weight")
+        state[q + "feed_forward.w13.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+        state[q + "feed_forward.w2.weight"] = get(p + "mlp.down_proj.weight")
+        state[q + "attention_norm.weight"] = get(p + "input_layernorm.weight")
+        state[q + "ffn_norm.weight"] = get(p + "post_attention_layernorm.weight")
+    if start == 0:
+        state["embed_tokens.weight"] = get("model.embed_tokens.weight")
+    if end == args.num_layers:
+        state["norm.weight"] = get("model.norm.weight")
+        head = t["lm_head.weight"]
+        # A tied head shares the embedding's storage when both live here.
+        state["lm_head.weight"] = state["embed_tokens.weight"] if (args.tie_word_embeddings and start == 0) else head.to(dtype)
+    for name, x in state.items():
+        # A sum is NaN or infinite when any element is (weights never sum to overflow).
+        if not torch.isfinite(x.float().sum()):
+            raise ModelFormatError(f"tensor for {name} holds NaN or infinite values")
+    return state

@@ -1,0 +1,219 @@
+"""The Llama-family decoder, cut into slices of consecutive layers.
+
+A `ModelSlice` runs layers [start, end) of a model; it owns the embedding when
+start == 0 and the final norm + LM head when end == num_layers. One forward
+carries several sequences packed along the token axis, each with its own KV
+cache and start position, so a node can batch sessions that are at different
+positions and lengths: the matrix work runs once on the packed tokens, the
+attention runs per sequence against that sequence's cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swarm_node.config import ModelArgs
+from swarm_node.errors import SliceRangeError
+from swarm_node.kv_cache import KVCache
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a packed forward: `length` tokens from `start_pos`."""
+
+    cache: KVCache
+    start_pos: int
+    length: int
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for explicit positions, computed in float32 as transformers does."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", args.inv_freq(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        c = args.hidden_size
+        # q, k and v share one matrix: one matmul per layer instead of three.
+        self.wqkv = nn.Linear(c, args.q_size + 2 * args.kv_size, bias=args.attention_bias)
+        self.wo = nn.Linear(args.q_size, c, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer: int,
+        seqs: Sequence[SeqChunk],
+    ) -> torch.Tensor:
+        a = self.args
+        t = x.shape[0]
+        qkv = self.wqkv(x)  # [T, (H + 2 Hkv) D]
+        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = q.view(t, a.num_heads, a.head_dim)  # [T, H, D]
+        k = k.view(t, a.num_kv_heads, a.head_dim)  # [T, Hkv, D]
+        v = v.view(t, a.num_kv_heads, a.head_dim)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H*, T, D]
+
+        out = torch.empty_like(q)  # [H, T, D]
+        offset = 0
+        for seq in seqs:
+            n = seq.length
+            sl = slice(offset, offset + n)
+            keys, values = seq.cache.write(layer, seq.start_pos, k[:, sl], v[:, sl])  # [Hkv, P, D]
+            out[:, sl] = _attend(q[:, sl], keys, values, seq.start_pos, a.num_heads // a.num_kv_heads)
+            offset += n
+        return self.wo(out.transpose(0, 1).reshape(t, a.q_size))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, groups: int) -> torch.Tensor:
+    """Causal attention of n queries at [start_pos, start_pos + n) over keys [0, start_pos + n)."""
+    n, total = q.shape[1], k.shape[1]
+    mask = None
+    if n > 1:
+        # Query i sees keys 0..start_pos + i: a causal mask aligned to the bottom right.
+        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+    q, k, v = q[None], k[None], v[None]  # [1, H*, n, D]
+    if groups > 1 and not _SDPA_HAS_GQA:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)[0]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.hidden = args.intermediate_size
+        self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)  # gate ++ up
+        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, seqs: Sequence[SeqChunk]) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, layer, seqs)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class ModelSlice(nn.Module):
+    """Layers [start, end) of a model, plus the embedding and/or head at the ends."""
+
+    def __init__(self, args: ModelArgs, start: int, end: int) -> None:
+        super().__init__()
+        check_range(args, start, end)
+        self.args, self.start, self.end = args, start, end
+        self.rotary = Rotary(args)
+        self.layers = nn.ModuleList(Block(args) for _ in range(start, end))
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if self.is_head else None
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if self.is_tail else None
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if self.is_tail else None
+
+    @property
+    def is_head(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_tail(self) -> bool:
+        return self.end == self.args.num_layers
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    @property
+    def device(self) -> torch.device:
+        return self.rotary.inv_freq.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def new_cache(self, max_length: int) -> KVCache:
+        a = self.args
+        return KVCache(self.num_layers, a.num_kv_heads, a.head_dim, max_length, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, seqs: Sequence[SeqChunk], *, all_logits: bool = False) -> torch.Tensor:
+        """Run the packed chunks through this slice.
+
+        x: int64 token ids [T] at the head, hidden states [T, C] elsewhere, where
+        T is the sum of the chunks' lengths and the chunks lie in order.
+        Returns hidden states [T, C], or at the tail logits [len(seqs), V] of
+        each chunk's last position ([T, V] with all_logits).
+        """
+        total = sum(s.length for s in seqs)
+        if x.shape[0] != total:
+            raise ValueError(f"{x.shape[0]} inputs for chunks totalling {total} positions")
+        for s in seqs:
+            s.cache.check(s.start_pos, s.length)
+        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.length) for s in seqs]).to(self.device)
+
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x.to(self.dtype)  # [T, C]
+        cos, sin = self.rotary(positions, h.dtype)
+        for i, block in enumerate(self.layers):
+            h = block(h, cos, sin, i, seqs)
+        for s in seqs:
+            s.cache.length = s.start_pos + s.length
+
+        if self.norm is None or self.lm_head is None:
+            return h
+        if not all_logits:
+            last = torch.tensor([s.length for s in seqs], device=self.device).cumsum(0) - 1
+            h = h[last]
+        return self.lm_head(self.norm(h)).float()
+
+
+def check_range(args: ModelArgs, start: int, end: int) -> None:
+    if not 0 <= start < end <= args.num_layers:
+        raise SliceRangeError(
+            f"layer range [{start}, {end}) is not inside the model's {args.num_layers} layers"
+        )
