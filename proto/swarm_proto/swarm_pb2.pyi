@@ -109,7 +109,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model", "start", "end", "num_layers", "device", "dtype", "max_sessions", "active_sessions", "max_length", "version", "hidden_size", "vocab_size", "address")
+    __slots__ = ("node_id", "model", "start", "end", "num_layers", "device", "dtype", "max_sessions", "active_sessions", "max_length", "version", "hidden_size", "vocab_size", "address", "stats")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class NodeInfo(_message.Message):
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model: str
     start: int
@@ -138,23 +139,48 @@ class NodeInfo(_message.Message):
     hidden_size: int
     vocab_size: int
     address: str
-    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    stats: NodeStats
+    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., address: _Optional[str] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ...) -> None: ...
+
+class NodeStats(_message.Message):
+    __slots__ = ("steps", "tokens", "batches", "batched_steps", "max_batch", "queued_steps", "sessions_opened", "sessions_refused")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    tokens: int
+    batches: int
+    batched_steps: int
+    max_batch: int
+    queued_steps: int
+    sessions_opened: int
+    sessions_refused: int
+    def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., queued_steps: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_refused: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "max_length", "downstream", "sampling", "wire_dtype", "prompt_length")
+    __slots__ = ("session_id", "max_length", "downstream", "sampling", "wire_dtype", "prompt_length", "start", "end")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_length: int
     downstream: _containers.RepeatedCompositeFieldContainer[Hop]
     sampling: SamplingParams
     wire_dtype: str
     prompt_length: int
-    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., wire_dtype: _Optional[str] = ..., prompt_length: _Optional[int] = ...) -> None: ...
+    start: int
+    end: int
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., wire_dtype: _Optional[str] = ..., prompt_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step_id", "start_pos", "tokens", "hidden", "sample", "return_logits")
