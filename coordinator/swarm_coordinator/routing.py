@@ -1,0 +1,187 @@
+"""Routes: the chain of nodes a session's activations flow through, chosen from state.
+
+A route is a tuple of :class:`Span` covering layers ``[0, L)`` in order. :func:`find_route`
+picks the chain with the lowest estimated latency per token: every span costs one hop
+plus ``layers * seconds_per_layer`` on its node, where a node's seconds per layer is
+``1 / speed`` stretched by its load (queued steps, active sessions) and by the sessions
+this coordinator routed through it recently (load reports lag by a couple of seconds,
+so the recent count is what spreads a burst of sessions over replicas).
+
+Only nodes that are ready, serve the state's model, are not in ``exclude`` and have KV
+room for ``max_length`` tokens are used; a span may use part of a node's range.
+
+The search is a shortest path over layer boundaries. Switching nodes only pays off at
+the start or end of some node's range (cost is linear in the switch point between
+two such boundaries), so those are the only positions searched.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+from swarm_coordinator.errors import NoRouteError, format_ranges
+from swarm_coordinator.state import NodeView, SwarmState, runs
+
+__all__ = ["RecentRoutes", "RoutingPolicy", "Span", "find_route", "route_latency", "seconds_per_layer"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """One hop of a route: ``node_id`` at ``address`` runs layers ``[start, end)``."""
+
+    node_id: str
+    address: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    hop_latency_s: float = 0.002  # one network traversal between processes
+    queue_weight: float = 1.0  # each queued step delays ours by about one step
+    session_weight: float = 0.1  # batching: each active session slows a step a little
+    recent_weight: float = 0.5  # sessions routed here lately, not yet seen in load reports
+
+
+def seconds_per_layer(view: NodeView, recent: int = 0, policy: RoutingPolicy = RoutingPolicy()) -> float:
+    """Estimated time for one token through one of ``view``'s layers, under its load."""
+    base = 1.0 / view.speed if view.speed > 0 else 1.0
+    load = view.load
+    busy = policy.recent_weight * recent
+    if load is not None:
+        busy += policy.queue_weight * load.queued_steps + policy.session_weight * load.active_sessions
+    return base * (1.0 + busy)
+
+
+def _usable(
+    state: SwarmState, exclude: Collection[str], max_length: int
+) -> tuple[list[NodeView], dict[str, list[str]]]:
+    usable: list[NodeView] = []
+    skipped: dict[str, list[str]] = {"excluded": [], "no KV room": [], "not ready": []}
+    for view in state.nodes.values():
+        if view.node_id in exclude:
+            skipped["excluded"].append(view.node_id)
+        elif view.serving is None or not state.serves_model(view) or view.serving.end > state.num_layers:
+            skipped["not ready"].append(view.node_id)
+        elif view.load is not None and view.load.free_kv_tokens < max_length:
+            skipped["no KV room"].append(view.node_id)
+        else:
+            usable.append(view)
+    return usable, skipped
+
+
+def find_route(
+    state: SwarmState,
+    *,
+    max_length: int = 1,
+    exclude: Collection[str] = frozenset(),
+    recent: Mapping[str, int] | None = None,
+    policy: RoutingPolicy = RoutingPolicy(),
+) -> tuple[Span, ...]:
+    """The lowest-latency chain covering ``[0, L)``; raises :class:`NoRouteError`.
+
+    ``max_length`` is the session's KV length in tokens; ``exclude`` holds nodes the
+    caller saw fail (backoff is the caller's business); ``recent`` counts sessions
+    routed through each node lately (see :class:`RecentRoutes`).
+    """
+    L = state.num_layers
+    recent = recent or {}
+    usable, skipped = _usable(state, exclude, max_length)
+    points = sorted({0, L} | {p for v in usable for p in (v.serving.start, v.serving.end)})  # type: ignore[union-attr]
+    cost_per_layer = {v.node_id: seconds_per_layer(v, recent.get(v.node_id, 0), policy) for v in usable}
+
+    # Dijkstra over boundary positions; ties go to fewer hops, then smaller node ids.
+    Key = tuple[float, int, tuple[str, ...]]
+    best: dict[int, Key] = {0: (0.0, 0, ())}
+    back: dict[int, tuple[int, NodeView]] = {}
+    heap: list[tuple[Key, int]] = [((0.0, 0, ()), 0)]
+    done: set[int] = set()
+    while heap:
+        key, pos = heapq.heappop(heap)
+        if pos in done or key != best.get(pos):
+            continue
+        done.add(pos)
+        if pos == L:
+            break
+        cost, hops, ids = key
+        for view in usable:
+            r = view.serving
+            assert r is not None
+            if not r.start <= pos < r.end:
+                continue
+            for q in points:
+                if pos < q <= r.end:
+                    new: Key = (
+                        cost + policy.hop_latency_s + (q - pos) * cost_per_layer[view.node_id],
+                        hops + 1,
+                        ids + (view.node_id,),
+                    )
+                    if q not in best or new < best[q]:
+                        best[q] = new
+                        back[q] = (pos, view)
+                        heapq.heappush(heap, (new, q))
+    if L not in done:
+        hosted = [False] * L
+        for v in usable:
+            r = v.serving
+            assert r is not None
+            for layer in range(r.start, r.end):
+                hosted[layer] = True
+        uncovered = runs(not h for h in hosted)
+        reasons = "; ".join(f"{why}: {', '.join(ids)}" for why, ids in skipped.items() if ids)
+        raise NoRouteError(
+            f"no route for model {state.model!r}: no usable node hosts layers "
+            f"{format_ranges(uncovered)}" + (f" (skipped {reasons})" if reasons else ""),
+            uncovered,
+        )
+    spans: list[Span] = []
+    pos = L
+    while pos != 0:
+        prev, view = back[pos]
+        spans.append(Span(view.node_id, view.address, prev, pos))
+        pos = prev
+    return tuple(reversed(spans))
+
+
+def route_latency(
+    state: SwarmState,
+    spans: Iterable[Span],
+    *,
+    recent: Mapping[str, int] | None = None,
+    policy: RoutingPolicy = RoutingPolicy(),
+) -> float:
+    """Estimated seconds per decode step along ``spans`` (K spans cost K+1 hops)."""
+    recent = recent or {}
+    total = policy.hop_latency_s
+    for span in spans:
+        view = state.nodes[span.node_id]
+        total += policy.hop_latency_s + (span.end - span.start) * seconds_per_layer(
+            view, recent.get(span.node_id, 0), policy
+        )
+    return total
+
+
+class RecentRoutes:
+    """Sessions routed through each node within the last ``window_s`` seconds.
+
+    The caller owns the clock (``now``), so this stays deterministic in tests.
+    """
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._log: deque[tuple[float, tuple[str, ...]]] = deque()
+
+    def record(self, spans: Iterable[Span], now: float) -> None:
+        self._log.append((now, tuple(s.node_id for s in spans)))
+
+    def counts(self, now: float) -> dict[str, int]:
+        while self._log and self._log[0][0] < now - self.window_s:
+            self._log.popleft()
+        out: dict[str, int] = {}
+        for _, ids in self._log:
+            for node_id in ids:
+                out[node_id] = out.get(node_id, 0) + 1
+        return out

@@ -1,0 +1,679 @@
+"""Control plane over MQTT: topic names, msgpack payloads and the node's presence client.
+
+Topics live under ``swarm/<swarm-id>/``:
+
+==========================  ========  ============  ==========================================
+topic                       retained  publisher     payload
+==========================  ========  ============  ==========================================
+``node/<id>/status``        yes       node          :class:`NodeStatus` (Last Will: offline)
+``node/<id>/load``          no        node          :class:`NodeLoad`, every ~2 s
+``assign/<id>``             yes       coordinator   :class:`Assign`
+``events``                  no        anyone        :class:`Event`
+==========================  ========  ============  ==========================================
+
+Every payload is a msgpack map carrying ``"v"`` (:data:`PAYLOAD_VERSION`). Decoding is
+strict about the fields it knows and ignores fields it does not, so a newer peer can add
+fields without breaking an older one. A malformed payload raises :class:`PayloadError`;
+receivers log it and carry on. An empty payload on a retained topic is MQTT's way of
+deleting the retained message and is reported as ``None`` by :func:`decode`.
+
+This module is the only place where these dataclasses meet msgpack. It sits in
+``swarm_proto`` because both the node (publisher) and the coordinator (subscriber) use
+it, and the node may not import the coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Union
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+import msgpack
+
+from swarm_proto.errors import SwarmProtoError, WireError
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_VERSION: Final = 1
+DEFAULT_PORT: Final = 1883
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+
+
+class PresenceError(SwarmProtoError):
+    """The MQTT side of the control plane failed (bad broker URL, not connected)."""
+
+
+class PayloadError(WireError):
+    """A control-plane payload or topic is malformed; receivers log it and ignore it."""
+
+
+def check_id(kind: str, value: str) -> str:
+    """Return ``value`` if it is usable inside a topic (no ``/``, ``+``, ``#``, spaces)."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise PayloadError(f"bad {kind} {value!r}: use 1-128 of [A-Za-z0-9_.:@-]")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Topics
+# ---------------------------------------------------------------------------
+
+
+class TopicKind(str, enum.Enum):
+    STATUS = "status"
+    LOAD = "load"
+    ASSIGN = "assign"
+    EVENTS = "events"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of one swarm."""
+
+    swarm_id: str
+
+    def __post_init__(self) -> None:
+        check_id("swarm id", self.swarm_id)
+
+    @property
+    def prefix(self) -> str:
+        return f"swarm/{self.swarm_id}/"
+
+    @property
+    def all(self) -> str:
+        return f"swarm/{self.swarm_id}/#"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"
+
+    def status(self, node_id: str) -> str:
+        return f"{self.prefix}node/{check_id('node id', node_id)}/status"
+
+    def load(self, node_id: str) -> str:
+        return f"{self.prefix}node/{check_id('node id', node_id)}/load"
+
+    def assign(self, node_id: str) -> str:
+        return f"{self.prefix}assign/{check_id('node id', node_id)}"
+
+    def parse(self, topic: str) -> tuple[TopicKind, str | None]:
+        """Split a topic of this swarm into its kind and node id (``None`` for events)."""
+        if not topic.startswith(self.prefix):
+            raise PayloadError(f"topic {topic!r} is not under {self.prefix!r}")
+        parts = topic[len(self.prefix) :].split("/")
+        if parts == ["events"]:
+            return TopicKind.EVENTS, None
+        if len(parts) == 2 and parts[0] == "assign":
+            return TopicKind.ASSIGN, check_id("node id", parts[1])
+        if len(parts) == 3 and parts[0] == "node" and parts[2] in ("status", "load"):
+            return TopicKind(parts[2]), check_id("node id", parts[1])
+        raise PayloadError(f"unknown topic {topic!r}")
+
+
+# ---------------------------------------------------------------------------
+# Payloads
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class LayerRange:
+    """Half-open range of decoder layers ``[start, end)``."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.start, int) and isinstance(self.end, int)):
+            raise PayloadError(f"layer range needs ints, got {self.start!r}, {self.end!r}")
+        if not 0 <= self.start < self.end:
+            raise PayloadError(f"bad layer range [{self.start}, {self.end})")
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __contains__(self, layer: object) -> bool:
+        return isinstance(layer, int) and self.start <= layer < self.end
+
+    def __str__(self) -> str:
+        return f"[{self.start}, {self.end})"
+
+
+class NodeState(str, enum.Enum):
+    STARTING = "starting"  # connected, nothing loaded yet, waiting for an assignment
+    LOADING = "loading"  # reading the weights of its assigned range
+    READY = "ready"  # serving ``hosted``
+    DRAINING = "draining"  # finishing its sessions, takes no new ones
+    OFFLINE = "offline"  # gone (graceful stop, or the broker's Last Will)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """What a node is and what it hosts; retained, so a new subscriber sees it at once.
+
+    ``speed`` is the node's measured decode speed in layer-steps per second at batch 1
+    (one token through one layer): a node hosting ``n`` layers takes about ``n / speed``
+    seconds per token. ``memory_budget`` is the bytes it may spend on weights.
+    """
+
+    node_id: str
+    address: str = ""
+    model: str = ""
+    hosted: LayerRange | None = None
+    device: str = "cpu"
+    memory_budget: int = 0
+    speed: float = 0.0
+    state: NodeState = NodeState.STARTING
+
+    def __post_init__(self) -> None:
+        check_id("node id", self.node_id)
+        if self.memory_budget < 0 or not math.isfinite(self.speed) or self.speed < 0:
+            raise PayloadError(f"node {self.node_id}: negative budget or bad speed")
+
+    def offline(self) -> NodeStatus:
+        return replace(self, state=NodeState.OFFLINE)
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """Current load of a node; published every ~2 s, also serves as a heartbeat."""
+
+    active_sessions: int = 0
+    queued_steps: int = 0
+    free_kv_tokens: int = 0  # token positions its KV cache can still take (its layers)
+    tokens_per_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if min(self.active_sessions, self.queued_steps, self.free_kv_tokens) < 0:
+            raise PayloadError("negative load counter")
+        if not math.isfinite(self.tokens_per_s) or self.tokens_per_s < 0:
+            raise PayloadError(f"bad tokens_per_s {self.tokens_per_s!r}")
+
+
+@dataclass(frozen=True)
+class Assign:
+    """Coordinator -> node: host ``layers`` of ``model`` (``None``: host nothing).
+
+    ``epoch`` grows with every new assignment plan, so a node can ignore stale ones.
+    """
+
+    node_id: str
+    model: str
+    layers: LayerRange | None
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        check_id("node id", self.node_id)
+
+
+class EventKind(str, enum.Enum):
+    JOIN = "join"
+    LEAVE = "leave"
+    FAILOVER = "failover"
+    REASSIGN = "reassign"
+
+
+@dataclass(frozen=True)
+class Event:
+    """A line of the swarm's history, for dashboards and logs (never for decisions)."""
+
+    kind: EventKind
+    node_id: str | None = None
+    detail: str = ""
+    ts: float = field(default_factory=time.time)
+
+
+Payload = Union[NodeStatus, NodeLoad, Assign, Event]
+
+
+def _pack(fields: dict[str, Any]) -> bytes:
+    return msgpack.packb({"v": PAYLOAD_VERSION, **fields}, use_bin_type=True)
+
+
+def _range_out(r: LayerRange | None) -> list[int] | None:
+    return None if r is None else [r.start, r.end]
+
+
+def encode(payload: Payload) -> bytes:
+    """msgpack bytes of one payload (the topic carries the node id where there is one)."""
+    if isinstance(payload, NodeStatus):
+        return _pack(
+            {
+                "node_id": payload.node_id,
+                "address": payload.address,
+                "model": payload.model,
+                "hosted": _range_out(payload.hosted),
+                "device": payload.device,
+                "memory_budget": payload.memory_budget,
+                "speed": float(payload.speed),
+                "state": payload.state.value,
+            }
+        )
+    if isinstance(payload, NodeLoad):
+        return _pack(
+            {
+                "active_sessions": payload.active_sessions,
+                "queued_steps": payload.queued_steps,
+                "free_kv_tokens": payload.free_kv_tokens,
+                "tokens_per_s": float(payload.tokens_per_s),
+            }
+        )
+    if isinstance(payload, Assign):
+        return _pack(
+            {
+                "node_id": payload.node_id,
+                "model": payload.model,
+                "layers": _range_out(payload.layers),
+                "epoch": payload.epoch,
+            }
+        )
+    if isinstance(payload, Event):
+        return _pack(
+            {
+                "kind": payload.kind.value,
+                "node_id": payload.node_id,
+                "detail": payload.detail,
+                "ts": float(payload.ts),
+            }
+        )
+    raise TypeError(f"not a presence payload: {type(payload).__name__}")
+
+
+class _Fields:
+    """Typed access to a decoded msgpack map; every mismatch is a PayloadError."""
+
+    def __init__(self, what: str, data: dict[Any, Any]) -> None:
+        self.what = what
+        self.data = data
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.data:
+            if default is ...:
+                raise PayloadError(f"{self.what}: missing field {key!r}")
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            if not (value is None and default is None):
+                raise PayloadError(f"{self.what}: field {key!r} has bad value {value!r}")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        return float(self.get(key, (int, float), default))
+
+    def range(self, key: str) -> LayerRange | None:
+        value = self.get(key, list, None)
+        if value is None:
+            return None
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise PayloadError(f"{self.what}: field {key!r} is not [start, end]: {value!r}")
+        return LayerRange(value[0], value[1])
+
+    def enum(self, key: str, kind: type[enum.Enum], default: Any = ...) -> Any:
+        value = self.get(key, str, default)
+        try:
+            return kind(value)
+        except ValueError:
+            raise PayloadError(f"{self.what}: field {key!r} has unknown value {value!r}") from None
+
+
+def _unpack(what: str, data: bytes) -> _Fields:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise PayloadError(f"{what}: not msgpack ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise PayloadError(f"{what}: expected a map, got {type(obj).__name__}")
+    fields = _Fields(what, obj)
+    version = fields.get("v", int)
+    if version != PAYLOAD_VERSION:
+        raise PayloadError(f"{what}: unsupported payload version {version}")
+    return fields
+
+
+def decode_status(node_id: str, data: bytes) -> NodeStatus:
+    f = _unpack(f"status of {node_id}", data)
+    sender = f.get("node_id", str)
+    if sender != node_id:
+        raise PayloadError(f"status on the topic of {node_id} names node {sender!r}")
+    return NodeStatus(
+        node_id=node_id,
+        address=f.get("address", str, ""),
+        model=f.get("model", str, ""),
+        hosted=f.range("hosted"),
+        device=f.get("device", str, "cpu"),
+        memory_budget=f.get("memory_budget", int, 0),
+        speed=f.number("speed", 0.0),
+        state=f.enum("state", NodeState),
+    )
+
+
+def decode_load(node_id: str, data: bytes) -> NodeLoad:
+    f = _unpack(f"load of {node_id}", data)
+    return NodeLoad(
+        active_sessions=f.get("active_sessions", int, 0),
+        queued_steps=f.get("queued_steps", int, 0),
+        free_kv_tokens=f.get("free_kv_tokens", int, 0),
+        tokens_per_s=f.number("tokens_per_s", 0.0),
+    )
+
+
+def decode_assign(node_id: str, data: bytes) -> Assign:
+    f = _unpack(f"assignment of {node_id}", data)
+    target = f.get("node_id", str)
+    if target != node_id:
+        raise PayloadError(f"assignment on the topic of {node_id} names node {target!r}")
+    return Assign(node_id, f.get("model", str), f.range("layers"), f.get("epoch", int, 0))
+
+
+def decode_event(data: bytes) -> Event:
+    f = _unpack("event", data)
+    return Event(
+        kind=f.enum("kind", EventKind),
+        node_id=f.get("node_id", str, None),
+        detail=f.get("detail", str, ""),
+        ts=f.number("ts", 0.0),
+    )
+
+
+def decode(topics: Topics, topic: str, data: bytes) -> tuple[TopicKind, str | None, Payload | None]:
+    """Decode any message of the swarm: ``(kind, node id, payload or None if deleted)``."""
+    kind, node_id = topics.parse(topic)
+    if not data:
+        return kind, node_id, None
+    if kind is TopicKind.STATUS:
+        assert node_id is not None
+        return kind, node_id, decode_status(node_id, data)
+    if kind is TopicKind.LOAD:
+        assert node_id is not None
+        return kind, node_id, decode_load(node_id, data)
+    if kind is TopicKind.ASSIGN:
+        assert node_id is not None
+        return kind, node_id, decode_assign(node_id, data)
+    return kind, node_id, decode_event(data)
+
+
+# ---------------------------------------------------------------------------
+# Connections
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """``mqtt://[user[:password]@]host[:port]`` (``host[:port]`` alone works too)."""
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise PresenceError(f"bad broker URL {url!r}: expected mqtt://host[:port]")
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError as exc:
+            raise PresenceError(f"bad broker URL {url!r}: {exc}") from exc
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        return cls(parts.hostname, port, user, password)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential reconnect delay with full jitter."""
+
+    initial: float = 0.1
+    maximum: float = 5.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        cap = min(self.maximum, self.initial * self.factor**attempt)
+        return random.uniform(cap / 2, cap)
+
+
+class ReconnectingClient:
+    """An MQTT connection that comes back after the broker goes away.
+
+    Subclasses set the Last Will with :meth:`will`, (re)announce themselves in
+    :meth:`on_connect`, handle messages in :meth:`on_message` and may run periodic work
+    in :meth:`while_connected`; all three run again after every reconnect.
+    """
+
+    def __init__(
+        self,
+        broker: BrokerAddress,
+        client_id: str,
+        *,
+        keepalive: int = 10,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.keepalive = keepalive
+        self.backoff = backoff
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self.connections = 0  # successful connects so far; tests and metrics read it
+
+    # hooks -----------------------------------------------------------------
+
+    def will(self) -> aiomqtt.Will | None:
+        return None
+
+    async def on_connect(self, client: aiomqtt.Client) -> None:
+        """Subscribe and publish what a fresh broker must learn; runs on every connect."""
+
+    async def on_message(self, message: aiomqtt.Message) -> None:
+        """Handle one received message; must not raise for bad payloads."""
+
+    async def while_connected(self, client: aiomqtt.Client) -> None:
+        """Periodic work for the life of one connection (returns only by raising)."""
+        await asyncio.Event().wait()
+
+    # lifecycle -------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def start(self, *, wait: float | None = 10.0) -> None:
+        """Start the connection loop; with ``wait``, return once connected (or raise)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
+        if wait is not None:
+            await self.wait_connected(wait)
+
+    async def wait_connected(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise PresenceError(f"no MQTT connection to {self.broker.url} after {timeout:g}s") from None
+
+    async def stop(self) -> None:
+        """Disconnect cleanly (no Last Will) after :meth:`before_disconnect`."""
+        client = self._client
+        if client is not None and self.connected:
+            try:
+                await asyncio.wait_for(self.before_disconnect(client), 5.0)
+            except (aiomqtt.MqttError, asyncio.TimeoutError) as exc:
+                log.warning("%s: could not say goodbye: %s", self.client_id, exc)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def before_disconnect(self, client: aiomqtt.Client) -> None:
+        """Last words before a clean disconnect."""
+
+    async def __aenter__(self) -> ReconnectingClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> bool:
+        """Publish now if connected; ``False`` if not (re-announcing is on_connect's job)."""
+        client = self._client
+        if client is None or not self.connected:
+            log.debug("%s: not connected, dropping publish to %s", self.client_id, topic)
+            return False
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as exc:
+            log.warning("%s: publish to %s failed: %s", self.client_id, topic, exc)
+            return False
+        return True
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            client = aiomqtt.Client(
+                self.broker.host,
+                self.broker.port,
+                username=self.broker.username,
+                password=self.broker.password,
+                identifier=self.client_id,
+                will=self.will(),
+                keepalive=self.keepalive,
+                clean_session=True,
+                timeout=10.0,
+            )
+            try:
+                async with client:
+                    self._client = client
+                    await self.on_connect(client)
+                    self._connected.set()
+                    self.connections += 1
+                    attempt = 0
+                    log.info("%s: connected to %s", self.client_id, self.broker.url)
+                    await _first_done(self._receive(client), self.while_connected(client))
+            except aiomqtt.MqttError as exc:
+                log.info("%s: MQTT connection to %s lost or refused: %s", self.client_id, self.broker.url, exc)
+            finally:
+                self._connected.clear()
+                self._client = None
+            delay = self.backoff.delay(attempt)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            try:
+                await self.on_message(message)
+            except Exception:  # a handler bug must not take presence down with it
+                log.exception("%s: handler failed on %s", self.client_id, message.topic)
+        raise aiomqtt.MqttError("message stream ended")
+
+
+async def _first_done(*coros: Awaitable[None]) -> None:
+    """Run coroutines until the first one finishes; re-raise its error, cancel the rest."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+LoadSource = Callable[[], NodeLoad]
+AssignHandler = Callable[[Assign], Union[Awaitable[None], None]]
+
+
+class PresenceClient(ReconnectingClient):
+    """A node's presence: retained status with an offline Last Will, periodic load,
+    and its assignment from the coordinator.
+
+    ``load`` is called every ``load_interval`` seconds (the load doubles as heartbeat);
+    ``on_assign`` gets each new :class:`Assign` (retained, so also after a reconnect).
+    """
+
+    def __init__(
+        self,
+        broker: BrokerAddress,
+        swarm_id: str,
+        status: NodeStatus,
+        *,
+        load: LoadSource | None = None,
+        on_assign: AssignHandler | None = None,
+        load_interval: float = 2.0,
+        keepalive: int = 10,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        super().__init__(broker, f"node-{swarm_id}-{status.node_id}", keepalive=keepalive, backoff=backoff)
+        self.topics = Topics(swarm_id)
+        self._status = status
+        self._load = load or NodeLoad
+        self._on_assign = on_assign
+        self.load_interval = load_interval
+        self.assignment: Assign | None = None
+
+    @property
+    def status(self) -> NodeStatus:
+        return self._status
+
+    def will(self) -> aiomqtt.Will:
+        return aiomqtt.Will(
+            self.topics.status(self._status.node_id), encode(self._status.offline()), qos=1, retain=True
+        )
+
+    async def on_connect(self, client: aiomqtt.Client) -> None:
+        node_id = self._status.node_id
+        await client.subscribe(self.topics.assign(node_id), qos=1)
+        await client.publish(self.topics.status(node_id), encode(self._status), qos=1, retain=True)
+
+    async def set_status(self, status: NodeStatus) -> bool:
+        """Publish a new retained status (also re-sent after every reconnect)."""
+        if status.node_id != self._status.node_id:
+            raise PresenceError("a presence client cannot change its node id")
+        self._status = status
+        return await self.publish(self.topics.status(status.node_id), encode(status), retain=True)
+
+    async def publish_event(self, event: Event) -> bool:
+        return await self.publish(self.topics.events, encode(event))
+
+    async def while_connected(self, client: aiomqtt.Client) -> None:
+        topic = self.topics.load(self._status.node_id)
+        while True:
+            await client.publish(topic, encode(self._load()), qos=0)
+            await asyncio.sleep(self.load_interval)
+
+    async def on_message(self, message: aiomqtt.Message) -> None:
+        try:
+            kind, _, payload = decode(self.topics, message.topic.value, message.payload)  # type: ignore[arg-type]
+        except PayloadError as exc:
+            log.warning("%s: ignoring malformed message on %s: %s", self.client_id, message.topic, exc)
+            return
+        if kind is not TopicKind.ASSIGN or not isinstance(payload, Assign):
+            return
+        if self.assignment is not None and payload.epoch < self.assignment.epoch:
+            log.info("%s: ignoring stale assignment epoch %d", self.client_id, payload.epoch)
+            return
+        if payload == self.assignment:
+            return
+        self.assignment = payload
+        if self._on_assign is not None:
+            result = self._on_assign(payload)
+            if result is not None:
+                await result
+
+    async def before_disconnect(self, client: aiomqtt.Client) -> None:
+        offline = self._status.offline()
+        await client.publish(self.topics.status(offline.node_id), encode(offline), qos=1, retain=True)
