@@ -9,7 +9,7 @@ pull of a file that is already there and verifies is a no-op.
 
 Cache directory: ``$SWARM_CACHE`` if set, else ``~/.cache/llama-swarm``.
 
-Errors::
+Errors (under ``swarm_node.errors.SwarmNodeError``)::
 
     StoreError
      +-- ModelNotFoundError   (also a FileNotFoundError) unknown name / missing file
@@ -29,6 +29,8 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from swarm_node.errors import SwarmNodeError
 
 __all__ = [
     "ModelSpec",
@@ -55,7 +57,7 @@ ProgressFn = Callable[[str, int, int], None]
 _CHUNK = 1 << 20
 
 
-class StoreError(Exception):
+class StoreError(SwarmNodeError):
     """Base class of model store errors."""
 
 

