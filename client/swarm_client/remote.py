@@ -1,0 +1,285 @@
+"""Drive one session along a route of swarm nodes (the client side of swarm.proto).
+
+``RouteSession`` holds the two streams a client needs: the Session stream to the
+head (where it sends token ids) and the Results stream from the tail (where sampled
+tokens come back), so each token costs K + 1 network traversals for K nodes::
+
+    async with RouteSession(hops, max_length=64, sampling=params) as s:
+        out = await s.prefill(prompt_ids)          # chunked and pipelined
+        while not out.finished:
+            out = await s.decode(out.token)
+
+Failures raise ``RouteError`` with the gRPC status and the address of the node where
+the failure happened, which is what failover needs: report that node, get a new
+route, open a new session (a new session id) and replay the history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import grpc
+import torch
+
+from swarm_client.errors import GenerationError
+from swarm_node.convert import Generation, Hop, hop_to_proto, sampling_to_proto
+from swarm_node.sampler import SamplingParams
+from swarm_proto import codec, swarm_pb2, swarm_pb2_grpc
+
+__all__ = ["Hop", "RouteError", "RouteSession", "StepOutput"]
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 1 << 30),
+    ("grpc.max_receive_message_length", 1 << 30),
+]
+
+
+class RouteError(GenerationError):
+    """A hop of the route failed: ``code`` is the gRPC status, ``address`` the node."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, address: str = "", node_id: str = "", step_id: int = 0) -> None:
+        super().__init__(f"{code.name}: {message}" + (f" (at {address})" if address else ""))
+        self.code = code
+        self.message = message
+        self.address = address
+        self.node_id = node_id
+        self.step_id = step_id
+
+    @classmethod
+    def from_proto(cls, error: swarm_pb2.Error) -> RouteError:
+        code = next((s for s in grpc.StatusCode if s.value[0] == error.code), grpc.StatusCode.UNKNOWN)
+        return cls(code, error.message, address=error.node_address, node_id=error.node_id, step_id=error.step_id)
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.aio.AioRpcError, address: str) -> RouteError:
+        return cls(exc.code(), exc.details() or "", address=address)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What the tail returned for one step."""
+
+    step_id: int
+    position: int  # where `token` goes in the sequence
+    token: int | None
+    logprob: float = 0.0
+    top: tuple[tuple[int, float], ...] = ()
+    finished: bool = False
+    logits: torch.Tensor | None = None  # [T, V] when asked for
+
+
+class RouteSession:
+    """One session over ``hops`` (head first); use as an async context manager."""
+
+    def __init__(
+        self,
+        hops: Sequence[Hop],
+        *,
+        max_length: int,
+        sampling: SamplingParams | None = None,
+        stop_token_ids: Sequence[int] = (),
+        max_new_tokens: int = 0,
+        top_logprobs: int = 0,
+        prompt_length: int = 0,
+        wire_dtype: str = "",
+        session_id: str | None = None,
+        prefill_chunk: int = 128,
+        timeout: float = 60.0,
+    ) -> None:
+        if not hops:
+            raise ValueError("a route needs at least one hop")
+        self.hops = tuple(hops)
+        self.max_length = max_length
+        self.generation = Generation(
+            sampling or SamplingParams(), tuple(stop_token_ids), max_new_tokens, top_logprobs, prompt_length
+        )
+        self.wire_dtype = wire_dtype
+        self.session_id = session_id or uuid.uuid4().hex
+        self.prefill_chunk = prefill_chunk
+        self.timeout = timeout
+        self.position = 0  # positions sent so far
+        self._step_id = 0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._head: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
+        self._results: grpc.aio.UnaryStreamCall | None = None  # type: ignore[type-arg]
+        self._pending: dict[int, asyncio.Future[StepOutput]] = {}
+        self._failure: RouteError | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def open(self) -> None:
+        head, tail = self.hops[0], self.hops[-1]
+        open_msg = swarm_pb2.OpenSession(
+            session_id=self.session_id,
+            max_length=self.max_length,
+            downstream=[hop_to_proto(h) for h in self.hops[1:]],
+            sampling=sampling_to_proto(self.generation),
+            wire_dtype=self.wire_dtype,
+            prompt_length=self.generation.prompt_length,
+            start=head.start,
+            end=head.end,
+        )
+        try:
+            self._head = swarm_pb2_grpc.NodeStub(self._channel(head.address)).Session()
+            await self._head.write(swarm_pb2.SessionRequest(open=open_msg))
+            reply = await asyncio.wait_for(self._head.read(), self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise RouteError.from_rpc(exc, head.address) from exc
+        except asyncio.TimeoutError:
+            raise RouteError(grpc.StatusCode.DEADLINE_EXCEEDED, "timed out opening the session", address=head.address) from None
+        if reply is grpc.aio.EOF:
+            raise RouteError(grpc.StatusCode.UNAVAILABLE, "head ended the stream while opening", address=head.address)
+        if reply.WhichOneof("kind") == "error":
+            raise RouteError.from_proto(reply.error)
+        self._results = swarm_pb2_grpc.NodeStub(self._channel(tail.address)).Results(
+            swarm_pb2.ResultsRequest(session_id=self.session_id)
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch_head()), loop.create_task(self._read_results())]
+
+    async def prefill(self, tokens: Sequence[int], *, return_logits: bool = False) -> StepOutput:
+        """Send ``tokens`` from the current position in chunks (without waiting between
+        them, so nodes work on consecutive chunks at once); sample after the last."""
+        if not tokens:
+            raise ValueError("nothing to prefill")
+        chunks = [tokens[i : i + self.prefill_chunk] for i in range(0, len(tokens), self.prefill_chunk)]
+        futures = []
+        for k, chunk in enumerate(chunks):
+            last = k == len(chunks) - 1
+            futures.append(await self._send(chunk, sample=last, return_logits=return_logits))
+        outs = [await self._wait(f) for f in futures if f is not None]
+        final = outs[-1]
+        if return_logits:
+            logits = torch.cat([o.logits for o in outs if o.logits is not None])
+            final = StepOutput(final.step_id, final.position, final.token, final.logprob, final.top, final.finished, logits)
+        return final
+
+    async def decode(self, token: int, *, return_logits: bool = False) -> StepOutput:
+        """Feed one token at the next position and return the token sampled after it."""
+        future = await self._send([token], sample=True, return_logits=return_logits)
+        assert future is not None
+        return await self._wait(future)
+
+    async def close(self) -> None:
+        """End the session along the route (frees every node's KV cache)."""
+        if self._head is not None:
+            try:
+                if self._failure is None:
+                    await self._head.write(swarm_pb2.SessionRequest(close=swarm_pb2.Close()))
+                    await self._head.done_writing()
+                    if self._tasks:
+                        await asyncio.wait_for(asyncio.shield(self._tasks[0]), 5.0)
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError):
+                pass
+            self._head.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self._results is not None:
+            self._results.cancel()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self._fail_pending(RouteError(grpc.StatusCode.CANCELLED, "session closed"))
+
+    async def __aenter__(self) -> RouteSession:
+        try:
+            await self.open()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # --- internals ------------------------------------------------------------------
+
+    async def _send(self, tokens: Sequence[int], *, sample: bool, return_logits: bool) -> asyncio.Future[StepOutput] | None:
+        if self._failure is not None:
+            raise self._failure
+        assert self._head is not None, "open the session first"
+        self._step_id += 1
+        future: asyncio.Future[StepOutput] | None = None
+        if sample or return_logits:
+            future = asyncio.get_running_loop().create_future()
+            self._pending[self._step_id] = future
+        step = swarm_pb2.Step(
+            step_id=self._step_id, start_pos=self.position, tokens=list(tokens), sample=sample, return_logits=return_logits
+        )
+        try:
+            await self._head.write(swarm_pb2.SessionRequest(step=step))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            if future is not None:
+                self._pending.pop(self._step_id, None)
+            raise self._failure or RouteError(grpc.StatusCode.UNAVAILABLE, f"head stream broke: {exc}", address=self.hops[0].address) from exc
+        self.position += len(tokens)
+        return future
+
+    async def _wait(self, future: asyncio.Future[StepOutput]) -> StepOutput:
+        try:
+            return await asyncio.wait_for(future, self.timeout)
+        except asyncio.TimeoutError:
+            raise RouteError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no result within {self.timeout:g} s") from None
+
+    async def _watch_head(self) -> None:
+        assert self._head is not None
+        address = self.hops[0].address
+        try:
+            while True:
+                reply = await self._head.read()
+                if reply is grpc.aio.EOF:
+                    return
+                if reply.WhichOneof("kind") == "error":
+                    self._fail_pending(RouteError.from_proto(reply.error))
+                    return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED or self._failure is None:
+                self._fail_pending(RouteError.from_rpc(exc, address))
+
+    async def _read_results(self) -> None:
+        assert self._results is not None
+        address = self.hops[-1].address
+        try:
+            async for result in self._results:
+                if result.HasField("error"):
+                    self._fail_pending(RouteError.from_proto(result.error))
+                    return
+                future = self._pending.pop(result.step_id, None)
+                if future is None or future.done():
+                    continue
+                logits = codec.decode(result.logits, torch.float32) if result.HasField("logits") else None
+                future.set_result(
+                    StepOutput(
+                        step_id=result.step_id,
+                        position=result.position,
+                        token=result.token if result.HasField("token") else None,
+                        logprob=result.logprob,
+                        top=tuple((t.token, t.logprob) for t in result.top),
+                        finished=result.finished,
+                        logits=logits,
+                    )
+                )
+        except grpc.aio.AioRpcError as exc:
+            self._fail_pending(RouteError.from_rpc(exc, address))
+            return
+        self._fail_pending(RouteError(grpc.StatusCode.UNAVAILABLE, "the tail ended the results stream", address=address))
+
+    def _fail_pending(self, error: RouteError) -> None:
+        if self._failure is None:
+            self._failure = error
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(self._failure)
+        self._pending.clear()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = channel
+        return channel

@@ -1,0 +1,113 @@
+"""``swarm-node``: serve a slice of a model's layers to the swarm.
+
+Every flag falls back to an environment variable ``SWARM_<FLAG>`` (``--max-sessions``
+-> ``SWARM_MAX_SESSIONS``), then to the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from swarm_node.node_config import DEVICES, DTYPES, NodeConfig, parse_layers
+
+log = logging.getLogger("swarm_node")
+
+
+def _env(flag: str) -> str:
+    return "SWARM_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarm-node", description=__doc__.splitlines()[0] if __doc__ else None)
+    defaults = NodeConfig.__dataclass_fields__
+
+    def add(flag: str, conv: Callable[[str], Any], default: Any, help: str, **kw: Any) -> None:
+        env = os.environ.get(_env(flag))
+        value = default if env is None else env
+        p.add_argument(flag, type=conv, default=value, help=f"{help} (env {_env(flag)})", **kw)
+
+    add("--model", str, None, "Hugging Face folder or .gguf file")
+    add("--layers", str, None, "layers to host, START:END (default: all)")
+    add("--host", str, defaults["host"].default, "address to bind")
+    add("--port", int, defaults["port"].default, "port to bind; 0 picks a free one")
+    add("--device", str, defaults["device"].default, f"one of {', '.join(DEVICES)} (or cuda:N)")
+    add("--dtype", str, defaults["dtype"].default, "compute dtype", choices=list(DTYPES))
+    add("--threads", int, defaults["threads"].default, "torch CPU threads (0: torch's default)")
+    add("--max-sessions", int, defaults["max_sessions"].default, "sessions held at once")
+    add("--max-length", int, defaults["max_length"].default, "longest session in positions")
+    add("--idle-timeout", float, defaults["idle_timeout"].default, "seconds before an idle session is freed")
+    add("--drain-timeout", float, defaults["drain_timeout"].default, "seconds SIGTERM waits for in-flight steps")
+    add("--max-batch-tokens", int, defaults["max_batch_tokens"].default, "positions merged into one forward")
+    add("--node-id", str, None, "identity reported to the swarm (default: host-pid)")
+    add("--log-level", str, "INFO", "logging level")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> NodeConfig:
+    if not ns.model:
+        raise SystemExit("swarm-node: --model (or SWARM_MODEL) is required")
+    if ns.layers:
+        start, end = parse_layers(ns.layers)
+    else:
+        from swarm_node.loading import read_args
+
+        start, end = 0, read_args(ns.model).num_layers
+    extra = {"node_id": ns.node_id} if ns.node_id else {}
+    return NodeConfig(
+        model=ns.model,
+        start=start,
+        end=end,
+        host=ns.host,
+        port=ns.port,
+        device=ns.device,
+        dtype=ns.dtype,
+        threads=ns.threads,
+        max_sessions=ns.max_sessions,
+        max_length=ns.max_length,
+        idle_timeout=ns.idle_timeout,
+        drain_timeout=ns.drain_timeout,
+        max_batch_tokens=ns.max_batch_tokens,
+        **extra,
+    )
+
+
+async def _run(config: NodeConfig) -> None:
+    from swarm_node.server import NodeServer
+
+    node = NodeServer(config)
+    await node.start()
+    # One machine-readable line on stdout: scripts and tests wait for it.
+    sys.stdout.write(f"swarm-node listening on {node.address}\n")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining")
+    await node.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(ns)
+    except ValueError as exc:
+        raise SystemExit(f"swarm-node: {exc}") from exc
+    asyncio.run(_run(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

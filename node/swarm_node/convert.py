@@ -1,0 +1,336 @@
+"""Protobuf <-> domain dataclasses for the node: the only module that reads or builds
+``swarm_pb2`` messages field by field.
+
+Every ``*_from_proto`` validates what it can know without session state and raises
+``ProtocolError`` (with the gRPC status it deserves) on anything malformed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from swarm_node.config import ModelArgs
+from swarm_node.node_config import NodeConfig
+from swarm_node.sampler import SamplingParams
+from swarm_node.scheduler import BatchStats
+from swarm_proto import codec, swarm_pb2
+from swarm_proto.errors import WireError
+
+MAX_SESSION_ID = 128
+
+
+class ProtocolError(Exception):
+    """A received message cannot be served; carries the status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> ProtocolError:
+    return ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class Hop:
+    address: str
+    start: int
+    end: int
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Session-wide sampling settings the tail needs beyond the sampler's own."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: tuple[int, ...] = ()
+    max_new_tokens: int = 0  # 0 = unlimited
+    top_logprobs: int = 0
+    prompt_length: int = 0
+
+
+@dataclass(frozen=True)
+class OpenSpec:
+    """An OpenSession, validated."""
+
+    session_id: str
+    max_length: int
+    start: int
+    end: int
+    downstream: tuple[Hop, ...]
+    generation: Generation
+    wire_codec: str  # one of swarm_proto.codec.CODECS
+
+
+@dataclass(frozen=True)
+class StepIn:
+    """A Step, validated and decoded. ``hidden`` is None at the head."""
+
+    step_id: int
+    start_pos: int
+    tokens: torch.Tensor  # [T] int64
+    hidden: torch.Tensor | None  # [T, C]
+    sample: bool
+    return_logits: bool
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the tail reports for one step."""
+
+    session_id: str
+    step_id: int
+    position: int
+    token: int | None = None
+    logprob: float = 0.0
+    top: tuple[tuple[int, float], ...] = ()
+    finished: bool = False
+    logits: torch.Tensor | None = None  # [T, V] float32
+
+
+# --- sampling -----------------------------------------------------------------------
+
+
+def sampling_from_proto(msg: swarm_pb2.SamplingParams) -> Generation:
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if not math.isfinite(getattr(msg, name)):
+            raise invalid(f"sampling.{name} must be finite")
+    top_p = msg.top_p if 0.0 < msg.top_p < 1.0 else 1.0
+    penalty = msg.repetition_penalty if msg.repetition_penalty != 0.0 else 1.0
+    if msg.top_k < 0 or msg.max_new_tokens < 0 or msg.top_logprobs < 0:
+        raise invalid("sampling.top_k, max_new_tokens and top_logprobs must be >= 0")
+    if msg.top_logprobs > 20:
+        raise invalid(f"sampling.top_logprobs is at most 20, got {msg.top_logprobs}")
+    try:
+        params = SamplingParams(
+            temperature=msg.temperature,
+            top_k=msg.top_k,
+            top_p=top_p,
+            repetition_penalty=penalty,
+            seed=msg.seed,
+        )
+    except ValueError as exc:
+        raise invalid(f"sampling: {exc}") from exc
+    return Generation(
+        sampling=params,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        max_new_tokens=msg.max_new_tokens,
+        top_logprobs=msg.top_logprobs,
+    )
+
+
+def sampling_to_proto(gen: Generation) -> swarm_pb2.SamplingParams:
+    p = gen.sampling
+    return swarm_pb2.SamplingParams(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        repetition_penalty=p.repetition_penalty,
+        seed=p.seed,
+        stop_token_ids=gen.stop_token_ids,
+        max_new_tokens=gen.max_new_tokens,
+        top_logprobs=gen.top_logprobs,
+    )
+
+
+# --- open ---------------------------------------------------------------------------
+
+
+def open_from_proto(msg: swarm_pb2.OpenSession, *, start: int, end: int, num_layers: int, max_length: int) -> OpenSpec:
+    """Validate an OpenSession for a node hosting [start, end) of ``num_layers``."""
+    sid = msg.session_id
+    if not sid or len(sid) > MAX_SESSION_ID or not sid.isprintable():
+        raise invalid(f"session_id must be 1..{MAX_SESSION_ID} printable characters")
+    if not 0 < msg.max_length <= max_length:
+        raise ProtocolError(
+            grpc.StatusCode.OUT_OF_RANGE if msg.max_length > max_length else grpc.StatusCode.INVALID_ARGUMENT,
+            f"max_length must be in 1..{max_length} on this node, got {msg.max_length}",
+        )
+    if (msg.start, msg.end) != (start, end):
+        raise ProtocolError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"route expects layers [{msg.start}, {msg.end}) here, but this node hosts [{start}, {end})",
+        )
+    hops = tuple(Hop(h.address, h.start, h.end, h.node_id) for h in msg.downstream)
+    expected = end
+    for h in hops:
+        if not h.address:
+            raise invalid("downstream hop without an address")
+        if h.start != expected or h.end <= h.start:
+            raise invalid(f"downstream hops must cover consecutive layers from {expected}; got [{h.start}, {h.end})")
+        expected = h.end
+    if expected != num_layers:
+        raise invalid(f"route ends at layer {expected}, the model has {num_layers}")
+    try:
+        wire = codec.normalize_codec(msg.wire_dtype)
+    except WireError as exc:
+        raise invalid(str(exc)) from exc
+    gen = sampling_from_proto(msg.sampling)
+    if msg.prompt_length < 0:
+        raise invalid("prompt_length must be >= 0")
+    gen = Generation(gen.sampling, gen.stop_token_ids, gen.max_new_tokens, gen.top_logprobs, msg.prompt_length)
+    return OpenSpec(sid, msg.max_length, start, end, hops, gen, wire)
+
+
+def open_to_proto(spec: OpenSpec, downstream: Sequence[Hop]) -> swarm_pb2.OpenSession:
+    """The OpenSession this node sends to its successor ``downstream[0]``."""
+    first = downstream[0]
+    return swarm_pb2.OpenSession(
+        session_id=spec.session_id,
+        max_length=spec.max_length,
+        downstream=[hop_to_proto(h) for h in downstream[1:]],
+        sampling=sampling_to_proto(spec.generation),
+        wire_dtype=spec.wire_codec,
+        prompt_length=spec.generation.prompt_length,
+        start=first.start,
+        end=first.end,
+    )
+
+
+def hop_to_proto(hop: Hop) -> swarm_pb2.Hop:
+    return swarm_pb2.Hop(address=hop.address, start=hop.start, end=hop.end, node_id=hop.node_id)
+
+
+# --- steps --------------------------------------------------------------------------
+
+
+def step_from_proto(
+    msg: swarm_pb2.Step,
+    *,
+    is_head: bool,
+    hidden_size: int,
+    vocab_size: int,
+    dtype: torch.dtype,
+    max_tokens: int,
+) -> StepIn:
+    """Decode and check a Step (session-independent checks only)."""
+    n = len(msg.tokens)
+    if n == 0:
+        raise invalid(f"step {msg.step_id} carries no tokens")
+    if n > max_tokens:
+        raise invalid(f"step {msg.step_id} carries {n} tokens; at most {max_tokens}")
+    if msg.start_pos < 0:
+        raise invalid(f"step {msg.step_id}: negative start_pos {msg.start_pos}")
+    tokens = torch.tensor(msg.tokens, dtype=torch.int64)  # [T]
+    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
+        raise invalid(f"step {msg.step_id}: token ids must be in 0..{vocab_size - 1}")
+    hidden = None
+    if is_head:
+        if msg.HasField("hidden"):
+            raise invalid(f"step {msg.step_id}: the head takes tokens, not hidden states")
+    else:
+        if not msg.HasField("hidden"):
+            raise invalid(f"step {msg.step_id}: hidden states missing (this node is not the head)")
+        try:
+            hidden = codec.decode(msg.hidden, dtype, shape=(n, hidden_size), max_elements=n * hidden_size)
+        except WireError as exc:
+            raise invalid(f"step {msg.step_id}: {exc}") from exc
+    return StepIn(msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits)
+
+
+def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_pb2.Step:
+    """The Step this node forwards: same ids and flags, its own output as hidden."""
+    return swarm_pb2.Step(
+        step_id=step.step_id,
+        start_pos=step.start_pos,
+        tokens=step.tokens.tolist(),
+        hidden=codec.encode(hidden, wire_codec),
+        sample=step.sample,
+        return_logits=step.return_logits,
+    )
+
+
+# --- replies ------------------------------------------------------------------------
+
+
+def opened_reply(session_id: str, max_length: int) -> swarm_pb2.SessionReply:
+    return swarm_pb2.SessionReply(opened=swarm_pb2.Opened(session_id=session_id, max_length=max_length))
+
+
+def error_to_proto(code: grpc.StatusCode, message: str, *, address: str, node_id: str, step_id: int = 0) -> swarm_pb2.Error:
+    return swarm_pb2.Error(
+        code=code.value[0], message=message, node_address=address, node_id=node_id, step_id=step_id
+    )
+
+
+def status_code(error: swarm_pb2.Error) -> grpc.StatusCode:
+    """The gRPC status of an in-band Error (UNKNOWN for codes we do not know)."""
+    for status in grpc.StatusCode:
+        if status.value[0] == error.code and status is not grpc.StatusCode.OK:
+            return status
+    return grpc.StatusCode.UNKNOWN
+
+
+def result_to_proto(r: StepResult) -> swarm_pb2.Result:
+    msg = swarm_pb2.Result(
+        session_id=r.session_id,
+        step_id=r.step_id,
+        position=r.position,
+        logprob=r.logprob,
+        finished=r.finished,
+        top=[swarm_pb2.TokenLogprob(token=t, logprob=lp) for t, lp in r.top],
+    )
+    if r.token is not None:
+        msg.token = r.token
+    if r.logits is not None:
+        msg.logits.CopyFrom(codec.encode(r.logits))
+    return msg
+
+
+def failed_result(session_id: str, error: swarm_pb2.Error) -> swarm_pb2.Result:
+    return swarm_pb2.Result(session_id=session_id, step_id=error.step_id, error=error)
+
+
+# --- info ---------------------------------------------------------------------------
+
+
+def node_info_to_proto(
+    config: NodeConfig,
+    args: ModelArgs,
+    *,
+    address: str,
+    version: str,
+    active_sessions: int,
+    stats: BatchStats,
+    queued: int,
+    opened: int,
+    refused: int,
+) -> swarm_pb2.NodeInfo:
+    return swarm_pb2.NodeInfo(
+        node_id=config.node_id,
+        model=args.name or Path(config.model).name,
+        start=config.start,
+        end=config.end,
+        num_layers=args.num_layers,
+        device=config.resolve_device(),
+        dtype=config.dtype,
+        max_sessions=config.max_sessions,
+        active_sessions=active_sessions,
+        max_length=config.max_length,
+        version=version,
+        hidden_size=args.hidden_size,
+        vocab_size=args.vocab_size,
+        address=address,
+        stats=swarm_pb2.NodeStats(
+            steps=stats.steps,
+            tokens=stats.tokens,
+            batches=stats.batches,
+            batched_steps=stats.batched_steps,
+            max_batch=stats.max_batch,
+            queued_steps=queued,
+            sessions_opened=opened,
+            sessions_refused=refused,
+        ),
+    )

@@ -1,0 +1,85 @@
+"""The configuration of one ``swarm-node`` process: a frozen dataclass, no globals."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to serve layers [start, end) of one model."""
+
+    model: str
+    start: int
+    end: int
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port (printed at startup)
+    device: str = "auto"
+    dtype: str = "float32"
+    threads: int = 0  # 0: leave torch's default
+    max_sessions: int = 16
+    max_length: int = 2048
+    idle_timeout: float = 300.0  # seconds without a step before a session is freed
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight steps
+    open_timeout: float = 30.0  # seconds to open the rest of a route
+    max_batch_tokens: int = 2048  # positions merged into one forward pass
+    node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise ValueError(f"layer range {self.start}:{self.end} is empty or negative")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (cuda:N allowed), got {self.device!r}")
+        for name in ("max_sessions", "max_length", "max_batch_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        for name in ("idle_timeout", "drain_timeout", "open_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def resolve_device(self) -> str:
+        """The concrete device for ``auto``: CUDA, then MPS, then CPU."""
+        if self.device != "auto":
+            return self.device
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """``"A:B"`` -> (A, B), the half-open layer range [A, B)."""
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise ValueError(f"layers must look like START:END, got {text!r}")
+    try:
+        start, end = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError(f"layers must be two integers START:END, got {text!r}") from None
+    return start, end

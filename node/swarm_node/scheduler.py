@@ -1,0 +1,251 @@
+"""Continuous batching: the waiting steps of all sessions share one forward pass.
+
+Sessions submit ``Job``s (one chunk of one sequence each) from the event loop; a
+single worker thread runs the model, so the loop stays free to move bytes while the
+matrices multiply. Whenever the worker is free it takes every waiting job it can --
+at most one per session (a session's next chunk needs the cache its previous chunk
+writes) and at most ``max_batch_tokens`` positions -- packs them along the token axis
+and runs them as one forward. At the tail it also samples, batched, in the same
+thread.
+
+If a merged forward raises, its jobs are retried one by one so that only the job at
+fault fails (a failed forward leaves the caches' lengths untouched, so a retry is
+safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm_node.kv_cache import KVCache
+from swarm_node.model import ModelSlice, SeqChunk
+from swarm_node.sampler import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """Sample the token for ``position`` from the last logits of a chunk."""
+
+    params: SamplingParams
+    position: int
+    history: Sequence[int]  # the tokens before `position`, prompt included
+    top_logprobs: int = 0
+
+
+@dataclass
+class Job:
+    cache: KVCache
+    start_pos: int
+    x: torch.Tensor  # [T] int64 token ids at the head, [T, C] hidden states elsewhere
+    sample: SampleRequest | None = None  # tail only
+    return_logits: bool = False  # tail only: logits of every position of the chunk
+    future: asyncio.Future[JobOutput] | None = None
+
+    @property
+    def length(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    hidden: torch.Tensor | None = None  # [T, C] on the CPU, non-tail slices
+    logits: torch.Tensor | None = None  # [T, V] float32 on the CPU, when asked
+    token: int | None = None
+    logprob: float = 0.0
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class BatchStats:
+    steps: int = 0
+    tokens: int = 0
+    batches: int = 0
+    batched_steps: int = 0
+    max_batch: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches
+
+    def record(self, jobs: Sequence[Job]) -> None:
+        n = len(jobs)
+        self.steps += n
+        self.tokens += sum(j.length for j in jobs)
+        self.batches += 1
+        self.batched_steps += n
+        self.max_batch = max(self.max_batch, n)
+        self.sizes[n] = self.sizes.get(n, 0) + 1
+
+
+class Scheduler:
+    """Merges submitted jobs into forward passes of ``model`` on one worker thread."""
+
+    def __init__(self, model: ModelSlice, *, max_batch_tokens: int = 2048) -> None:
+        self.model = model
+        self.max_batch_tokens = max_batch_tokens
+        self.stats = BatchStats()
+        self._queue: deque[Job] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-forward")
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        assert self._task is None, "scheduler already started"
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="swarm-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for job in self._queue:
+            if job.future is not None and not job.future.done():
+                job.future.cancel()
+        self._queue.clear()
+        self._executor.shutdown(wait=True)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until nothing is queued or running; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def submit(self, job: Job) -> JobOutput:
+        """Queue ``job`` and wait for its output. Cancelling the wait drops the job."""
+        assert self._task is not None, "scheduler not started"
+        job.future = asyncio.get_running_loop().create_future()
+        self._queue.append(job)
+        self._idle.clear()
+        self._wake.set()
+        return await job.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            batch = self._take()
+            if not batch:
+                self._wake.clear()
+                if not self._queue:
+                    self._idle.set()
+                continue
+            t0 = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._forward_safely, batch)
+            except asyncio.CancelledError:
+                for job in batch:
+                    if job.future is not None and not job.future.done():
+                        job.future.cancel()
+                raise
+            for job, out in zip(batch, outputs):
+                assert job.future is not None
+                if job.future.done():  # the session went away meanwhile
+                    continue
+                if isinstance(out, BaseException):
+                    job.future.set_exception(out)
+                else:
+                    job.future.set_result(out)
+            log.debug(
+                "forward: %d steps, %d positions, %.1f ms",
+                len(batch),
+                sum(j.length for j in batch),
+                (time.perf_counter() - t0) * 1e3,
+            )
+
+    def _take(self) -> list[Job]:
+        """Pop the jobs for the next forward: FIFO, one per cache, within the token budget."""
+        batch: list[Job] = []
+        caches: set[int] = set()
+        tokens = 0
+        kept: deque[Job] = deque()
+        while self._queue:
+            job = self._queue.popleft()
+            if job.future is None or job.future.done():  # cancelled while waiting
+                continue
+            fits = not batch or tokens + job.length <= self.max_batch_tokens
+            if id(job.cache) in caches or not fits:
+                kept.append(job)
+                continue
+            batch.append(job)
+            caches.add(id(job.cache))
+            tokens += job.length
+        self._queue = kept
+        return batch
+
+    # --- worker thread --------------------------------------------------------------
+
+    def _forward_safely(self, batch: list[Job]) -> list[JobOutput | BaseException]:
+        try:
+            outputs: list[JobOutput | BaseException] = list(self._forward(batch))
+            self.stats.record(batch)
+            return outputs
+        except Exception as exc:  # noqa: BLE001 - isolate the faulty job below
+            if len(batch) == 1:
+                log.warning("forward failed: %s", exc)
+                return [exc]
+            log.warning("merged forward of %d steps failed (%s); retrying one by one", len(batch), exc)
+            return [self._forward_safely([job])[0] for job in batch]
+
+    def _forward(self, batch: list[Job]) -> list[JobOutput]:
+        model = self.model
+        device = model.device
+        seqs = [SeqChunk(j.cache, j.start_pos, j.length) for j in batch]
+        x = torch.cat([j.x for j in batch]).to(device)  # [T] or [T, C]
+        all_logits = any(j.return_logits for j in batch)
+        out = model(x, seqs, all_logits=all_logits)
+        if not model.is_tail:
+            hidden = out.to("cpu")  # [T, C]
+            return [JobOutput(hidden=h) for h in hidden.split([j.length for j in batch])]
+
+        # out: [T, V] with all_logits, else [N, V] (each chunk's last position)
+        if all_logits:
+            per_job = list(out.split([j.length for j in batch]))
+            last = torch.stack([rows[-1] for rows in per_job])  # [N, V]
+        else:
+            per_job = [out[i : i + 1] for i in range(len(batch))]
+            last = out
+        tokens: dict[int, tuple[int, float]] = {}
+        tops: dict[int, tuple[tuple[int, float], ...]] = {}
+        rows = [i for i, j in enumerate(batch) if j.sample is not None]
+        if rows:
+            reqs = [batch[i].sample for i in rows]
+            assert all(r is not None for r in reqs)
+            picked = sample(
+                last[rows],
+                [r.params for r in reqs if r is not None],
+                [r.position for r in reqs if r is not None],
+                [r.history for r in reqs if r is not None],
+            )
+            for k, i in enumerate(rows):
+                tokens[i] = (int(picked.tokens[k]), float(picked.logprobs[k]))
+            want = max((r.top_logprobs for r in reqs if r is not None), default=0)
+            if want:
+                logprobs = torch.log_softmax(last[rows].float(), dim=-1)  # [n, V]
+                values, ids = logprobs.topk(want, dim=-1)
+                for k, i in enumerate(rows):
+                    n = batch[i].sample.top_logprobs  # type: ignore[union-attr]
+                    tops[i] = tuple(zip(ids[k, :n].tolist(), values[k, :n].tolist()))
+        outputs = []
+        for i, job in enumerate(batch):
+            token, logprob = tokens.get(i, (None, 0.0))
+            logits = per_job[i].to("cpu") if job.return_logits else None
+            outputs.append(JobOutput(logits=logits, token=token, logprob=logprob, top=tops.get(i, ())))
+        return outputs

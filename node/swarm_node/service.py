@@ -1,0 +1,471 @@
+"""The ``swarm.Node`` gRPC service: sessions, forwarding along the route, results.
+
+One Session stream per session reaches this node from its upstream (the client at
+the head, the previous node elsewhere). For each session the node holds a KV cache
+and, unless it is the tail, ONE long-lived Session stream to its successor, opened
+with the rest of the route. A step is validated, computed by the scheduler (merged
+with other sessions' steps) and forwarded; at the tail it becomes a ``Result`` on the
+stream the client opened with ``Results``.
+
+Failures are reported upstream in-band (an ``Error`` reply naming the node where it
+happened) and then as the stream's gRPC status, so a client can both read the status
+and tell which hop to report. A bad message ends only its own session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from swarm_node import convert
+from swarm_node.convert import Generation, OpenSpec, ProtocolError, StepIn, StepResult
+from swarm_node.kv_cache import KVCache
+from swarm_node.model import ModelSlice
+from swarm_node.node_config import NodeConfig
+from swarm_node.scheduler import Job, SampleRequest, Scheduler
+from swarm_proto import swarm_pb2, swarm_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+# Activations of long prefill chunks and full logits exceed gRPC's 4 MB default.
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 1 << 30),
+    ("grpc.max_receive_message_length", 1 << 30),
+]
+
+
+class _Failed(Exception):
+    """The session must end with this in-band error (ours or relayed from downstream)."""
+
+    def __init__(self, error: swarm_pb2.Error) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(eq=False)
+class _Session:
+    spec: OpenSpec
+    cache: KVCache
+    task: asyncio.Task[object] | None = None
+    downstream: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
+    reader: asyncio.Task[None] | None = None
+    results: asyncio.Queue[swarm_pb2.Result | None] = field(default_factory=asyncio.Queue)
+    subscribed: bool = False
+    history: list[int] = field(default_factory=list)  # tail only: every token so far
+    failure: swarm_pb2.Error | None = None
+    closing: bool = False
+    busy: bool = False
+    last_step_id: int = 0
+    current_step: int = 0  # the step being handled, for error reports
+    steps: int = 0
+    tokens: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+
+    @property
+    def sid(self) -> str:
+        return self.spec.session_id
+
+    def fail(self, error: swarm_pb2.Error) -> None:
+        """End the session from outside its handler (downstream died, idle, shutdown)."""
+        if self.failure is not None or self.closing:
+            return
+        self.failure = error
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class NodeService(swarm_pb2_grpc.NodeServicer):
+    def __init__(self, config: NodeConfig, model: ModelSlice, scheduler: Scheduler, *, address: str) -> None:
+        self.config = config
+        self.model = model
+        self.scheduler = scheduler
+        self.address = address
+        self.draining = False
+        self.sessions: dict[str, _Session] = {}
+        self.opened = 0
+        self.refused = 0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    # --- Info -----------------------------------------------------------------------
+
+    async def Info(self, request: swarm_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.NodeInfo:  # type: ignore[type-arg]
+        return convert.node_info_to_proto(
+            self.config,
+            self.model.args,
+            address=self.address,
+            version=VERSION,
+            active_sessions=len(self.sessions),
+            stats=self.scheduler.stats,
+            queued=self.scheduler.queued,
+            opened=self.opened,
+            refused=self.refused,
+        )
+
+    # --- Session --------------------------------------------------------------------
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[swarm_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> None:
+        requests = request_iterator.__aiter__()
+        try:
+            first = await asyncio.wait_for(requests.__anext__(), self.config.open_timeout)
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            return
+        session: _Session | None = None
+        reason = "closed"
+        try:
+            session = self._admit(first)
+            session.task = asyncio.current_task()
+            if session.spec.downstream:
+                await self._connect(session)
+            await context.write(convert.opened_reply(session.sid, session.spec.max_length))
+            self._log_open(session)
+            reason = await self._serve(session, requests, context)
+        except ProtocolError as exc:
+            reason = f"refused: {exc.message}"
+            step_id = session.current_step if session is not None else 0
+            await self._abort(context, self._error(exc.code, exc.message, step_id=step_id), session)
+        except _Failed as exc:
+            reason = f"failed: {exc.error.message}"
+            await self._abort(context, exc.error, session)
+        except asyncio.CancelledError:
+            if session is None or session.failure is None:
+                reason = "upstream went away"
+                raise
+            _uncancel()
+            reason = f"failed: {session.failure.message}"
+            await self._abort(context, session.failure, session)
+        finally:
+            if session is not None:
+                await self._release(session, reason)
+
+    def _admit(self, first: swarm_pb2.SessionRequest) -> _Session:
+        if first.WhichOneof("kind") != "open":
+            raise convert.invalid("the first message of a Session stream must be `open`")
+        if self.draining:
+            raise ProtocolError(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+        args = self.model.args
+        spec = convert.open_from_proto(
+            first.open,
+            start=self.model.start,
+            end=self.model.end,
+            num_layers=args.num_layers,
+            max_length=self.config.max_length,
+        )
+        if spec.session_id in self.sessions:
+            raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"session {spec.session_id!r} is already open here")
+        if len(self.sessions) >= self.config.max_sessions:
+            self.refused += 1
+            raise ProtocolError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"no room: {len(self.sessions)}/{self.config.max_sessions} sessions active",
+            )
+        try:
+            cache = self.model.new_cache(spec.max_length)
+        except (RuntimeError, MemoryError) as exc:  # torch raises RuntimeError/OutOfMemoryError
+            self.refused += 1
+            raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no memory for the KV cache: {exc}") from exc
+        session = _Session(spec=spec, cache=cache)
+        self.sessions[spec.session_id] = session
+        self.opened += 1
+        return session
+
+    async def _connect(self, session: _Session) -> None:
+        """Open the successor's Session stream and wait until the rest of the route is open."""
+        hop = session.spec.downstream[0]
+        stub = swarm_pb2_grpc.NodeStub(self._channel(hop.address))
+        try:
+            call = stub.Session()
+            session.downstream = call
+            await call.write(swarm_pb2.SessionRequest(open=convert.open_to_proto(session.spec, session.spec.downstream)))
+            reply = await asyncio.wait_for(call.read(), self.config.open_timeout)
+        except asyncio.TimeoutError:
+            raise _Failed(self._error(grpc.StatusCode.DEADLINE_EXCEEDED, "timed out opening the session", at=hop)) from None
+        except grpc.aio.AioRpcError as exc:
+            raise _Failed(self._rpc_error(exc, hop)) from exc
+        if reply is grpc.aio.EOF:
+            raise _Failed(self._error(grpc.StatusCode.UNAVAILABLE, "successor ended the stream while opening", at=hop))
+        if reply.WhichOneof("kind") == "error":
+            raise _Failed(reply.error)
+        if reply.WhichOneof("kind") != "opened":
+            raise _Failed(self._error(grpc.StatusCode.INTERNAL, "successor answered open with a step ack", at=hop))
+        session.reader = asyncio.get_running_loop().create_task(self._read_downstream(session, call))
+
+    async def _read_downstream(self, session: _Session, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+        hop = session.spec.downstream[0]
+        try:
+            while True:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    if not session.closing:
+                        session.fail(self._error(grpc.StatusCode.UNAVAILABLE, "successor ended the session", at=hop))
+                    return
+                if reply.WhichOneof("kind") == "error":
+                    session.fail(reply.error)
+                    return
+        except grpc.aio.AioRpcError as exc:
+            if not session.closing:
+                session.fail(self._rpc_error(exc, hop))
+
+    async def _serve(
+        self,
+        session: _Session,
+        requests: AsyncIterator[swarm_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> str:
+        """Handle steps until Close or the end of the upstream's stream."""
+        while True:
+            try:
+                req = await requests.__anext__()
+            except StopAsyncIteration:
+                await self._close_downstream(session)
+                return "upstream finished"
+            session.last_active = time.monotonic()
+            kind = req.WhichOneof("kind")
+            if kind == "step":
+                await self._step(session, req.step)
+            elif kind == "close":
+                await self._close_downstream(session)
+                return "closed"
+            else:
+                raise convert.invalid("session is already open")
+
+    async def _step(self, session: _Session, msg: swarm_pb2.Step) -> None:
+        session.current_step = msg.step_id
+        if self.draining:
+            raise ProtocolError(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+        args = self.model.args
+        step = convert.step_from_proto(
+            msg,
+            is_head=self.model.is_head,
+            hidden_size=args.hidden_size,
+            vocab_size=args.vocab_size,
+            dtype=self.model.dtype,
+            max_tokens=session.spec.max_length,
+        )
+        if step.step_id <= session.last_step_id:
+            raise convert.invalid(f"step_id {step.step_id} after {session.last_step_id}: ids must increase")
+        session.last_step_id = step.step_id
+        cache = session.cache
+        if step.start_pos > cache.length:
+            raise convert.invalid(
+                f"step {step.step_id} starts at position {step.start_pos} but {cache.length} positions are cached"
+            )
+        if step.start_pos + step.length > cache.max_length:
+            raise ProtocolError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"step {step.step_id} reaches position {step.start_pos + step.length}, past max_length {cache.max_length}",
+            )
+        job = self._job(session, step)
+        session.busy = True
+        try:
+            out = await self.scheduler.submit(job)
+            session.steps += 1
+            session.tokens += step.length
+            if self.model.is_tail:
+                self._publish(session, step, out.token, out.logprob, out.top, out.logits)
+            else:
+                assert out.hidden is not None and session.downstream is not None
+                request = swarm_pb2.SessionRequest(step=convert.step_to_proto(step, out.hidden, session.spec.wire_codec))
+                try:
+                    await session.downstream.write(request)
+                except grpc.aio.AioRpcError as exc:
+                    raise _Failed(self._rpc_error(exc, session.spec.downstream[0])) from exc
+        except ValueError as exc:  # the engine refused the step (checked above; a safety net)
+            raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, f"step {step.step_id}: {exc}") from exc
+        except RuntimeError as exc:  # the forward itself failed (out of memory, device error)
+            raise ProtocolError(grpc.StatusCode.INTERNAL, f"step {step.step_id}: {exc}") from exc
+        finally:
+            session.busy = False
+            session.last_active = time.monotonic()
+
+    def _job(self, session: _Session, step: StepIn) -> Job:
+        x = step.tokens if step.hidden is None else step.hidden
+        if not self.model.is_tail:
+            return Job(session.cache, step.start_pos, x)
+        # The tail keeps the token history for the repetition penalty (a rewind --
+        # start_pos before the end -- replaces what follows).
+        del session.history[step.start_pos :]
+        session.history.extend(step.tokens.tolist())
+        request = None
+        if step.sample:
+            gen: Generation = session.spec.generation
+            position = step.start_pos + step.length
+            request = SampleRequest(gen.sampling, position, list(session.history), gen.top_logprobs)
+        return Job(session.cache, step.start_pos, x, sample=request, return_logits=step.return_logits)
+
+    def _publish(
+        self,
+        session: _Session,
+        step: StepIn,
+        token: int | None,
+        logprob: float,
+        top: tuple[tuple[int, float], ...],
+        logits: torch.Tensor | None,
+    ) -> None:
+        if not (step.sample or step.return_logits):
+            return
+        gen = session.spec.generation
+        position = step.start_pos + step.length
+        finished = False
+        if token is not None:
+            generated = position + 1 - gen.prompt_length
+            finished = (
+                token in gen.stop_token_ids
+                or (gen.max_new_tokens > 0 and gen.prompt_length > 0 and generated >= gen.max_new_tokens)
+                or position >= session.spec.max_length
+            )
+        result = StepResult(session.sid, step.step_id, position, token, logprob, top, finished, logits)
+        session.results.put_nowait(convert.result_to_proto(result))
+
+    async def _close_downstream(self, session: _Session) -> None:
+        session.closing = True
+        call = session.downstream
+        if call is None:
+            return
+        try:
+            await call.write(swarm_pb2.SessionRequest(close=swarm_pb2.Close()))
+            await call.done_writing()
+            if session.reader is not None:
+                await asyncio.wait_for(asyncio.shield(session.reader), timeout=5.0)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+            log.debug("session %s: closing downstream: %s", session.sid, exc)
+
+    async def _abort(
+        self,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        error: swarm_pb2.Error,
+        session: _Session | None,
+    ) -> None:
+        if session is not None:
+            session.failure = session.failure or error
+            session.results.put_nowait(convert.failed_result(session.sid, error))
+        where = error.node_address or self.address
+        try:
+            await context.write(swarm_pb2.SessionReply(error=error))
+        except (grpc.aio.AioRpcError, RuntimeError) as exc:  # upstream already gone
+            log.debug("could not report error upstream: %s", exc)
+        await context.abort(convert.status_code(error), f"{error.message} (at {where})")
+
+    async def _release(self, session: _Session, reason: str) -> None:
+        if self.sessions.get(session.sid) is session:
+            del self.sessions[session.sid]
+        session.closing = True
+        if session.reader is not None and not session.reader.done():
+            session.reader.cancel()
+        if session.downstream is not None and not session.downstream.done():
+            session.downstream.cancel()
+        if session.failure is None and reason == "upstream went away":
+            error = self._error(grpc.StatusCode.CANCELLED, "upstream ended the session without closing it")
+            session.results.put_nowait(convert.failed_result(session.sid, error))
+        session.results.put_nowait(None)
+        log.info(
+            "session %s %s: %d steps, %d positions, %.1f s, %d/%d active",
+            session.sid,
+            reason,
+            session.steps,
+            session.tokens,
+            time.monotonic() - session.opened_at,
+            len(self.sessions),
+            self.config.max_sessions,
+        )
+
+    def _log_open(self, session: _Session) -> None:
+        spec = session.spec
+        log.info(
+            "session %s opened: layers [%d, %d), max_length %d, KV %.2f MB, %d hops after this, wire %s, %d/%d active",
+            spec.session_id,
+            spec.start,
+            spec.end,
+            spec.max_length,
+            session.cache.nbytes / 1e6,
+            len(spec.downstream),
+            spec.wire_codec,
+            len(self.sessions),
+            self.config.max_sessions,
+        )
+
+    # --- Results --------------------------------------------------------------------
+
+    async def Results(
+        self,
+        request: swarm_pb2.ResultsRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> None:
+        session = self.sessions.get(request.session_id)
+        if session is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no open session {request.session_id!r} on this node")
+            return
+        if not self.model.is_tail:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "results come from the tail of the route")
+            return
+        if session.subscribed:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"session {session.sid!r} already has a results stream")
+            return
+        session.subscribed = True
+        while True:
+            item = await session.results.get()
+            if item is None:
+                return
+            await context.write(item)
+
+    # --- housekeeping ---------------------------------------------------------------
+
+    def expire_idle(self) -> None:
+        """Fail every session that has been idle longer than the idle timeout."""
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if not session.busy and now - session.last_active > self.config.idle_timeout:
+                session.fail(
+                    self._error(grpc.StatusCode.DEADLINE_EXCEEDED, f"idle for more than {self.config.idle_timeout:g} s")
+                )
+
+    async def wait_steps_done(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while any(s.busy for s in self.sessions.values()) or self.scheduler.queued:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def fail_all(self, code: grpc.StatusCode, message: str) -> None:
+        for session in list(self.sessions.values()):
+            session.fail(self._error(code, message))
+
+    async def close_channels(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    def _error(
+        self, code: grpc.StatusCode, message: str, *, at: convert.Hop | None = None, step_id: int = 0
+    ) -> swarm_pb2.Error:
+        if at is not None:
+            return convert.error_to_proto(code, message, address=at.address, node_id=at.node_id, step_id=step_id)
+        return convert.error_to_proto(code, message, address=self.address, node_id=self.config.node_id, step_id=step_id)
+
+    def _rpc_error(self, exc: grpc.aio.AioRpcError, hop: convert.Hop) -> swarm_pb2.Error:
+        return self._error(exc.code(), f"successor {hop.address}: {exc.details()}", at=hop)
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
