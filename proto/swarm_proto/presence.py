@@ -358,10 +358,10 @@ def decode_status(node_id: str, data: bytes) -> NodeStatus:
 def decode_load(node_id: str, data: bytes) -> NodeLoad:
     f = _unpack(f"load of {node_id}", data)
     return NodeLoad(
-        active_sessions=f.get("active_sessions", int, 0),
-        queued_steps=f.get("queued_steps", int, 0),
-        free_kv_tokens=f.get("free_kv_tokens", int, 0),
-        tokens_per_s=f.number("tokens_per_s", 0.0),
+        active_sessions=f.get("active_sessions", int),
+        queued_steps=f.get("queued_steps", int),
+        free_kv_tokens=f.get("free_kv_tokens", int),
+        tokens_per_s=float(f.get("tokens_per_s", (int, float))),
     )
 
 

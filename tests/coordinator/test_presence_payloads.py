@@ -1,0 +1,131 @@
+"""Presence topics and msgpack payloads (swarm_proto.presence): round trips and rejects."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from swarm_proto.presence import (
+    Assign,
+    Backoff,
+    BrokerAddress,
+    Event,
+    EventKind,
+    LayerRange,
+    NodeLoad,
+    NodeState,
+    NodeStatus,
+    PayloadError,
+    PresenceError,
+    Topics,
+    TopicKind,
+    decode,
+    encode,
+)
+
+T = Topics("lab")
+STATUS = NodeStatus("n1", "10.0.0.2:7000", "smollm2", LayerRange(0, 15), "cuda:0", 8 << 30, 420.5, NodeState.READY)
+
+
+def test_topic_names() -> None:
+    assert T.status("n1") == "swarm/lab/node/n1/status"
+    assert T.load("n1") == "swarm/lab/node/n1/load"
+    assert T.assign("n1") == "swarm/lab/assign/n1"
+    assert T.events == "swarm/lab/events"
+    assert T.all == "swarm/lab/#"
+    assert T.parse("swarm/lab/node/n1/status") == (TopicKind.STATUS, "n1")
+    assert T.parse("swarm/lab/assign/n1") == (TopicKind.ASSIGN, "n1")
+    assert T.parse("swarm/lab/events") == (TopicKind.EVENTS, None)
+
+
+@pytest.mark.parametrize(
+    "topic", ["swarm/other/events", "swarm/lab/node/n1", "swarm/lab/node/n1/status/x", "swarm/lab/assign", "swarm/lab/nope"]
+)
+def test_unknown_topics_are_payload_errors(topic: str) -> None:
+    with pytest.raises(PayloadError):
+        T.parse(topic)
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a+b", "#", "with space", "x" * 129])
+def test_ids_that_would_break_topics_are_refused(bad: str) -> None:
+    with pytest.raises(PayloadError):
+        T.status(bad)
+    with pytest.raises(PayloadError):
+        Topics(bad)
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload"),
+    [
+        (T.status("n1"), STATUS),
+        (T.status("n1"), NodeStatus("n1")),
+        (T.status("n1"), STATUS.offline()),
+        (T.load("n1"), NodeLoad(3, 1, 4096, 17.5)),
+        (T.assign("n1"), Assign("n1", "smollm2", LayerRange(10, 20), 7)),
+        (T.assign("n1"), Assign("n1", "smollm2", None, 8)),
+        (T.events, Event(EventKind.FAILOVER, "n1", "step timeout", 1234.5)),
+        (T.events, Event(EventKind.REASSIGN, None, "", 1.0)),
+    ],
+)
+def test_round_trip(topic: str, payload: object) -> None:
+    kind, node_id, back = decode(T, topic, encode(payload))  # type: ignore[arg-type]
+    assert back == payload
+    assert node_id == (None if kind is TopicKind.EVENTS else "n1")
+
+
+def test_empty_payload_means_retained_message_deleted() -> None:
+    assert decode(T, T.status("n1"), b"") == (TopicKind.STATUS, "n1", None)
+
+
+def _raw(**fields: object) -> bytes:
+    return msgpack.packb({"v": 1, **fields})
+
+
+@pytest.mark.parametrize(
+    ("topic", "data"),
+    [
+        (T.status("n1"), b"\xc1\xff garbage"),
+        (T.status("n1"), msgpack.packb([1, 2, 3])),
+        (T.status("n1"), msgpack.packb({"node_id": "n1", "state": "ready"})),  # no version
+        (T.status("n1"), msgpack.packb({"v": 9, "node_id": "n1", "state": "ready"})),
+        (T.status("n1"), _raw(node_id="n2", state="ready")),  # names another node
+        (T.status("n1"), _raw(node_id="n1", state="dancing")),
+        (T.status("n1"), _raw(node_id="n1", state="ready", speed="fast")),
+        (T.status("n1"), _raw(node_id="n1", state="ready", speed=-1.0)),
+        (T.status("n1"), _raw(node_id="n1", state="ready", hosted=[5, 2])),
+        (T.status("n1"), _raw(node_id="n1", state="ready", hosted=[0, 1, 2])),
+        (T.status("n1"), _raw(node_id="n1", state="ready", hosted=[True, 4])),
+        (T.status("n1"), _raw(node_id="n1", state="ready", memory_budget=True)),
+        (T.status("n1"), _raw(node_id="n1")),  # no state
+        (T.load("n1"), _raw(active_sessions=-1, queued_steps=0, free_kv_tokens=0, tokens_per_s=0.0)),
+        (T.load("n1"), _raw(active_sessions=0, queued_steps=0, free_kv_tokens=0, tokens_per_s=float("nan"))),
+        (T.load("n1"), _raw(active_sessions=0, queued_steps=0, tokens_per_s=1.0)),  # no free_kv_tokens
+        (T.assign("n1"), _raw(node_id="n1", model=3, layers=None)),
+        (T.events, _raw(kind="party")),
+        (T.events, msgpack.packb({1: 2})),
+    ],
+)
+def test_malformed_payloads_raise_payload_error(topic: str, data: bytes) -> None:
+    with pytest.raises(PayloadError):
+        decode(T, topic, data)
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+    data = _raw(node_id="n1", state="ready", speed=3, future_field={"x": 1})
+    _, _, status = decode(T, T.status("n1"), data)
+    assert status == NodeStatus("n1", speed=3.0, state=NodeState.READY)
+
+
+def test_broker_urls() -> None:
+    assert BrokerAddress.parse("mqtt://h:1884") == BrokerAddress("h", 1884)
+    assert BrokerAddress.parse("h") == BrokerAddress("h", 1883)
+    assert BrokerAddress.parse("mqtt://u:p%40ss@h") == BrokerAddress("h", 1883, "u", "p@ss")
+    for bad in ("http://h", "mqtt://", "mqtt://h:notaport"):
+        with pytest.raises(PresenceError):
+            BrokerAddress.parse(bad)
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    b = Backoff(initial=0.1, maximum=2.0)
+    assert 0.05 <= b.delay(0) <= 0.1
+    assert 1.0 <= b.delay(10) <= 2.0

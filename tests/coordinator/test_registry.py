@@ -1,0 +1,147 @@
+"""Registry bookkeeping, fed messages directly (no broker): joins, leaves, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from swarm_coordinator.registry import Registry, RegistryConfig
+from swarm_coordinator.state import Assignment, LayerRange
+from swarm_proto.presence import (
+    Assign,
+    Event,
+    EventKind,
+    NodeLoad,
+    NodeState,
+    NodeStatus,
+    Topics,
+    encode,
+)
+
+T = Topics("lab")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make() -> tuple[Registry, Clock]:
+    clock = Clock()
+    config = RegistryConfig("mqtt://127.0.0.1:1", "lab", "m", 30, 1000, node_timeout_s=10)
+    return Registry(config, clock=clock), clock
+
+
+def status(node_id: str, state: NodeState = NodeState.READY, hosted: LayerRange | None = None) -> bytes:
+    return encode(NodeStatus(node_id, f"{node_id}:7000", "m", hosted, "cpu", 10**9, 50.0, state))
+
+
+def kinds(registry: Registry) -> list[tuple[EventKind, str | None]]:
+    return [(e.kind, e.node_id) for e in registry._outbox]
+
+
+def test_status_and_load_build_the_state() -> None:
+    reg, _ = make()
+    reg.handle(T.status("a"), status("a", hosted=LayerRange(0, 30)))
+    reg.handle(T.load("a"), encode(NodeLoad(2, 0, 900, 15.0)))
+    reg.handle(T.load("ghost"), encode(NodeLoad()))  # load without status: not a node yet
+    state = reg.state
+    assert list(state.nodes) == ["a"]
+    view = state.nodes["a"]
+    assert view.online and view.serving == LayerRange(0, 30)
+    assert view.load == NodeLoad(2, 0, 900, 15.0)
+    assert (state.model, state.num_layers, state.bytes_per_layer) == ("m", 30, 1000)
+
+
+def test_live_join_and_leave_become_events_but_retained_replays_do_not() -> None:
+    reg, _ = make()
+    reg.handle(T.status("old"), status("old"), retained=True)  # known before we started
+    reg.handle(T.status("new"), status("new"))
+    reg.handle(T.status("new"), status("new", NodeState.OFFLINE))  # its Last Will
+    reg.handle(T.status("dead"), status("dead", NodeState.OFFLINE), retained=True)
+    assert kinds(reg) == [(EventKind.JOIN, "new"), (EventKind.LEAVE, "new")]
+    state = reg.state
+    assert [v.node_id for v in state.online()] == ["old"]
+    assert not state.nodes["dead"].online
+
+
+def test_malformed_messages_are_counted_and_ignored() -> None:
+    reg, _ = make()
+    reg.handle(T.status("a"), status("a"))
+    reg.handle(T.status("a"), b"\x93garbage")
+    reg.handle(T.status("b"), status("a"))  # payload names another node
+    reg.handle(T.load("a"), encode(NodeStatus("a")))  # a status where a load belongs
+    reg.handle("swarm/lab/node/a/unknown", b"x")
+    assert reg.malformed == 4
+    assert list(reg.state.nodes) == ["a"] and reg.state.nodes["a"].online
+
+
+def test_silent_node_times_out_and_comes_back() -> None:
+    reg, clock = make()
+    reg.handle(T.status("a"), status("a"))
+    reg.handle(T.status("b"), status("b"))
+    clock.now += 8
+    reg.handle(T.load("b"), encode(NodeLoad()))
+    clock.now += 5
+    assert reg.sweep() == ["a"]
+    assert reg.sweep() == []
+    assert [v.node_id for v in reg.state.online()] == ["b"]
+    reg.handle(T.load("a"), encode(NodeLoad()))
+    assert [v.node_id for v in reg.state.online()] == ["a", "b"]
+    assert kinds(reg)[-2:] == [(EventKind.LEAVE, "a"), (EventKind.JOIN, "a")]
+
+
+def test_cleared_retained_status_forgets_the_node() -> None:
+    reg, _ = make()
+    reg.handle(T.status("a"), status("a"))
+    reg.handle(T.status("a"), b"")
+    assert reg.state.nodes == {}
+
+
+def test_retained_assignments_rebuild_the_current_assignment() -> None:
+    reg, _ = make()
+    reg.handle(T.status("a"), status("a", hosted=LayerRange(0, 30)), retained=True)
+    reg.handle(T.status("b"), status("b"), retained=True)
+    reg.handle(T.assign("a"), encode(Assign("a", "m", LayerRange(0, 20), 5)), retained=True)
+    reg.handle(T.assign("b"), encode(Assign("b", "m", LayerRange(20, 30), 5)), retained=True)
+    assert reg.state.current_assignment() == Assignment({"a": LayerRange(0, 20), "b": LayerRange(20, 30)})
+    assert reg.epoch == 5
+
+
+def test_events_topic_feeds_the_recent_events() -> None:
+    reg, _ = make()
+    reg.handle(T.events, encode(Event(EventKind.FAILOVER, "a", "step timeout", 1.0)))
+    assert list(reg.events) == [Event(EventKind.FAILOVER, "a", "step timeout", 1.0)]
+
+
+async def test_publish_assignment_records_changes_even_while_disconnected() -> None:
+    reg, _ = make()
+    reg.handle(T.status("a"), status("a"))
+    reg.handle(T.status("b"), status("b"))
+    first = Assignment({"a": LayerRange(0, 30)})
+    assert await reg.publish_assignment(first) == {"a": LayerRange(0, 30)}
+    assert await reg.publish_assignment(first) == {}
+    second = Assignment({"b": LayerRange(0, 30)})
+    assert await reg.publish_assignment(second) == {"a": None, "b": LayerRange(0, 30)}
+    assert reg.state.current_assignment() == second
+    assert reg.state.nodes["a"].assign is not None and reg.state.nodes["a"].assign.layers is None
+    assert [e.kind for e in reg.events] == [EventKind.REASSIGN, EventKind.REASSIGN]
+
+
+async def test_wait_until_wakes_on_change_and_times_out() -> None:
+    reg, _ = make()
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        reg.handle(T.status("a"), status("a"))
+
+    task = asyncio.create_task(later())
+    state = await reg.wait_until(lambda s: "a" in s.nodes, timeout=2)
+    assert "a" in state.nodes
+    await task
+    with pytest.raises(asyncio.TimeoutError):
+        await reg.wait_until(lambda s: "zzz" in s.nodes, timeout=0.05)

@@ -1,0 +1,169 @@
+"""Routing is a pure function of the swarm state: plain unit tests, no network."""
+
+from __future__ import annotations
+
+import pytest
+
+from swarm_coordinator.errors import NoRouteError
+from swarm_coordinator.routing import (
+    RecentRoutes,
+    RoutingPolicy,
+    Span,
+    find_route,
+    route_latency,
+    seconds_per_layer,
+)
+from swarm_coordinator.state import LayerRange, NodeLoad, NodeState, NodeStatus, NodeView, SwarmState
+
+L = 12
+
+
+def node(
+    node_id: str,
+    start: int,
+    end: int,
+    speed: float = 100.0,
+    *,
+    load: NodeLoad | None = None,
+    state: NodeState = NodeState.READY,
+) -> NodeView:
+    status = NodeStatus(node_id, f"{node_id}.lan:7000", "m", LayerRange(start, end), "cpu", 10**9, speed, state)
+    return NodeView(status, load)
+
+
+def swarm(*views: NodeView) -> SwarmState:
+    return SwarmState.of("m", L, 1000, views)
+
+
+def chain(route: tuple[Span, ...]) -> list[tuple[str, int, int]]:
+    return [(s.node_id, s.start, s.end) for s in route]
+
+
+def check_route(route: tuple[Span, ...]) -> None:
+    assert route[0].start == 0 and route[-1].end == L
+    for a, b in zip(route, route[1:]):
+        assert a.end == b.start
+    assert all(s.start < s.end for s in route)
+
+
+def test_simple_chain_with_addresses() -> None:
+    route = find_route(swarm(node("a", 0, 4), node("b", 4, 8), node("c", 8, 12)))
+    assert route == (
+        Span("a", "a.lan:7000", 0, 4),
+        Span("b", "b.lan:7000", 4, 8),
+        Span("c", "c.lan:7000", 8, 12),
+    )
+
+
+def test_prefers_fewer_hops_when_compute_is_equal() -> None:
+    s = swarm(node("a", 0, 6), node("b", 6, 12), node("whole", 0, 12))
+    assert chain(find_route(s)) == [("whole", 0, 12)]
+
+
+def test_prefers_faster_nodes() -> None:
+    s = swarm(node("slow", 0, 12, speed=10), node("a", 0, 6, speed=1000), node("b", 6, 12, speed=1000))
+    assert chain(find_route(s)) == [("a", 0, 6), ("b", 6, 12)]
+
+
+def test_hop_latency_can_outweigh_compute() -> None:
+    s = swarm(node("slow", 0, 12, speed=1000), node("a", 0, 6, speed=1100), node("b", 6, 12, speed=1100))
+    assert chain(find_route(s, policy=RoutingPolicy(hop_latency_s=0.05))) == [("slow", 0, 12)]
+
+
+def test_uses_part_of_a_range_when_switching_pays() -> None:
+    # slow hosts [0, 8), fast hosts [4, 12): run slow only for [0, 4).
+    s = swarm(node("slow", 0, 8, speed=10), node("fast", 4, 12, speed=1000))
+    route = find_route(s)
+    check_route(route)
+    assert chain(route) == [("slow", 0, 4), ("fast", 4, 12)]
+
+
+def test_load_steers_away_from_a_busy_replica() -> None:
+    busy = NodeLoad(active_sessions=4, queued_steps=5, free_kv_tokens=10**6)
+    idle = NodeLoad(free_kv_tokens=10**6)
+    s = swarm(node("a", 0, 12, load=busy), node("b", 0, 12, load=idle))
+    assert chain(find_route(s)) == [("b", 0, 12)]
+    assert seconds_per_layer(s.nodes["a"]) > seconds_per_layer(s.nodes["b"])
+
+
+def test_skips_nodes_without_kv_room() -> None:
+    full = NodeLoad(free_kv_tokens=100)
+    s = swarm(node("a", 0, 12, speed=1000, load=full), node("b", 0, 12, speed=10))
+    assert chain(find_route(s, max_length=100)) == [("a", 0, 12)]
+    assert chain(find_route(s, max_length=2048)) == [("b", 0, 12)]
+
+
+def test_exclude_avoids_failed_nodes() -> None:
+    s = swarm(node("a", 0, 12, speed=1000), node("b", 0, 6), node("c", 6, 12))
+    assert chain(find_route(s)) == [("a", 0, 12)]
+    assert chain(find_route(s, exclude={"a"})) == [("b", 0, 6), ("c", 6, 12)]
+
+
+def test_only_ready_nodes_serve() -> None:
+    s = swarm(
+        node("loading", 0, 12, speed=1e6, state=NodeState.LOADING),
+        node("draining", 0, 12, speed=1e6, state=NodeState.DRAINING),
+        node("gone", 0, 12, speed=1e6, state=NodeState.OFFLINE),
+        node("ok", 0, 12),
+    )
+    assert chain(find_route(s)) == [("ok", 0, 12)]
+
+
+def test_spreads_sessions_over_replicas() -> None:
+    s = swarm(node("a", 0, 6), node("a2", 0, 6), node("b", 6, 12), node("b2", 6, 12))
+    recent = RecentRoutes(window_s=10)
+    used: dict[str, int] = {}
+    for i in range(8):
+        route = find_route(s, recent=recent.counts(now=float(i)))
+        check_route(route)
+        recent.record(route, now=float(i))
+        for span in route:
+            used[span.node_id] = used.get(span.node_id, 0) + 1
+    assert used == {"a": 4, "a2": 4, "b": 4, "b2": 4}
+
+
+def test_recent_routes_forget_after_the_window() -> None:
+    recent = RecentRoutes(window_s=5)
+    recent.record([Span("a", "x", 0, 12)], now=0.0)
+    recent.record([Span("a", "x", 0, 6), Span("b", "y", 6, 12)], now=3.0)
+    assert recent.counts(now=4.0) == {"a": 2, "b": 1}
+    assert recent.counts(now=7.0) == {"a": 1, "b": 1}
+    assert recent.counts(now=9.0) == {}
+
+
+def test_no_route_names_uncovered_layers_and_why() -> None:
+    s = swarm(node("a", 0, 4), node("b", 4, 8), node("c", 8, 12, load=NodeLoad(free_kv_tokens=10)))
+    with pytest.raises(NoRouteError) as info:
+        find_route(s, max_length=512, exclude={"b"})
+    err = info.value
+    assert err.uncovered == (LayerRange(4, 12),)
+    msg = str(err)
+    assert "[4, 12)" in msg and "excluded: b" in msg and "no KV room: c" in msg
+
+
+def test_no_route_in_an_empty_swarm() -> None:
+    with pytest.raises(NoRouteError) as info:
+        find_route(swarm())
+    assert info.value.uncovered == (LayerRange(0, L),)
+
+
+def test_gap_between_ranges_is_reported() -> None:
+    with pytest.raises(NoRouteError) as info:
+        find_route(swarm(node("a", 0, 5), node("b", 7, 12)))
+    assert info.value.uncovered == (LayerRange(5, 7),)
+
+
+def test_route_latency_counts_k_plus_one_hops() -> None:
+    s = swarm(node("a", 0, 6, speed=600), node("b", 6, 12, speed=600))
+    route = find_route(s)
+    policy = RoutingPolicy(hop_latency_s=0.001)
+    assert route_latency(s, route, policy=policy) == pytest.approx(3 * 0.001 + 12 / 600)
+
+
+def test_many_overlapping_nodes_give_a_valid_chain() -> None:
+    views = [node(f"n{i}", i % 9, min(L, i % 9 + 3 + i % 4), speed=50 + 7 * i) for i in range(30)]
+    route = find_route(swarm(*views))
+    check_route(route)
+    for span in route:
+        hosted = next(v for v in views if v.node_id == span.node_id).status.hosted
+        assert hosted is not None and hosted.start <= span.start and span.end <= hosted.end
