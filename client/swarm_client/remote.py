@@ -101,6 +101,7 @@ class RouteSession:
         self.session_id = session_id or uuid.uuid4().hex
         self.prefill_chunk = prefill_chunk
         self.timeout = timeout
+        self.grace = min(timeout, 5.0)
         self.position = 0  # positions sent so far
         self._step_id = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -235,11 +236,20 @@ class RouteSession:
                 if reply is grpc.aio.EOF:
                     return
                 if reply.WhichOneof("kind") == "error":
-                    self._fail_pending(RouteError.from_proto(reply.error))
+                    await self._failed(RouteError.from_proto(reply.error))
                     return
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED or self._failure is None:
-                self._fail_pending(RouteError.from_rpc(exc, address))
+            await self._failed(RouteError.from_rpc(exc, address))
+
+    async def _failed(self, error: RouteError) -> None:
+        """The route ended. Steps sent before the failure may still produce results
+        (a draining node finishes them), so wait for the tail's stream to end before
+        failing what is still pending -- within a grace period."""
+        if self._failure is None:
+            self._failure = error
+        if self._pending:
+            await asyncio.sleep(self.grace)
+        self._fail_pending(error)
 
     async def _read_results(self) -> None:
         assert self._results is not None
@@ -267,7 +277,7 @@ class RouteSession:
         except grpc.aio.AioRpcError as exc:
             self._fail_pending(RouteError.from_rpc(exc, address))
             return
-        self._fail_pending(RouteError(grpc.StatusCode.UNAVAILABLE, "the tail ended the results stream", address=address))
+        self._fail_pending(self._failure or RouteError(grpc.StatusCode.UNAVAILABLE, "the tail ended the results stream", address=address))
 
     def _fail_pending(self, error: RouteError) -> None:
         if self._failure is None:

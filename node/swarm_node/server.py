@@ -84,6 +84,7 @@ class NodeServer:
         deadline = time.monotonic() + 2.0
         while service.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        await service.wait_background(timeout)
         if self._janitor is not None:
             self._janitor.cancel()
         await self._server.stop(grace=1.0)

@@ -61,6 +61,7 @@ class _Session:
     history: list[int] = field(default_factory=list)  # tail only: every token so far
     failure: swarm_pb2.Error | None = None
     closing: bool = False
+    close_sent: bool = False
     busy: bool = False
     last_step_id: int = 0
     current_step: int = 0  # the step being handled, for error reports
@@ -93,6 +94,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.opened = 0
         self.refused = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- Info -----------------------------------------------------------------------
 
@@ -328,18 +330,33 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         result = StepResult(session.sid, step.step_id, position, token, logprob, top, finished, logits)
         session.results.put_nowait(convert.result_to_proto(result))
 
-    async def _close_downstream(self, session: _Session) -> None:
+    async def _close_downstream(self, session: _Session, *, wait: bool = True) -> None:
+        """Send Close to the successor. Its stream is ordered, so it first finishes every
+        step already sent (the tail publishes their results), then frees the session."""
         session.closing = True
         call = session.downstream
-        if call is None:
+        if call is None or session.close_sent or call.done():
             return
+        session.close_sent = True
         try:
-            await call.write(swarm_pb2.SessionRequest(close=swarm_pb2.Close()))
-            await call.done_writing()
-            if session.reader is not None:
-                await asyncio.wait_for(asyncio.shield(session.reader), timeout=5.0)
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+            await asyncio.wait_for(call.write(swarm_pb2.SessionRequest(close=swarm_pb2.Close())), 2.0)
+            await asyncio.wait_for(call.done_writing(), 2.0)
+            if wait and session.reader is not None:
+                await asyncio.wait_for(asyncio.shield(session.reader), timeout=self.config.drain_timeout)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, asyncio.TimeoutError) as exc:
             log.debug("session %s: closing downstream: %s", session.sid, exc)
+
+    async def _finish_downstream(self, session: _Session) -> None:
+        """Let the successor finish what it was sent, then drop the stream."""
+        call = session.downstream
+        assert call is not None
+        try:
+            await self._close_downstream(session, wait=True)
+        finally:
+            if session.reader is not None and not session.reader.done():
+                session.reader.cancel()
+            if not call.done():
+                call.cancel()
 
     async def _abort(
         self,
@@ -361,10 +378,10 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
         session.closing = True
-        if session.reader is not None and not session.reader.done():
-            session.reader.cancel()
         if session.downstream is not None and not session.downstream.done():
-            session.downstream.cancel()
+            task = asyncio.get_running_loop().create_task(self._finish_downstream(session))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         if session.failure is None and reason == "upstream went away":
             error = self._error(grpc.StatusCode.CANCELLED, "upstream ended the session without closing it")
             session.results.put_nowait(convert.failed_result(session.sid, error))
@@ -441,6 +458,11 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
     def fail_all(self, code: grpc.StatusCode, message: str) -> None:
         for session in list(self.sessions.values()):
             session.fail(self._error(code, message))
+
+    async def wait_background(self, timeout: float) -> None:
+        """Wait for successors to finish the sessions this node ended (bounded)."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
 
     async def close_channels(self) -> None:
         for channel in self._channels.values():

@@ -151,14 +151,14 @@ def _check_shape(dims: list[int], expected: Sequence[int | None] | None, max_ele
     for d in dims:
         if d < 0:
             raise WireError(f"negative dimension in shape {dims}")
-    numel = math.prod(dims)  # exact Python ints: no overflow before the check
-    if numel > max_elements:
-        raise WireError(f"tensor of shape {dims} has {numel} elements; at most {max_elements} allowed")
     if expected is not None:
         ok = len(expected) == len(dims) and all(e is None or e == d for e, d in zip(expected, dims))
         if not ok:
             want = ["*" if e is None else e for e in expected]
             raise WireError(f"tensor shape {dims} does not match the expected {want}")
+    numel = math.prod(dims)  # exact Python ints: no overflow before the check
+    if numel > max_elements:
+        raise WireError(f"tensor of shape {dims} has {numel} elements; at most {max_elements} allowed")
     return numel
 
 
