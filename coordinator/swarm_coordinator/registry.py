@@ -26,20 +26,18 @@ import aiomqtt
 from swarm_coordinator.state import Assignment, LayerRange, NodeView, SwarmState
 from swarm_proto.presence import (
     Assign,
-    Backoff,
-    BrokerAddress,
     Event,
     EventKind,
     NodeLoad,
     NodeState,
     NodeStatus,
     PayloadError,
-    ReconnectingClient,
     Topics,
     TopicKind,
     decode,
     encode,
 )
+from swarm_proto.presence_client import Backoff, BrokerAddress, ReconnectingClient
 
 log = logging.getLogger(__name__)
 

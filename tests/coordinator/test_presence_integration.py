@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiomqtt
@@ -22,18 +22,8 @@ import pytest
 from swarm_coordinator.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_coordinator.state import Assignment, LayerRange, SwarmState
-from swarm_proto.presence import (
-    Assign,
-    Backoff,
-    BrokerAddress,
-    EventKind,
-    NodeLoad,
-    NodeState,
-    NodeStatus,
-    PresenceClient,
-    Topics,
-    encode,
-)
+from swarm_proto.presence import Assign, EventKind, NodeLoad, NodeState, NodeStatus, Topics, encode
+from swarm_proto.presence_client import Backoff, BrokerAddress, PresenceClient
 
 SWARM = "itest"
 FAST = Backoff(initial=0.05, maximum=0.5)
@@ -102,20 +92,26 @@ def node_status(node_id: str, hosted: LayerRange | None = None) -> NodeStatus:
     return NodeStatus(node_id, f"127.0.0.1:{7000 + len(node_id)}", "m", hosted, "cpu", 10**9, 80.0, NodeState.READY)
 
 
-def presence(broker: Broker, node_id: str, *, load_interval: float = 0.2, on_assign: object = None) -> PresenceClient:
+def presence(
+    broker: Broker,
+    node_id: str,
+    *,
+    load_interval: float = 0.2,
+    on_assign: Callable[[Assign], None] | None = None,
+) -> PresenceClient:
     return PresenceClient(
         BrokerAddress.parse(broker.url),
         SWARM,
         node_status(node_id),
         load=lambda: NodeLoad(1, 0, 4096, 12.5),
-        on_assign=on_assign,  # type: ignore[arg-type]
+        on_assign=on_assign,
         load_interval=load_interval,
         keepalive=5,
         backoff=FAST,
     )
 
 
-def has_node(node_id: str, *, online: bool = True) -> object:
+def has_node(node_id: str, *, online: bool = True) -> Callable[[SwarmState], bool]:
     def check(state: SwarmState) -> bool:
         view = state.nodes.get(node_id)
         return view is not None and view.online == online
@@ -123,9 +119,9 @@ def has_node(node_id: str, *, online: bool = True) -> object:
     return check
 
 
-async def eventually(predicate: object, timeout: float = TIMEOUT) -> None:
+async def eventually(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
@@ -143,7 +139,6 @@ async def test_status_load_and_assignment_flow(broker: Broker) -> None:
         await eventually(lambda: bool(assigned))
         assert assigned[-1].layers == LayerRange(0, 30) and assigned[-1].model == "m"
 
-        assert isinstance(node, PresenceClient)
         await node.set_status(node_status("n1", hosted=LayerRange(0, 30)))
         state = await reg.wait_until(lambda s: s.nodes["n1"].serving == LayerRange(0, 30), TIMEOUT)
         assert state.current_assignment() == Assignment({"n1": LayerRange(0, 30)})
@@ -173,7 +168,8 @@ async def test_restarted_coordinator_rebuilds_registry_from_retained_messages(br
 NODE_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
-    from swarm_proto.presence import BrokerAddress, NodeState, NodeStatus, PresenceClient
+    from swarm_proto.presence import NodeState, NodeStatus
+    from swarm_proto.presence_client import BrokerAddress, PresenceClient
 
     async def main() -> None:
         url, swarm, node_id = sys.argv[1:4]
@@ -200,16 +196,16 @@ async def test_last_will_marks_a_killed_node_offline(broker: Broker, tmp_path: P
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), TIMEOUT)
         assert line.strip() == b"ready"
         async with registry(broker) as reg:
-            await reg.wait_until(has_node("doomed"), TIMEOUT)  # type: ignore[arg-type]
+            await reg.wait_until(has_node("doomed"), TIMEOUT)
             proc.send_signal(signal.SIGKILL)
             proc.wait(TIMEOUT)
             t0 = asyncio.get_running_loop().time()
-            await reg.wait_until(has_node("doomed", online=False), TIMEOUT)  # type: ignore[arg-type]
+            await reg.wait_until(has_node("doomed", online=False), TIMEOUT)
             assert asyncio.get_running_loop().time() - t0 < 5.0  # the Will, not the 30 s timeout
             await eventually(lambda: any(e.kind is EventKind.LEAVE and e.node_id == "doomed" for e in reg.events))
         # the offline status is retained: a coordinator started now sees it too
         async with registry(broker, client_id="late") as late:
-            await late.wait_until(has_node("doomed", online=False), TIMEOUT)  # type: ignore[arg-type]
+            await late.wait_until(has_node("doomed", online=False), TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -232,7 +228,7 @@ async def test_malformed_payloads_are_ignored(broker: Broker) -> None:
             ]:
                 await raw.publish(topic, payload, qos=1)
             await raw.publish(topics.status("x"), encode(node_status("x")), qos=1)
-        await reg.wait_until(has_node("x"), TIMEOUT)  # type: ignore[arg-type]
+        await reg.wait_until(has_node("x"), TIMEOUT)
         await eventually(lambda: reg.malformed == 7)
         assert reg.connected and reg.connections == 1
         assert list(reg.state.nodes) == ["x"]
@@ -240,7 +236,7 @@ async def test_malformed_payloads_are_ignored(broker: Broker) -> None:
 
 async def test_broker_restart_clients_reconnect_and_reannounce(broker: Broker) -> None:
     async with presence(broker, "n1") as node, registry(broker) as reg:
-        await reg.wait_until(has_node("n1"), TIMEOUT)  # type: ignore[arg-type]
+        await reg.wait_until(has_node("n1"), TIMEOUT)
         plan = Assignment({"n1": LayerRange(0, 30)})
         await reg.publish_assignment(plan)
         await eventually(lambda: node.assignment is not None)
@@ -253,7 +249,7 @@ async def test_broker_restart_clients_reconnect_and_reannounce(broker: Broker) -
         # re-published its status and the old registry its retained assignment.
         async with registry(broker, client_id="fresh") as fresh:
             state = await fresh.wait_until(
-                lambda s: has_node("n1")(s) and s.current_assignment() == plan, TIMEOUT  # type: ignore[operator]
+                lambda s: has_node("n1")(s) and s.current_assignment() == plan, TIMEOUT
             )
             assert state.nodes["n1"].status == node.status
         # load keeps flowing to the old registry, and the node kept its assignment
@@ -267,6 +263,6 @@ async def test_graceful_stop_publishes_offline(broker: Broker) -> None:
     async with registry(broker) as reg:
         node = presence(broker, "polite")
         await node.start()
-        await reg.wait_until(has_node("polite"), TIMEOUT)  # type: ignore[arg-type]
+        await reg.wait_until(has_node("polite"), TIMEOUT)
         await node.stop()
-        await reg.wait_until(has_node("polite", online=False), TIMEOUT)  # type: ignore[arg-type]
+        await reg.wait_until(has_node("polite", online=False), TIMEOUT)

@@ -7,8 +7,6 @@ import pytest
 
 from swarm_proto.presence import (
     Assign,
-    Backoff,
-    BrokerAddress,
     Event,
     EventKind,
     LayerRange,
@@ -22,6 +20,7 @@ from swarm_proto.presence import (
     decode,
     encode,
 )
+from swarm_proto.presence_client import Backoff, BrokerAddress
 
 T = Topics("lab")
 STATUS = NodeStatus("n1", "10.0.0.2:7000", "smollm2", LayerRange(0, 15), "cuda:0", 8 << 30, 420.5, NodeState.READY)
@@ -129,3 +128,12 @@ def test_backoff_grows_and_is_capped() -> None:
     b = Backoff(initial=0.1, maximum=2.0)
     assert 0.05 <= b.delay(0) <= 0.1
     assert 1.0 <= b.delay(10) <= 2.0
+
+
+def test_client_classes_are_reachable_from_presence_too() -> None:
+    import swarm_proto.presence as presence
+    from swarm_proto import presence_client
+
+    assert presence.PresenceClient is presence_client.PresenceClient
+    with pytest.raises(AttributeError):
+        presence.NoSuchThing  # noqa: B018
