@@ -19,7 +19,7 @@ install: $(PY)
 
 # Debian packages the integration tests need (a real MQTT broker, a real browser).
 deps-system:
-	@if ! command -v mosquitto >/dev/null 2>&1; then \
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q mosquitto; \
 		else echo "mosquitto missing: apt-get install mosquitto"; fi; fi
 

@@ -200,22 +200,45 @@ def _score(state: SwarmState, a: Assignment, replicas: int) -> tuple[bool, int, 
     return covered, min(min(counts, default=0), replicas), estimate_throughput(state, a) if covered else 0.0
 
 
+def _range_min(values: Sequence[float]) -> list[list[float]]:
+    """``table[i][j - i - 1]`` is ``min(values[i:j])``."""
+    table = []
+    for i in range(len(values)):
+        row, low = [], values[i]
+        for j in range(i, len(values)):
+            low = min(low, values[j])
+            row.append(low)
+        table.append(row)
+    return table
+
+
 def _place_best(state: SwarmState, a: Assignment, node: NodeView, speed: float, replicas: int) -> Assignment:
-    """Give an idle node the window that most raises (replica level, weakest layer)."""
+    """Give an idle node the window that most raises (replica level, weakest layer),
+    then covers the most of the current weakest layers, then is largest."""
     L = state.num_layers
     cap = min(L, node.capacity(state.bytes_per_layer))
-    counts = a.coverage(L)
+    counts = [float(min(c, replicas)) for c in a.coverage(L)]
     thr = layer_throughput(state, a)
-    best: tuple[tuple[int, float, int, int, int], LayerRange] | None = None
+    count_min, thr_min = _range_min(counts), _range_min(thr)
+    inf = float("inf")
+
+    def outside(table: list[list[float]], start: int, end: int) -> float:
+        left = table[0][start - 1] if start > 0 else inf
+        right = table[end][L - end - 1] if end < L else inf
+        return min(left, right)
+
+    weakest = min(thr)
+    at_weakest = [0]  # prefix counts of layers at the weakest throughput
+    for x in thr:
+        at_weakest.append(at_weakest[-1] + (x <= weakest * (1 + _EPS) + _EPS))
+    best: tuple[tuple[float, float, int, int, int], LayerRange] | None = None
     for size in range(1, cap + 1):
         boost = speed / size
         for start in range(L - size + 1):
             end = start + size
-            rep = min(min(counts[i] + (start <= i < end), replicas) for i in range(L))
-            after = [thr[i] + boost if start <= i < end else thr[i] for i in range(L)]
-            low = min(after)
-            at_low = sum(1 for x in after if x <= low * (1 + _EPS) + _EPS)
-            key = (rep, round(low, 9), -at_low, size, -start)
+            rep = min(outside(count_min, start, end), min(count_min[start][size - 1] + 1, replicas))
+            low = min(outside(thr_min, start, end), thr_min[start][size - 1] + boost)
+            key = (rep, round(low, 9), at_weakest[end] - at_weakest[start], size, -start)
             if best is None or key > best[0]:
                 best = (key, LayerRange(start, end))
     assert best is not None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -76,7 +77,8 @@ class Registry(ReconnectingClient):
     ) -> None:
         super().__init__(
             BrokerAddress.parse(config.broker_url),
-            f"{config.client_id}-{config.swarm_id}",
+            # unique per process: two coordinators must not take over each other's session
+            f"{config.client_id}-{config.swarm_id}-{secrets.token_hex(3)}",
             keepalive=config.keepalive,
             backoff=backoff,
         )

@@ -201,6 +201,8 @@ class ReconnectingClient:
                     await _first_done(self._receive(client), self.while_connected(client))
             except aiomqtt.MqttError as exc:
                 log.info("%s: MQTT connection to %s lost or refused: %s", self.client_id, self.broker.url, exc)
+            except Exception:  # a bug in a hook: log it and reconnect rather than go silent
+                log.exception("%s: MQTT session failed", self.client_id)
             finally:
                 self._connected.clear()
                 self._client = None

@@ -266,3 +266,7 @@ async def test_graceful_stop_publishes_offline(broker: Broker) -> None:
         await reg.wait_until(has_node("polite"), TIMEOUT)
         await node.stop()
         await reg.wait_until(has_node("polite", online=False), TIMEOUT)
+        # joined and left while the registry watched: both are events
+        await eventually(lambda: [(e.kind, e.node_id) for e in reg.events] == [
+            (EventKind.JOIN, "polite"), (EventKind.LEAVE, "polite")
+        ])
