@@ -10,8 +10,8 @@ chains (fewer when memory is short), each able to hold the whole model; within a
 the layers are shared in proportion to speed, capped by each node's memory budget
 (water-filling), and laid end to end. Nodes not needed by the chains become partial
 replicas where they raise the weakest layers most. Splitting in proportion to speed
-balances each chain's stages; every layer then passes ``sum(speed) / L`` tokens/s, the
-most the swarm's compute allows.
+balances each chain's stages; where memory does not bind, every layer then passes
+``sum(speed) / L`` tokens/s, the most the swarm's compute allows.
 
 :func:`plan` is what the coordinator calls: it keeps the current assignment where it still
 works, repairs holes left by nodes that went away by extending survivors or using idle

@@ -270,3 +270,32 @@ async def test_graceful_stop_publishes_offline(broker: Broker) -> None:
         await eventually(lambda: [(e.kind, e.node_id) for e in reg.events] == [
             (EventKind.JOIN, "polite"), (EventKind.LEAVE, "polite")
         ])
+
+
+async def test_silent_node_without_a_will_times_out(broker: Broker) -> None:
+    # A retained "ready" status whose publisher went away cleanly (so no Will fired) and
+    # sends no load: the registry's heartbeat timeout takes it offline.
+    topics = Topics(SWARM)
+    address = BrokerAddress.parse(broker.url)
+    async with aiomqtt.Client(address.host, address.port, identifier="ghost") as raw:
+        await raw.publish(topics.status("ghost"), encode(node_status("ghost")), qos=1, retain=True)
+    async with registry(broker, node_timeout_s=0.5) as reg:
+        await reg.wait_until(has_node("ghost"), TIMEOUT)
+        await reg.wait_until(has_node("ghost", online=False), TIMEOUT)
+        await eventually(lambda: any(e.kind is EventKind.LEAVE and e.node_id == "ghost" for e in reg.events))
+
+
+async def test_a_failing_assignment_handler_does_not_stop_presence(broker: Broker) -> None:
+    calls: list[Assign] = []
+
+    def explode(assign: Assign) -> None:
+        calls.append(assign)
+        raise RuntimeError("handler bug")
+
+    async with presence(broker, "n1", on_assign=explode) as node, registry(broker) as reg:
+        await reg.wait_until(has_node("n1"), TIMEOUT)
+        await reg.publish_assignment(Assignment({"n1": LayerRange(0, 10)}))
+        await eventually(lambda: len(calls) == 1)
+        await reg.publish_assignment(Assignment({"n1": LayerRange(0, 30)}))
+        await eventually(lambda: len(calls) == 2)
+        assert node.connected and node.connections == 1
