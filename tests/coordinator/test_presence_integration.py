@@ -299,3 +299,18 @@ async def test_a_failing_assignment_handler_does_not_stop_presence(broker: Broke
         await reg.publish_assignment(Assignment({"n1": LayerRange(0, 30)}))
         await eventually(lambda: len(calls) == 2)
         assert node.connected and node.connections == 1
+
+
+async def test_forget_clears_retained_status_and_assignment(broker: Broker) -> None:
+    async with presence(broker, "retired") as node, registry(broker) as reg:
+        await reg.wait_until(has_node("retired"), TIMEOUT)
+        await reg.publish_assignment(Assignment({"retired": LayerRange(0, 30)}))
+        await eventually(lambda: node.assignment is not None)
+    async with registry(broker) as reg:
+        await reg.wait_until(has_node("retired", online=False), TIMEOUT)
+        await reg.forget("retired")
+        assert "retired" not in reg.state.nodes
+    async with registry(broker, client_id="after") as after:
+        await asyncio.sleep(0.3)  # retained messages arrive right after subscribing
+        assert "retired" not in after.state.nodes
+        assert after.state.current_assignment() == Assignment()

@@ -145,3 +145,14 @@ async def test_wait_until_wakes_on_change_and_times_out() -> None:
     await task
     with pytest.raises(asyncio.TimeoutError):
         await reg.wait_until(lambda s: "zzz" in s.nodes, timeout=0.05)
+
+
+async def test_changes_yields_the_state_after_each_change() -> None:
+    reg, _ = make()
+    stream = reg.changes()
+    pending = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)
+    reg.handle(T.status("a"), status("a"))
+    state = await asyncio.wait_for(pending, 2)
+    assert "a" in state.nodes
+    await stream.aclose()
