@@ -110,6 +110,8 @@ class RouteSession:
         self._pending: dict[int, asyncio.Future[StepOutput]] = {}
         self._failure: RouteError | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._head_done = asyncio.Event()
+        self._results_done = asyncio.Event()
 
     async def open(self) -> None:
         head, tail = self.hops[0], self.hops[-1]
@@ -228,37 +230,39 @@ class RouteSession:
             raise RouteError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no result within {self.timeout:g} s") from None
 
     async def _watch_head(self) -> None:
+        """The head's stream is authoritative about failures: its Error names the hop
+        where the route broke (relayed hop by hop)."""
         assert self._head is not None
-        address = self.hops[0].address
+        error: RouteError | None = None
         try:
             while True:
                 reply = await self._head.read()
                 if reply is grpc.aio.EOF:
-                    return
+                    break
                 if reply.WhichOneof("kind") == "error":
-                    await self._failed(RouteError.from_proto(reply.error))
-                    return
+                    error = RouteError.from_proto(reply.error)
+                    break
         except grpc.aio.AioRpcError as exc:
-            await self._failed(RouteError.from_rpc(exc, address))
-
-    async def _failed(self, error: RouteError) -> None:
-        """The route ended. Steps sent before the failure may still produce results
-        (a draining node finishes them), so wait for the tail's stream to end before
-        failing what is still pending -- within a grace period."""
-        if self._failure is None:
+            error = RouteError.from_rpc(exc, self.hops[0].address)
+        if error is not None and self._failure is None:
             self._failure = error
-        if self._pending:
-            await asyncio.sleep(self.grace)
-        self._fail_pending(error)
+        self._head_done.set()
+        if error is not None:
+            # Steps sent before the failure may still produce results (a draining
+            # node finishes them): give the tail's stream a moment to deliver them.
+            if self._pending:
+                await _wait_event(self._results_done, self.grace)
+            self._fail_pending(error)
 
     async def _read_results(self) -> None:
         assert self._results is not None
         address = self.hops[-1].address
+        error: RouteError | None = None
         try:
             async for result in self._results:
                 if result.HasField("error"):
-                    self._fail_pending(RouteError.from_proto(result.error))
-                    return
+                    error = RouteError.from_proto(result.error)
+                    break
                 future = self._pending.pop(result.step_id, None)
                 if future is None or future.done():
                     continue
@@ -275,9 +279,15 @@ class RouteSession:
                     )
                 )
         except grpc.aio.AioRpcError as exc:
-            self._fail_pending(RouteError.from_rpc(exc, address))
-            return
-        self._fail_pending(self._failure or RouteError(grpc.StatusCode.UNAVAILABLE, "the tail ended the results stream", address=address))
+            error = RouteError.from_rpc(exc, address)
+        self._results_done.set()
+        if self._pending:
+            # The tail only knows that its upstream went away; the head's verdict
+            # names the hop that actually failed, so prefer it when it comes soon.
+            await _wait_event(self._head_done, self.grace)
+        self._fail_pending(
+            self._failure or error or RouteError(grpc.StatusCode.UNAVAILABLE, "the tail ended the results stream", address=address)
+        )
 
     def _fail_pending(self, error: RouteError) -> None:
         if self._failure is None:
@@ -293,3 +303,10 @@ class RouteSession:
             channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
             self._channels[address] = channel
         return channel
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass

@@ -105,7 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(ns)
     except ValueError as exc:
         raise SystemExit(f"swarm-node: {exc}") from exc
-    asyncio.run(_run(config))
+    from swarm_node.errors import SwarmNodeError
+
+    try:
+        asyncio.run(_run(config))
+    except (SwarmNodeError, OSError) as exc:
+        raise SystemExit(f"swarm-node: {exc}") from exc
     return 0
 
 
