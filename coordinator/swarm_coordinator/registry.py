@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import aiomqtt
@@ -125,7 +125,7 @@ class Registry(ReconnectingClient):
 
         return await asyncio.wait_for(first(), timeout)
 
-    async def changes(self) -> AsyncIterator[SwarmState]:
+    async def changes(self) -> AsyncGenerator[SwarmState, None]:
         """Yield the state after every change (changes in quick succession coalesce)."""
         while True:
             changed = self._changed
