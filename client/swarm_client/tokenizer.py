@@ -18,7 +18,7 @@ import shutil
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from swarm_client.errors import ModelUnavailableError, TokenizerError
 
@@ -46,11 +46,13 @@ class Tokenizer:
 
     @property
     def bos_token_id(self) -> int | None:
-        return self.hf.bos_token_id
+        bos = self.hf.bos_token_id
+        return None if bos is None else int(bos)
 
     @property
     def eos_token_id(self) -> int | None:
-        return self.hf.eos_token_id
+        eos = self.hf.eos_token_id
+        return None if eos is None else int(eos)
 
     @property
     def vocab_size(self) -> int:
@@ -85,7 +87,7 @@ class Tokenizer:
             tokenize=True,
             return_dict=False,
         )
-        return [int(i) for i in ids]
+        return [int(i) for i in cast("list[int]", ids)]
 
     def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, prompt_ids)

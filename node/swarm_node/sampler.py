@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, overload
+from typing import NamedTuple, cast, overload
 
 import torch
 
@@ -233,8 +233,8 @@ def sample(
     if logits.dim() == 1:
         if not isinstance(params, SamplingParams) or not isinstance(position, int):
             raise TypeError("1-D logits take one SamplingParams and an int position")
-        hist = None if history is None else [history]
-        out = _sample_rows(logits.unsqueeze(0), [params], [position], hist)  # type: ignore[list-item]
+        hist = None if history is None else [cast("Sequence[int] | torch.Tensor", history)]
+        out = _sample_rows(logits.unsqueeze(0), [params], [position], hist)
         return Sample(token=int(out.tokens[0]), logprob=float(out.logprobs[0]))
     if logits.dim() != 2:
         raise ValueError(f"logits must be [V] or [N, V], got shape {tuple(logits.shape)}")
@@ -244,5 +244,5 @@ def sample(
     positions = list(position)
     if len(positions) != n:
         raise ValueError(f"got {len(positions)} positions for {n} rows")
-    histories = None if history is None else list(history)  # type: ignore[arg-type]
-    return _sample_rows(logits, _as_rows(params, n), positions, histories)  # type: ignore[arg-type]
+    histories = None if history is None else list(cast("Sequence[Sequence[int] | torch.Tensor]", history))
+    return _sample_rows(logits, _as_rows(params, n), positions, histories)
