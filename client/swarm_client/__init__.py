@@ -15,10 +15,19 @@ from swarm_client.errors import (
     TokenizerError,
 )
 from swarm_client.params import SamplingOptions
-from swarm_client.types import FinishReason, GenerationResult, SampledToken, StreamEvent, Timing, TokenSource
+from swarm_client.types import (
+    AsyncTokenSource,
+    FinishReason,
+    GenerationResult,
+    SampledToken,
+    StreamEvent,
+    Timing,
+    TokenSource,
+)
 
 __all__ = [
     "AsyncSwarmClient",
+    "AsyncTokenSource",
     "FinishReason",
     "GenerationError",
     "GenerationResult",

@@ -1,8 +1,9 @@
 """The client's public faces: ``SwarmClient`` (sync) and ``AsyncSwarmClient``.
 
-Both drive a ``TokenSource`` backend through ``run_stream``, which owns what every
-backend shares: seeding, detokenizing, EOS / stop tokens / stop strings /
-max tokens, timing and the final ``GenerationResult``.
+Both drive a backend (``TokenSource``, or ``AsyncTokenSource`` for ``arun_stream``)
+through a ``StreamAssembler``, which owns what every backend shares: seeding,
+detokenizing, EOS / stop tokens / stop strings / max tokens, timing and the final
+``GenerationResult``.
 
     with SwarmClient.local() as client:
         print(client.generate("The capital of France is", max_tokens=8).text)
@@ -13,6 +14,7 @@ max tokens, timing and the final ``GenerationResult``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import threading
 import time
@@ -22,9 +24,17 @@ from typing import Any
 from swarm_client.errors import InvalidRequestError
 from swarm_client.params import SamplingOptions
 from swarm_client.tokenizer import Tokenizer, load_tokenizer
-from swarm_client.types import FinishReason, GenerationResult, StreamEvent, Timing, TokenSource
+from swarm_client.types import (
+    AsyncTokenSource,
+    FinishReason,
+    GenerationResult,
+    SampledToken,
+    StreamEvent,
+    Timing,
+    TokenSource,
+)
 
-__all__ = ["SwarmClient", "AsyncSwarmClient", "run_stream", "Prompt", "Messages"]
+__all__ = ["SwarmClient", "AsyncSwarmClient", "StreamAssembler", "run_stream", "arun_stream", "Prompt", "Messages"]
 
 Prompt = str | Sequence[int]
 Messages = Sequence[Mapping[str, Any]]
@@ -51,6 +61,138 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
+class StreamAssembler:
+    """The backend-neutral half of one generation, fed one sampled token at a time.
+
+    It fixes the seed and the per-step ``SamplingParams``, detokenizes, applies
+    EOS / stop tokens / stop strings / max tokens, holds back text that could be
+    the start of a stop string, and times the run. A driver loop (``run_stream``,
+    ``arun_stream``, or a remote client's own) asks the backend for
+    ``max_new_tokens`` tokens with ``params``, hands each to ``push()`` until it
+    returns None, closes the backend's stream, and ends with ``finish()``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int],
+        options: SamplingOptions,
+        *,
+        max_context: int,
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
+        self.prompt = tuple(int(t) for t in prompt_ids)
+        if not self.prompt:
+            raise InvalidRequestError("the prompt is empty")
+        room = max_context - len(self.prompt)
+        if room < 1:
+            raise InvalidRequestError(f"the prompt has {len(self.prompt)} tokens; the model's context holds {max_context}")
+        self.options = options.with_seed()
+        self.params = self.options.to_sampling_params()
+        self.max_new_tokens = min(self.options.max_tokens, room)
+        self.stop_token_ids = frozenset(self.options.stop_token_ids) | (
+            frozenset() if self.options.ignore_eos else frozenset(eos_token_ids)
+        )
+        self._detok = tokenizer.detokenizer(self.prompt)
+        self._text = ""  # decoded so far (cut at a stop string once one matches)
+        self._emitted = 0  # how much of the text the events have carried
+        self._ids: list[int] = []
+        self._logprobs: list[float] = []
+        self._pending = 0  # tokens not yet reported in an event
+        self._finish: FinishReason | None = None
+        self._stop_reason: str | int | None = None
+        self._t0 = self._t_first = self._t_last = time.perf_counter()
+
+    @property
+    def seed(self) -> int:
+        assert self.options.seed is not None
+        return self.options.seed
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """Every token pushed so far (the history to replay after a failure is
+        ``prompt + token_ids``)."""
+        return tuple(self._ids)
+
+    @property
+    def done(self) -> bool:
+        return self._finish is not None
+
+    def push(self, token: SampledToken) -> StreamEvent | None:
+        """Take the next sampled token. Returns the event to emit, or None once the
+        generation is over (this token included): stop pulling and call ``finish()``."""
+        if self._finish is not None:
+            raise RuntimeError("push() after the generation finished")
+        self._t_last = time.perf_counter()
+        if not self._ids:
+            self._t_first = self._t_last
+        self._ids.append(int(token.token_id))
+        self._logprobs.append(float(token.logprob))
+        self._pending += 1
+        if token.token_id in self.stop_token_ids:
+            self._end("stop", int(token.token_id))
+            return None
+        self._text += self._detok.push(token.token_id)
+        safe = len(self._text)
+        stops = self.options.stop
+        if stops:
+            hit = _find_stop(self._text, stops, self._emitted)
+            if hit is not None:
+                self._text = self._text[: hit[0]]
+                self._finish, self._stop_reason = "stop", hit[1]
+                return None
+            safe -= _held_back(self._text, stops)
+        if len(self._ids) >= self.max_new_tokens:
+            self._end("length", None)
+            return None
+        event = self._event(self._text[self._emitted : safe])
+        self._emitted = safe
+        return event
+
+    def finish(self) -> StreamEvent:
+        """The last event, with the ``GenerationResult``. A backend that ran out of
+        tokens before any stop condition counts as "length"."""
+        if self._finish is None:
+            self._end("length", None)
+        assert self._finish is not None
+        timing = Timing(
+            prompt_tokens=len(self.prompt),
+            completion_tokens=len(self._ids),
+            time_to_first_token_s=self._t_first - self._t0,
+            total_s=self._t_last - self._t0,
+        )
+        result = GenerationResult(
+            text=self._text,
+            token_ids=tuple(self._ids),
+            finish_reason=self._finish,
+            prompt_token_ids=self.prompt,
+            seed=self.seed,
+            timing=timing,
+            logprobs=tuple(self._logprobs) if self.options.logprobs else None,
+            stop_reason=self._stop_reason,
+        )
+        event = self._event(self._text[self._emitted :])
+        self._emitted = len(self._text)
+        return StreamEvent(event.text, event.token_ids, event.logprobs, finish_reason=self._finish, result=result)
+
+    def _end(self, reason: FinishReason, stop_token: int | None) -> None:
+        # Text held back for a possible stop string or an incomplete character is
+        # final now; a stop string may still complete inside it.
+        self._text += self._detok.flush()
+        self._finish, self._stop_reason = reason, stop_token
+        stops = self.options.stop
+        if stops and (hit := _find_stop(self._text, stops, self._emitted)) is not None:
+            self._text = self._text[: hit[0]]
+            self._finish, self._stop_reason = "stop", hit[1]
+
+    def _event(self, text: str) -> StreamEvent:
+        n = self._pending
+        self._pending = 0
+        ids = tuple(self._ids[len(self._ids) - n :])
+        lps = tuple(self._logprobs[len(self._ids) - n :]) if self.options.logprobs else None
+        return StreamEvent(text=text, token_ids=ids, logprobs=lps)
+
+
 def run_stream(
     source: TokenSource,
     tokenizer: Tokenizer,
@@ -59,112 +201,69 @@ def run_stream(
 ) -> Iterator[StreamEvent]:
     """Generate from ``prompt_ids`` with ``source``; yield one event per token and a
     final event that carries the ``GenerationResult``."""
-    prompt = tuple(int(t) for t in prompt_ids)
-    if not prompt:
-        raise InvalidRequestError("the prompt is empty")
-    room = source.max_context - len(prompt)
-    if room < 1:
-        raise InvalidRequestError(
-            f"the prompt has {len(prompt)} tokens; the model's context holds {source.max_context}"
-        )
-    opts = options.with_seed()
-    assert opts.seed is not None
-    params = opts.to_sampling_params()
-    max_new = min(opts.max_tokens, room)
-    stop_ids = set(opts.stop_token_ids)
-    if not opts.ignore_eos:
-        stop_ids.update(source.eos_token_ids)
-    stops = opts.stop
-
-    detok = tokenizer.detokenizer(prompt)
-    text = ""  # decoded so far (cut at a stop string once one matches)
-    emitted = 0  # how much of `text` the events have carried
-    ids: list[int] = []
-    logprobs: list[float] = []
-    pending = 0  # tokens not yet reported in an event
-    finish: FinishReason = "length"
-    stop_reason: str | int | None = None
-
-    t0 = time.perf_counter()
-    t_first = t_last = t0
-    tokens = source.tokens(prompt, params, max_new)
+    asm = StreamAssembler(
+        tokenizer, prompt_ids, options, max_context=source.max_context, eos_token_ids=source.eos_token_ids
+    )
+    tokens = source.tokens(asm.prompt, asm.params, asm.max_new_tokens)
     try:
         for tok in tokens:
-            t_last = time.perf_counter()
-            if not ids:
-                t_first = t_last
-            ids.append(tok.token_id)
-            logprobs.append(tok.logprob)
-            pending += 1
-            if tok.token_id in stop_ids:
-                finish, stop_reason = "stop", tok.token_id
-                text += detok.flush()
+            event = asm.push(tok)
+            if event is None:
                 break
-            text += detok.push(tok.token_id)
-            safe = len(text)
-            if stops:
-                hit = _find_stop(text, stops, emitted)
-                if hit is not None:
-                    text = text[: hit[0]]
-                    finish, stop_reason = "stop", hit[1]
-                    break
-                safe -= _held_back(text, stops)
-            if len(ids) == max_new:
-                break  # the final event reports this token
-            yield StreamEvent(
-                text=text[emitted:safe],
-                token_ids=tuple(ids[-pending:]),
-                logprobs=tuple(logprobs[-pending:]) if opts.logprobs else None,
-            )
-            emitted, pending = safe, 0
-        if finish == "length":
-            text += detok.flush()
-            if stops and (hit := _find_stop(text, stops, emitted)) is not None:
-                text = text[: hit[0]]
-                finish, stop_reason = "stop", hit[1]
+            yield event
     finally:
         close = getattr(tokens, "close", None)
         if close is not None:
             close()
+    yield asm.finish()
 
-    timing = Timing(
-        prompt_tokens=len(prompt),
-        completion_tokens=len(ids),
-        time_to_first_token_s=t_first - t0,
-        total_s=t_last - t0,
+
+async def arun_stream(
+    source: AsyncTokenSource,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    options: SamplingOptions,
+) -> AsyncIterator[StreamEvent]:
+    """``run_stream`` for a backend whose ``tokens()`` is an async iterator."""
+    asm = StreamAssembler(
+        tokenizer, prompt_ids, options, max_context=source.max_context, eos_token_ids=source.eos_token_ids
     )
-    result = GenerationResult(
-        text=text,
-        token_ids=tuple(ids),
-        finish_reason=finish,
-        prompt_token_ids=prompt,
-        seed=opts.seed,
-        timing=timing,
-        logprobs=tuple(logprobs) if opts.logprobs else None,
-        stop_reason=stop_reason,
-    )
-    yield StreamEvent(
-        text=text[emitted:],
-        token_ids=tuple(ids[len(ids) - pending :]),
-        logprobs=tuple(logprobs[len(ids) - pending :]) if opts.logprobs else None,
-        finish_reason=finish,
-        result=result,
-    )
+    tokens = source.tokens(asm.prompt, asm.params, asm.max_new_tokens)
+    try:
+        async for tok in tokens:
+            event = asm.push(tok)
+            if event is None:
+                break
+            yield event
+    finally:
+        aclose = getattr(tokens, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    yield asm.finish()
 
 
-class SwarmClient:
-    """Generate text with a backend (today: the in-process ``LocalBackend``)."""
-
-    def __init__(
-        self,
-        backend: TokenSource,
-        tokenizer: Tokenizer,
-        *,
-        defaults: SamplingOptions | None = None,
-    ) -> None:
-        self.backend = backend
+class _Base:
+    def __init__(self, tokenizer: Tokenizer, defaults: SamplingOptions | None) -> None:
         self.tokenizer = tokenizer
         self.defaults = defaults or SamplingOptions()
+
+    def options(self, options: SamplingOptions | None = None, **overrides: Any) -> SamplingOptions:
+        """``options`` (or the client's defaults) with keyword overrides applied."""
+        return (options or self.defaults).merged(**overrides)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+
+    def encode_chat(self, messages: Messages) -> list[int]:
+        return self.tokenizer.apply_chat(messages)
+
+
+class SwarmClient(_Base):
+    """Generate text with a backend (today: the in-process ``LocalBackend``)."""
+
+    def __init__(self, backend: TokenSource, tokenizer: Tokenizer, *, defaults: SamplingOptions | None = None) -> None:
+        super().__init__(tokenizer, defaults)
+        self.backend = backend
 
     @classmethod
     def local(
@@ -181,14 +280,6 @@ class SwarmClient:
         backend = LocalBackend.load(model, dtype=dtype, device=device)
         return cls(backend, load_tokenizer(backend.source), defaults=defaults)
 
-    # -- requests -----------------------------------------------------------------------
-
-    def options(self, options: SamplingOptions | None = None, **overrides: Any) -> SamplingOptions:
-        return (options or self.defaults).merged(**overrides)
-
-    def encode(self, prompt: Prompt) -> list[int]:
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-
     def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> Iterator[StreamEvent]:
         """Stream a completion of ``prompt`` (text or token ids)."""
         return run_stream(self.backend, self.tokenizer, self.encode(prompt), self.options(options, **overrides))
@@ -200,13 +291,10 @@ class SwarmClient:
         self, messages: Messages, options: SamplingOptions | None = None, **overrides: Any
     ) -> Iterator[StreamEvent]:
         """Stream the assistant's reply to ``messages`` (rendered with the model's chat template)."""
-        ids = self.tokenizer.apply_chat(messages)
-        return run_stream(self.backend, self.tokenizer, ids, self.options(options, **overrides))
+        return run_stream(self.backend, self.tokenizer, self.encode_chat(messages), self.options(options, **overrides))
 
     def chat(self, messages: Messages, options: SamplingOptions | None = None, **overrides: Any) -> GenerationResult:
         return _last(self.stream_chat(messages, options, **overrides))
-
-    # -- lifetime -----------------------------------------------------------------------
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)
@@ -227,41 +315,74 @@ def _last(events: Iterator[StreamEvent]) -> GenerationResult:
     raise AssertionError("a generation stream ended without a result")
 
 
-_END = object()
+class AsyncSwarmClient(_Base):
+    """The asyncio face: an ``AsyncTokenSource`` runs on the event loop; a blocking
+    ``TokenSource`` (such as ``LocalBackend``) runs in worker threads."""
 
+    def __init__(
+        self,
+        backend: TokenSource | AsyncTokenSource,
+        tokenizer: Tokenizer,
+        *,
+        defaults: SamplingOptions | None = None,
+    ) -> None:
+        super().__init__(tokenizer, defaults)
+        self.backend = backend
+        # An async backend's tokens() is an async generator function (or the
+        # backend says so with `is_async = True`).
+        self._async = inspect.isasyncgenfunction(backend.tokens) or bool(getattr(backend, "is_async", False))
 
-class AsyncSwarmClient:
-    """The asyncio face of ``SwarmClient``: the blocking work runs in worker threads."""
-
-    def __init__(self, client: SwarmClient) -> None:
-        self.sync = client
+    @classmethod
+    def from_client(cls, client: SwarmClient) -> AsyncSwarmClient:
+        return cls(client.backend, client.tokenizer, defaults=client.defaults)
 
     @classmethod
     async def local(cls, model: str | os.PathLike[str] | None = None, **kwargs: Any) -> AsyncSwarmClient:
-        return cls(await asyncio.to_thread(SwarmClient.local, model, **kwargs))
+        return cls.from_client(await asyncio.to_thread(SwarmClient.local, model, **kwargs))
 
-    async def generate(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> GenerationResult:
-        return await asyncio.to_thread(self.sync.generate, prompt, options, **overrides)
-
-    async def chat(self, messages: Messages, options: SamplingOptions | None = None, **overrides: Any) -> GenerationResult:
-        return await asyncio.to_thread(self.sync.chat, messages, options, **overrides)
+    def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncIterator[StreamEvent]:
+        if self._async:
+            return arun_stream(self.backend, self.tokenizer, ids, opts)  # type: ignore[arg-type]
+        return _in_thread(lambda: run_stream(self.backend, self.tokenizer, ids, opts))  # type: ignore[arg-type]
 
     def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> AsyncIterator[StreamEvent]:
-        return _in_thread(lambda: self.sync.stream(prompt, options, **overrides))
+        return self._stream_ids(self.encode(prompt), self.options(options, **overrides))
 
     def stream_chat(
         self, messages: Messages, options: SamplingOptions | None = None, **overrides: Any
     ) -> AsyncIterator[StreamEvent]:
-        return _in_thread(lambda: self.sync.stream_chat(messages, options, **overrides))
+        return self._stream_ids(self.encode_chat(messages), self.options(options, **overrides))
+
+    async def generate(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> GenerationResult:
+        return await _alast(self.stream(prompt, options, **overrides))
+
+    async def chat(self, messages: Messages, options: SamplingOptions | None = None, **overrides: Any) -> GenerationResult:
+        return await _alast(self.stream_chat(messages, options, **overrides))
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.sync.close)
+        aclose = getattr(self.backend, "aclose", None)
+        if aclose is not None:
+            await aclose()
+            return
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
 
     async def __aenter__(self) -> AsyncSwarmClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _alast(events: AsyncIterator[StreamEvent]) -> GenerationResult:
+    async for event in events:
+        if event.result is not None:
+            return event.result
+    raise AssertionError("a generation stream ended without a result")
+
+
+_END = object()
 
 
 async def _in_thread(make: Any) -> AsyncIterator[StreamEvent]:

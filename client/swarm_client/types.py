@@ -4,12 +4,13 @@ A backend (in-process ``LocalBackend``, or the swarm) only has to be a
 ``TokenSource``: given prompt ids and per-step sampling parameters it yields
 ``SampledToken``s until it is closed. Everything above that -- detokenizing,
 stop strings, EOS, max tokens, timing, the final ``GenerationResult`` -- is shared
-(``swarm_client.api.run_stream``), so both backends return the same thing.
+(``swarm_client.api.StreamAssembler``), so both backends return the same thing.
+``AsyncTokenSource`` is the same contract with an async iterator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -23,6 +24,7 @@ __all__ = [
     "GenerationResult",
     "StreamEvent",
     "TokenSource",
+    "AsyncTokenSource",
 ]
 
 # "stop": an EOS/stop token or a stop string ended the text; "length": max_tokens
@@ -128,3 +130,19 @@ class TokenSource(Protocol):
     def tokens(
         self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
     ) -> Iterator[SampledToken]: ...
+
+
+@runtime_checkable
+class AsyncTokenSource(Protocol):
+    """``TokenSource`` for asyncio backends: ``tokens()`` is an async iterator,
+    and ``aclose()`` on it must free the session."""
+
+    @property
+    def max_context(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]: ...
+
+    def tokens(
+        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
+    ) -> AsyncIterator[SampledToken]: ...

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -17,9 +17,9 @@ from swarm_client import (
     SwarmClient,
     TokenSource,
 )
-from swarm_client.api import _held_back, run_stream
+from swarm_client.api import StreamAssembler, _held_back, arun_stream, run_stream
 from swarm_client.tokenizer import Tokenizer
-from swarm_client.types import SampledToken, StreamEvent
+from swarm_client.types import AsyncTokenSource, SampledToken, StreamEvent
 from swarm_node.sampler import SamplingParams
 
 BOS, EOS, OFFSET = 1, 2, 3
@@ -262,7 +262,7 @@ def test_client_options_override_defaults() -> None:
 
 async def test_async_client() -> None:
     c, src = client(text_ids("Paris is big.") + [EOS])
-    ac = AsyncSwarmClient(c)
+    ac = AsyncSwarmClient.from_client(c)
     async with ac:
         r = await ac.generate("x")
         assert r.text == "Paris is big."
@@ -274,7 +274,7 @@ async def test_async_client() -> None:
 
 async def test_async_stream_early_exit_closes_the_source() -> None:
     src = ScriptedSource(text_ids("abcdefghijklmnop"), delay=0.02)
-    ac = AsyncSwarmClient(SwarmClient(src, tok()))
+    ac = AsyncSwarmClient(src, tok())
     stream = ac.stream("x")
     async for e in stream:
         if e.text == "b":
@@ -286,6 +286,46 @@ async def test_async_stream_early_exit_closes_the_source() -> None:
 async def test_async_stream_raises_errors() -> None:
     c, _ = client(text_ids("abc"))
     with pytest.raises(InvalidRequestError):
-        async for _ in AsyncSwarmClient(c).stream([]):
+        async for _ in AsyncSwarmClient.from_client(c).stream([]):
             pass
     await asyncio.sleep(0)
+
+
+class AsyncScriptedSource(ScriptedSource):
+    async def tokens(  # type: ignore[override]
+        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
+    ) -> AsyncIterator[SampledToken]:
+        self.calls.append((tuple(prompt_ids), params, max_new_tokens))
+        try:
+            for t in self.script[:max_new_tokens]:
+                self.yielded += 1
+                await asyncio.sleep(self.delay)
+                yield SampledToken(t, -0.5)
+        finally:
+            self.closed += 1
+
+
+async def test_async_backend_runs_on_the_loop() -> None:
+    src = AsyncScriptedSource(text_ids("Paris is big.") + [EOS])
+    assert isinstance(src, AsyncTokenSource)
+    ac = AsyncSwarmClient(src, tok(), defaults=SamplingOptions(seed=5))
+    assert ac._async
+    r = await ac.generate("x")
+    assert r.text == "Paris is big." and r.seed == 5 and src.closed == 1
+    events = [e async for e in ac.stream("x", stop=[" is"])]
+    assert "".join(e.text for e in events) == "Paris" and events[-1].finish_reason == "stop"
+    assert src.closed == 2 and src.yielded == 14 + 8
+    events = [e async for e in arun_stream(src, tok(), [5], SamplingOptions(max_tokens=3))]
+    assert events[-1].result is not None and events[-1].result.text == "Par"
+
+
+def test_assembler_directly() -> None:
+    asm = StreamAssembler(tok(), [5, 6], SamplingOptions(stop=["c"], seed=1), max_context=100, eos_token_ids=[EOS])
+    assert asm.max_new_tokens == 98 and asm.params.seed == 1 and asm.stop_token_ids == {EOS}
+    assert asm.push(SampledToken(ord("a") + OFFSET, 0.0)) is not None
+    assert asm.push(SampledToken(ord("c") + OFFSET, 0.0)) is None
+    assert asm.done and asm.token_ids == (ord("a") + OFFSET, ord("c") + OFFSET)
+    with pytest.raises(RuntimeError):
+        asm.push(SampledToken(5, 0.0))
+    last = asm.finish()
+    assert last.result is not None and last.result.text == "a" and last.result.stop_reason == "c"
