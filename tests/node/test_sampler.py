@@ -198,3 +198,24 @@ def test_shape_errors() -> None:
         sample(torch.zeros(2, 4), [SamplingParams()], position=[0, 1])
     with pytest.raises(TypeError):
         sample(torch.zeros(4), SamplingParams(), position=[0])  # type: ignore[call-overload]
+
+
+def test_half_precision_logits() -> None:
+    logits = _logits(4, 300, seed=12)
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=2)
+    a = sample(logits.half(), params, position=[0, 1, 2, 3])
+    assert a.tokens.dtype == torch.int64 and a.logprobs.dtype == torch.float32
+    assert torch.equal(sample(logits.half(), params, position=[0, 1, 2, 3]).tokens, a.tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_match_cpu() -> None:
+    """A tail on a GPU picks the same tokens as one on a CPU."""
+    logits = _logits(32, 4096, seed=13)
+    params = [SamplingParams(temperature=0.5 + i % 4 / 4, top_k=i % 3 * 50, top_p=0.9, seed=i) for i in range(32)]
+    histories = [[i, i + 1, 7] for i in range(32)]
+    cpu = sample(logits, params, position=list(range(32)), history=histories)
+    gpu = sample(logits.cuda(), params, position=list(range(32)), history=histories)
+    assert gpu.tokens.device.type == "cuda"
+    assert torch.equal(cpu.tokens, gpu.tokens.cpu())
+    assert torch.allclose(cpu.logprobs, gpu.logprobs.cpu(), atol=1e-5)
