@@ -30,10 +30,20 @@ PROMPT = [1, 45, 9, 210, 77, 3, 18, 140, 66, 5, 301, 12, 98, 7]
 @dataclass
 class NodeProcess:
     proc: subprocess.Popen[str]
-    address: str
     log: Path
     start: int
     end: int
+    _address: list[str]
+    _reader: threading.Thread
+
+    @property
+    def address(self) -> str:
+        """Wait (once) for the "listening on" line; the processes start in parallel."""
+        self._reader.join(90)
+        if not self._address:
+            self.proc.kill()
+            raise AssertionError(f"swarm-node did not start:\n{self.log.read_text()}")
+        return self._address[0]
 
     @property
     def hop(self) -> Hop:
@@ -66,9 +76,11 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
             text=True,
             env={**os.environ, **(env or {})},
         )
-        address = _wait_listening(proc, log)
+        found: list[str] = []
+        reader = threading.Thread(target=_read_address, args=(proc, found), daemon=True)
+        reader.start()
         a, b = (layers or (env or {}).get("SWARM_LAYERS", "0:6")).split(":")
-        node = NodeProcess(proc, address, log, int(a), int(b))
+        node = NodeProcess(proc, log, int(a), int(b), found, reader)
         procs.append(node)
         return node
 
@@ -84,23 +96,12 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
             node.proc.wait()
 
 
-def _wait_listening(proc: subprocess.Popen[str], log: Path, timeout: float = 90.0) -> str:
-    found: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "listening on" in line:
-                found.append(line.split("listening on", 1)[1].strip())
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not found:
-        proc.kill()
-        raise AssertionError(f"swarm-node did not start:\n{log.read_text()}")
-    return found[0]
+def _read_address(proc: subprocess.Popen[str], found: list[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "listening on" in line:
+            found.append(line.split("listening on", 1)[1].strip())
+            return
 
 
 async def _info(address: str) -> swarm_pb2.NodeInfo:
