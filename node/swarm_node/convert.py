@@ -149,7 +149,8 @@ def sampling_to_proto(gen: Generation) -> swarm_pb2.SamplingParams:
 
 
 def open_from_proto(msg: swarm_pb2.OpenSession, *, start: int, end: int, num_layers: int, max_length: int) -> OpenSpec:
-    """Validate an OpenSession for a node hosting [start, end) of ``num_layers``."""
+    """Validate an OpenSession for a node hosting [start, end) of ``num_layers``; the
+    session may ask for any part of that range (the spec carries what it asked for)."""
     sid = msg.session_id
     if not sid or len(sid) > MAX_SESSION_ID or not sid.isprintable():
         raise invalid(f"session_id must be 1..{MAX_SESSION_ID} printable characters")
@@ -158,13 +159,15 @@ def open_from_proto(msg: swarm_pb2.OpenSession, *, start: int, end: int, num_lay
             grpc.StatusCode.OUT_OF_RANGE if msg.max_length > max_length else grpc.StatusCode.INVALID_ARGUMENT,
             f"max_length must be in 1..{max_length} on this node, got {msg.max_length}",
         )
-    if (msg.start, msg.end) != (start, end):
+    # A route may use part of what a node hosts (replicas overlap, or a reassignment
+    # is under way); it may not use layers the node does not host.
+    if not start <= msg.start < msg.end <= end:
         raise ProtocolError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"route expects layers [{msg.start}, {msg.end}) here, but this node hosts [{start}, {end})",
         )
     hops = tuple(Hop(h.address, h.start, h.end, h.node_id) for h in msg.downstream)
-    expected = end
+    expected = msg.end
     for h in hops:
         if not h.address:
             raise invalid("downstream hop without an address")
@@ -181,7 +184,7 @@ def open_from_proto(msg: swarm_pb2.OpenSession, *, start: int, end: int, num_lay
     if msg.prompt_length < 0:
         raise invalid("prompt_length must be >= 0")
     gen = Generation(gen.sampling, gen.stop_token_ids, gen.max_new_tokens, gen.top_logprobs, msg.prompt_length)
-    return OpenSpec(sid, msg.max_length, start, end, hops, gen, wire)
+    return OpenSpec(sid, msg.max_length, msg.start, msg.end, hops, gen, wire)
 
 
 def open_to_proto(spec: OpenSpec, downstream: Sequence[Hop]) -> swarm_pb2.OpenSession:

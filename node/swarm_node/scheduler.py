@@ -50,6 +50,10 @@ class Job:
     sample: SampleRequest | None = None  # tail only
     return_logits: bool = False  # tail only: logits of every position of the chunk
     future: asyncio.Future[JobOutput] | None = None
+    # The slice to run (a session on part of the hosted layers, or on the slice it
+    # opened on before a reload); None: the scheduler's model. Only jobs of the same
+    # slice share a forward.
+    model: ModelSlice | None = None
 
     @property
     def length(self) -> int:
@@ -181,7 +185,8 @@ class Scheduler:
             if job.future is None or job.future.done():  # cancelled while waiting
                 continue
             fits = not batch or tokens + job.length <= self.max_batch_tokens
-            if id(job.cache) in caches or not fits:
+            same_slice = not batch or (job.model or self.model) is (batch[0].model or self.model)
+            if id(job.cache) in caches or not fits or not same_slice:
                 kept.append(job)
                 continue
             batch.append(job)
@@ -205,7 +210,7 @@ class Scheduler:
             return [self._forward_safely([job])[0] for job in batch]
 
     def _forward(self, batch: list[Job]) -> list[JobOutput]:
-        model = self.model
+        model = batch[0].model or self.model
         device = model.device
         seqs = [SeqChunk(j.cache, j.start_pos, j.length) for j in batch]
         x = torch.cat([j.x for j in batch]).to(device)  # [T] or [T, C]

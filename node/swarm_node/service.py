@@ -15,30 +15,36 @@ and tell which hop to report. A bad message ends only its own session.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import torch
 
-from swarm_node import convert
+from swarm_node import convert, reslice
 from swarm_node.convert import Generation, OpenSpec, ProtocolError, StepIn, StepResult
 from swarm_node.kv_cache import KVCache
 from swarm_node.model import ModelSlice
 from swarm_node.node_config import NodeConfig
 from swarm_node.scheduler import Job, SampleRequest, Scheduler
+from swarm_node.transport import call_metadata, channel_options
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
-# Activations of long prefill chunks and full logits exceed gRPC's 4 MB default.
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 1 << 30),
-    ("grpc.max_receive_message_length", 1 << 30),
-]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("llama-swarm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _version()
 
 
 class _Failed(Exception):
@@ -53,6 +59,7 @@ class _Failed(Exception):
 class _Session:
     spec: OpenSpec
     cache: KVCache
+    model: ModelSlice  # the layers it runs: a view of the hosted slice (see reslice)
     task: asyncio.Task[object] | None = None
     downstream: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
     reader: asyncio.Task[None] | None = None
@@ -95,6 +102,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.refused = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._views: dict[tuple[int, int], ModelSlice] = {}
 
     # --- Info -----------------------------------------------------------------------
 
@@ -172,12 +180,13 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"no room: {len(self.sessions)}/{self.config.max_sessions} sessions active",
             )
+        model = self.view(spec.start, spec.end)
         try:
-            cache = self.model.new_cache(spec.max_length)
+            cache = model.new_cache(spec.max_length)
         except (RuntimeError, MemoryError) as exc:  # torch raises RuntimeError/OutOfMemoryError
             self.refused += 1
             raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no memory for the KV cache: {exc}") from exc
-        session = _Session(spec=spec, cache=cache)
+        session = _Session(spec=spec, cache=cache, model=model)
         self.sessions[spec.session_id] = session
         self.opened += 1
         return session
@@ -187,7 +196,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         hop = session.spec.downstream[0]
         stub = swarm_pb2_grpc.NodeStub(self._channel(hop.address))
         try:
-            call = stub.Session()
+            call = stub.Session(metadata=call_metadata(self.config.token))
             session.downstream = call
             await call.write(swarm_pb2.SessionRequest(open=convert.open_to_proto(session.spec, session.spec.downstream)))
             reply = await asyncio.wait_for(call.read(), self.config.open_timeout)
@@ -246,13 +255,13 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         session.current_step = msg.step_id
         if self.draining:
             raise ProtocolError(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
-        args = self.model.args
+        args = session.model.args
         step = convert.step_from_proto(
             msg,
-            is_head=self.model.is_head,
+            is_head=session.model.is_head,
             hidden_size=args.hidden_size,
             vocab_size=args.vocab_size,
-            dtype=self.model.dtype,
+            dtype=session.model.dtype,
             max_tokens=session.spec.max_length,
         )
         if step.step_id <= session.last_step_id:
@@ -274,7 +283,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             out = await self.scheduler.submit(job)
             session.steps += 1
             session.tokens += step.length
-            if self.model.is_tail:
+            if session.model.is_tail:
                 self._publish(session, step, out.token, out.logprob, out.top, out.logits)
             else:
                 assert out.hidden is not None and session.downstream is not None
@@ -293,8 +302,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
 
     def _job(self, session: _Session, step: StepIn) -> Job:
         x = step.tokens if step.hidden is None else step.hidden
-        if not self.model.is_tail:
-            return Job(session.cache, step.start_pos, x)
+        if not session.model.is_tail:
+            return Job(session.cache, step.start_pos, x, model=session.model)
         # The tail keeps the token history for the repetition penalty (a rewind --
         # start_pos before the end -- replaces what follows).
         del session.history[step.start_pos :]
@@ -304,7 +313,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             gen: Generation = session.spec.generation
             position = step.start_pos + step.length
             request = SampleRequest(gen.sampling, position, list(session.history), gen.top_logprobs)
-        return Job(session.cache, step.start_pos, x, sample=request, return_logits=step.return_logits)
+        return Job(session.cache, step.start_pos, x, sample=request, return_logits=step.return_logits, model=session.model)
 
     def _publish(
         self,
@@ -423,7 +432,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         if session is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no open session {request.session_id!r} on this node")
             return
-        if not self.model.is_tail:
+        if not session.model.is_tail:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "results come from the tail of the route")
             return
         if session.subscribed:
@@ -435,6 +444,54 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             if item is None:
                 return
             await context.write(item)
+
+    # --- layers ---------------------------------------------------------------------
+
+    def view(self, start: int, end: int) -> ModelSlice:
+        """The hosted layers [start, end) as a slice sharing the hosted weights."""
+        if (start, end) == (self.model.start, self.model.end):
+            return self.model
+        view = self._views.get((start, end))
+        if view is None:
+            view = self._views[(start, end)] = reslice.view(self.model, start, end)
+        return view
+
+    async def reload(self, start: int, end: int) -> None:
+        """Host layers [start, end) from now on, without a restart.
+
+        Layers kept from the current range are not read again; only the missing ones
+        are. Sessions whose layers are all kept go on untouched (they hold views made
+        of the very same blocks); sessions on dropped layers end with FAILED_PRECONDITION
+        so their clients fail over. New sessions see the new range at once.
+        """
+        old = self.model
+        if (start, end) == (old.start, old.end):
+            return
+        t0 = time.monotonic()
+        new = await asyncio.to_thread(
+            reslice.extend, old, self.config.model, start, end, dtype=old.dtype, device=old.device
+        )
+        kept_views = {k: v for k, v in self._views.items() if start <= k[0] and k[1] <= end}
+        if start <= old.start and old.end <= end:
+            kept_views[(old.start, old.end)] = old  # its blocks are the new slice's blocks
+        self.model, self._views = new, kept_views
+        self.scheduler.model = new
+        self.config = replace(self.config, start=start, end=end)
+        dropped = 0
+        for session in list(self.sessions.values()):
+            if not (start <= session.spec.start and session.spec.end <= end):
+                dropped += 1
+                session.fail(
+                    self._error(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"this node was reassigned to layers [{start}, {end}); "
+                        f"the session's layers [{session.spec.start}, {session.spec.end}) are no longer here",
+                    )
+                )
+        log.info(
+            "now hosting layers [%d, %d) (was [%d, %d)), reloaded in %.2f s; %d session(s) kept, %d ended",
+            start, end, old.start, old.end, time.monotonic() - t0, len(self.sessions) - dropped, dropped,
+        )
 
     # --- housekeeping ---------------------------------------------------------------
 
@@ -472,7 +529,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=channel_options())
             self._channels[address] = channel
         return channel
 

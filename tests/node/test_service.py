@@ -171,7 +171,7 @@ async def test_bad_route_is_refused_at_open(route: Route) -> None:
     for bad, match in [
         ([hops[0]], "route ends at layer 3"),
         ([hops[0], Hop(hops[1].address, 2, 6)], "consecutive layers from 3"),
-        ([Hop(hops[0].address, 0, 2), hops[1]], "this node hosts \\[0, 3\\)"),
+        ([Hop(hops[0].address, 0, 4), Hop(hops[1].address, 4, 6)], "this node hosts \\[0, 3\\)"),
     ]:
         with pytest.raises(RouteError, match=match):
             async with RouteSession(bad, max_length=16):
@@ -346,3 +346,18 @@ async def test_results_for_unknown_session_or_twice(route: Route) -> None:
                 async for _ in stub.Results(swarm_pb2.ResultsRequest(session_id="twice")):
                     pass
             assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_swarm_token_is_required_on_every_call(route: Route) -> None:
+    _, hops = await route([(0, 3), (3, 6)], token="s3cret")
+    async with RouteSession(hops, max_length=16, token="s3cret") as s:  # node -> node carries it too
+        assert (await s.prefill(PROMPT[:4])).token is not None
+    for token in ("", "wrong"):
+        with pytest.raises(RouteError) as err:
+            async with RouteSession(hops, max_length=16, token=token):
+                pass
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    async with grpc.aio.insecure_channel(hops[1].address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as rpc_err:
+            await swarm_pb2_grpc.NodeStub(ch).Info(swarm_pb2.InfoRequest())
+        assert rpc_err.value.code() == grpc.StatusCode.UNAUTHENTICATED
