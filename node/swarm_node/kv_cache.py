@@ -26,7 +26,8 @@ class KVCache:
     ) -> None:
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        shape = (num_layers, num_kv_heads, max_length, head_dim)  # [L, Hkv, S, D]
+        # Sequence-major, so a layer's filled prefix [:end] is one contiguous block.
+        shape = (num_layers, max_length, num_kv_heads, head_dim)  # [L, S, Hkv, D]
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_length = max_length
@@ -50,11 +51,11 @@ class KVCache:
             )
 
     def write(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [Hkv, n, D] at start_pos; return the keys and values of [0, start_pos + n)."""
-        end = start_pos + k.shape[1]
-        self.k[layer, :, start_pos:end] = k
-        self.v[layer, :, start_pos:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        """Store k, v [n, Hkv, D] at start_pos; return the keys and values of [0, start_pos + n)."""
+        end = start_pos + k.shape[0]
+        self.k[layer, start_pos:end] = k
+        self.v[layer, start_pos:end] = v
+        return self.k[layer, :end], self.v[layer, :end]  # [P, Hkv, D]
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)

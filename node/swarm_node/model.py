@@ -5,7 +5,8 @@ start == 0 and the final norm + LM head when end == num_layers. One forward
 carries several sequences packed along the token axis, each with its own KV
 cache and start position, so a node can batch sessions that are at different
 positions and lengths: the matrix work runs once on the packed tokens, the
-attention runs per sequence against that sequence's cache.
+attention runs per sequence against that sequence's cache, or, for a batch
+of single decode steps, once over the caches padded to the longest.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from swarm_node.config import ModelArgs
 from swarm_node.errors import SliceRangeError
@@ -80,6 +82,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         layer: int,
         seqs: Sequence[SeqChunk],
+        decode_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         a = self.args
         t = x.shape[0]
@@ -91,32 +94,66 @@ class Attention(nn.Module):
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H*, T, D]
+        groups = a.num_heads // a.num_kv_heads
 
-        out = torch.empty_like(q)  # [H, T, D]
-        offset = 0
-        for seq in seqs:
-            n = seq.length
-            sl = slice(offset, offset + n)
-            keys, values = seq.cache.write(layer, seq.start_pos, k[:, sl], v[:, sl])  # [Hkv, P, D]
-            out[:, sl] = _attend(q[:, sl], keys, values, seq.start_pos, a.num_heads // a.num_kv_heads)
-            offset += n
-        return self.wo(out.transpose(0, 1).reshape(t, a.q_size))
+        if decode_mask is not None:
+            out = _attend_decode(q, k, v, layer, seqs, decode_mask, groups)
+        else:
+            out = torch.empty_like(q)  # [T, H, D]
+            offset = 0
+            for seq in seqs:
+                sl = slice(offset, offset + seq.length)
+                keys, values = seq.cache.write(layer, seq.start_pos, k[sl], v[sl])  # [P, Hkv, D]
+                out[sl] = _attend(q[sl], keys, values, seq.start_pos, groups)
+                offset += seq.length
+        return self.wo(out.reshape(t, a.q_size))
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """SDPA over [B, H*, S, D] tensors, with grouped KV heads."""
+    if groups > 1 and not _SDPA_HAS_GQA:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, groups: int) -> torch.Tensor:
-    """Causal attention of n queries at [start_pos, start_pos + n) over keys [0, start_pos + n)."""
-    n, total = q.shape[1], k.shape[1]
+    """Causal attention of q [n, H, D] at [start_pos, start_pos + n) over k, v [start_pos + n, Hkv, D]."""
+    n, total = q.shape[0], k.shape[0]
     mask = None
     if n > 1:
         # Query i sees keys 0..start_pos + i: a causal mask aligned to the bottom right.
         mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
-    q, k, v = q[None], k[None], v[None]  # [1, H*, n, D]
-    if groups > 1 and not _SDPA_HAS_GQA:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)[0]
+    out = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, groups)
+    return out[0].transpose(0, 1)  # [n, H, D]
+
+
+def _attend_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, seqs: Sequence[SeqChunk], mask: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """One new token for each of several sequences: a single padded attention call.
+
+    Every sequence's cached keys are padded to the longest and masked, so the
+    batch costs one kernel call per layer instead of one per sequence.
+    """
+    keys, values = [], []
+    for i, seq in enumerate(seqs):
+        kk, vv = seq.cache.write(layer, seq.start_pos, k[i : i + 1], v[i : i + 1])
+        keys.append(kk)
+        values.append(vv)
+    kp = pad_sequence(keys, batch_first=True).transpose(1, 2)  # [B, Hkv, P, D]
+    vp = pad_sequence(values, batch_first=True).transpose(1, 2)
+    out = _sdpa(q[:, :, None], kp, vp, mask, groups)  # [B, H, 1, D]
+    return out[:, :, 0]  # [B, H, D]
+
+
+def decode_mask(seqs: Sequence[SeqChunk], device: torch.device) -> torch.Tensor | None:
+    """Key mask [B, 1, 1, P] when every chunk is a single new token of a different sequence."""
+    if len(seqs) < 2 or any(s.length != 1 for s in seqs):
+        return None
+    ends = torch.tensor([s.start_pos + 1 for s in seqs], device=device)
+    return (torch.arange(int(ends.max()), device=device)[None, :] < ends[:, None])[:, None, None, :]
 
 
 class FeedForward(nn.Module):
@@ -139,8 +176,16 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, seqs: Sequence[SeqChunk]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, layer, seqs)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer: int,
+        seqs: Sequence[SeqChunk],
+        decode_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, layer, seqs, decode_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -199,8 +244,9 @@ class ModelSlice(nn.Module):
 
         h = self.embed_tokens(x) if self.embed_tokens is not None else x.to(self.dtype)  # [T, C]
         cos, sin = self.rotary(positions, h.dtype)
+        mask = decode_mask(seqs, self.device)
         for i, block in enumerate(self.layers):
-            h = block(h, cos, sin, i, seqs)
+            h = block(h, cos, sin, i, seqs, mask)
         for s in seqs:
             s.cache.length = s.start_pos + s.length
 
