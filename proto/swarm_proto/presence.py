@@ -156,6 +156,9 @@ class NodeStatus:
     ``speed`` is the node's measured decode speed in layer-steps per second at batch 1
     (one token through one layer): a node hosting ``n`` layers takes about ``n / speed``
     seconds per token. ``memory_budget`` is the bytes it may spend on weights.
+    ``prefill_speed`` is positions per second through one layer for a prompt chunk.
+    A ``pinned`` node was told its layers by its operator (``--layers``) and ignores
+    assignments; the coordinator plans around it.
     """
 
     node_id: str
@@ -166,9 +169,13 @@ class NodeStatus:
     memory_budget: int = 0
     speed: float = 0.0
     state: NodeState = NodeState.STARTING
+    prefill_speed: float = 0.0
+    pinned: bool = False
 
     def __post_init__(self) -> None:
         check_id("node id", self.node_id)
+        if not math.isfinite(self.prefill_speed) or self.prefill_speed < 0:
+            raise PayloadError(f"node {self.node_id}: bad prefill speed")
         if self.memory_budget < 0 or not math.isfinite(self.speed) or self.speed < 0:
             raise PayloadError(f"node {self.node_id}: negative budget or bad speed")
 
@@ -250,6 +257,8 @@ def encode(payload: Payload) -> bytes:
                 "memory_budget": payload.memory_budget,
                 "speed": float(payload.speed),
                 "state": payload.state.value,
+                "prefill_speed": float(payload.prefill_speed),
+                "pinned": payload.pinned,
             }
         )
     if isinstance(payload, NodeLoad):
@@ -300,6 +309,12 @@ class _Fields:
                 raise PayloadError(f"{self.what}: field {key!r} has bad value {value!r}")
         return value
 
+    def flag(self, key: str) -> bool:
+        value = self.data.get(key, False)
+        if not isinstance(value, bool):
+            raise PayloadError(f"{self.what}: field {key!r} is not a boolean: {value!r}")
+        return value
+
     def number(self, key: str, default: float) -> float:
         return float(self.get(key, (int, float), default))
 
@@ -347,6 +362,8 @@ def decode_status(node_id: str, data: bytes) -> NodeStatus:
         memory_budget=f.get("memory_budget", int, 0),
         speed=f.number("speed", 0.0),
         state=f.enum("state", NodeState),
+        prefill_speed=f.number("prefill_speed", 0.0),
+        pinned=f.flag("pinned"),
     )
 
 

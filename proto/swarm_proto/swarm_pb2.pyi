@@ -323,3 +323,21 @@ class NodeList(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+
+class SwarmInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SwarmInfo(_message.Message):
+    __slots__ = ("swarm_id", "mqtt_url", "model", "num_layers", "version")
+    SWARM_ID_FIELD_NUMBER: _ClassVar[int]
+    MQTT_URL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    swarm_id: str
+    mqtt_url: str
+    model: str
+    num_layers: int
+    version: str
+    def __init__(self, swarm_id: _Optional[str] = ..., mqtt_url: _Optional[str] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...

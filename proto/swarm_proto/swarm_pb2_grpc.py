@@ -209,6 +209,11 @@ class CoordinatorStub:
                 request_serializer=swarm__proto_dot_swarm__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=swarm__proto_dot_swarm__pb2.NodeList.FromString,
                 _registered_method=True)
+        self.GetSwarmInfo = channel.unary_unary(
+                '/swarm.Coordinator/GetSwarmInfo',
+                request_serializer=swarm__proto_dot_swarm__pb2.SwarmInfoRequest.SerializeToString,
+                response_deserializer=swarm__proto_dot_swarm__pb2.SwarmInfo.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -232,6 +237,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSwarmInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +260,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=swarm__proto_dot_swarm__pb2.ListNodesRequest.FromString,
                     response_serializer=swarm__proto_dot_swarm__pb2.NodeList.SerializeToString,
+            ),
+            'GetSwarmInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSwarmInfo,
+                    request_deserializer=swarm__proto_dot_swarm__pb2.SwarmInfoRequest.FromString,
+                    response_serializer=swarm__proto_dot_swarm__pb2.SwarmInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -332,6 +348,33 @@ class Coordinator:
             '/swarm.Coordinator/ListNodes',
             swarm__proto_dot_swarm__pb2.ListNodesRequest.SerializeToString,
             swarm__proto_dot_swarm__pb2.NodeList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSwarmInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.Coordinator/GetSwarmInfo',
+            swarm__proto_dot_swarm__pb2.SwarmInfoRequest.SerializeToString,
+            swarm__proto_dot_swarm__pb2.SwarmInfo.FromString,
             options,
             channel_credentials,
             insecure,
