@@ -22,6 +22,9 @@ deps-system:
 	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q mosquitto; \
 		else echo "mosquitto missing: apt-get install mosquitto"; fi; fi
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+		else echo "chromium missing (dashboard browser test): apt-get install chromium"; fi; fi
 
 model: install
 	$(VENV)/bin/swarm model pull

@@ -1,0 +1,262 @@
+"""The dashboard's data: what the gateway is doing, what the swarm looks like, as JSON.
+
+:class:`Activity` follows the gateway's generations (active sessions, recent ones,
+per-second throughput and latency). :func:`snapshot` joins it with the registry's
+state and events into one JSON-ready dict; ``/dashboard/feed`` pushes a snapshot as
+a server-sent event every second and at once whenever the registry changes, and the
+page (``static/``) redraws from it.
+
+The registry side is anything with a ``state`` (a :class:`SwarmState`) and ``events``
+(recent :class:`Event` s): the MQTT :class:`~swarm_coordinator.registry.Registry`, or
+a :class:`StaticView` when the gateway serves a fixed route or a local model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from swarm_coordinator.state import NodeView, SwarmState
+from swarm_proto.presence import Event
+
+__all__ = ["Activity", "SessionInfo", "StaticView", "SwarmView", "snapshot"]
+
+SERIES_SECONDS = 180  # how much history the charts get
+MAX_EVENTS = 200
+
+
+@runtime_checkable
+class SwarmView(Protocol):
+    """What the dashboard and the metrics read from the registry."""
+
+    @property
+    def state(self) -> SwarmState: ...
+
+    @property
+    def events(self) -> Iterable[Event]: ...
+
+
+@dataclass
+class StaticView:
+    """A fixed swarm view (a static route or a local model), with events added by hand."""
+
+    state: SwarmState
+    events: deque[Event] = field(default_factory=lambda: deque(maxlen=500))
+
+
+@dataclass
+class SessionInfo:
+    """One generation going through the gateway."""
+
+    id: str
+    endpoint: str
+    caller: str
+    prompt_tokens: int
+    max_tokens: int
+    started: float = field(default_factory=time.time)  # wall clock, for display
+    t0: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    ttft_s: float | None = None
+    last: float = 0.0  # perf_counter of the latest token
+    status: str = "running"  # running, done, error, cancelled
+    finish_reason: str | None = None
+    duration_s: float = 0.0
+
+    def as_json(self, now: float) -> dict[str, Any]:
+        elapsed = (self.duration_s or (now - self.t0)) if self.status != "running" else now - self.t0
+        decode = elapsed - (self.ttft_s or 0.0)
+        return {
+            "id": self.id,
+            "endpoint": self.endpoint,
+            "caller": self.caller,
+            "prompt_tokens": self.prompt_tokens,
+            "max_tokens": self.max_tokens,
+            "tokens": self.tokens,
+            "started": self.started,
+            "elapsed_s": round(elapsed, 3),
+            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1e3, 1),
+            "tokens_per_s": round((self.tokens - 1) / decode, 2) if self.tokens > 1 and decode > 0 else 0.0,
+            "status": self.status,
+            "finish_reason": self.finish_reason,
+        }
+
+
+class _Second:
+    __slots__ = ("t", "tokens", "itl_sum", "itl_n", "ttft_sum", "ttft_n", "requests", "errors")
+
+    def __init__(self, t: int) -> None:
+        self.t = t
+        self.tokens = 0
+        self.itl_sum = 0.0
+        self.itl_n = 0
+        self.ttft_sum = 0.0
+        self.ttft_n = 0
+        self.requests = 0
+        self.errors = 0
+
+
+class Activity:
+    """Sessions and per-second series of the gateway (event loop only, no locks)."""
+
+    def __init__(self, clock: Any = time.time) -> None:
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self.active: dict[str, SessionInfo] = {}
+        self.recent: deque[SessionInfo] = deque(maxlen=12)
+        self._series: deque[_Second] = deque(maxlen=SERIES_SECONDS + 2)
+        self.total_requests = 0
+        self.total_tokens = 0
+
+    def _bucket(self) -> _Second:
+        t = int(self._clock())
+        if not self._series or self._series[-1].t != t:
+            self._series.append(_Second(t))
+        return self._series[-1]
+
+    def start(self, endpoint: str, caller: str, prompt_tokens: int, max_tokens: int) -> SessionInfo:
+        info = SessionInfo(f"s{next(self._ids)}", endpoint, caller, prompt_tokens, max_tokens)
+        self.active[info.id] = info
+        self.total_requests += 1
+        self._bucket().requests += 1
+        return info
+
+    def tokens(self, info: SessionInfo, n: int, now: float) -> None:
+        """``n`` tokens of ``info`` arrived at ``now`` (perf_counter)."""
+        bucket = self._bucket()
+        if info.ttft_s is None:
+            info.ttft_s = now - info.t0
+            bucket.ttft_sum += info.ttft_s
+            bucket.ttft_n += 1
+        else:
+            bucket.itl_sum += now - info.last
+            bucket.itl_n += n
+        info.tokens += n
+        info.last = now
+        bucket.tokens += n
+        self.total_tokens += n
+
+    def end(self, info: SessionInfo, status: str, finish_reason: str | None = None) -> None:
+        self.active.pop(info.id, None)
+        info.status = status
+        info.finish_reason = finish_reason
+        info.duration_s = time.perf_counter() - info.t0
+        if status == "error":
+            self._bucket().errors += 1
+        self.recent.appendleft(info)
+
+    def series(self, seconds: int = SERIES_SECONDS) -> list[dict[str, Any]]:
+        """One point per second for the last ``seconds`` (the current second excluded,
+        as it is still filling), zeros where nothing happened."""
+        now = int(self._clock())
+        by_t = {b.t: b for b in self._series}
+        out = []
+        for t in range(now - seconds, now):
+            b = by_t.get(t)
+            if b is None:
+                out.append({"t": t, "tokens": 0, "requests": 0, "errors": 0, "itl_ms": None, "ttft_ms": None})
+                continue
+            out.append(
+                {
+                    "t": t,
+                    "tokens": b.tokens,
+                    "requests": b.requests,
+                    "errors": b.errors,
+                    "itl_ms": round(b.itl_sum / b.itl_n * 1e3, 2) if b.itl_n else None,
+                    "ttft_ms": round(b.ttft_sum / b.ttft_n * 1e3, 1) if b.ttft_n else None,
+                }
+            )
+        return out
+
+
+def _range(r: Any) -> list[int] | None:
+    return None if r is None else [r.start, r.end]
+
+
+def _node(view: NodeView, now_mono: float) -> dict[str, Any]:
+    status, load = view.status, view.load
+    return {
+        "id": view.node_id,
+        "address": status.address,
+        "model": status.model,
+        "device": status.device,
+        "state": status.state.value,
+        "online": view.online,
+        "hosted": _range(status.hosted),
+        "serving": _range(view.serving),
+        "assigned": _range(view.assigned),
+        "speed": round(status.speed, 2),
+        "memory_budget": status.memory_budget,
+        "load": None
+        if load is None
+        else {
+            "active_sessions": load.active_sessions,
+            "queued_steps": load.queued_steps,
+            "free_kv_tokens": load.free_kv_tokens,
+            "tokens_per_s": round(load.tokens_per_s, 2),
+        },
+        "last_seen_s": round(now_mono - view.last_seen, 1) if view.last_seen else None,
+    }
+
+
+def coverage(state: SwarmState) -> list[int]:
+    """How many ready nodes serve each layer."""
+    counts = [0] * state.num_layers
+    for view in state.nodes.values():
+        r = view.serving
+        if r is not None and state.serves_model(view):
+            for layer in range(r.start, min(r.end, state.num_layers)):
+                counts[layer] += 1
+    return counts
+
+
+def _runs_of_zero(counts: Sequence[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i, c in enumerate(counts):
+        if c == 0:
+            if out and out[-1][1] == i:
+                out[-1][1] = i + 1
+            else:
+                out.append([i, i + 1])
+    return out
+
+
+def snapshot(
+    view: SwarmView | None, activity: Activity, *, model_id: str, auth_required: bool, now_mono: float | None = None
+) -> dict[str, Any]:
+    """Everything the dashboard shows, JSON-ready."""
+    now_perf = time.perf_counter()
+    mono = time.monotonic() if now_mono is None else now_mono
+    state = view.state if view is not None else None
+    nodes = [_node(v, mono) for v in state.nodes.values()] if state is not None else []
+    counts = coverage(state) if state is not None else []
+    events = list(view.events)[-MAX_EVENTS:] if view is not None else []
+    reported = sum(n["load"]["tokens_per_s"] for n in nodes if n["online"] and n["load"]) if nodes else 0.0
+    return {
+        "time": time.time(),
+        "model": model_id,
+        "swarm": None if state is None else {"model": state.model, "num_layers": state.num_layers},
+        "auth_required": auth_required,
+        "nodes": nodes,
+        "coverage": counts,
+        "uncovered": _runs_of_zero(counts),
+        "events": [
+            {"kind": e.kind.value, "node": e.node_id, "detail": e.detail, "ts": e.ts if math.isfinite(e.ts) else 0.0}
+            for e in reversed(events)
+        ],
+        "sessions": [s.as_json(now_perf) for s in activity.active.values()],
+        "recent": [s.as_json(now_perf) for s in activity.recent],
+        "series": activity.series(),
+        "totals": {
+            "requests": activity.total_requests,
+            "tokens": activity.total_tokens,
+            "active": len(activity.active),
+            "nodes_online": sum(1 for n in nodes if n["online"]),
+            "nodes": len(nodes),
+            "reported_tokens_per_s": round(reported, 2),
+        },
+    }

@@ -1,0 +1,130 @@
+"""Prometheus metrics of the coordinator: its HTTP gateway and its view of the swarm.
+
+Each :class:`CoordinatorMetrics` owns its own ``CollectorRegistry`` (no process-wide
+globals, so two coordinators or a test can live in one process). The gateway's
+counters and histograms are updated as requests run; the swarm's gauges are read from
+the registry's state at scrape time by :class:`SwarmCollector`.
+
+Names follow Prometheus conventions: ``swarm_`` prefix, base units (seconds),
+``_total`` counters, histograms with ``_seconds`` / ``_tokens``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from swarm_coordinator.state import SwarmState
+
+__all__ = ["CONTENT_TYPE_LATEST", "CoordinatorMetrics", "SwarmCollector"]
+
+# Latency buckets from a fast GPU token (a few ms) to a slow CPU prefill (tens of s).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class SwarmCollector(Collector):
+    """Gauges of the swarm as the registry sees it, computed at scrape time."""
+
+    def __init__(self, state: Callable[[], SwarmState | None]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self._state()
+        if state is None:
+            return
+        nodes = GaugeMetricFamily("swarm_nodes", "Nodes known to the registry, by state", labels=["state"])
+        counts: dict[str, int] = {s: 0 for s in ("starting", "loading", "ready", "draining", "offline")}
+        for view in state.nodes.values():
+            counts[view.status.state.value] = counts.get(view.status.state.value, 0) + 1
+        for name, n in counts.items():
+            nodes.add_metric([name], n)
+        yield nodes
+
+        serving = [0] * state.num_layers
+        for view in state.nodes.values():
+            r = view.serving
+            if r is not None and state.serves_model(view):
+                for layer in range(r.start, min(r.end, state.num_layers)):
+                    serving[layer] += 1
+        yield GaugeMetricFamily("swarm_layers", "Decoder layers of the served model", value=state.num_layers)
+        yield GaugeMetricFamily(
+            "swarm_layers_uncovered", "Layers no ready node serves", value=sum(1 for c in serving if c == 0)
+        )
+        yield GaugeMetricFamily(
+            "swarm_layer_replicas_min", "Fewest ready nodes serving any one layer", value=min(serving, default=0)
+        )
+
+        per_node = {
+            "swarm_node_active_sessions": ("Active sessions a node reports", lambda v: v.load.active_sessions),
+            "swarm_node_queued_steps": ("Steps waiting on a node", lambda v: v.load.queued_steps),
+            "swarm_node_kv_free_tokens": ("Token positions a node's KV cache can still take", lambda v: v.load.free_kv_tokens),
+            "swarm_node_tokens_per_second": ("Decode throughput a node reports", lambda v: v.load.tokens_per_s),
+        }
+        for name, (doc, get) in per_node.items():
+            family = GaugeMetricFamily(name, doc, labels=["node"])
+            for view in state.nodes.values():
+                if view.load is not None and view.online:
+                    family.add_metric([view.node_id], float(get(view)))
+            yield family
+        up = GaugeMetricFamily("swarm_node_up", "1 when a node is online", labels=["node"])
+        for view in state.nodes.values():
+            up.add_metric([view.node_id], 1.0 if view.online else 0.0)
+        yield up
+
+
+class CoordinatorMetrics:
+    """The coordinator's metrics; ``exposition()`` renders them for ``/metrics``."""
+
+    def __init__(self, state: Callable[[], SwarmState | None] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "swarm_gateway_requests", "HTTP API requests by endpoint and status code", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("swarm_gateway_prompt_tokens", "Prompt tokens of served requests", registry=r)
+        self.completion_tokens = Counter(
+            "swarm_gateway_completion_tokens", "Tokens generated for API requests", registry=r
+        )
+        self.active = Gauge("swarm_gateway_active_requests", "Generations in progress", registry=r)
+        self.request_seconds = Histogram(
+            "swarm_gateway_request_duration_seconds",
+            "Generation time from request to last token",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft_seconds = Histogram(
+            "swarm_gateway_time_to_first_token_seconds", "Request to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.token_seconds = Histogram(
+            "swarm_gateway_inter_token_latency_seconds",
+            "Time between streamed tokens",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.completion_sizes = Histogram(
+            "swarm_gateway_completion_length_tokens", "Tokens generated per request", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.rate_limited = Counter(
+            "swarm_gateway_rate_limited", "Requests refused with 429, by limit", ["limit"], registry=r
+        )
+        self.auth_failures = Counter("swarm_gateway_auth_failures", "Requests refused with 401", registry=r)
+        self.events = Counter("swarm_events", "Swarm events seen (joins, leaves, failovers, ...)", ["kind"], registry=r)
+        self.failovers = Counter("swarm_failovers", "Failovers reported in the swarm", registry=r)
+        if state is not None:
+            r.register(SwarmCollector(state))
+
+    def count_events(self, kinds: Iterable[str]) -> None:
+        for kind in kinds:
+            self.events.labels(kind).inc()
+            if kind == "failover":
+                self.failovers.inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
