@@ -28,14 +28,11 @@ import torch
 from swarm_client.errors import GenerationError
 from swarm_node.convert import Generation, Hop, hop_to_proto, sampling_to_proto
 from swarm_node.sampler import SamplingParams
+from swarm_node.transport import call_metadata, channel_options
 from swarm_proto import codec, swarm_pb2, swarm_pb2_grpc
 
 __all__ = ["Hop", "RouteError", "RouteSession", "StepOutput"]
 
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 1 << 30),
-    ("grpc.max_receive_message_length", 1 << 30),
-]
 
 
 class RouteError(GenerationError):
@@ -89,6 +86,7 @@ class RouteSession:
         session_id: str | None = None,
         prefill_chunk: int = 128,
         timeout: float = 60.0,
+        token: str = "",
     ) -> None:
         if not hops:
             raise ValueError("a route needs at least one hop")
@@ -98,6 +96,7 @@ class RouteSession:
             sampling or SamplingParams(), tuple(stop_token_ids), max_new_tokens, top_logprobs, prompt_length
         )
         self.wire_dtype = wire_dtype
+        self._metadata = call_metadata(token)
         self.session_id = session_id or uuid.uuid4().hex
         self.prefill_chunk = prefill_chunk
         self.timeout = timeout
@@ -126,7 +125,7 @@ class RouteSession:
             end=head.end,
         )
         try:
-            self._head = swarm_pb2_grpc.NodeStub(self._channel(head.address)).Session()
+            self._head = swarm_pb2_grpc.NodeStub(self._channel(head.address)).Session(metadata=self._metadata)
             await self._head.write(swarm_pb2.SessionRequest(open=open_msg))
             reply = await asyncio.wait_for(self._head.read(), self.timeout)
         except grpc.aio.AioRpcError as exc:
@@ -138,7 +137,7 @@ class RouteSession:
         if reply.WhichOneof("kind") == "error":
             raise RouteError.from_proto(reply.error)
         self._results = swarm_pb2_grpc.NodeStub(self._channel(tail.address)).Results(
-            swarm_pb2.ResultsRequest(session_id=self.session_id)
+            swarm_pb2.ResultsRequest(session_id=self.session_id), metadata=self._metadata
         )
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_head()), loop.create_task(self._read_results())]
@@ -300,7 +299,7 @@ class RouteSession:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=channel_options())
             self._channels[address] = channel
         return channel
 

@@ -45,12 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--idle-timeout", float, defaults["idle_timeout"].default, "seconds before an idle session is freed")
     add("--drain-timeout", float, defaults["drain_timeout"].default, "seconds SIGTERM waits for in-flight steps")
     add("--max-batch-tokens", int, defaults["max_batch_tokens"].default, "positions merged into one forward")
+    add("--token", str, "", "swarm token required on every call and sent to successors")
     add("--node-id", str, None, "identity reported to the swarm (default: host-pid)")
+    add("--coordinator", str, None, "join the swarm of the coordinator at HOST:PORT and host the layers it assigns")
+    add("--memory-budget", str, None, "bytes of weights this node may hold, e.g. 2G (default: 80%% of free memory)")
+    add("--speed", float, 0.0, "announce this decode speed (layer-steps/s) instead of measuring it")
+    add("--advertise", str, "", "HOST[:PORT] other nodes and clients reach this node at (default: the bound address)")
     add("--log-level", str, "INFO", "logging level")
     return p
 
 
 def config_from_args(ns: argparse.Namespace) -> NodeConfig:
+    if not ns.model and ns.coordinator:
+        from swarm_node.store import resolve_model
+
+        ns.model = str(resolve_model(None))  # the default model, as the coordinator's
     if not ns.model:
         raise SystemExit("swarm-node: --model (or SWARM_MODEL) is required")
     if ns.layers:
@@ -74,11 +83,15 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
         idle_timeout=ns.idle_timeout,
         drain_timeout=ns.drain_timeout,
         max_batch_tokens=ns.max_batch_tokens,
+        token=ns.token,
         **extra,
     )
 
 
-async def _run(config: NodeConfig) -> None:
+async def _run(config: NodeConfig, ns: argparse.Namespace) -> None:
+    if ns.coordinator:
+        await _run_agent(config, ns)
+        return
     from swarm_node.server import NodeServer
 
     node = NodeServer(config)
@@ -95,6 +108,30 @@ async def _run(config: NodeConfig) -> None:
     await node.stop()
 
 
+async def _run_agent(config: NodeConfig, ns: argparse.Namespace) -> None:
+    from swarm_node.agent import NodeAgent
+    from swarm_node.speed import parse_bytes
+
+    agent = NodeAgent(
+        config,
+        coordinator=ns.coordinator,
+        memory_budget=parse_bytes(ns.memory_budget) if ns.memory_budget else 0,
+        speed=ns.speed,
+        pinned=bool(ns.layers),
+        advertise=ns.advertise,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    sys.stdout.write(f"swarm-node joined the swarm of {ns.coordinator}\n")
+    sys.stdout.flush()
+    await stop.wait()
+    log.info("signal received: draining")
+    await agent.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -108,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from swarm_node.errors import SwarmNodeError
 
     try:
-        asyncio.run(_run(config))
+        asyncio.run(_run(config, ns))
     except (SwarmNodeError, OSError) as exc:
         raise SystemExit(f"swarm-node: {exc}") from exc
     return 0

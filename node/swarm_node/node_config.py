@@ -34,6 +34,7 @@ class NodeConfig:
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight steps
     open_timeout: float = 30.0  # seconds to open the rest of a route
     max_batch_tokens: int = 2048  # positions merged into one forward pass
+    token: str = field(default="", repr=False)  # swarm token required on every call; "" = none
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     def __post_init__(self) -> None:

@@ -14,7 +14,8 @@ from swarm_node.loading import load_slice
 from swarm_node.model import ModelSlice
 from swarm_node.node_config import NodeConfig
 from swarm_node.scheduler import Scheduler
-from swarm_node.service import GRPC_OPTIONS, NodeService
+from swarm_node.service import NodeService
+from swarm_node.transport import TokenInterceptor, server_options
 from swarm_proto import swarm_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,10 @@ class NodeServer:
             log.info("layers [%d, %d) on %s in %s, loaded in %.1f s", cfg.start, cfg.end, device, cfg.dtype, time.monotonic() - t0)
         self.scheduler = Scheduler(model, max_batch_tokens=cfg.max_batch_tokens)
         self.scheduler.start()
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        # A step carries at most max_length positions of hidden states (float32 at most).
+        max_receive = max(4 << 20, cfg.max_length * (model.args.hidden_size * 4 + 8) + (1 << 20))
+        interceptors = [TokenInterceptor(cfg.token)] if cfg.token else []
+        server = grpc.aio.server(options=server_options(max_receive), interceptors=interceptors)
         port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if port == 0:
             raise OSError(f"cannot bind {cfg.host}:{cfg.port}")

@@ -69,7 +69,7 @@ def test_sampling_zero_means_off() -> None:
         (dict(session_id="a\nb"), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
         (dict(max_length=0), grpc.StatusCode.INVALID_ARGUMENT, "max_length"),
         (dict(max_length=129), grpc.StatusCode.OUT_OF_RANGE, "max_length must be in 1..128"),
-        (dict(start=1), grpc.StatusCode.FAILED_PRECONDITION, "this node hosts \\[0, 2\\)"),
+        (dict(end=3), grpc.StatusCode.FAILED_PRECONDITION, "this node hosts \\[0, 2\\)"),
         (dict(downstream=[]), grpc.StatusCode.INVALID_ARGUMENT, "route ends at layer 2, the model has 4"),
         (dict(downstream=[swarm_pb2.Hop(address="b:1", start=3, end=4)]), grpc.StatusCode.INVALID_ARGUMENT, "consecutive"),
         (dict(downstream=[swarm_pb2.Hop(address="", start=2, end=4)]), grpc.StatusCode.INVALID_ARGUMENT, "without an address"),
