@@ -361,3 +361,21 @@ async def test_swarm_token_is_required_on_every_call(route: Route) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as rpc_err:
             await swarm_pb2_grpc.NodeStub(ch).Info(swarm_pb2.InfoRequest())
         assert rpc_err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_rewind_rewrites_the_cache_and_the_tail_history(route: Route) -> None:
+    """A step may start before the end of what is cached (regenerate, or a replay after
+    failover): the positions after it are replaced on every node, the tail's history too."""
+    _, hops = await route([(0, 3), (3, 6)])
+    params = SamplingParams(temperature=1.0, repetition_penalty=1.5, seed=4)
+    async with RouteSession(hops, max_length=64, sampling=params) as s:
+        out = await s.prefill(PROMPT)
+        for token in (9, 10, 11):
+            out = await s.decode(token)
+        s.position = len(PROMPT)  # go back to just after the prompt
+        rewound = await s.decode(77)
+    async with RouteSession(hops, max_length=64, sampling=params) as fresh:
+        await fresh.prefill(PROMPT)
+        want = await fresh.decode(77)
+    assert (rewound.token, rewound.position) == (want.token, want.position)
+    assert abs(rewound.logprob - want.logprob) < 1e-5
