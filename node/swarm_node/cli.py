@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--memory-budget", str, None, "bytes of weights this node may hold, e.g. 2G (default: 80%% of free memory)")
     add("--speed", float, 0.0, "announce this decode speed (layer-steps/s) instead of measuring it")
     add("--advertise", str, "", "HOST[:PORT] other nodes and clients reach this node at (default: the bound address)")
+    add("--metrics-port", int, None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a port; default: off)")
     add("--log-level", str, "INFO", "logging level")
     return p
 
@@ -84,6 +85,7 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
         drain_timeout=ns.drain_timeout,
         max_batch_tokens=ns.max_batch_tokens,
         token=ns.token,
+        metrics_port=ns.metrics_port,
         **extra,
     )
 
@@ -95,6 +97,7 @@ async def _run(config: NodeConfig, ns: argparse.Namespace) -> None:
     from swarm_node.server import NodeServer
 
     node = NodeServer(config)
+    metrics = _start_metrics(config, lambda: node)
     await node.start()
     # One machine-readable line on stdout: scripts and tests wait for it.
     sys.stdout.write(f"swarm-node listening on {node.address}\n")
@@ -106,6 +109,27 @@ async def _run(config: NodeConfig, ns: argparse.Namespace) -> None:
     await stop.wait()
     log.info("signal received: draining")
     await node.stop()
+    _stop_metrics(metrics)
+
+
+def _start_metrics(config: NodeConfig, server: Callable[[], Any]) -> tuple[Any, asyncio.Task[None]] | None:
+    """Serve /metrics when --metrics-port is set; hooks follow the (re)created server."""
+    if config.metrics_port is None:
+        return None
+    from swarm_node.metrics import MetricsServer, NodeMetrics
+
+    metrics = NodeMetrics(config.node_id)
+    exposition = MetricsServer(metrics.registry, config.host, config.metrics_port)
+    url = exposition.start()
+    sys.stdout.write(f"swarm-node metrics on {url}\n")
+    sys.stdout.flush()
+    return exposition, asyncio.get_running_loop().create_task(metrics.follow(server))
+
+
+def _stop_metrics(metrics: tuple[Any, asyncio.Task[None]] | None) -> None:
+    if metrics is not None:
+        metrics[1].cancel()
+        metrics[0].close()
 
 
 async def _run_agent(config: NodeConfig, ns: argparse.Namespace) -> None:
@@ -124,12 +148,14 @@ async def _run_agent(config: NodeConfig, ns: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    metrics = _start_metrics(config, lambda: agent.server)
     await agent.start()
     sys.stdout.write(f"swarm-node joined the swarm of {ns.coordinator}\n")
     sys.stdout.flush()
     await stop.wait()
     log.info("signal received: draining")
     await agent.stop()
+    _stop_metrics(metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

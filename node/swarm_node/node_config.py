@@ -35,6 +35,7 @@ class NodeConfig:
     open_timeout: float = 30.0  # seconds to open the rest of a route
     max_batch_tokens: int = 2048  # positions merged into one forward pass
     token: str = field(default="", repr=False)  # swarm token required on every call; "" = none
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: pick one; None: off)
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     def __post_init__(self) -> None:
@@ -49,6 +50,8 @@ class NodeConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         for name in ("idle_timeout", "drain_timeout", "open_timeout"):

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -101,6 +101,9 @@ class Scheduler:
         self._idle.set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-forward")
         self._task: asyncio.Task[None] | None = None
+        # Metrics hooks (swarm_node.metrics): each forward pass, each finished step.
+        self.on_batch: Callable[[Sequence[Job], float], None] | None = None
+        self.on_step: Callable[[Job, float], None] | None = None
 
     @property
     def queued(self) -> int:
@@ -136,10 +139,14 @@ class Scheduler:
         """Queue ``job`` and wait for its output. Cancelling the wait drops the job."""
         assert self._task is not None, "scheduler not started"
         job.future = asyncio.get_running_loop().create_future()
+        t0 = time.perf_counter()
         self._queue.append(job)
         self._idle.clear()
         self._wake.set()
-        return await job.future
+        out = await job.future
+        if self.on_step is not None:
+            self.on_step(job, time.perf_counter() - t0)
+        return out
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -167,6 +174,8 @@ class Scheduler:
                     job.future.set_exception(out)
                 else:
                     job.future.set_result(out)
+            if self.on_batch is not None:
+                self.on_batch(batch, time.perf_counter() - t0)
             log.debug(
                 "forward: %d steps, %d positions, %.1f ms",
                 len(batch),

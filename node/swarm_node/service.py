@@ -18,7 +18,7 @@ import asyncio
 import importlib.metadata
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -102,6 +102,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.refused = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.on_session_end: Callable[[str], None] | None = None  # metrics hook: the reason
         self._views: dict[tuple[int, int], ModelSlice] = {}
 
     # --- Info -----------------------------------------------------------------------
@@ -386,6 +387,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
     async def _release(self, session: _Session, reason: str) -> None:
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
+        if self.on_session_end is not None:
+            self.on_session_end(reason)
         session.closing = True
         if session.downstream is not None and not session.downstream.done():
             task = asyncio.get_running_loop().create_task(self._finish_downstream(session))
