@@ -178,14 +178,15 @@ function renderCoverage(s) {
 function renderSessions(s) {
   const body = $("sessions").tBodies[0];
   body.replaceChildren();
-  const rows = [...s.sessions.map((x) => [x, false]), ...s.recent.map((x) => [x, true])];
+  const rows = [...s.sessions.map((x) => [x, false]), ...s.recent.slice(0, 8).map((x) => [x, true])];
   for (const [x, done] of rows) {
+    const kind = x.endpoint === "chat.completions" ? "chat" : x.endpoint;
     body.append(
       el(
         "tr",
         { class: done ? "recent" : "", "data-session": x.id },
-        el("td", { class: "id" }, x.id, " ", el("span", { class: `pill ${x.status}`, text: x.status === "done" ? x.finish_reason || "done" : x.status })),
-        el("td", { text: x.endpoint }),
+        el("td", { class: "id" }, x.id, el("span", { class: "sub", text: kind })),
+        el("td", {}, el("span", { class: `pill ${x.status}`, text: x.status === "done" ? x.finish_reason || "done" : x.status })),
         el("td", { text: x.caller }),
         el("td", { class: "num", text: String(x.prompt_tokens) }),
         el("td", { class: "num", text: `${x.tokens} / ${x.max_tokens}` }),
