@@ -340,6 +340,31 @@ class AsyncSwarmClient(_Base):
     async def local(cls, model: str | os.PathLike[str] | None = None, **kwargs: Any) -> AsyncSwarmClient:
         return cls.from_client(await asyncio.to_thread(SwarmClient.local, model, **kwargs))
 
+    @classmethod
+    def remote(
+        cls,
+        *,
+        coordinator: str | None = None,
+        route: str | None = None,
+        model: str | os.PathLike[str] | None = None,
+        defaults: SamplingOptions | None = None,
+    ) -> AsyncSwarmClient:
+        """A client generating over the swarm: routes from the coordinator at
+        ``HOST:PORT`` (with failover), or along a fixed ``route``
+        (``"host:port=0:10,host:port=10:30"``). ``model`` (path or name, default: the
+        default model) gives the tokenizer and the model's limits; no weights are read."""
+        from swarm_client.routed import CoordinatorRoutes, RoutedBackend, RouteProvider, StaticRoutes, parse_route
+        from swarm_node.loading import read_args
+        from swarm_node.store import resolve_model
+
+        if (coordinator is None) == (route is None):
+            raise InvalidRequestError("give exactly one of coordinator and route")
+        path = resolve_model(None if model is None else os.fspath(model))
+        args = read_args(path)
+        routes: RouteProvider = CoordinatorRoutes(coordinator) if coordinator else StaticRoutes(parse_route(route or ""))
+        backend = RoutedBackend(routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids)
+        return cls(backend, load_tokenizer(path), defaults=defaults)
+
     def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncIterator[StreamEvent]:
         if self._async:
             return arun_stream(self.backend, self.tokenizer, ids, opts)  # type: ignore[arg-type]

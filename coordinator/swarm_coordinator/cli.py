@@ -1,0 +1,113 @@
+"""``swarm-coordinator``: the swarm's registry, layer assignment and routes.
+
+Every flag falls back to an environment variable ``SWARM_<FLAG>`` (``--http-port`` ->
+``SWARM_HTTP_PORT``), then to the default. By default the MQTT broker runs inside this
+process (amqtt); ``--mqtt mqtt://host:port`` uses an external one (mosquitto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from swarm_coordinator.config import CoordinatorConfig
+
+log = logging.getLogger("swarm_coordinator")
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+
+def _env(flag: str) -> str:
+    return "SWARM_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarm-coordinator", description=__doc__.splitlines()[0] if __doc__ else None)
+    defaults = CoordinatorConfig.__dataclass_fields__
+
+    def add(flag: str, conv: Callable[[str], Any], default: Any, help: str, **kw: Any) -> None:
+        env = os.environ.get(_env(flag))
+        value = default if env is None else env
+        p.add_argument(flag, type=conv, default=value, help=f"{help} (env {_env(flag)})", **kw)
+
+    add("--model", str, None, "model file/folder or known name the swarm serves (default: smollm2-135m)")
+    add("--host", str, defaults["host"].default, "address to bind (0.0.0.0: every interface)")
+    add("--port", int, defaults["port"].default, "gRPC port (GetRoute, ReportFailure, ListNodes); 0 picks one")
+    add("--http-port", int, defaults["http_port"].default, "HTTP gateway port (OpenAI API, dashboard, metrics)")
+    add("--mqtt", str, defaults["mqtt"].default, "'embedded' (broker in this process) or mqtt://host:port")
+    add("--mqtt-port", int, defaults["mqtt_port"].default, "port of the embedded broker; 0 picks one")
+    add("--swarm-id", str, defaults["swarm_id"].default, "the swarm's name (MQTT topics swarm/<id>/...)")
+    add("--replicas", int, defaults["replicas"].default, "copies of each layer wanted, where memory allows")
+    add("--min-gain", float, defaults["min_gain"].default, "reshuffle a working swarm only for more than this gain")
+    add("--dtype", str, defaults["dtype"].default, "the nodes' compute dtype (sizes layers against memory budgets)",
+        choices=["float32", "bfloat16", "float16"])
+    add("--node-timeout", float, defaults["node_timeout"].default, "seconds of silence before a node counts as offline")
+    add("--log-level", str, "INFO", "logging level")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> CoordinatorConfig:
+    from swarm_node.store import resolve_model
+
+    return CoordinatorConfig(
+        model=str(resolve_model(ns.model)),
+        host=ns.host,
+        port=ns.port,
+        http_port=ns.http_port,
+        mqtt=ns.mqtt,
+        mqtt_port=ns.mqtt_port,
+        swarm_id=ns.swarm_id,
+        replicas=ns.replicas,
+        min_gain=ns.min_gain,
+        dtype=ns.dtype,
+        node_timeout=ns.node_timeout,
+    )
+
+
+async def _run(config: CoordinatorConfig) -> None:
+    from swarm_coordinator.server import CoordinatorServer
+
+    server = CoordinatorServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        # One machine-readable line on stdout: scripts and tests wait for it.
+        sys.stdout.write(
+            f"swarm-coordinator listening on {server.address} mqtt={server.advertised_mqtt_url}"
+            f" http={server.http_address or 'off'}\n"
+        )
+        sys.stdout.flush()
+        await stop.wait()
+        log.info("signal received: stopping")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from swarm_coordinator.errors import CoordinatorError
+    from swarm_node.errors import SwarmNodeError
+
+    try:
+        config = config_from_args(ns)
+    except (ValueError, SwarmNodeError) as exc:
+        raise SystemExit(f"swarm-coordinator: {exc}") from exc
+    try:
+        asyncio.run(_run(config))
+    except (CoordinatorError, SwarmNodeError, OSError) as exc:
+        raise SystemExit(f"swarm-coordinator: {exc}") from exc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The configuration of one ``swarm-coordinator`` process: a frozen dataclass, no globals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swarm_proto.presence import check_id
+
+__all__ = ["CoordinatorConfig", "DEFAULT_GRPC_PORT", "DEFAULT_HTTP_PORT", "DEFAULT_MQTT_PORT"]
+
+DEFAULT_GRPC_PORT = 7600
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_MQTT_PORT = 1883
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything a coordinator needs; ``swarm_coordinator.cli`` fills it from flags and
+    ``SWARM_*`` environment variables."""
+
+    model: str  # model source (file or folder); read for its shape only, never loaded
+    host: str = "127.0.0.1"  # address the gRPC (and HTTP) servers bind
+    port: int = DEFAULT_GRPC_PORT  # gRPC Coordinator service; 0 picks a free port
+    http_port: int = DEFAULT_HTTP_PORT  # HTTP gateway (served when swarm_coordinator.http is installed)
+    mqtt: str = "embedded"  # "embedded" (broker in this process) or mqtt://host:port
+    mqtt_port: int = DEFAULT_MQTT_PORT  # the embedded broker's port; 0 picks a free one
+    swarm_id: str = "default"
+    replicas: int = 1  # copies of each layer wanted, where memory allows
+    min_gain: float = 0.2  # hysteresis: reshuffle a working swarm only for more than this gain
+    dtype: str = "float32"  # the nodes' compute dtype, for bytes per layer
+    node_timeout: float = 10.0  # silence after which a node counts as offline
+    keepalive: int = 5  # MQTT keepalive of the registry's connection, seconds
+    settle: float = 1.0  # seconds to let changes (joins in a burst, retained messages) gather before planning
+    failure_backoff: float = 2.0  # a reported node is avoided this long, doubling per report
+    failure_backoff_max: float = 60.0
+
+    def __post_init__(self) -> None:
+        check_id("swarm id", self.swarm_id)
+        for name in ("port", "http_port", "mqtt_port"):
+            value = getattr(self, name)
+            if not 0 <= value < 65536:
+                raise ValueError(f"{name} must be in 0..65535, got {value}")
+        if self.mqtt != "embedded" and "://" not in self.mqtt:
+            raise ValueError(f"mqtt must be 'embedded' or mqtt://host:port, got {self.mqtt!r}")
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.min_gain < 0:
+            raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("node_timeout", "failure_backoff", "failure_backoff_max"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.keepalive < 1 or self.settle < 0:
+            raise ValueError("keepalive must be >= 1 s and settle >= 0 s")
+
+    @property
+    def embedded(self) -> bool:
+        return self.mqtt == "embedded"

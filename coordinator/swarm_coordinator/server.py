@@ -1,0 +1,175 @@
+"""The lifecycle of one coordinator process: broker, registry, planner, gRPC, HTTP.
+
+``start()`` brings them up in that order, ``stop()`` takes them down in reverse::
+
+    async with CoordinatorServer(config) as coordinator:
+        print(coordinator.address, coordinator.broker_url)
+        await coordinator.serve()          # until stop()
+
+The HTTP port serves the ASGI app that ``http_app(coordinator)`` builds (the gateway
+of :mod:`swarm_coordinator.http`), started after the gRPC service so the app can read
+the swarm through :attr:`registry` (a ``SwarmView``: ``state`` and ``events``) and ask
+:attr:`address` for routes like any client. Without ``http_app`` nothing listens on
+the HTTP port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from swarm_coordinator.assignment import AssignmentPolicy
+from swarm_coordinator.broker import EmbeddedBroker
+from swarm_coordinator.config import CoordinatorConfig
+from swarm_coordinator.planner import Planner
+from swarm_coordinator.registry import Registry, RegistryConfig
+from swarm_coordinator.service import CoordinatorService, FailureBook
+from swarm_coordinator.state import SwarmState
+from swarm_proto import swarm_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CoordinatorServer", "HttpAppFactory", "version"]
+
+HttpAppFactory = Callable[["CoordinatorServer"], Any]  # coordinator -> ASGI app
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("llama-swarm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class CoordinatorServer:
+    def __init__(self, config: CoordinatorConfig, *, http_app: HttpAppFactory | None = None) -> None:
+        self.config = config
+        self._http_app = http_app
+        self.broker: EmbeddedBroker | None = None
+        self._registry: Registry | None = None
+        self.planner: Planner | None = None
+        self.service: CoordinatorService | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._http: Any = None  # swarm_coordinator.http.HttpServer when an app is given
+        self._stopped = asyncio.Event()
+        self.address = ""  # host:port of the gRPC service once started
+        self.http_address = ""  # host:port of the HTTP gateway, "" when none
+        self.broker_url = ""  # the broker as this process reaches it
+        self.advertised_mqtt_url = ""  # the broker as nodes should reach it (GetSwarmInfo)
+
+    # --- what the HTTP gateway (and tests) read ------------------------------------------
+
+    @property
+    def registry(self) -> Registry:
+        assert self._registry is not None, "coordinator not started"
+        return self._registry
+
+    @property
+    def state(self) -> SwarmState:
+        return self.registry.state
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> str:
+        from swarm_node.agent import model_id  # the node's naming rule, shared by both sides
+        from swarm_node.loading import read_args
+        from swarm_node.node_config import DTYPES
+        from swarm_node.speed import layer_bytes
+
+        cfg = self.config
+        args = await asyncio.to_thread(read_args, cfg.model)
+        if cfg.embedded:
+            self.broker = EmbeddedBroker(cfg.host, cfg.mqtt_port)
+            await self.broker.start()
+            reach = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+            self.broker_url = f"mqtt://{reach}:{self.broker.port}"
+            self.advertised_mqtt_url = f"mqtt://{cfg.host}:{self.broker.port}"
+        else:
+            self.broker_url = self.advertised_mqtt_url = cfg.mqtt
+        self._registry = Registry(
+            RegistryConfig(
+                broker_url=self.broker_url,
+                swarm_id=cfg.swarm_id,
+                model=model_id(cfg.model),
+                num_layers=args.num_layers,
+                bytes_per_layer=layer_bytes(args, DTYPES[cfg.dtype]),
+                node_timeout_s=cfg.node_timeout,
+                keepalive=cfg.keepalive,
+            )
+        )
+        await self._registry.start(wait=30.0)
+        self.planner = Planner(self._registry, AssignmentPolicy(cfg.replicas, cfg.min_gain), settle=cfg.settle)
+        self.planner.start()
+        self.service = CoordinatorService(
+            self._registry,
+            mqtt_url=self.advertised_mqtt_url,
+            version=version(),
+            failures=FailureBook(cfg.failure_backoff, cfg.failure_backoff_max),
+        )
+        server = grpc.aio.server()
+        swarm_pb2_grpc.add_CoordinatorServicer_to_server(self.service, server)
+        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if port == 0:
+            raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
+        await server.start()
+        self._grpc = server
+        self.address = f"{cfg.host}:{port}"
+        await self._start_http()
+        log.info(
+            "coordinator of swarm %s (model %s, %d layers) on %s, broker %s%s",
+            cfg.swarm_id, model_id(cfg.model), args.num_layers, self.address, self.advertised_mqtt_url,
+            f", HTTP on {self.http_address}" if self.http_address else "",
+        )
+        return self.address
+
+    async def _start_http(self) -> None:
+        if self._http_app is None:
+            log.info("no HTTP app given: nothing listens on port %d", self.config.http_port)
+            return
+        from swarm_coordinator.http import HttpServer
+
+        self._http = HttpServer(self._http_app(self), self.config.host, self.config.http_port)
+        await self._http.start()
+        self.http_address = f"{self.config.host}:{self._http.port}"
+
+    async def serve(self) -> None:
+        """Wait until :meth:`stop` is called."""
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+            self._grpc = None
+        if self.planner is not None:
+            await self.planner.stop()
+        if self._registry is not None:
+            await self._registry.stop()
+        if self.broker is not None:
+            await self.broker.stop()
+            self.broker = None
+        self._stopped.set()
+        log.info("coordinator stopped")
+
+    async def __aenter__(self) -> CoordinatorServer:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

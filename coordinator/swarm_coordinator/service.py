@@ -1,0 +1,184 @@
+"""The ``swarm.Coordinator`` gRPC service: routes, failure reports, the node list.
+
+Routes come from :func:`swarm_coordinator.routing.find_route` over the registry's
+current state. A node reported as failed is left out of routes for a backoff that
+doubles with every report (2 s, 4 s, ... up to a minute) and is forgotten after a quiet
+spell; when leaving the reported nodes out would leave no route at all, they are used
+anyway (a report may say more about the client's network than about the node).
+
+This is the only module of the coordinator that reads or builds ``swarm_pb2`` messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+import grpc
+
+from swarm_coordinator.errors import NoRouteError
+from swarm_coordinator.registry import Registry
+from swarm_coordinator.routing import RecentRoutes, RoutingPolicy, Span, find_route
+from swarm_coordinator.state import NodeView, SwarmState
+from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.presence import Event, EventKind
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CoordinatorService", "FailureBook"]
+
+MAX_EXCLUDES = 256
+
+
+@dataclass
+class _Failures:
+    count: int
+    last: float
+    until: float
+
+
+class FailureBook:
+    """Nodes reported as failed and until when routes avoid them (``now`` is passed in)."""
+
+    def __init__(self, initial: float = 2.0, maximum: float = 60.0, forget_after: float = 300.0) -> None:
+        self.initial, self.maximum, self.forget_after = initial, maximum, forget_after
+        self._nodes: dict[str, _Failures] = {}
+
+    def record(self, node_id: str, now: float) -> float:
+        """Count a failure of ``node_id``; returns how long routes now avoid it."""
+        entry = self._nodes.get(node_id)
+        count = 1 if entry is None or now - entry.last > self.forget_after else entry.count + 1
+        backoff = min(self.maximum, self.initial * 2 ** (count - 1))
+        self._nodes[node_id] = _Failures(count, now, now + backoff)
+        return backoff
+
+    def avoided(self, now: float) -> set[str]:
+        for node_id in [n for n, e in self._nodes.items() if now - e.last > self.forget_after]:
+            del self._nodes[node_id]
+        return {n for n, e in self._nodes.items() if e.until > now}
+
+    def count(self, node_id: str) -> int:
+        entry = self._nodes.get(node_id)
+        return entry.count if entry is not None else 0
+
+
+class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        mqtt_url: str,
+        version: str,
+        failures: FailureBook | None = None,
+        policy: RoutingPolicy = RoutingPolicy(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.mqtt_url = mqtt_url
+        self.version = version
+        self.failures = failures or FailureBook()
+        self.policy = policy
+        self.recent = RecentRoutes()
+        self._clock = clock
+        self.routes_given = 0
+
+    # --- GetRoute ---------------------------------------------------------------------
+
+    async def GetRoute(self, request: swarm_pb2.RouteRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.Route:  # type: ignore[type-arg]
+        state = self.registry.state
+        if request.model and request.model != state.model:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"this swarm serves {state.model!r}, not {request.model!r}")
+        if request.max_length < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_length must be >= 0")
+        if len(request.exclude_node_ids) + len(request.exclude_addresses) > MAX_EXCLUDES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_EXCLUDES} exclusions")
+        now = self._clock()
+        asked = set(request.exclude_node_ids) | _ids_at(state, request.exclude_addresses)
+        try:
+            spans = self._route(state, request.max_length or 1, asked, self.failures.avoided(now), now)
+        except NoRouteError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        self.recent.record(spans, now)
+        self.routes_given += 1
+        return swarm_pb2.Route(
+            hops=[swarm_pb2.Hop(address=s.address, start=s.start, end=s.end, node_id=s.node_id) for s in spans],
+            session_id=uuid.uuid4().hex,
+            num_layers=state.num_layers,
+        )
+
+    def _route(
+        self, state: SwarmState, max_length: int, asked: Collection[str], avoided: Collection[str], now: float
+    ) -> tuple[Span, ...]:
+        recent = self.recent.counts(now)
+        try:
+            return find_route(state, max_length=max_length, exclude=set(asked) | set(avoided), recent=recent, policy=self.policy)
+        except NoRouteError:
+            if not set(avoided) - set(asked):
+                raise
+            log.info("no route without the recently failed nodes %s: using them anyway", sorted(avoided))
+            return find_route(state, max_length=max_length, exclude=asked, recent=recent, policy=self.policy)
+
+    # --- ReportFailure ----------------------------------------------------------------
+
+    async def ReportFailure(self, request: swarm_pb2.FailureReport, context: grpc.aio.ServicerContext) -> swarm_pb2.FailureAck:  # type: ignore[type-arg]
+        state = self.registry.state
+        node_id = request.node_id
+        if not node_id and request.address:
+            node_id = next(iter(sorted(_ids_at(state, [request.address]))), "")
+        if not node_id or node_id not in state.nodes:
+            # Unknown nodes cannot be routed to anyway; acknowledge so clients move on.
+            log.info("failure report for an unknown node %r at %r", request.node_id, request.address)
+            return swarm_pb2.FailureAck()
+        backoff = self.failures.record(node_id, self._clock())
+        code = swarm_pb2.ErrorCode.Name(request.code) if request.code in swarm_pb2.ErrorCode.values() else str(request.code)
+        log.warning(
+            "node %s reported failing (%s: %s, session %s): avoided for %.0f s",
+            node_id, code, request.message[:200], request.session_id[:64], backoff,
+        )
+        await self.registry.publish_event(
+            Event(EventKind.FAILOVER, node_id, f"{code}: {request.message[:200]} (avoided for {backoff:.0f} s)")
+        )
+        return swarm_pb2.FailureAck()
+
+    # --- ListNodes --------------------------------------------------------------------
+
+    async def ListNodes(self, request: swarm_pb2.ListNodesRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.NodeList:  # type: ignore[type-arg]
+        state = self.registry.state
+        nodes = [_node_info(state, v) for v in state.online() if not request.model or v.status.model == request.model]
+        return swarm_pb2.NodeList(nodes=nodes)
+
+    # --- GetSwarmInfo -----------------------------------------------------------------
+
+    async def GetSwarmInfo(self, request: swarm_pb2.SwarmInfoRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.SwarmInfo:  # type: ignore[type-arg]
+        state = self.registry.state
+        return swarm_pb2.SwarmInfo(
+            swarm_id=self.registry.config.swarm_id,
+            mqtt_url=self.mqtt_url,
+            model=state.model,
+            num_layers=state.num_layers,
+            version=self.version,
+        )
+
+
+def _ids_at(state: SwarmState, addresses: Collection[str]) -> set[str]:
+    wanted = set(addresses)
+    return {v.node_id for v in state.nodes.values() if v.address and v.address in wanted}
+
+
+def _node_info(state: SwarmState, view: NodeView) -> swarm_pb2.NodeInfo:
+    hosted = view.status.hosted
+    load = view.load
+    return swarm_pb2.NodeInfo(
+        node_id=view.node_id,
+        model=view.status.model,
+        start=hosted.start if hosted else 0,
+        end=hosted.end if hosted else 0,
+        num_layers=state.num_layers,
+        device=view.status.device,
+        active_sessions=load.active_sessions if load else 0,
+        address=view.address,
+        stats=swarm_pb2.NodeStats(queued_steps=load.queued_steps if load else 0),
+    )

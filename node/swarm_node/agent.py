@@ -1,0 +1,284 @@
+"""A node's side of the control plane: join the swarm, host what the coordinator assigns.
+
+``swarm-node --coordinator HOST:PORT`` runs a :class:`NodeAgent`:
+
+1. measure this node's speed (:mod:`swarm_node.speed`) and memory budget;
+2. ask the coordinator (``GetSwarmInfo``) for the swarm id and the MQTT broker, and
+   check that both serve the same model;
+3. announce itself over MQTT (retained status with an offline Last Will, load every
+   ~2 s: :class:`swarm_proto.presence_client.PresenceClient`);
+4. load the layer range the coordinator assigns (``assign/<id>``, retained), start
+   serving, announce ``ready``; later assignments reload layers in place
+   (:meth:`NodeService.reload`), keeping the sessions on the layers it keeps.
+
+With ``--layers A:B`` the node is *pinned*: it serves that range from the start,
+announces it, and ignores assignments (the coordinator plans around it).
+
+The coordinator is only needed to join; once the broker is known the node talks only
+to the broker, and sessions never touch either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import torch
+
+from swarm_node.errors import SwarmNodeError
+from swarm_node.loading import read_args
+from swarm_node.node_config import NodeConfig
+from swarm_node.server import NodeServer
+from swarm_node.speed import Speed, default_memory_budget, layer_bytes, measure
+from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.presence import Assign, Event, EventKind, LayerRange, NodeLoad, NodeState, NodeStatus
+from swarm_proto.presence_client import BrokerAddress, PresenceClient
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AgentError", "NodeAgent", "SwarmInfo", "fetch_swarm_info", "model_id"]
+
+
+class AgentError(SwarmNodeError):
+    """The node could not join the swarm (coordinator unreachable, other model)."""
+
+
+def model_id(source: str | Path) -> str:
+    """How the swarm names a model: its file or folder name (the same on every machine
+    that shares the model volume, unlike absolute paths)."""
+    return Path(str(source).rstrip("/")).name
+
+
+@dataclass(frozen=True)
+class SwarmInfo:
+    swarm_id: str
+    broker: BrokerAddress
+    model: str
+    num_layers: int
+
+
+def _broker(url: str, coordinator_host: str) -> BrokerAddress:
+    """The broker's address; a wildcard host means the coordinator's own host."""
+    addr = BrokerAddress.parse(url)
+    if addr.host in ("0.0.0.0", "::"):
+        addr = replace(addr, host=coordinator_host)
+    return addr
+
+
+async def fetch_swarm_info(coordinator: str, *, timeout: float = 60.0, metadata: tuple[tuple[str, str], ...] = ()) -> SwarmInfo:
+    """Ask the coordinator at ``HOST:PORT`` for the swarm's id and broker; retries while
+    it starts (``timeout`` seconds in all)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    async with grpc.aio.insecure_channel(coordinator) as channel:
+        stub = swarm_pb2_grpc.CoordinatorStub(channel)
+        while True:
+            try:
+                info = await stub.GetSwarmInfo(swarm_pb2.SwarmInfoRequest(), timeout=5.0, metadata=metadata)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise AgentError(f"coordinator {coordinator}: {exc.code().name}: {exc.details()}") from exc
+                if time.monotonic() + delay > deadline:
+                    raise AgentError(f"coordinator {coordinator} unreachable for {timeout:g} s: {exc.details()}") from exc
+                log.info("waiting for the coordinator at %s: %s", coordinator, exc.details())
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+    host = coordinator.rsplit(":", 1)[0].strip("[]")
+    return SwarmInfo(info.swarm_id, _broker(info.mqtt_url, host), info.model, info.num_layers)
+
+
+class NodeAgent:
+    """One node process under a coordinator: ``start()``, then ``stop()`` on SIGTERM.
+
+    ``speed`` overrides the measurement (layer-steps/s; tests and operators who know
+    better); ``memory_budget`` 0 means 80% of the device's free memory.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        coordinator: str,
+        memory_budget: int = 0,
+        speed: float = 0.0,
+        pinned: bool = False,
+        advertise: str = "",
+        load_interval: float = 2.0,
+        keepalive: int = 5,
+    ) -> None:
+        self.config = config
+        self.coordinator = coordinator
+        self.memory_budget = memory_budget
+        self.speed_override = speed
+        self.pinned = pinned
+        self.advertise = advertise
+        self.load_interval = load_interval
+        self.keepalive = keepalive
+        self.server: NodeServer | None = None
+        self.presence: PresenceClient | None = None
+        self.speed: Speed | None = None
+        self.info: SwarmInfo | None = None
+        self._wanted: Assign | None = None
+        self._wake = asyncio.Event()
+        self._applier: asyncio.Task[None] | None = None
+        self._tokens_seen = (time.monotonic(), 0)
+        self._tokens_per_s = 0.0
+        self.hosted: LayerRange | None = None
+        self.applied = asyncio.Event()  # set whenever an assignment has been applied
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        args = read_args(cfg.model)
+        device = cfg.resolve_device()
+        if self.speed_override > 0:
+            self.speed = Speed(self.speed_override, self.speed_override * 10)
+        else:
+            self.speed = await asyncio.to_thread(measure, args, device=device, dtype=cfg.torch_dtype)
+        budget = self.memory_budget or default_memory_budget(device)
+        per_layer = layer_bytes(args, cfg.torch_dtype)
+        log.info(
+            "memory budget %.1f MB: room for %d of %d layers (%.1f MB each)",
+            budget / 1e6, budget // per_layer, args.num_layers, per_layer / 1e6,
+        )
+        self.info = info = await fetch_swarm_info(self.coordinator)
+        mine = model_id(cfg.model)
+        if info.model != mine or info.num_layers != args.num_layers:
+            raise AgentError(
+                f"the swarm serves {info.model!r} ({info.num_layers} layers); this node has {mine!r} "
+                f"({args.num_layers} layers)"
+            )
+        status = NodeStatus(
+            node_id=cfg.node_id,
+            model=mine,
+            device=device,
+            memory_budget=budget,
+            speed=self.speed.decode,
+            prefill_speed=self.speed.prefill,
+            state=NodeState.STARTING,
+            pinned=self.pinned,
+        )
+        if self.pinned:
+            self.server = NodeServer(cfg)
+            await self.server.start()
+            self.hosted = LayerRange(cfg.start, cfg.end)
+            status = replace(status, address=self._address(), hosted=self.hosted, state=NodeState.READY)
+        self.presence = PresenceClient(
+            info.broker,
+            info.swarm_id,
+            status,
+            load=self._load,
+            on_assign=self._on_assign,
+            load_interval=self.load_interval,
+            keepalive=self.keepalive,
+        )
+        self._applier = asyncio.get_running_loop().create_task(self._apply_loop(), name="swarm-assign")
+        await self.presence.start(wait=30.0)
+        log.info("node %s joined swarm %s via %s (broker %s)", cfg.node_id, info.swarm_id, self.coordinator, info.broker.url)
+
+    async def stop(self) -> None:
+        """Announce draining, drain the sessions, then leave (status offline, no Will)."""
+        if self.presence is not None and self.presence.connected:
+            await self.presence.set_status(replace(self.presence.status, state=NodeState.DRAINING))
+        if self._applier is not None:
+            self._applier.cancel()
+            await asyncio.gather(self._applier, return_exceptions=True)
+        if self.server is not None:
+            await self.server.stop()
+        if self.presence is not None:
+            await self.presence.stop()
+
+    # --- assignments ------------------------------------------------------------------
+
+    def _on_assign(self, assign: Assign) -> None:
+        if self.pinned:
+            log.info("pinned to %s: ignoring the assignment %s", self.hosted, assign.layers)
+            return
+        self._wanted = assign
+        self._wake.set()
+
+    async def _apply_loop(self) -> None:
+        """Apply the newest assignment; one that arrives while loading waits its turn
+        (and replaces any older one still waiting)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            assign = self._wanted
+            if assign is None:
+                continue
+            try:
+                await self._apply(assign)
+            except (SwarmNodeError, OSError, RuntimeError, ValueError) as exc:
+                log.error("could not host %s: %s", assign.layers, exc)
+                await self._publish_event(EventKind.REASSIGN, f"failed to load {assign.layers}: {exc}")
+            self.applied.set()
+
+    async def _apply(self, assign: Assign) -> None:
+        assert self.presence is not None
+        layers = assign.layers
+        if layers == self.hosted:
+            return
+        status = self.presence.status
+        if layers is None:
+            # Not needed now: stay connected and keep the weights for a later plan.
+            log.info("assignment: host nothing (standby)")
+            self.hosted = None
+            await self.presence.set_status(replace(status, hosted=None, state=NodeState.STARTING))
+            return
+        t0 = time.monotonic()
+        if self.server is None:
+            await self.presence.set_status(replace(status, hosted=layers, state=NodeState.LOADING))
+            server = NodeServer(replace(self.config, start=layers.start, end=layers.end))
+            await server.start()
+            self.server = server
+        else:
+            # Keep serving the old range (announced as such) while the new layers load.
+            assert self.server.service is not None
+            await self.server.service.reload(layers.start, layers.end)
+        self.hosted = layers
+        await self.presence.set_status(
+            replace(self.presence.status, address=self._address(), hosted=layers, state=NodeState.READY)
+        )
+        log.info("hosting layers %s (epoch %d), ready after %.1f s", layers, assign.epoch, time.monotonic() - t0)
+
+    # --- reporting --------------------------------------------------------------------
+
+    def _address(self) -> str:
+        assert self.server is not None
+        if self.advertise:
+            return self.advertise if ":" in self.advertise else f"{self.advertise}:{self.server.address.rsplit(':', 1)[1]}"
+        host, port = self.server.address.rsplit(":", 1)
+        if host in ("0.0.0.0", "::", "[::]"):
+            host = socket.gethostname()
+        return f"{host}:{port}"
+
+    def _load(self) -> NodeLoad:
+        server = self.server
+        if server is None or server.service is None or server.scheduler is None:
+            return NodeLoad()
+        service, cfg = server.service, server.service.config
+        active = len(service.sessions)
+        now, tokens = time.monotonic(), server.scheduler.stats.tokens
+        t_prev, tok_prev = self._tokens_seen
+        if now - t_prev >= 0.5:
+            self._tokens_per_s = (tokens - tok_prev) / (now - t_prev)
+            self._tokens_seen = (now, tokens)
+        return NodeLoad(
+            active_sessions=active,
+            queued_steps=server.scheduler.queued,
+            free_kv_tokens=max(0, cfg.max_sessions - active) * cfg.max_length,
+            tokens_per_s=max(0.0, self._tokens_per_s),
+        )
+
+    async def _publish_event(self, kind: EventKind, detail: str) -> None:
+        if self.presence is not None:
+            await self.presence.publish_event(Event(kind, self.config.node_id, detail))

@@ -1,0 +1,160 @@
+"""How fast this node runs a layer, and how much memory it may spend on weights.
+
+The coordinator splits the model's layers in proportion to speed within memory budgets,
+so every node measures itself before it joins:
+
+- decode speed: layer-steps per second at batch 1 (one token through one layer, with a
+  KV cache that already holds some context), which is what
+  :attr:`swarm_proto.presence.NodeStatus.speed` carries;
+- prefill speed: positions per second through one layer for a chunk of prompt.
+
+The measurement runs real decoder blocks of the model's shape (random weights: speed
+does not depend on the values) on the node's device, dtype and thread count, so it
+sees what the node will see. It takes a fraction of a second for small models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from swarm_node.config import ModelArgs
+from swarm_node.model import ModelSlice, SeqChunk
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Speed", "default_memory_budget", "layer_bytes", "measure", "parse_bytes"]
+
+
+@dataclass(frozen=True)
+class Speed:
+    decode: float  # layer-steps per second at batch 1
+    prefill: float  # positions per second through one layer, chunked prompt
+
+    @property
+    def decode_ms_per_layer(self) -> float:
+        return 1e3 / self.decode
+
+    @property
+    def prefill_ms_per_layer_token(self) -> float:
+        return 1e3 / self.prefill
+
+
+def layer_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
+    """Bytes of one decoder layer's weights in ``dtype``."""
+    c = args.hidden_size
+    params = c * (args.q_size + 2 * args.kv_size) + args.q_size * c + 3 * c * args.intermediate_size + 2 * c
+    if args.attention_bias:
+        params += args.q_size + 2 * args.kv_size
+    return params * torch.empty((), dtype=dtype).element_size()
+
+
+def _timed(run: Callable[[], object], device: torch.device, budget_s: float, least: int, most: int) -> list[float]:
+    """Seconds of each of at least ``least`` runs (after one warm-up), more while within budget."""
+    run()
+    _sync(device)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < least or (spent < budget_s and len(times) < most):
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        spent += times[-1]
+    return times
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@torch.inference_mode()
+def measure(
+    args: ModelArgs,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    context: int = 64,
+    prefill_chunk: int = 128,
+    budget_s: float = 0.4,
+) -> Speed:
+    """Time decoder blocks of ``args``' shape on ``device`` (random weights)."""
+    device = torch.device(device)
+    n = 1 if layer_bytes(args, dtype) > (256 << 20) else 2
+    mid = min(1, args.num_layers - n)  # not the head nor (if possible) the tail: blocks only
+    with torch.device("meta"):
+        model = ModelSlice(args, mid, mid + n)
+    model.embed_tokens = model.norm = model.lm_head = None
+    model = model.to_empty(device=device).to(dtype)
+    model.rotary.inv_freq = args.inv_freq().to(device)
+    for p in model.parameters():
+        p.normal_(0.0, 0.02)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    cache = model.new_cache(context + prefill_chunk + 64)
+    # Medians of many short runs: a machine shared with other work (other nodes measuring
+    # at the same moment) shows up as outliers, not as a slower node.
+    # prefill: a chunk of prompt into an empty cache (the first run warms up)
+    x = torch.randn(prefill_chunk, args.hidden_size, generator=g).to(device, dtype)
+    prefill_times = _timed(lambda: model(x, [SeqChunk(cache, 0, prefill_chunk)]), device, budget_s / 2, 3, 30)
+    prefill = prefill_chunk * n / statistics.median(prefill_times)
+    # decode: one token at a time after `context` cached positions
+    cache.truncate(context)
+    one = torch.randn(1, args.hidden_size, generator=g).to(device, dtype)
+    decode_times = _timed(lambda: model(one, [SeqChunk(cache, context, 1)]), device, budget_s / 2, 5, 500)
+    decode = n / statistics.median(decode_times)
+    speed = Speed(decode=decode, prefill=prefill)
+    log.info(
+        "measured on %s (%s, %d threads): decode %.2f ms per layer per token, prefill %.3f ms per layer per token",
+        device, str(dtype).removeprefix("torch."), torch.get_num_threads(),
+        speed.decode_ms_per_layer, speed.prefill_ms_per_layer_token,
+    )
+    return speed
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def default_memory_budget(device: torch.device | str, fraction: float = 0.8) -> int:
+    """``fraction`` of the device's free memory (host memory for the CPU and MPS)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * fraction)
+    return int(_available_host_memory() * fraction)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512M"``, ``"2.5GB"``, ``"1073741824"`` -> bytes (binary units)."""
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num) :]
+    if unit not in _UNITS or not num:
+        raise ValueError(f"bad size {text!r}: use e.g. 512M, 2G, 1073741824")
+    value = float(num) * _UNITS[unit]
+    if value < 0:
+        raise ValueError(f"bad size {text!r}: negative")
+    return int(value)
