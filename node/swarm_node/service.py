@@ -19,22 +19,20 @@ import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import grpc
-import torch
 
 from swarm_node import convert, reslice
-from swarm_node.convert import Generation, OpenSpec, ProtocolError, StepIn, StepResult
-from swarm_node.kv_cache import KVCache
+from swarm_node.convert import ProtocolError
 from swarm_node.model import ModelSlice
 from swarm_node.node_config import NodeConfig
-from swarm_node.scheduler import Job, SampleRequest, Scheduler
+from swarm_node.scheduler import Scheduler
+from swarm_node.session import Failed, NodeSession
 from swarm_node.transport import call_metadata, channel_options
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 
 log = logging.getLogger(__name__)
-
 
 
 def _version() -> str:
@@ -47,49 +45,6 @@ def _version() -> str:
 VERSION = _version()
 
 
-class _Failed(Exception):
-    """The session must end with this in-band error (ours or relayed from downstream)."""
-
-    def __init__(self, error: swarm_pb2.Error) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-@dataclass(eq=False)
-class _Session:
-    spec: OpenSpec
-    cache: KVCache
-    model: ModelSlice  # the layers it runs: a view of the hosted slice (see reslice)
-    task: asyncio.Task[object] | None = None
-    downstream: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
-    reader: asyncio.Task[None] | None = None
-    results: asyncio.Queue[swarm_pb2.Result | None] = field(default_factory=asyncio.Queue)
-    subscribed: bool = False
-    history: list[int] = field(default_factory=list)  # tail only: every token so far
-    failure: swarm_pb2.Error | None = None
-    closing: bool = False
-    close_sent: bool = False
-    busy: bool = False
-    last_step_id: int = 0
-    current_step: int = 0  # the step being handled, for error reports
-    steps: int = 0
-    tokens: int = 0
-    opened_at: float = field(default_factory=time.monotonic)
-    last_active: float = field(default_factory=time.monotonic)
-
-    @property
-    def sid(self) -> str:
-        return self.spec.session_id
-
-    def fail(self, error: swarm_pb2.Error) -> None:
-        """End the session from outside its handler (downstream died, idle, shutdown)."""
-        if self.failure is not None or self.closing:
-            return
-        self.failure = error
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-
-
 class NodeService(swarm_pb2_grpc.NodeServicer):
     def __init__(self, config: NodeConfig, model: ModelSlice, scheduler: Scheduler, *, address: str) -> None:
         self.config = config
@@ -97,7 +52,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.scheduler = scheduler
         self.address = address
         self.draining = False
-        self.sessions: dict[str, _Session] = {}
+        self.sessions: dict[str, NodeSession] = {}
         self.opened = 0
         self.refused = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -132,7 +87,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             first = await asyncio.wait_for(requests.__anext__(), self.config.open_timeout)
         except (StopAsyncIteration, asyncio.TimeoutError):
             return
-        session: _Session | None = None
+        session: NodeSession | None = None
         reason = "closed"
         try:
             session = self._admit(first)
@@ -146,7 +101,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             reason = f"refused: {exc.message}"
             step_id = session.current_step if session is not None else 0
             await self._abort(context, self._error(exc.code, exc.message, step_id=step_id), session)
-        except _Failed as exc:
+        except Failed as exc:
             reason = f"failed: {exc.error.message}"
             await self._abort(context, exc.error, session)
         except asyncio.CancelledError:
@@ -160,7 +115,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             if session is not None:
                 await self._release(session, reason)
 
-    def _admit(self, first: swarm_pb2.SessionRequest) -> _Session:
+    def _admit(self, first: swarm_pb2.SessionRequest) -> NodeSession:
         if first.WhichOneof("kind") != "open":
             raise convert.invalid("the first message of a Session stream must be `open`")
         if self.draining:
@@ -187,12 +142,12 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         except (RuntimeError, MemoryError) as exc:  # torch raises RuntimeError/OutOfMemoryError
             self.refused += 1
             raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no memory for the KV cache: {exc}") from exc
-        session = _Session(spec=spec, cache=cache, model=model)
+        session = NodeSession(spec=spec, cache=cache, model=model)
         self.sessions[spec.session_id] = session
         self.opened += 1
         return session
 
-    async def _connect(self, session: _Session) -> None:
+    async def _connect(self, session: NodeSession) -> None:
         """Open the successor's Session stream and wait until the rest of the route is open."""
         hop = session.spec.downstream[0]
         stub = swarm_pb2_grpc.NodeStub(self._channel(hop.address))
@@ -202,18 +157,18 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             await call.write(swarm_pb2.SessionRequest(open=convert.open_to_proto(session.spec, session.spec.downstream)))
             reply = await asyncio.wait_for(call.read(), self.config.open_timeout)
         except asyncio.TimeoutError:
-            raise _Failed(self._error(grpc.StatusCode.DEADLINE_EXCEEDED, "timed out opening the session", at=hop)) from None
+            raise Failed(self._error(grpc.StatusCode.DEADLINE_EXCEEDED, "timed out opening the session", at=hop)) from None
         except grpc.aio.AioRpcError as exc:
-            raise _Failed(self._rpc_error(exc, hop)) from exc
+            raise Failed(self._rpc_error(exc, hop)) from exc
         if reply is grpc.aio.EOF:
-            raise _Failed(self._error(grpc.StatusCode.UNAVAILABLE, "successor ended the stream while opening", at=hop))
+            raise Failed(self._error(grpc.StatusCode.UNAVAILABLE, "successor ended the stream while opening", at=hop))
         if reply.WhichOneof("kind") == "error":
-            raise _Failed(reply.error)
+            raise Failed(reply.error)
         if reply.WhichOneof("kind") != "opened":
-            raise _Failed(self._error(grpc.StatusCode.INTERNAL, "successor answered open with a step ack", at=hop))
+            raise Failed(self._error(grpc.StatusCode.INTERNAL, "successor answered open with a step ack", at=hop))
         session.reader = asyncio.get_running_loop().create_task(self._read_downstream(session, call))
 
-    async def _read_downstream(self, session: _Session, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+    async def _read_downstream(self, session: NodeSession, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
         hop = session.spec.downstream[0]
         try:
             while True:
@@ -231,7 +186,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
 
     async def _serve(
         self,
-        session: _Session,
+        session: NodeSession,
         requests: AsyncIterator[swarm_pb2.SessionRequest],
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> str:
@@ -252,7 +207,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             else:
                 raise convert.invalid("session is already open")
 
-    async def _step(self, session: _Session, msg: swarm_pb2.Step) -> None:
+    async def _step(self, session: NodeSession, msg: swarm_pb2.Step) -> None:
         session.current_step = msg.step_id
         if self.draining:
             raise ProtocolError(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
@@ -278,21 +233,23 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"step {step.step_id} reaches position {step.start_pos + step.length}, past max_length {cache.max_length}",
             )
-        job = self._job(session, step)
+        job = session.job(step)
         session.busy = True
         try:
             out = await self.scheduler.submit(job)
             session.steps += 1
             session.tokens += step.length
             if session.model.is_tail:
-                self._publish(session, step, out.token, out.logprob, out.top, out.logits)
+                result = session.result(step, out)
+                if result is not None:
+                    session.results.put_nowait(result)
             else:
                 assert out.hidden is not None and session.downstream is not None
                 request = swarm_pb2.SessionRequest(step=convert.step_to_proto(step, out.hidden, session.spec.wire_codec))
                 try:
                     await session.downstream.write(request)
                 except grpc.aio.AioRpcError as exc:
-                    raise _Failed(self._rpc_error(exc, session.spec.downstream[0])) from exc
+                    raise Failed(self._rpc_error(exc, session.spec.downstream[0])) from exc
         except ValueError as exc:  # the engine refused the step (checked above; a safety net)
             raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, f"step {step.step_id}: {exc}") from exc
         except RuntimeError as exc:  # the forward itself failed (out of memory, device error)
@@ -301,46 +258,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             session.busy = False
             session.last_active = time.monotonic()
 
-    def _job(self, session: _Session, step: StepIn) -> Job:
-        x = step.tokens if step.hidden is None else step.hidden
-        if not session.model.is_tail:
-            return Job(session.cache, step.start_pos, x, model=session.model)
-        # The tail keeps the token history for the repetition penalty (a rewind --
-        # start_pos before the end -- replaces what follows).
-        del session.history[step.start_pos :]
-        session.history.extend(step.tokens.tolist())
-        request = None
-        if step.sample:
-            gen: Generation = session.spec.generation
-            position = step.start_pos + step.length
-            request = SampleRequest(gen.sampling, position, list(session.history), gen.top_logprobs)
-        return Job(session.cache, step.start_pos, x, sample=request, return_logits=step.return_logits, model=session.model)
-
-    def _publish(
-        self,
-        session: _Session,
-        step: StepIn,
-        token: int | None,
-        logprob: float,
-        top: tuple[tuple[int, float], ...],
-        logits: torch.Tensor | None,
-    ) -> None:
-        if not (step.sample or step.return_logits):
-            return
-        gen = session.spec.generation
-        position = step.start_pos + step.length
-        finished = False
-        if token is not None:
-            generated = position + 1 - gen.prompt_length
-            finished = (
-                token in gen.stop_token_ids
-                or (gen.max_new_tokens > 0 and gen.prompt_length > 0 and generated >= gen.max_new_tokens)
-                or position >= session.spec.max_length
-            )
-        result = StepResult(session.sid, step.step_id, position, token, logprob, top, finished, logits)
-        session.results.put_nowait(convert.result_to_proto(result))
-
-    async def _close_downstream(self, session: _Session, *, wait: bool = True) -> None:
+    async def _close_downstream(self, session: NodeSession, *, wait: bool = True) -> None:
         """Send Close to the successor. Its stream is ordered, so it first finishes every
         step already sent (the tail publishes their results), then frees the session."""
         session.closing = True
@@ -356,7 +274,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, asyncio.TimeoutError) as exc:
             log.debug("session %s: closing downstream: %s", session.sid, exc)
 
-    async def _finish_downstream(self, session: _Session) -> None:
+    async def _finish_downstream(self, session: NodeSession) -> None:
         """Let the successor finish what it was sent, then drop the stream."""
         call = session.downstream
         assert call is not None
@@ -372,7 +290,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
         error: swarm_pb2.Error,
-        session: _Session | None,
+        session: NodeSession | None,
     ) -> None:
         if session is not None:
             session.failure = session.failure or error
@@ -384,7 +302,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             log.debug("could not report error upstream: %s", exc)
         await context.abort(convert.status_code(error), f"{error.message} (at {where})")
 
-    async def _release(self, session: _Session, reason: str) -> None:
+    async def _release(self, session: NodeSession, reason: str) -> None:
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
         if self.on_session_end is not None:
@@ -409,7 +327,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             self.config.max_sessions,
         )
 
-    def _log_open(self, session: _Session) -> None:
+    def _log_open(self, session: NodeSession) -> None:
         spec = session.spec
         log.info(
             "session %s opened: layers [%d, %d), max_length %d, KV %.2f MB, %d hops after this, wire %s, %d/%d active",

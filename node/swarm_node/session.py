@@ -1,0 +1,93 @@
+"""One session's state on a node: its KV cache and slice, its link to the successor,
+and at the tail the token history and the queue of results for the client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from swarm_node import convert
+from swarm_node.convert import OpenSpec, StepIn, StepResult
+from swarm_node.kv_cache import KVCache
+from swarm_node.model import ModelSlice
+from swarm_node.scheduler import Job, JobOutput, SampleRequest
+from swarm_proto import swarm_pb2
+
+
+class Failed(Exception):
+    """The session must end with this in-band error (ours or relayed from downstream)."""
+
+    def __init__(self, error: swarm_pb2.Error) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(eq=False)
+class NodeSession:
+    spec: OpenSpec
+    cache: KVCache
+    model: ModelSlice  # the layers it runs: a view of the hosted slice (see reslice)
+    task: asyncio.Task[object] | None = None  # the handler of the upstream's stream
+    downstream: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
+    reader: asyncio.Task[None] | None = None  # reads the successor's replies
+    results: asyncio.Queue[swarm_pb2.Result | None] = field(default_factory=asyncio.Queue)
+    subscribed: bool = False
+    history: list[int] = field(default_factory=list)  # tail only: every token so far
+    failure: swarm_pb2.Error | None = None
+    closing: bool = False
+    close_sent: bool = False
+    busy: bool = False
+    last_step_id: int = 0
+    current_step: int = 0  # the step being handled, for error reports
+    steps: int = 0
+    tokens: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+
+    @property
+    def sid(self) -> str:
+        return self.spec.session_id
+
+    def fail(self, error: swarm_pb2.Error) -> None:
+        """End the session from outside its handler (downstream died, idle, shutdown)."""
+        if self.failure is not None or self.closing:
+            return
+        self.failure = error
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def job(self, step: StepIn) -> Job:
+        """The scheduler job for a validated step."""
+        x = step.tokens if step.hidden is None else step.hidden
+        if not self.model.is_tail:
+            return Job(self.cache, step.start_pos, x, model=self.model)
+        # The tail keeps the token history for the repetition penalty (a rewind --
+        # start_pos before the end -- replaces what follows).
+        del self.history[step.start_pos :]
+        self.history.extend(step.tokens.tolist())
+        request = None
+        if step.sample:
+            gen = self.spec.generation
+            position = step.start_pos + step.length
+            request = SampleRequest(gen.sampling, position, list(self.history), gen.top_logprobs)
+        return Job(self.cache, step.start_pos, x, sample=request, return_logits=step.return_logits, model=self.model)
+
+    def result(self, step: StepIn, out: JobOutput) -> swarm_pb2.Result | None:
+        """The tail's Result for a computed step (None when the step asked for nothing)."""
+        if not (step.sample or step.return_logits):
+            return None
+        gen = self.spec.generation
+        position = step.start_pos + step.length
+        finished = False
+        if out.token is not None:
+            generated = position + 1 - gen.prompt_length
+            finished = (
+                out.token in gen.stop_token_ids
+                or (gen.max_new_tokens > 0 and gen.prompt_length > 0 and generated >= gen.max_new_tokens)
+                or position >= self.spec.max_length
+            )
+        r = StepResult(self.sid, step.step_id, position, out.token, out.logprob, out.top, finished, out.logits)
+        return convert.result_to_proto(r)
