@@ -94,11 +94,19 @@ def _async_client(backend: SwarmClient | AsyncSwarmClient) -> AsyncSwarmClient:
     return AsyncSwarmClient(backend)  # type: ignore[call-arg,arg-type]
 
 
-class Gateway:
-    """What the handlers share: the client, keys and limits, metrics, activity."""
+Backend = SwarmClient | AsyncSwarmClient
+BackendFactory = Callable[[], Backend]
 
-    def __init__(self, backend: SwarmClient | AsyncSwarmClient, view: SwarmView | None, config: GatewayConfig) -> None:
-        self.client = _async_client(backend)
+
+class Gateway:
+    """What the handlers share: the client, keys and limits, metrics, activity.
+
+    ``backend`` may be a zero-argument callable that builds the client; it then runs in
+    a worker thread when the app starts (loading a tokenizer takes seconds, and the
+    coordinator's event loop must keep serving meanwhile).
+    """
+
+    def __init__(self, backend: Backend | BackendFactory, view: SwarmView | None, config: GatewayConfig) -> None:
         self.view = view
         self.config = config
         default = KeyLimits(config.requests_per_minute, config.tokens_per_minute)
@@ -107,16 +115,40 @@ class Gateway:
         self.metrics = CoordinatorMetrics(state=(lambda: view.state) if view is not None else None)
         self.activity = Activity()
         self.created = int(time.time())
+        self._factory: BackendFactory | None = None
+        self._client: AsyncSwarmClient | None = None
+        if isinstance(backend, (SwarmClient, AsyncSwarmClient)):
+            self._set_client(backend)
+        else:
+            self._factory = backend
+            self._name_models("")
+        self._changed = asyncio.Event()
+        self._last_event: Event | None = None
+
+    @property
+    def client(self) -> AsyncSwarmClient:
+        if self._client is None:
+            raise OpenAIError(503, "the gateway is still starting", type="server_error", code="starting")
+        return self._client
+
+    async def load(self) -> None:
+        """Build the client from its factory, if one was given (in a worker thread)."""
+        if self._client is None and self._factory is not None:
+            self._set_client(await asyncio.to_thread(self._factory))
+
+    def _set_client(self, backend: Backend) -> None:
+        self._client = _async_client(backend)
+        self._name_models(getattr(self._client.tokenizer, "source", ""))
+
+    def _name_models(self, source: str) -> None:
+        view, config = self.view, self.config
         names = [config.model_id] if config.model_id else []
         if view is not None:
             names.append(model_id_for(view.state.model))
-        source = getattr(self.client.tokenizer, "source", "")
         if source:
-            names.append(model_id_for(source))
+            names.append(model_id_for(str(source)))
         self.model_id = names[0] if names else "llama-swarm"
         self.model_ids = frozenset(names + ([view.state.model] if view is not None else []) + [self.model_id])
-        self._changed = asyncio.Event()
-        self._last_event: Event | None = None
 
     # -- auth and limits --
 
@@ -248,11 +280,12 @@ class Gateway:
 
 
 def create_app(
-    backend: SwarmClient | AsyncSwarmClient,
+    backend: Backend | BackendFactory,
     registry_view: SwarmView | None = None,
     config: GatewayConfig | None = None,
 ) -> Starlette:
     """The ASGI app of the gateway, dashboard and metrics (see the module docstring).
+    ``backend`` is a client, or a callable that builds one when the app starts;
     ``app.state.gateway`` is the :class:`Gateway` behind it."""
     gw = Gateway(backend, registry_view, config or GatewayConfig())
     api = OpenAIRoutes(gw)
@@ -308,6 +341,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gw._changed = asyncio.Event()  # bind to the serving loop
+        await gw.load()
         watcher = asyncio.get_running_loop().create_task(gw.watch(), name="gateway-watch")
         try:
             yield
