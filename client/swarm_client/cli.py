@@ -5,6 +5,7 @@
     swarm generate PROMPT --local [options]    stream a completion, model in-process
     swarm generate PROMPT --coordinator H:P    stream a completion over the swarm (with failover)
     swarm generate PROMPT --route HOPS         ... along fixed hops host:port=0:10,host:port=10:30
+    swarm up [--nodes N] [--model M]           a coordinator and N nodes on this machine, until Ctrl-C
 
 Text goes to stdout; progress, statistics and errors go to stderr. Exit status:
 0 success, 1 a failed request (message on stderr), 2 bad usage, 130 interrupted.
@@ -57,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     gen.add_argument("--device", default="cpu", help="torch device for --local (cpu, cuda, mps)")
     gen.add_argument("--stats", action="store_true", help="print timing and the finish reason to stderr")
+
+    up = sub.add_parser("up", help="start a coordinator and N nodes on this machine; Ctrl-C stops them")
+    up.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
+    up.add_argument("--model", default="", help="model file/folder or name (default: smollm2-135m)")
+    up.add_argument("--port", type=int, default=0, help="coordinator gRPC port (default: a free one)")
+    up.add_argument("--http-port", type=int, default=0, help="HTTP gateway port (default: a free one)")
+    up.add_argument("--mqtt-port", type=int, default=0, help="embedded MQTT broker port (default: a free one)")
+    up.add_argument("--swarm-id", default="local", help="swarm name (default: local)")
+    up.add_argument("--threads", type=int, default=0, help="torch threads per node (default: cores / nodes)")
+    up.add_argument("--memory-budget", default="", help="weights each node may hold, e.g. 1G (default: 80%% of free memory)")
+    up.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    up.add_argument("--replicas", type=int, default=1, help="copies of each layer wanted")
+    up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait until the model is covered")
+    up.add_argument("--log-dir", default="", help="where the daemons' logs go (default: a temporary folder)")
+    up.add_argument("--ready-file", default="", help="write the coordinator's HOST:PORT here once the model is covered")
     return parser
 
 
@@ -175,6 +191,37 @@ def _print_event(event: Any, args: argparse.Namespace) -> None:
             )
 
 
+# -- up -------------------------------------------------------------------------------------
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    # The one place the client reaches above itself (proto <- node <- client <- coordinator):
+    # `swarm up` only starts the coordinator as a process, and the import stays lazy so
+    # `import swarm_client` never loads the coordinator package.
+    from swarm_coordinator.up import UpConfig, run
+
+    config = UpConfig(
+        nodes=args.nodes,
+        model=args.model,
+        port=args.port,
+        http_port=args.http_port,
+        mqtt_port=args.mqtt_port,
+        swarm_id=args.swarm_id,
+        threads=args.threads,
+        memory_budget=args.memory_budget,
+        dtype=args.dtype,
+        replicas=args.replicas,
+        timeout=args.timeout,
+        log_dir=args.log_dir,
+        ready_file=args.ready_file,
+    )
+    try:
+        return run(config)
+    except RuntimeError as exc:
+        sys.stderr.write(f"swarm up: {exc}\n")
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -188,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("model", "pull"): _cmd_model_pull,
         ("model", "path"): _cmd_model_path,
         ("generate", None): _cmd_generate,
+        ("up", None): _cmd_up,
     }
     handler = handlers[(args.command, getattr(args, "model_command", None))]
     try:

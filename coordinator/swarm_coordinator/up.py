@@ -1,0 +1,242 @@
+"""``swarm up``: a whole swarm on this machine, as processes, with one command.
+
+It starts a coordinator (with its embedded MQTT broker) and ``N`` nodes that join it
+with ``--coordinator``, waits until the model is covered (the coordinator hands out
+a route), prints the endpoints and waits. Ctrl-C (or SIGTERM) stops the nodes (they
+drain), then the coordinator. If the coordinator dies, everything stops.
+
+The daemons are the same ``swarm-coordinator`` and ``swarm-node`` programs one runs
+by hand (started as ``python -m``, so the same interpreter); their logs go to files in
+``--log-dir`` (a temporary folder by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+
+from swarm_proto import swarm_pb2, swarm_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LocalSwarm", "UpConfig", "run"]
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    nodes: int = 3
+    model: str = ""  # path or known name; "" = the default model
+    host: str = "127.0.0.1"
+    port: int = 0  # coordinator gRPC; 0 picks one
+    http_port: int = 0
+    mqtt_port: int = 0
+    swarm_id: str = "local"
+    threads: int = 0  # torch threads per node; 0 = cores / nodes
+    memory_budget: str = ""  # per node, e.g. 1G; "" = each node's default
+    dtype: str = "float32"
+    replicas: int = 1
+    timeout: float = 300.0  # seconds to wait for the model to be covered
+    log_dir: str = ""
+    ready_file: str = ""  # written with the coordinator's HOST:PORT once covered
+    extra_node_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError("--nodes must be at least 1")
+
+
+class _Proc:
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True
+        )
+        self.first_line = ""
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True).start()
+
+    def _read(self) -> None:
+        out: IO[str] | None = self.proc.stdout
+        assert out is not None
+        for line in out:
+            if not self.first_line:
+                self.first_line = line.strip()
+                self._ready.set()
+        self._ready.set()
+
+    def wait_line(self, timeout: float) -> str:
+        self._ready.wait(timeout)
+        if not self.first_line:
+            raise RuntimeError(f"{self.name} did not start (exit {self.proc.poll()}); log: {self.log_path}\n{self.tail()}")
+        return self.first_line
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-n:])
+        except OSError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def close(self) -> None:
+        if self.alive:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+class LocalSwarm:
+    """The processes of one ``swarm up``; ``start()`` returns once the model is covered."""
+
+    def __init__(self, config: UpConfig) -> None:
+        self.config = config
+        self.log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="swarm-up-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.coordinator: _Proc | None = None
+        self.nodes: list[_Proc] = []
+        self.address = ""
+        self.mqtt_url = ""
+        self.http = ""
+
+    def start(self) -> None:
+        cfg = self.config
+        py = sys.executable
+        model = ["--model", cfg.model] if cfg.model else []
+        self.coordinator = _Proc(
+            "coordinator",
+            [py, "-m", "swarm_coordinator.cli", *model, "--host", cfg.host, "--port", str(cfg.port),
+             "--http-port", str(cfg.http_port), "--mqtt-port", str(cfg.mqtt_port), "--swarm-id", cfg.swarm_id,
+             "--replicas", str(cfg.replicas), "--dtype", cfg.dtype],
+            self.log_dir / "coordinator.log",
+        )
+        line = self.coordinator.wait_line(60)
+        # "swarm-coordinator listening on HOST:PORT mqtt=URL http=ADDR|off"
+        words = line.split()
+        self.address = words[3]
+        self.mqtt_url = words[4].removeprefix("mqtt=")
+        self.http = words[5].removeprefix("http=")
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.nodes)
+        budget = ["--memory-budget", cfg.memory_budget] if cfg.memory_budget else []
+        for i in range(cfg.nodes):
+            self.nodes.append(
+                _Proc(
+                    f"node-{i}",
+                    [py, "-m", "swarm_node.cli", "--coordinator", self.address, *model, "--host", cfg.host,
+                     "--port", "0", "--node-id", f"{cfg.swarm_id}-node-{i}", "--threads", str(threads),
+                     "--dtype", cfg.dtype, *budget, *cfg.extra_node_args],
+                    self.log_dir / f"node-{i}.log",
+                )
+            )
+        self._wait_covered(cfg.timeout)
+        if cfg.ready_file:
+            Path(cfg.ready_file).write_text(self.address + "\n")
+
+    def _wait_covered(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = swarm_pb2_grpc.CoordinatorStub(channel)
+            while True:
+                self._check_alive()
+                try:
+                    stub.GetRoute(swarm_pb2.RouteRequest(max_length=1), timeout=5)
+                    return
+                except grpc.RpcError as exc:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the model is not covered after {timeout:g} s: {exc.details()}") from exc  # type: ignore[attr-defined]
+                time.sleep(0.3)
+
+    def _check_alive(self) -> None:
+        assert self.coordinator is not None
+        for proc in [self.coordinator, *self.nodes]:
+            if not proc.alive:
+                raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}; log {proc.log_path}:\n{proc.tail()}")
+
+    def list_nodes(self) -> list[swarm_pb2.NodeInfo]:
+        with grpc.insecure_channel(self.address) as channel:
+            return list(swarm_pb2_grpc.CoordinatorStub(channel).ListNodes(swarm_pb2.ListNodesRequest(), timeout=5).nodes)
+
+    def describe(self) -> str:
+        lines = [
+            f"coordinator  {self.address}   (swarm generate --coordinator {self.address} \"...\")",
+            f"mqtt broker  {self.mqtt_url}",
+            f"http         {'http://' + self.http if self.http != 'off' else 'off'}",
+        ]
+        for n in sorted(self.list_nodes(), key=lambda n: (n.start, n.node_id)):
+            lines.append(f"node         {n.address}   layers [{n.start}, {n.end})   {n.node_id} on {n.device}")
+        lines.append(f"logs         {self.log_dir}")
+        return "\n".join(lines)
+
+    def wait(self, stop: threading.Event) -> None:
+        """Block until ``stop`` is set or the coordinator dies."""
+        assert self.coordinator is not None
+        while not stop.wait(0.5):
+            if not self.coordinator.alive:
+                log.error("the coordinator exited:\n%s", self.coordinator.tail())
+                return
+            for node in self.nodes:
+                if not node.alive and node.proc.returncode not in (None, 0):
+                    log.warning("%s exited with %s (log %s)", node.name, node.proc.returncode, node.log_path)
+                    node.proc.returncode = 0  # report once
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Nodes first (they drain and say goodbye), then the coordinator."""
+        for node in self.nodes:
+            node.signal(signal.SIGTERM)
+        for node in self.nodes:
+            node.wait(timeout)
+        if self.coordinator is not None:
+            self.coordinator.signal(signal.SIGTERM)
+            self.coordinator.wait(timeout)
+        for proc in [*self.nodes, *([self.coordinator] if self.coordinator else [])]:
+            proc.close()
+
+
+def run(config: UpConfig, out: IO[str] = sys.stdout) -> int:
+    """``swarm up``: start, print the endpoints, wait for Ctrl-C, stop everything."""
+    swarm = LocalSwarm(config)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        out.write(f"starting a coordinator and {config.nodes} node(s); logs in {swarm.log_dir}\n")
+        out.flush()
+        swarm.start()
+        if stop.is_set():
+            return 130
+        out.write(swarm.describe() + "\nthe model is covered; Ctrl-C stops the swarm\n")
+        out.flush()
+        swarm.wait(stop)
+        return 0 if stop.is_set() else 1
+    finally:
+        out.write("stopping the swarm\n")
+        out.flush()
+        swarm.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if config.ready_file:
+            Path(config.ready_file).unlink(missing_ok=True)
