@@ -212,3 +212,20 @@ def test_bad_flags_exit_with_a_message(tiny_models: dict[str, Path]) -> None:
     proc = subprocess.run(_command() + ["--model", str(tiny_models["llama3"]), "--layers", "0:9"], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "not inside the model's 6 layers" in proc.stderr
+
+
+async def test_default_model_over_three_processes(spawn: Any, default_model: Path, default_reference: Any, default_tokenizer: Any) -> None:
+    """SmolLM2 (GGUF, 30 layers) cut in three: the greedy continuation transformers gives."""
+    nodes = [spawn(default_model, layers, "--threads", "2") for layers in ("0:11", "11:22", "22:30")]
+    prompt = default_tokenizer("The capital of France is")["input_ids"]
+    tokens: list[int] = []
+    async with RouteSession([n.hop for n in nodes], max_length=64, prefill_chunk=3) as s:
+        out = await s.prefill(prompt)
+        tokens.append(out.token)  # type: ignore[arg-type]
+        for _ in range(5):
+            out = await s.decode(tokens[-1])
+            tokens.append(out.token)  # type: ignore[arg-type]
+    with torch.no_grad():
+        ref = default_reference.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt) :]
+    assert tokens[: len(ref)] == ref.tolist()  # generate() stops early at EOS
+    assert default_tokenizer.decode(tokens).startswith(" Paris")
