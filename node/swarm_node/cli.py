@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--idle-timeout", float, defaults["idle_timeout"].default, "seconds before an idle session is freed")
     add("--drain-timeout", float, defaults["drain_timeout"].default, "seconds SIGTERM waits for in-flight steps")
     add("--max-batch-tokens", int, defaults["max_batch_tokens"].default, "positions merged into one forward")
-    add("--token", str, "", "swarm token required on every call and sent to successors")
+    add("--token", str, "", "swarm token required on every call and sent to successors; prefer the env var, flags show in ps")
     add("--node-id", str, None, "identity reported to the swarm (default: host-pid)")
     add("--coordinator", str, None, "join the swarm of the coordinator at HOST:PORT and host the layers it assigns")
     add("--memory-budget", str, None, "bytes of weights this node may hold, e.g. 2G (default: 80%% of free memory)")
