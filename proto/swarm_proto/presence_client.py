@@ -296,11 +296,15 @@ class PresenceClient(ReconnectingClient):
 
     async def on_message(self, message: aiomqtt.Message) -> None:
         try:
-            kind, _, payload = decode(self.topics, message.topic.value, bytes(message.payload))
+            kind, node_id, payload = decode(self.topics, message.topic.value, bytes(message.payload))
         except PayloadError as exc:
             log.warning("%s: ignoring malformed message on %s: %s", self.client_id, message.topic, exc)
             return
         if kind is not TopicKind.ASSIGN or not isinstance(payload, Assign):
+            return
+        if node_id != self._status.node_id:
+            # amqtt 0.12 sends a connecting client the retained messages of every
+            # subscription on the broker, not only of its own: not ours, not for us.
             return
         if self.assignment is not None and payload.epoch < self.assignment.epoch:
             log.info("%s: ignoring stale assignment epoch %d", self.client_id, payload.epoch)
