@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", str, defaults["dtype"].default, "the nodes' compute dtype (sizes layers against memory budgets)",
         choices=["float32", "bfloat16", "float16"])
     add("--node-timeout", float, defaults["node_timeout"].default, "seconds of silence before a node counts as offline")
+    add("--settle", float, defaults["settle"].default, "seconds changes gather before a plan (a burst of joins: one plan)")
     add("--log-level", str, "INFO", "logging level")
+    from swarm_coordinator.http.mount import add_gateway_flags
+
+    add_gateway_flags(p)  # --api-key, --api-keys-file, --rate-limit-rpm/-tpm, --model-id
     return p
 
 
@@ -67,13 +71,16 @@ def config_from_args(ns: argparse.Namespace) -> CoordinatorConfig:
         min_gain=ns.min_gain,
         dtype=ns.dtype,
         node_timeout=ns.node_timeout,
+        settle=ns.settle,
     )
 
 
-async def _run(config: CoordinatorConfig) -> None:
+async def _run(config: CoordinatorConfig, ns: argparse.Namespace) -> None:
+    from swarm_coordinator.http.mount import coordinator_app, gateway_config_from_args
     from swarm_coordinator.server import CoordinatorServer
 
-    server = CoordinatorServer(config)
+    gateway = gateway_config_from_args(ns)
+    server = CoordinatorServer(config, http_app=lambda coordinator: coordinator_app(coordinator, gateway))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -103,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, SwarmNodeError) as exc:
         raise SystemExit(f"swarm-coordinator: {exc}") from exc
     try:
-        asyncio.run(_run(config))
+        asyncio.run(_run(config, ns))
     except (CoordinatorError, SwarmNodeError, OSError) as exc:
         raise SystemExit(f"swarm-coordinator: {exc}") from exc
     return 0

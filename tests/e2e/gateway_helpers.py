@@ -9,16 +9,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-
-from swarm_client.remote import Hop, RouteSession
-from swarm_client.types import SampledToken
-from swarm_node.sampler import SamplingParams
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -109,34 +105,78 @@ def local_cli(model: Path, prompt: str, *args: str) -> str:
     return done.stdout[:-1]
 
 
-class StaticRoute:
-    """An ``AsyncTokenSource`` over a fixed route of nodes (no coordinator, no failover)."""
+@dataclass
+class Swarm:
+    """A coordinator (with its gateway) and nodes that joined it, all real processes."""
 
-    def __init__(self, hops: Sequence[Hop], *, max_context: int, eos_token_ids: Sequence[int]) -> None:
-        self.hops = tuple(hops)
-        self._max_context = max_context
-        self._eos = tuple(eos_token_ids)
+    coordinator: Proc
+    address: str  # gRPC host:port of the coordinator
+    url: str  # http://host:port of its gateway
+    nodes: dict[str, Proc]
+    node_metrics: dict[str, str]  # node id -> its /metrics URL
 
-    @property
-    def max_context(self) -> int:
-        return self._max_context
+    def wait(self, predicate: Any, timeout: float = 120.0, what: str = "the swarm") -> Any:
+        """Poll ``/dashboard/state`` until ``predicate(state)`` is true; returns that state."""
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            try:
+                state = get_json(self.url + "/dashboard/state")
+                if predicate(state):
+                    return state
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise AssertionError(f"timed out waiting for {what}; last state: {state and state['nodes']}")
 
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self._eos
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+        self.coordinator.stop()
 
-    async def tokens(
-        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
-    ) -> AsyncIterator[SampledToken]:
-        length = len(prompt_ids) + max_new_tokens
-        async with RouteSession(self.hops, max_length=length, sampling=params, prompt_length=len(prompt_ids)) as s:
-            out = await s.prefill(list(prompt_ids))
-            for i in range(max_new_tokens):
-                assert out.token is not None
-                yield SampledToken(out.token, out.logprob)
-                if i + 1 == max_new_tokens:
-                    break
-                out = await s.decode(out.token)
+
+def ready(n: int) -> Any:
+    """Predicate: ``n`` nodes ready and every layer served."""
+
+    def check(state: Any) -> bool:
+        return sum(1 for x in state["nodes"] if x["state"] == "ready") >= n and not state["uncovered"] and bool(state["coverage"])
+
+    return check
+
+
+def start_swarm(
+    model: Path, n_nodes: int, logs: Path, *, coordinator_args: Sequence[str] = (), node_timeout: float = 3.0
+) -> Swarm:
+    """``swarm-coordinator`` with its gateway on a free port, and ``n_nodes`` nodes (one
+    torch thread each, metrics on) that join it; returns once the model is covered."""
+    coord = Proc.start(
+        script("swarm-coordinator")
+        + ["--model", str(model), "--port", "0", "--http-port", "0", "--mqtt-port", "0"]
+        + ["--node-timeout", str(node_timeout), *coordinator_args],
+        logs / "coordinator.log",
+    )
+    nodes: dict[str, Proc] = {}
+    try:
+        line = coord.wait_line("swarm-coordinator listening on")
+        fields = dict(f.split("=", 1) for f in line.split()[1:])
+        address, url = line.split()[0], "http://" + fields["http"]
+        for i in range(n_nodes):
+            node_id = f"node-{i}"
+            nodes[node_id] = Proc.start(
+                script("swarm-node")
+                + ["--coordinator", address, "--model", str(model), "--port", "0", "--threads", "1"]
+                + ["--node-id", node_id, "--metrics-port", "0"],
+                logs / f"{node_id}.log",
+            )
+        metrics = {node_id: proc.wait_line("metrics on") for node_id, proc in nodes.items()}
+        swarm = Swarm(coord, address, url, nodes, metrics)
+        swarm.wait(ready(n_nodes), timeout=240, what=f"{n_nodes} nodes covering the model")
+        return swarm
+    except BaseException:
+        for proc in nodes.values():
+            proc.kill()
+        coord.kill()
+        raise
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

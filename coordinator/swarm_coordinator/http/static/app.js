@@ -224,10 +224,11 @@ function renderEvents(s) {
 
 // ---------------------------------------------------------------- charts
 
-function niceMax(v) {
-  if (!(v > 0)) return 1;
+function niceStep(v) {
+  // A round step for 4 grid lines: 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8 times a power of ten.
+  if (!(v > 0)) return 0.25;
   const p = Math.pow(10, Math.floor(Math.log10(v)));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
   return 10 * p;
 }
 
@@ -247,7 +248,7 @@ function drawChart(canvas, series, now, unit) {
   const t0 = now - HISTORY_S;
   let vmax = 0;
   for (const s of series) for (const [t, v] of s.points) if (v !== null && t >= t0) vmax = Math.max(vmax, v);
-  const ymax = niceMax(vmax * 1.1);
+  const ymax = 4 * niceStep((vmax * 1.1) / 4);
   const x = (t) => padL + ((t - t0) / HISTORY_S) * pw;
   const y = (v) => padT + ph - (v / ymax) * ph;
 
@@ -264,7 +265,8 @@ function drawChart(canvas, series, now, unit) {
     ctx.lineTo(w - padR, yy);
     ctx.stroke();
     ctx.textAlign = "right";
-    ctx.fillText(fmt(v, v < 10 ? 1 : 0) + (i === 4 && unit ? " " + unit : ""), padL - 6, yy);
+    const label = v >= 1e4 ? fmt(v) : String(Math.round(v * 100) / 100);
+    ctx.fillText(label, padL - 6, yy);
   }
   ctx.textAlign = "center";
   ctx.textBaseline = "top";
@@ -283,6 +285,18 @@ function drawChart(canvas, series, now, unit) {
       if (!pen) { ctx.moveTo(x(t), y(v)); pen = true; } else ctx.lineTo(x(t), y(v));
     }
     ctx.stroke();
+    // A point with no neighbour draws no line: show it as a dot.
+    ctx.fillStyle = s.color;
+    s.points.forEach(([t, v], i) => {
+      if (t < t0 || v === null) return;
+      const prev = s.points[i - 1], next = s.points[i + 1];
+      if ((!prev || prev[1] === null) && (!next || next[1] === null)) {
+        ctx.beginPath();
+        ctx.arc(x(t), y(v), 2.5, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+    });
+    ctx.fillStyle = "#5c6975";
     if (s.fill) {
       const pts = s.points.filter(([t, v]) => t >= t0 && v !== null);
       if (pts.length > 1) {
@@ -331,7 +345,7 @@ function renderCharts(s) {
 
 function render(s) {
   last = s;
-  $("model").textContent = s.model + (s.swarm && s.swarm.model !== s.model ? ` · ${s.swarm.model}` : "");
+  $("model").textContent = s.model + (s.swarm && !s.swarm.model.startsWith(s.model) ? ` · ${s.swarm.model}` : "");
   document.title = `llama-swarm · ${s.model}`;
   $("key-label").hidden = !s.auth_required;
   reported.push([s.time, s.totals.reported_tokens_per_s]);
