@@ -1,0 +1,140 @@
+"""The dashboard in a real browser (Debian's headless chromium, driven by Playwright).
+
+A coordinator and three nodes run as processes. The page must show the three nodes
+and full coverage; when a node is killed in the middle of a streamed generation it
+must show the node offline, the events (leave, failover, reassignment) and coverage
+restored, all without a reload, while the generation finishes with the same text
+as without the failure; a prompt typed in the box must stream an answer. The test
+saves a screenshot under bench/results/ (and the test's temp dir).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from e2e.gateway_helpers import CHROMIUM, CHROMIUM_ARGS, Swarm, start_swarm
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+STORY = "Write a short story about a lighthouse keeper and a storm."
+MAX_TOKENS = 72
+
+
+@pytest.fixture(scope="module")
+def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    swarm = start_swarm(default_model, 3, tmp_path_factory.mktemp("dashboard-swarm"))
+    try:
+        yield swarm
+    finally:
+        swarm.stop()
+
+
+def _victim(state: Any) -> str:
+    """A node in the middle of the route (or any node serving layers)."""
+    serving = [n for n in state["nodes"] if n["serving"]]
+    middle = [n for n in serving if n["serving"][0] > 0 and n["serving"][1] < state["swarm"]["num_layers"]]
+    return str((middle or serving)[-1]["id"])
+
+
+def test_dashboard_follows_the_swarm_live(swarm: Swarm, tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (make deps-system)")
+    from playwright.sync_api import expect, sync_playwright
+
+    api = openai.OpenAI(base_url=swarm.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    model = api.models.list().data[0].id
+    messages: Any = [{"role": "user", "content": STORY}]
+    expected = api.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    assert expected.choices[0].finish_reason == "length"
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1366, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(swarm.url + "/")
+
+        # Three nodes, every layer covered.
+        for node_id in swarm.nodes:
+            expect(page.locator(f'#nodes tr[data-node-id="{node_id}"]')).to_have_attribute("data-state", "ready")
+        expect(page.locator("#coverage")).to_have_attribute("data-uncovered", "0")
+        expect(page.locator("#coverage .row.count .cell.gap")).to_have_count(0)
+        expect(page.locator("#t-nodes")).to_have_text("3 / 3")
+        expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+        page.evaluate("window.__sameDocument = true")
+        reassigns = page.locator('#events li[data-kind="reassign"]').count()
+
+        # Kill a node of the route while a generation streams through the gateway.
+        victim = _victim(swarm.wait(lambda s: True))
+        streamed: list[str] = []
+        failures: list[BaseException] = []
+        ten_tokens = threading.Event()
+
+        def stream() -> None:
+            try:
+                for chunk in api.chat.completions.create(
+                    model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+                ):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        streamed.append(chunk.choices[0].delta.content)
+                        if len(streamed) >= 10:
+                            ten_tokens.set()
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+            finally:
+                ten_tokens.set()
+
+        worker = threading.Thread(target=stream)
+        worker.start()
+        assert ten_tokens.wait(120)
+        expect(page.locator("#sessions tbody tr:not(.recent)")).not_to_have_count(0)  # the live session
+        swarm.nodes[victim].kill()
+
+        row = page.locator(f'#nodes tr[data-node-id="{victim}"]')
+        expect(row).to_have_attribute("data-state", "offline", timeout=30_000)
+        expect(page.locator(f'#events li[data-kind="leave"][data-node="{victim}"]')).to_have_count(1, timeout=30_000)
+        expect(page.locator("#t-nodes")).to_have_text("2 / 3")
+        expect(page.locator('#events li[data-kind="reassign"]')).to_have_count(reassigns + 1, timeout=90_000)
+        for node_id in swarm.nodes:
+            if node_id != victim:
+                expect(page.locator(f'#nodes tr[data-node-id="{node_id}"]')).to_have_attribute(
+                    "data-state", "ready", timeout=90_000
+                )
+        expect(page.locator("#coverage")).to_have_attribute("data-uncovered", "0", timeout=90_000)
+        expect(page.locator(f'#coverage .row[data-node-id="{victim}"] .cell.serving')).to_have_count(0)
+
+        worker.join(240)
+        assert not worker.is_alive() and not failures, failures
+        assert "".join(streamed) == expected.choices[0].message.content  # failover kept the text
+        expect(page.locator('#events li[data-kind="failover"]')).not_to_have_count(0, timeout=30_000)
+
+        # A prompt typed in the box streams an answer.
+        page.evaluate(
+            """() => {
+                window.__updates = 0;
+                new MutationObserver(() => window.__updates++).observe(
+                    document.getElementById("prompt-output"), {childList: true, characterData: true, subtree: true});
+            }"""
+        )
+        page.fill("#prompt-input", "What is the capital of France?")
+        page.click("#prompt-send")
+        expect(page.locator("#prompt-stats")).to_contain_text("finished", timeout=120_000)
+        assert "Paris" in page.locator("#prompt-output").inner_text()
+        assert page.evaluate("window.__updates") > 2  # it arrived in pieces, not at once
+
+        assert page.evaluate("window.__sameDocument") is True  # nothing above reloaded the page
+        assert not errors, errors
+        page.wait_for_timeout(1500)  # let the charts take a few more points
+        shot = tmp_path / "dashboard.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, RESULTS / "dashboard.png")
