@@ -1,0 +1,307 @@
+"""The control plane with real processes: a mosquitto broker, a ``swarm-coordinator`` and
+``swarm-node --coordinator`` daemons on loopback, serving the default model.
+
+One swarm is shared by the module and the tests run in order, each leaving the swarm
+as the next expects: join and assignment, generation equal to ``--local``, a joiner
+that does not reshuffle, a broker restart, a coordinator restart during a generation,
+a node killed with SIGKILL. ``swarm up`` (embedded broker) is tested on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from swarm_client.api import AsyncSwarmClient, SwarmClient
+from swarm_coordinator.assignment import propose
+from swarm_coordinator.broker import MosquittoBroker, find_mosquitto, free_port
+from swarm_coordinator.planner import decide
+from swarm_coordinator.registry import Registry, RegistryConfig
+from swarm_coordinator.state import SwarmState
+from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.presence import NodeState
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed (make deps-system)"),
+]
+
+SWARM = "e2e"
+KEEPALIVE = 5  # the nodes' MQTT keepalive (swarm_node.agent.NodeAgent default)
+MB = 1 << 20
+PROMPT = "The capital of France is"
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log: Path
+    proc: subprocess.Popen[str] | None = None
+    first_line: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def start(self) -> Proc:
+        self.first_line.clear()
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if not self.first_line:
+                self.first_line.append(line.strip())
+
+    def line(self, timeout: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout
+        while not self.first_line:
+            assert self.proc is not None
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        return self.first_line[0]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Swarm:
+    model: Path
+    broker: MosquittoBroker
+    coordinator: Proc
+    nodes: dict[str, Proc]
+    address: str
+    tmp: Path
+
+    def node(self, name: str, speed: float, budget_mb: int) -> Proc:
+        argv = [sys.executable, "-m", "swarm_node.cli", "--coordinator", self.address, "--model", str(self.model),
+                "--port", "0", "--node-id", name, "--threads", "1", "--speed", str(speed),
+                "--memory-budget", f"{budget_mb}M", "--max-length", "512"]
+        proc = Proc(name, argv, self.tmp / f"{name}.log").start()
+        self.nodes[name] = proc
+        return proc
+
+    def stub(self, channel: grpc.Channel) -> swarm_pb2_grpc.CoordinatorStub:
+        return swarm_pb2_grpc.CoordinatorStub(channel)
+
+    def list_nodes(self) -> dict[str, tuple[int, int]]:
+        with grpc.insecure_channel(self.address) as ch:
+            nodes = self.stub(ch).ListNodes(swarm_pb2.ListNodesRequest(), timeout=5).nodes
+        return {n.node_id: (n.start, n.end) for n in nodes}
+
+    def route(self) -> list[tuple[str, int, int]]:
+        with grpc.insecure_channel(self.address) as ch:
+            hops = self.stub(ch).GetRoute(swarm_pb2.RouteRequest(max_length=64), timeout=5).hops
+        return [(h.node_id, h.start, h.end) for h in hops]
+
+    def observe(self, predicate: Callable[[SwarmState], bool], timeout: float) -> SwarmState:
+        """Watch the broker like a second coordinator would (retained messages + live)."""
+        return asyncio.run(_observe(self.broker.url, predicate, timeout))
+
+
+async def _observe(url: str, predicate: Callable[[SwarmState], bool], timeout: float) -> SwarmState:
+    config = RegistryConfig(url, SWARM, "SmolLM2-135M-Instruct.Q4_1.gguf", 30, 14_160_384, client_id="observer")
+    async with Registry(config) as registry:
+        return await registry.wait_until(predicate, timeout)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+            last = result
+        except grpc.RpcError as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+def coordinator_proc(model: Path, port: int, broker: str, tmp: Path) -> Proc:
+    argv = [sys.executable, "-m", "swarm_coordinator.cli", "--model", str(model), "--port", str(port),
+            "--http-port", "0", "--mqtt", broker, "--swarm-id", SWARM, "--settle", "3"]
+    return Proc("coordinator", argv, tmp / "coordinator.log")
+
+
+@pytest.fixture(scope="module")
+def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    tmp = tmp_path_factory.mktemp("control-plane")
+    broker = MosquittoBroker()
+    broker.start()
+    port = free_port()
+    coordinator = coordinator_proc(default_model, port, broker.url, tmp)
+    s = Swarm(default_model, broker, coordinator, {}, f"127.0.0.1:{port}", tmp)
+    try:
+        # Nodes first: they wait for the coordinator, so all three join within one settle window.
+        s.node("fast", 300, 300)  # room for 21 layers of 14.2 MB
+        s.node("mid", 200, 200)  # 14
+        s.node("slow", 100, 100)  # 7
+        coordinator.start().line()
+        yield s
+    finally:
+        for proc in [*s.nodes.values(), s.coordinator]:
+            proc.stop()
+        broker.close()
+
+
+def node_range(address: str) -> tuple[int, int]:
+    with grpc.insecure_channel(address) as ch:
+        info = swarm_pb2_grpc.NodeStub(ch).Info(swarm_pb2.InfoRequest(), timeout=5)
+    return info.start, info.end
+
+
+def test_nodes_load_the_layers_they_are_assigned(swarm: Swarm) -> None:
+    wait_for("a route over the whole model", swarm.route, timeout=120)
+    state = swarm.observe(lambda s: all(v.serving for v in s.online()) and len(s.online()) == 3, 30)
+    assignment = state.current_assignment()
+    # the layer counts follow the rule: shares of speed within memory, all three in one plan
+    assert assignment == propose(state) == decide(state)
+    assert {n: len(assignment[n]) for n in assignment} == {"fast": 15, "mid": 10, "slow": 5}
+    assert assignment.covers(30)
+    # ... and what each node process actually serves is what it was assigned
+    for view in state.online():
+        assert view.serving == assignment[view.node_id]
+        assert node_range(view.address) == (view.serving.start, view.serving.end)
+    assert swarm.list_nodes() == {n: (r.start, r.end) for n, r in assignment.items()}
+
+
+def test_generation_through_the_coordinator_equals_local(swarm: Swarm) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "swarm_client.cli", "generate", "--coordinator", swarm.address, PROMPT, "--max-tokens", "12"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    with SwarmClient.local(swarm.model) as local:
+        want = local.generate(PROMPT, max_tokens=12).text
+    assert out.stdout == want + "\n"
+    assert "Paris" in want
+
+
+def test_a_joiner_does_not_reshuffle_a_covered_swarm(swarm: Swarm) -> None:
+    before = swarm.list_nodes()
+    swarm.node("late", 50, 100)
+    state = swarm.observe(lambda s: "late" in s.nodes and s.nodes["late"].serving is not None, 90)
+    after = state.current_assignment()
+    assert {n: (after[n].start, after[n].end) for n in before} == before  # gain below the 20 % threshold
+    assert len(after["late"]) <= 7
+
+
+def test_broker_restart_everyone_reannounces(swarm: Swarm) -> None:
+    swarm.broker.kill()
+    time.sleep(1.0)
+    swarm.broker.start()  # same port, no persistence: it knows nothing
+    names = set(swarm.nodes)
+
+    def back(s: SwarmState) -> bool:
+        ready = {v.node_id for v in s.online() if v.status.state is NodeState.READY}
+        return ready == names and all(v.assign is not None for v in s.online())
+
+    state = swarm.observe(back, 30)  # statuses from the nodes, assignments from the coordinator
+    assert state.current_assignment().covers(30)
+    wait_for("a route after the broker restart", swarm.route, timeout=30)
+
+
+def test_coordinator_restart_leaves_a_running_generation_alone(swarm: Swarm) -> None:
+    with SwarmClient.local(swarm.model) as local:
+        want = local.generate("Once upon a time", max_tokens=48, ignore_eos=True).token_ids
+
+    async def generate() -> Any:
+        async with AsyncSwarmClient.remote(coordinator=swarm.address, model=swarm.model) as client:
+            return await client.generate("Once upon a time", max_tokens=48, ignore_eos=True)
+
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.append(asyncio.run(generate())))
+    worker.start()
+    time.sleep(1.5)  # the session is open and decoding
+    swarm.coordinator.kill(signal.SIGKILL)
+    swarm.coordinator.start().line()
+    t0 = time.monotonic()
+    nodes = wait_for("the registry back from retained messages", lambda: len(swarm.list_nodes()) == len(swarm.nodes), 10)
+    assert nodes and time.monotonic() - t0 < 5.0
+    worker.join(120)
+    assert result and result[0].token_ids == want
+    wait_for("a route from the new coordinator", swarm.route, timeout=10)
+
+
+def test_a_killed_node_goes_offline_and_its_layers_are_covered_again(swarm: Swarm) -> None:
+    victim = "slow"
+    lost = swarm.list_nodes()[victim]
+    swarm.nodes[victim].kill(signal.SIGKILL)
+    t0 = time.monotonic()
+    swarm.observe(lambda s: victim in s.nodes and not s.nodes[victim].online, KEEPALIVE * 1.5 + 1)
+    assert time.monotonic() - t0 <= KEEPALIVE * 1.5 + 1  # the Last Will, well within the keepalive interval
+
+    def covered_without_victim() -> list[tuple[str, int, int]]:
+        route = swarm.route()
+        return route if victim not in [n for n, _, _ in route] else []
+
+    wait_for("layers reassigned and covered again", covered_without_victim, timeout=60)
+    state = swarm.observe(lambda s: s.current_assignment().covers(30), 10)
+    assert victim not in state.current_assignment()
+    assert any(r.start <= lost[0] and lost[1] <= r.end or r.start < lost[1] for _, r in state.current_assignment().items())
+    # new sessions route around the dead node and still produce the right text
+    out = subprocess.run(
+        [sys.executable, "-m", "swarm_client.cli", "generate", "--coordinator", swarm.address, PROMPT, "--max-tokens", "6"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_swarm_up_starts_covers_and_stops(default_model: Path, tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "swarm_client.cli", "up", "--nodes", "2", "--threads", "1", "--model", str(default_model),
+         "--ready-file", str(ready), "--log-dir", str(tmp_path / "logs")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_for("swarm up to cover the model", ready.exists, timeout=180)
+        address = ready.read_text().strip()
+        out = subprocess.run(
+            [sys.executable, "-m", "swarm_client.cli", "generate", "--coordinator", address, PROMPT, "--max-tokens", "4"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0 and "Paris" in out.stdout, out.stderr
+        up.send_signal(signal.SIGINT)
+        text, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert up.returncode == 0, text
+    assert "the model is covered" in text and "node " in text and "stopping the swarm" in text
+    assert not ready.exists()
+    for log in (tmp_path / "logs").glob("node-*.log"):
+        assert "stopped after draining" in log.read_text()
