@@ -163,7 +163,7 @@ class NodeStats(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., queued_steps: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_refused: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "max_length", "downstream", "sampling", "wire_dtype", "prompt_length", "start", "end")
+    __slots__ = ("session_id", "max_length", "downstream", "sampling", "wire_dtype", "prompt_length", "start", "end", "resumable", "resume")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,8 @@ class OpenSession(_message.Message):
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    RESUMABLE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_length: int
     downstream: _containers.RepeatedCompositeFieldContainer[Hop]
@@ -180,23 +182,27 @@ class OpenSession(_message.Message):
     prompt_length: int
     start: int
     end: int
-    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., wire_dtype: _Optional[str] = ..., prompt_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+    resumable: bool
+    resume: bool
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., wire_dtype: _Optional[str] = ..., prompt_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., resumable: _Optional[bool] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "start_pos", "tokens", "hidden", "sample", "return_logits")
+    __slots__ = ("step_id", "start_pos", "tokens", "hidden", "sample", "return_logits", "replay")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     start_pos: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     hidden: Tensor
     sample: bool
     return_logits: bool
-    def __init__(self, step_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., return_logits: _Optional[bool] = ...) -> None: ...
+    replay: bool
+    def __init__(self, step_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., replay: _Optional[bool] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ()
@@ -213,12 +219,14 @@ class SessionRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "max_length")
+    __slots__ = ("session_id", "max_length", "kept")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_length: int
-    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
+    kept: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., kept: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepAck(_message.Message):
     __slots__ = ("step_id",)
@@ -295,18 +303,34 @@ class Route(_message.Message):
     def __init__(self, hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., session_id: _Optional[str] = ..., num_layers: _Optional[int] = ...) -> None: ...
 
 class FailureReport(_message.Message):
-    __slots__ = ("node_id", "address", "session_id", "code", "message")
+    __slots__ = ("node_id", "address", "session_id", "code", "message", "recovered", "stall_s", "detect_s", "reroute_s", "replay_s", "replayed_tokens", "history_tokens", "mode")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RECOVERED_FIELD_NUMBER: _ClassVar[int]
+    STALL_S_FIELD_NUMBER: _ClassVar[int]
+    DETECT_S_FIELD_NUMBER: _ClassVar[int]
+    REROUTE_S_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_S_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     session_id: str
     code: ErrorCode
     message: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., session_id: _Optional[str] = ..., code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    recovered: bool
+    stall_s: float
+    detect_s: float
+    reroute_s: float
+    replay_s: float
+    replayed_tokens: int
+    history_tokens: int
+    mode: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., session_id: _Optional[str] = ..., code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., recovered: _Optional[bool] = ..., stall_s: _Optional[float] = ..., detect_s: _Optional[float] = ..., reroute_s: _Optional[float] = ..., replay_s: _Optional[float] = ..., replayed_tokens: _Optional[int] = ..., history_tokens: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class FailureAck(_message.Message):
     __slots__ = ()
