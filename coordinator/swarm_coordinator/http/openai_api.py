@@ -191,6 +191,7 @@ def _common(body: Any, *, default_max_tokens: int | None, max_tokens_names: Sequ
         "repetition_penalty": _number(body, "repetition_penalty", 0.0, 10.0),  # extension
         "seed": _int(body, "seed"),
         "stop": _stop(body),
+        "ignore_eos": _get(body, "ignore_eos", bool, "true or false"),  # extension (vLLM's name)
     }
     if overrides["top_p"] == 0.0:
         overrides["top_p"] = None
