@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from swarm_coordinator.state import SwarmState
+    from swarm_coordinator.state import NodeLoad, SwarmState
 
 __all__ = ["CONTENT_TYPE_LATEST", "CoordinatorMetrics", "SwarmCollector"]
 
@@ -60,17 +60,17 @@ class SwarmCollector(Collector):
             "swarm_layer_replicas_min", "Fewest ready nodes serving any one layer", value=min(serving, default=0)
         )
 
-        per_node = {
-            "swarm_node_active_sessions": ("Active sessions a node reports", lambda v: v.load.active_sessions),
-            "swarm_node_queued_steps": ("Steps waiting on a node", lambda v: v.load.queued_steps),
-            "swarm_node_kv_free_tokens": ("Token positions a node's KV cache can still take", lambda v: v.load.free_kv_tokens),
-            "swarm_node_tokens_per_second": ("Decode throughput a node reports", lambda v: v.load.tokens_per_s),
+        per_node: dict[str, tuple[str, Callable[[NodeLoad], float]]] = {
+            "swarm_node_active_sessions": ("Active sessions a node reports", lambda load: load.active_sessions),
+            "swarm_node_queued_steps": ("Steps waiting on a node", lambda load: load.queued_steps),
+            "swarm_node_kv_free_tokens": ("Token positions a node's KV cache can still take", lambda load: load.free_kv_tokens),
+            "swarm_node_tokens_per_second": ("Decode throughput a node reports", lambda load: load.tokens_per_s),
         }
         for name, (doc, get) in per_node.items():
             family = GaugeMetricFamily(name, doc, labels=["node"])
             for view in state.nodes.values():
                 if view.load is not None and view.online:
-                    family.add_metric([view.node_id], float(get(view)))
+                    family.add_metric([view.node_id], float(get(view.load)))
             yield family
         up = GaugeMetricFamily("swarm_node_up", "1 when a node is online", labels=["node"])
         for view in state.nodes.values():

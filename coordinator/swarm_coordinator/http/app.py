@@ -31,7 +31,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -193,7 +193,7 @@ class Gateway:
 
     async def generate(
         self, endpoint: str, caller: Caller, prompt_ids: Sequence[int], options: SamplingOptions
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """The client's event stream, counted in metrics, activity and the caller's budget."""
         m = self.metrics
         info = self.activity.start(endpoint, caller.name, len(prompt_ids), options.max_tokens)

@@ -154,7 +154,7 @@ class Activity:
         as it is still filling), zeros where nothing happened."""
         now = int(self._clock())
         by_t = {b.t: b for b in self._series}
-        out = []
+        out: list[dict[str, Any]] = []
         for t in range(now - seconds, now):
             b = by_t.get(t)
             if b is None:
