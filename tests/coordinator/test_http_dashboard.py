@@ -162,3 +162,21 @@ def test_metrics_parse_and_move(served: Any) -> None:
     assert health == {"status": "ok", "model": "tiny", "nodes_online": 3, "uncovered_layers": 0}
     state = httpx2.get(server.url + "/dashboard/state").json()
     assert state["totals"]["requests"] == 2 and [s["status"] for s in state["recent"]] == ["done", "done"]
+
+
+def test_a_caller_that_hangs_up_ends_the_generation() -> None:
+    script = Script(delay=0.05)
+    client = SwarmClient(script, Tokenizer(ByteHF(), source="/m/tiny"))  # type: ignore[arg-type]
+    with ThreadedHttpServer(lambda: create_app(client, None, GatewayConfig())) as server:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 30, "stream": True}
+        with httpx2.Client(base_url=server.url, timeout=10) as http:
+            with http.stream("POST", "/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                next(resp.iter_lines())
+        deadline = time.monotonic() + 5
+        while script.closed == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert script.closed == 1  # the backend's token stream was closed early
+        state = httpx2.get(server.url + "/dashboard/state").json()
+        assert state["totals"]["active"] == 0 and state["recent"][0]["status"] == "cancelled"
+        assert state["recent"][0]["tokens"] < 30
