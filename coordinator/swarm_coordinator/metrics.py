@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -78,6 +78,18 @@ class SwarmCollector(Collector):
         yield up
 
 
+class _ClientFailovers(Collector):
+    """Failovers the gateway's own client library went through (read at scrape time)."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "swarm_gateway_failovers", "Sessions of the gateway reopened on a new route after a failure", value=self._count()
+        )
+
+
 class CoordinatorMetrics:
     """The coordinator's metrics; ``exposition()`` renders them for ``/metrics``."""
 
@@ -119,6 +131,9 @@ class CoordinatorMetrics:
         self.failovers = Counter("swarm_failovers", "Failovers reported in the swarm", registry=r)
         if state is not None:
             r.register(SwarmCollector(state))
+
+    def watch_client_failovers(self, count: Callable[[], int]) -> None:
+        self.registry.register(_ClientFailovers(count))
 
     def count_events(self, kinds: Iterable[str]) -> None:
         for kind in kinds:

@@ -180,3 +180,14 @@ def test_a_caller_that_hangs_up_ends_the_generation() -> None:
         state = httpx2.get(server.url + "/dashboard/state").json()
         assert state["totals"]["active"] == 0 and state["recent"][0]["status"] == "cancelled"
         assert state["recent"][0]["tokens"] < 30
+
+
+def test_a_client_that_fails_to_start_answers_503_and_the_rest_keeps_serving() -> None:
+    def broken() -> SwarmClient:
+        raise FileNotFoundError("no such model")
+
+    with ThreadedHttpServer(lambda: create_app(broken, three_nodes(), GatewayConfig())) as server:
+        resp = httpx2.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
+        assert resp.status_code == 503 and "no such model" in resp.json()["error"]["message"]
+        assert httpx2.get(server.url + "/dashboard/state").json()["totals"]["nodes"] == 3
+        assert httpx2.get(server.url + "/metrics").status_code == 200

@@ -19,7 +19,7 @@ from typing import Any
 import openai
 import pytest
 
-from e2e.gateway_helpers import CHROMIUM, CHROMIUM_ARGS, Swarm, start_swarm
+from e2e.gateway_helpers import CHROMIUM, CHROMIUM_ARGS, Swarm, scrape, start_swarm, value
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -115,6 +115,9 @@ def test_dashboard_follows_the_swarm_live(swarm: Swarm, tmp_path: Path) -> None:
         assert not worker.is_alive() and not failures, failures
         assert "".join(streamed) == expected.choices[0].message.content  # failover kept the text
         expect(page.locator('#events li[data-kind="failover"]')).not_to_have_count(0, timeout=30_000)
+        metrics = scrape(swarm.url + "/metrics")
+        assert value(metrics, "swarm_gateway_failovers_total") >= 1 and value(metrics, "swarm_failovers_total") >= 1
+        assert value(metrics, "swarm_node_up", node=victim) == 0
 
         # A prompt typed in the box streams an answer.
         page.evaluate(

@@ -116,6 +116,7 @@ class Gateway:
         self.activity = Activity()
         self.created = int(time.time())
         self._factory: BackendFactory | None = None
+        self._load_error = ""
         self._client: AsyncSwarmClient | None = None
         if isinstance(backend, (SwarmClient, AsyncSwarmClient)):
             self._set_client(backend)
@@ -128,17 +129,25 @@ class Gateway:
     @property
     def client(self) -> AsyncSwarmClient:
         if self._client is None:
-            raise OpenAIError(503, "the gateway is still starting", type="server_error", code="starting")
+            why = f"the gateway could not start its client: {self._load_error}" if self._load_error else "the gateway is still starting"
+            raise OpenAIError(503, why, type="server_error", code="unavailable")
         return self._client
 
     async def load(self) -> None:
-        """Build the client from its factory, if one was given (in a worker thread)."""
+        """Build the client from its factory, if one was given (in a worker thread). A
+        failure is logged and answered with 503: the coordinator must keep running."""
         if self._client is None and self._factory is not None:
-            self._set_client(await asyncio.to_thread(self._factory))
+            try:
+                self._set_client(await asyncio.to_thread(self._factory))
+            except Exception as exc:
+                log.error("the gateway's client failed to start; /v1 answers 503", exc_info=exc)
+                self._load_error = str(exc) or type(exc).__name__
 
     def _set_client(self, backend: Backend) -> None:
-        self._client = _async_client(backend)
-        self._name_models(getattr(self._client.tokenizer, "source", ""))
+        self._client = client = _async_client(backend)
+        self._name_models(getattr(client.tokenizer, "source", ""))
+        if isinstance(getattr(client.backend, "failovers", None), int):  # the swarm's RoutedBackend
+            self.metrics.watch_client_failovers(lambda: int(getattr(client.backend, "failovers", 0)))
 
     def _name_models(self, source: str) -> None:
         view, config = self.view, self.config
