@@ -11,7 +11,10 @@ tokens come back), so each token costs K + 1 network traversals for K nodes::
 
 Failures raise ``RouteError`` with the gRPC status and the address of the node where
 the failure happened, which is what failover needs: report that node, get a new
-route, open a new session (a new session id) and replay the history.
+route, open the session again and replay the history -- under a new session id
+(:meth:`RouteSession.prefill`, every node recomputes it), or under the same id with
+``resume=True`` (:meth:`RouteSession.replay`, only nodes without the session's cache
+recompute it; see docs/failover.md).
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ class RouteSession:
         prefill_chunk: int = 128,
         timeout: float = 60.0,
         token: str = "",
+        resumable: bool = False,
+        resume: bool = False,
     ) -> None:
         if not hops:
             raise ValueError("a route needs at least one hop")
@@ -101,6 +106,9 @@ class RouteSession:
         self.prefill_chunk = prefill_chunk
         self.timeout = timeout
         self.grace = min(timeout, 5.0)
+        self.resumable = resumable or resume
+        self.resume = resume
+        self.kept: tuple[int, ...] = ()  # per hop: positions adopted from a held cache (Opened.kept)
         self.position = 0  # positions sent so far
         self._step_id = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -123,6 +131,8 @@ class RouteSession:
             prompt_length=self.generation.prompt_length,
             start=head.start,
             end=head.end,
+            resumable=self.resumable,
+            resume=self.resume,
         )
         try:
             self._head = swarm_pb2_grpc.NodeStub(self._channel(head.address)).Session(metadata=self._metadata)
@@ -136,13 +146,16 @@ class RouteSession:
             raise RouteError(grpc.StatusCode.UNAVAILABLE, "head ended the stream while opening", address=head.address)
         if reply.WhichOneof("kind") == "error":
             raise RouteError.from_proto(reply.error)
+        self.kept = tuple(reply.opened.kept)
         self._results = swarm_pb2_grpc.NodeStub(self._channel(tail.address)).Results(
             swarm_pb2.ResultsRequest(session_id=self.session_id), metadata=self._metadata
         )
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_head()), loop.create_task(self._read_results())]
 
-    async def prefill(self, tokens: Sequence[int], *, return_logits: bool = False) -> StepOutput:
+    async def prefill(
+        self, tokens: Sequence[int], *, return_logits: bool = False, timeout: float | None = None
+    ) -> StepOutput:
         """Send ``tokens`` from the current position in chunks (without waiting between
         them, so nodes work on consecutive chunks at once); sample after the last."""
         if not tokens:
@@ -152,18 +165,36 @@ class RouteSession:
         for k, chunk in enumerate(chunks):
             last = k == len(chunks) - 1
             futures.append(await self._send(chunk, sample=last, return_logits=return_logits))
-        outs = [await self._wait(f) for f in futures if f is not None]
+        outs = [await self._wait(f, timeout) for f in futures if f is not None]
         final = outs[-1]
         if return_logits:
             logits = torch.cat([o.logits for o in outs if o.logits is not None])
             final = StepOutput(final.step_id, final.position, final.token, final.logprob, final.top, final.finished, logits)
         return final
 
-    async def decode(self, token: int, *, return_logits: bool = False) -> StepOutput:
+    async def replay(self, history: Sequence[int], *, timeout: float | None = None) -> StepOutput:
+        """After a resume: send ``history`` again from position 0 and sample after it.
+
+        All but the last position go as ``replay`` steps, which the nodes that kept the
+        session's cache skip (sending on the activations they kept); the last position
+        is an ordinary step that every node computes (a rewind where it was cached), so
+        the tail samples from fresh logits."""
+        if not history:
+            raise ValueError("nothing to replay")
+        if self.position != 0:
+            raise ValueError("replay starts a session")
+        body = history[:-1]
+        for i in range(0, len(body), self.prefill_chunk):
+            await self._send(body[i : i + self.prefill_chunk], sample=False, return_logits=False, replay=True)
+        future = await self._send(history[-1:], sample=True, return_logits=False)
+        assert future is not None
+        return await self._wait(future, timeout)
+
+    async def decode(self, token: int, *, return_logits: bool = False, timeout: float | None = None) -> StepOutput:
         """Feed one token at the next position and return the token sampled after it."""
         future = await self._send([token], sample=True, return_logits=return_logits)
         assert future is not None
-        return await self._wait(future)
+        return await self._wait(future, timeout)
 
     async def close(self) -> None:
         """End the session along the route (frees every node's KV cache)."""
@@ -201,7 +232,9 @@ class RouteSession:
 
     # --- internals ------------------------------------------------------------------
 
-    async def _send(self, tokens: Sequence[int], *, sample: bool, return_logits: bool) -> asyncio.Future[StepOutput] | None:
+    async def _send(
+        self, tokens: Sequence[int], *, sample: bool, return_logits: bool, replay: bool = False
+    ) -> asyncio.Future[StepOutput] | None:
         if self._failure is not None:
             raise self._failure
         assert self._head is not None, "open the session first"
@@ -209,9 +242,16 @@ class RouteSession:
         future: asyncio.Future[StepOutput] | None = None
         if sample or return_logits:
             future = asyncio.get_running_loop().create_future()
+            # A failure fails every pending step, also those nobody will await any more.
+            future.add_done_callback(_retrieve)
             self._pending[self._step_id] = future
         step = swarm_pb2.Step(
-            step_id=self._step_id, start_pos=self.position, tokens=list(tokens), sample=sample, return_logits=return_logits
+            step_id=self._step_id,
+            start_pos=self.position,
+            tokens=list(tokens),
+            sample=sample,
+            return_logits=return_logits,
+            replay=replay,
         )
         try:
             await self._head.write(swarm_pb2.SessionRequest(step=step))
@@ -222,11 +262,16 @@ class RouteSession:
         self.position += len(tokens)
         return future
 
-    async def _wait(self, future: asyncio.Future[StepOutput]) -> StepOutput:
+    async def _wait(self, future: asyncio.Future[StepOutput], timeout: float | None = None) -> StepOutput:
+        timeout = self.timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(future, self.timeout)
+            return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
-            raise RouteError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no result within {self.timeout:g} s") from None
+            # The route is silent (a node frozen or too slow): the session is over, and
+            # close() must not wait for a Close to travel through the silent hop.
+            error = RouteError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no result within {timeout:.3g} s")
+            self._fail_pending(error)
+            raise error from None
 
     async def _watch_head(self) -> None:
         """The head's stream is authoritative about failures: its Error names the hop
@@ -309,3 +354,8 @@ async def _wait_event(event: asyncio.Event, timeout: float) -> None:
         await asyncio.wait_for(event.wait(), timeout)
     except asyncio.TimeoutError:
         pass
+
+
+def _retrieve(future: asyncio.Future[StepOutput]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -7,23 +7,31 @@ A route provider hands out chains of hops covering the model:
 - :class:`StaticRoutes` is a fixed chain (``--route``), with nowhere to report to.
 
 :class:`RoutedBackend` is an ``AsyncTokenSource``: it opens a :class:`RouteSession`
-on a route, prefills the prompt and decodes token by token. When a hop fails it
-reports the hop, asks for a route that avoids it, opens a new session and replays the
-history (prompt + tokens so far) as a prefill; sampling is deterministic in
-``(seed, position)``, so the tokens are those of a run without the failure.
+on a route, prefills the prompt and decodes token by token. When a step fails (an
+error on a stream, a node gone, or no answer within the step timeout) it reports the
+hop, gets a route that avoids it, reopens the session and replays the history
+(prompt + tokens so far), then goes on; sampling is deterministic in
+``(seed, position)``, so the tokens are those of a run without the failure. By default
+the session is reopened under the same id on the old route with only the failed hop
+replaced, and the survivors keep their caches ("span" replay); the pieces live in
+:mod:`swarm_client.failover`, the protocol in docs/failover.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Collection, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import grpc
 
 from swarm_client.errors import GenerationError
+from swarm_client.failover import Avoidance, FailoverPolicy, FailoverRecord, StepClock, blame, hop_key, patch_route
 from swarm_client.remote import Hop, RouteError, RouteSession
 from swarm_client.types import SampledToken
 from swarm_node.sampler import SamplingParams
@@ -143,6 +151,29 @@ class CoordinatorRoutes:
         except grpc.aio.AioRpcError as exc:  # the report is advice; the retry goes on
             logger.warning("could not report the failure to %s: %s", self.address, exc.details())
 
+    async def report_recovery(self, record: FailoverRecord) -> None:
+        """The failover's numbers, once the session produced a token again (an event)."""
+        code = next((c.value[0] for c in grpc.StatusCode if c.name == record.code), 0)
+        report = swarm_pb2.FailureReport(
+            node_id=record.node_id,
+            address=record.address,
+            session_id=record.session_id,
+            code=code,
+            message=record.message[:1000],
+            recovered=True,
+            stall_s=record.stall_s,
+            detect_s=record.detect_s,
+            reroute_s=record.reroute_s,
+            replay_s=record.replay_s,
+            replayed_tokens=record.replayed_tokens,
+            history_tokens=record.history_tokens,
+            mode=record.mode,
+        )
+        try:
+            await self._stub().ReportFailure(report, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("could not report the failover to %s: %s", self.address, exc.details())
+
     async def list_nodes(self) -> list[NodeSummary]:
         try:
             reply = await self._stub().ListNodes(swarm_pb2.ListNodesRequest(model=self.model), timeout=self.timeout)
@@ -156,7 +187,7 @@ class CoordinatorRoutes:
             self._channel = None
 
 
-# Failures worth another route: the hop is gone, busy, overloaded or was reassigned.
+# Failures worth another route: the hop is gone, busy, overloaded, silent or was reassigned.
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -166,6 +197,8 @@ _RETRYABLE = {
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
 }
 
 
@@ -180,18 +213,30 @@ class RoutedBackend:
         *,
         max_context: int,
         eos_token_ids: Sequence[int],
-        max_attempts: int = 4,
-        step_timeout: float = 60.0,
-        retry_delay: float = 0.5,
+        max_attempts: int | None = None,
+        step_timeout: float | None = None,
+        retry_delay: float | None = None,
+        policy: FailoverPolicy | None = None,
     ) -> None:
+        policy = policy or FailoverPolicy()
+        # The older keyword arguments still work: they override the policy's fields.
+        overrides: dict[str, Any] = {}
+        if max_attempts is not None:
+            overrides["max_failovers"] = max_attempts
+        if step_timeout is not None:
+            overrides["step_timeout_max"] = step_timeout
+        if retry_delay is not None:
+            overrides["retry_delay"] = retry_delay
+        self.policy = replace(policy, **overrides)
         self.routes = routes
         self._max_context = max_context
         self._eos = tuple(eos_token_ids)
-        self.max_attempts = max_attempts
-        self.step_timeout = step_timeout
-        self.retry_delay = retry_delay
+        self.clock = StepClock(self.policy)
+        self.avoid = Avoidance(self.policy.backoff_initial, self.policy.backoff_max)
         self.failovers = 0  # sessions reopened after a failure (tests, stats)
+        self.records: deque[FailoverRecord] = deque(maxlen=1000)  # the recovered ones, newest last
         self.last_route: Route | None = None
+        self._reports: set[asyncio.Task[None]] = set()
 
     @property
     def max_context(self) -> int:
@@ -206,61 +251,140 @@ class RoutedBackend:
     ) -> AsyncIterator[SampledToken]:
         if not prompt_ids:
             raise GenerationError("the prompt has no tokens")
+        policy = self.policy
+        span = policy.replay == "span"
         history = [int(t) for t in prompt_ids]
         max_length = min(self._max_context, len(history) + max_new_tokens + 1)
         generated = 0
-        excluded_ids: set[str] = set()
-        excluded_addresses: set[str] = set()
-        attempt = 0
+        route = await self._route(max_length)
+        session_id = route.session_id or uuid.uuid4().hex
+        pending: FailoverRecord | None = None  # a failover not yet followed by a token
+        failures = 0
         while generated < max_new_tokens:
-            route = await self._route(max_length, excluded_ids, excluded_addresses, attempt)
             self.last_route = route
             session = RouteSession(
                 route.hops,
                 max_length=max_length,
                 sampling=params,
                 prompt_length=len(prompt_ids),
-                session_id=route.session_id or None,
-                timeout=self.step_timeout,
+                session_id=session_id,
+                timeout=policy.open_timeout,
+                resumable=span,
+                resume=span and pending is not None,
             )
+            sent = time.monotonic()  # when the step now awaited was sent
             try:
                 async with session:
-                    out = await session.prefill(history)  # the prompt, or the replay after a failure
+                    n = len(history)
+                    if pending is not None:
+                        pending.t_opened = time.monotonic()
+                        pending.reroute_s = pending.t_opened - pending.t_detected
+                        pending.kept, pending.hops = session.kept, route.hops
+                        pending.replayed_tokens = n - min(session.kept, default=0) if span else n
+                    if pending is not None and span:
+                        out = await session.replay(history, timeout=self.clock.timeout(pending.replayed_tokens))
+                    else:
+                        out = await session.prefill(history, timeout=self.clock.timeout(n))
+                    self.clock.observe(n if pending is None else pending.replayed_tokens, time.monotonic() - sent)
                     while True:
                         if out.token is None:
                             raise GenerationError("the tail returned no token")
+                        if pending is not None:
+                            self._recovered(pending)
+                            pending = None
                         history.append(out.token)
                         generated += 1
                         yield SampledToken(out.token, out.logprob)
                         if generated >= max_new_tokens:
                             return
-                        out = await session.decode(out.token)
+                        sent = time.monotonic()
+                        out = await session.decode(out.token, timeout=self.clock.timeout(1))
+                        self.clock.observe(1, time.monotonic() - sent)
             except RouteError as err:
-                attempt += 1
-                if err.code not in _RETRYABLE or attempt >= self.max_attempts:
-                    raise GenerationError(f"generation failed after {attempt} attempt(s): {err}") from err
+                failures += 1
+                if err.code not in _RETRYABLE or failures > policy.max_failovers:
+                    raise GenerationError(f"generation failed after {failures} failure(s): {err}") from err
+                detected = time.monotonic()
+                culprits = await blame(err, route.hops, policy.probe_timeout)
+                for hop in culprits:
+                    backoff = self.avoid.record(hop_key(hop))
+                    logger.warning("hop %s (layers [%d, %d)) failed: %s; avoided for %.0f s", hop.address, hop.start, hop.end, err, backoff)
+                    self._background(self.routes.report_failure(_naming(err, hop), session_id))
+                if pending is None:
+                    first = culprits[0] if culprits else None
+                    pending = FailoverRecord(
+                        session_id=session_id,
+                        node_id=first.node_id if first else err.node_id,
+                        address=first.address if first else err.address,
+                        code=err.code.name,
+                        message=err.message,
+                        history_tokens=len(history),
+                        mode=policy.replay,
+                        t_failed=sent,
+                        t_detected=detected,
+                    )
+                    pending.detect_s = detected - sent
+                else:
+                    pending.attempts += 1
                 self.failovers += 1
-                logger.warning("route failed (%s); replaying %d positions on a new route", err, len(history))
-                if err.code == grpc.StatusCode.FAILED_PRECONDITION:
-                    # The hop was reassigned, not broken: ask again once it announces its new range.
-                    await asyncio.sleep(self.retry_delay)
-                    continue
-                await self.routes.report_failure(err, session.session_id)
-                if err.node_id:
-                    excluded_ids.add(err.node_id)
-                elif err.address:
-                    excluded_addresses.add(err.address)
+                if err.code == grpc.StatusCode.FAILED_PRECONDITION and not culprits:
+                    await asyncio.sleep(policy.retry_delay)  # a hop was reassigned: let it announce its new range
+                route = await self._reroute(route, culprits, max_length)
+                if not span:
+                    session_id = route.session_id or uuid.uuid4().hex
 
-    async def _route(self, max_length: int, ids: set[str], addresses: set[str], attempt: int) -> Route:
-        while True:
+    async def _reroute(self, old: Route, culprits: Sequence[Hop], max_length: int) -> Route:
+        """A route avoiding the failed hops: the old one patched where possible (its
+        survivors keep the session's cache), else a new one from the provider."""
+        if self.policy.replay == "span" and culprits and hasattr(self.routes, "list_nodes"):
             try:
-                return await self.routes.route(max_length=max_length, exclude_node_ids=ids, exclude_addresses=addresses)
+                nodes = await self.routes.list_nodes()
+            except RouteError as err:
+                logger.info("no node list (%s): asking for a new route", err)
+            else:
+                hops = patch_route(old.hops, culprits, nodes, self.avoid.avoided())
+                if hops is not None:
+                    return Route(hops, old.session_id)
+        return await self._route(max_length)
+
+    async def _route(self, max_length: int) -> Route:
+        """A route from the provider, waiting (bounded) while none exists."""
+        deadline = time.monotonic() + self.policy.no_route_wait
+        delay = self.policy.retry_delay
+        while True:
+            avoided = self.avoid.avoided()
+            try:
+                return await self.routes.route(max_length=max_length, exclude_addresses=avoided)
             except RouteError as err:
                 # No route yet (a reassignment is loading, the swarm is still joining): wait a bit.
-                attempt += 1
-                if err.code != grpc.StatusCode.UNAVAILABLE or attempt >= self.max_attempts * 4:
-                    raise GenerationError(f"no route: {err.message}") from err
-                await asyncio.sleep(self.retry_delay * min(attempt, 4))
+                if err.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                    raise GenerationError(
+                        f"no route after waiting {self.policy.no_route_wait:g} s: {err.message}"
+                    ) from err
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _recovered(self, record: FailoverRecord) -> None:
+        record.replay_s = time.monotonic() - record.t_opened
+        self.records.append(record)
+        logger.warning("failover: %s", record.summary())
+        report = getattr(self.routes, "report_recovery", None)
+        if report is not None:
+            self._background(report(record))
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     async def aclose(self) -> None:
+        if self._reports:
+            await asyncio.wait(set(self._reports), timeout=2.0)
         await self.routes.aclose()
+
+
+def _naming(error: RouteError, hop: Hop) -> RouteError:
+    """``error`` as a report about ``hop`` (a probe may blame another hop than the error named)."""
+    if hop.address == error.address and (not hop.node_id or hop.node_id == error.node_id):
+        return error
+    return RouteError(error.code, error.message, address=hop.address, node_id=hop.node_id, step_id=error.step_id)

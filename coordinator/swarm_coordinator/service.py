@@ -84,6 +84,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         self.recent = RecentRoutes()
         self._clock = clock
         self.routes_given = 0
+        self.failovers = 0  # recovered failovers reported by clients
 
     # --- GetRoute ---------------------------------------------------------------------
 
@@ -128,6 +129,14 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         node_id = request.node_id
         if not node_id and request.address:
             node_id = next(iter(sorted(_ids_at(state, [request.address]))), "")
+        if request.recovered:
+            # The second report of a failover: the session produced a token again. This
+            # is the failover event (the first report only moved routes away).
+            self.failovers += 1
+            detail = failover_detail(request)
+            log.warning("failover of %s: %s", node_id or request.address, detail)
+            await self.registry.publish_event(Event(EventKind.FAILOVER, node_id or request.address or None, detail))
+            return swarm_pb2.FailureAck()
         if not node_id or node_id not in state.nodes:
             # Unknown nodes cannot be routed to anyway; acknowledge so clients move on.
             log.info("failure report for an unknown node %r at %r", request.node_id, request.address)
@@ -137,9 +146,6 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         log.warning(
             "node %s reported failing (%s: %s, session %s): avoided for %.0f s",
             node_id, code, request.message[:200], request.session_id[:64], backoff,
-        )
-        await self.registry.publish_event(
-            Event(EventKind.FAILOVER, node_id, f"{code}: {request.message[:200]} (avoided for {backoff:.0f} s)")
         )
         return swarm_pb2.FailureAck()
 
@@ -161,6 +167,17 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             num_layers=state.num_layers,
             version=self.version,
         )
+
+
+def failover_detail(report: swarm_pb2.FailureReport) -> str:
+    """The event line of a recovered failover: which session, what failed, what it cost."""
+    code = swarm_pb2.ErrorCode.Name(report.code) if report.code in swarm_pb2.ErrorCode.values() else str(report.code)
+    return (
+        f"session {report.session_id[:32]}: {code} ({report.message[:120]}); "
+        f"stall {report.stall_s:.3f} s (detect {report.detect_s:.3f}, reroute {report.reroute_s:.3f}, "
+        f"replay {report.replay_s:.3f}); replayed {report.replayed_tokens} of {report.history_tokens} tokens "
+        f"({report.mode or 'full'})"
+    )
 
 
 def _ids_at(state: SwarmState, addresses: Collection[str]) -> set[str]:

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-length", int, defaults["max_length"].default, "longest session in positions")
     add("--idle-timeout", float, defaults["idle_timeout"].default, "seconds before an idle session is freed")
     add("--drain-timeout", float, defaults["drain_timeout"].default, "seconds SIGTERM waits for in-flight steps")
+    add("--park-timeout", float, defaults["park_timeout"].default, "seconds a failed session's cache waits for a failover resume")
     add("--max-batch-tokens", int, defaults["max_batch_tokens"].default, "positions merged into one forward")
     add("--token", str, "", "swarm token required on every call and sent to successors; prefer the env var, flags show in ps")
     add("--node-id", str, None, "identity reported to the swarm (default: host-pid)")
@@ -83,6 +84,7 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
         max_length=ns.max_length,
         idle_timeout=ns.idle_timeout,
         drain_timeout=ns.drain_timeout,
+        park_timeout=ns.park_timeout,
         max_batch_tokens=ns.max_batch_tokens,
         token=ns.token,
         metrics_port=ns.metrics_port,

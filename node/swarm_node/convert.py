@@ -68,6 +68,8 @@ class OpenSpec:
     downstream: tuple[Hop, ...]
     generation: Generation
     wire_codec: str  # one of swarm_proto.codec.CODECS
+    resumable: bool = False  # park the cache after a failure (docs/failover.md)
+    resume: bool = False  # adopt the cache held under session_id
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class StepIn:
     hidden: torch.Tensor | None  # [T, C]
     sample: bool
     return_logits: bool
+    replay: bool = False  # a failover replay: may be skipped where already cached
 
     @property
     def length(self) -> int:
@@ -184,7 +187,7 @@ def open_from_proto(msg: swarm_pb2.OpenSession, *, start: int, end: int, num_lay
     if msg.prompt_length < 0:
         raise invalid("prompt_length must be >= 0")
     gen = Generation(gen.sampling, gen.stop_token_ids, gen.max_new_tokens, gen.top_logprobs, msg.prompt_length)
-    return OpenSpec(sid, msg.max_length, msg.start, msg.end, hops, gen, wire)
+    return OpenSpec(sid, msg.max_length, msg.start, msg.end, hops, gen, wire, msg.resumable, msg.resume)
 
 
 def open_to_proto(spec: OpenSpec, downstream: Sequence[Hop]) -> swarm_pb2.OpenSession:
@@ -199,6 +202,8 @@ def open_to_proto(spec: OpenSpec, downstream: Sequence[Hop]) -> swarm_pb2.OpenSe
         prompt_length=spec.generation.prompt_length,
         start=first.start,
         end=first.end,
+        resumable=spec.resumable,
+        resume=spec.resume,
     )
 
 
@@ -240,7 +245,7 @@ def step_from_proto(
             hidden = codec.decode(msg.hidden, dtype, shape=(n, hidden_size), max_elements=n * hidden_size)
         except WireError as exc:
             raise invalid(f"step {msg.step_id}: {exc}") from exc
-    return StepIn(msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits)
+    return StepIn(msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay)
 
 
 def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_pb2.Step:
@@ -252,14 +257,15 @@ def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_
         hidden=codec.encode(hidden, wire_codec),
         sample=step.sample,
         return_logits=step.return_logits,
+        replay=step.replay,
     )
 
 
 # --- replies ------------------------------------------------------------------------
 
 
-def opened_reply(session_id: str, max_length: int) -> swarm_pb2.SessionReply:
-    return swarm_pb2.SessionReply(opened=swarm_pb2.Opened(session_id=session_id, max_length=max_length))
+def opened_reply(session_id: str, max_length: int, kept: Sequence[int] = ()) -> swarm_pb2.SessionReply:
+    return swarm_pb2.SessionReply(opened=swarm_pb2.Opened(session_id=session_id, max_length=max_length, kept=list(kept)))
 
 
 def error_to_proto(code: grpc.StatusCode, message: str, *, address: str, node_id: str, step_id: int = 0) -> swarm_pb2.Error:

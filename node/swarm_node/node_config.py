@@ -33,6 +33,7 @@ class NodeConfig:
     idle_timeout: float = 300.0  # seconds without a step before a session is freed
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight steps
     open_timeout: float = 30.0  # seconds to open the rest of a route
+    park_timeout: float = 60.0  # seconds a failed resumable session's cache is kept for a resume
     max_batch_tokens: int = 2048  # positions merged into one forward pass
     token: str = field(default="", repr=False)  # swarm token required on every call; "" = none
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: pick one; None: off)
@@ -54,7 +55,7 @@ class NodeConfig:
             raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
-        for name in ("idle_timeout", "drain_timeout", "open_timeout"):
+        for name in ("idle_timeout", "drain_timeout", "open_timeout", "park_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

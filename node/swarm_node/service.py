@@ -22,8 +22,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from swarm_node import convert, reslice
+from swarm_node import convert, reslice, resume
 from swarm_node.convert import ProtocolError
 from swarm_node.model import ModelSlice
 from swarm_node.node_config import NodeConfig
@@ -59,6 +60,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self._background: set[asyncio.Task[None]] = set()
         self.on_session_end: Callable[[str], None] | None = None  # metrics hook: the reason
         self._views: dict[tuple[int, int], ModelSlice] = {}
+        self.parking = resume.ParkingLot(config.park_timeout, config.max_sessions)  # failed resumable sessions
 
     # --- Info -----------------------------------------------------------------------
 
@@ -87,14 +89,20 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             first = await asyncio.wait_for(requests.__anext__(), self.config.open_timeout)
         except (StopAsyncIteration, asyncio.TimeoutError):
             return
+        except DecodeError as exc:  # bytes that are not a SessionRequest
+            await self._abort(context, self._error(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {exc}"), None)
+            return
         session: NodeSession | None = None
         reason = "closed"
         try:
+            if first.WhichOneof("kind") == "open" and first.open.resume:
+                await self._supersede(first.open.session_id)
             session = self._admit(first)
             session.task = asyncio.current_task()
             if session.spec.downstream:
                 await self._connect(session)
-            await context.write(convert.opened_reply(session.sid, session.spec.max_length))
+            kept = (session.kept, *session.downstream_kept)
+            await context.write(convert.opened_reply(session.sid, session.spec.max_length, kept))
             self._log_open(session)
             reason = await self._serve(session, requests, context)
         except ProtocolError as exc:
@@ -137,12 +145,17 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
                 f"no room: {len(self.sessions)}/{self.config.max_sessions} sessions active",
             )
         model = self.view(spec.start, spec.end)
+        held = self.parking.take(spec.session_id, spec.start, spec.end, spec.max_length) if spec.resume else None
         try:
-            cache = model.new_cache(spec.max_length)
+            cache = held.cache if held is not None else model.new_cache(spec.max_length)
         except (RuntimeError, MemoryError) as exc:  # torch raises RuntimeError/OutOfMemoryError
             self.refused += 1
             raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no memory for the KV cache: {exc}") from exc
         session = NodeSession(spec=spec, cache=cache, model=model)
+        if held is not None:
+            held.adopt_into(session)
+        else:
+            resume.new_outputs(session, args.hidden_size)
         self.sessions[spec.session_id] = session
         self.opened += 1
         return session
@@ -166,6 +179,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             raise Failed(reply.error)
         if reply.WhichOneof("kind") != "opened":
             raise Failed(self._error(grpc.StatusCode.INTERNAL, "successor answered open with a step ack", at=hop))
+        session.downstream_kept = tuple(reply.opened.kept)
         session.reader = asyncio.get_running_loop().create_task(self._read_downstream(session, call))
 
     async def _read_downstream(self, session: NodeSession, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
@@ -197,6 +211,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             except StopAsyncIteration:
                 await self._close_downstream(session)
                 return "upstream finished"
+            except DecodeError as exc:
+                raise convert.invalid(f"malformed message: {exc}") from exc
             session.last_active = time.monotonic()
             kind = req.WhichOneof("kind")
             if kind == "step":
@@ -228,15 +244,24 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             raise convert.invalid(
                 f"step {step.step_id} starts at position {step.start_pos} but {cache.length} positions are cached"
             )
+        if step.start_pos > session.verified:
+            raise convert.invalid(
+                f"step {step.step_id} starts at position {step.start_pos} but this resumed session is confirmed "
+                f"up to {session.verified}: replay from 0 first"
+            )
         if step.start_pos + step.length > cache.max_length:
             raise ProtocolError(
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"step {step.step_id} reaches position {step.start_pos + step.length}, past max_length {cache.max_length}",
             )
+        if resume.can_skip(session, step):
+            await self._skip(session, step)
+            return
         job = session.job(step)
         session.busy = True
         try:
             out = await self.scheduler.submit(job)
+            resume.confirm(session, step, out.hidden)
             session.steps += 1
             session.tokens += step.length
             if session.model.is_tail:
@@ -257,6 +282,29 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         finally:
             session.busy = False
             session.last_active = time.monotonic()
+
+    async def _skip(self, session: NodeSession, step: convert.StepIn) -> None:
+        """A replay step this node already holds: send on the activations it kept."""
+        session.verified = step.start_pos + step.length
+        if session.model.is_tail:
+            return
+        assert session.outputs is not None and session.downstream is not None
+        hidden = session.outputs[step.start_pos : session.verified]
+        request = swarm_pb2.SessionRequest(step=convert.step_to_proto(step, hidden, session.spec.wire_codec))
+        try:
+            await session.downstream.write(request)
+        except grpc.aio.AioRpcError as exc:
+            raise Failed(self._rpc_error(exc, session.spec.downstream[0])) from exc
+
+    async def _supersede(self, session_id: str) -> None:
+        """A resume of a session still open here: its upstream gave up on it (a step
+        timed out somewhere). End it -- it parks -- so the resume can adopt its cache."""
+        old = self.sessions.get(session_id)
+        if old is None or not old.spec.resumable:
+            return
+        old.fail(self._error(grpc.StatusCode.ABORTED, "superseded by a resume of the session"))
+        if old.task is not None and old.task is not asyncio.current_task():
+            await asyncio.wait({old.task}, timeout=5.0)
 
     async def _close_downstream(self, session: NodeSession, *, wait: bool = True) -> None:
         """Send Close to the successor. Its stream is ordered, so it first finishes every
@@ -305,6 +353,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
     async def _release(self, session: NodeSession, reason: str) -> None:
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
+            if reason != "closed" and not self.draining and self.parking.park(session):
+                reason += f"; {session.valid} positions parked for a resume"
         if self.on_session_end is not None:
             self.on_session_end(reason)
         session.closing = True
@@ -419,6 +469,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
     def expire_idle(self) -> None:
         """Fail every session that has been idle longer than the idle timeout."""
         now = time.monotonic()
+        self.parking.expire(now)
         for session in list(self.sessions.values()):
             if not session.busy and now - session.last_active > self.config.idle_timeout:
                 session.fail(

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 
 from swarm_node import convert
 from swarm_node.convert import OpenSpec, StepIn, StepResult
@@ -35,7 +36,15 @@ class NodeSession:
     reader: asyncio.Task[None] | None = None  # reads the successor's replies
     results: asyncio.Queue[swarm_pb2.Result | None] = field(default_factory=asyncio.Queue)
     subscribed: bool = False
-    history: list[int] = field(default_factory=list)  # tail only: every token so far
+    history: list[int] = field(default_factory=list)  # every token so far (the tail's repetition penalty, resume checks)
+    # Resumable sessions (swarm_node.resume): the activations this node sent on, and how
+    # far cache, history and those activations agree (`valid`) and have been confirmed
+    # by the current upstream (`verified`; a resumed session starts at 0).
+    outputs: torch.Tensor | None = None  # [max_length, C], non-tail resumable sessions only
+    valid: int = 0
+    verified: int = 0
+    kept: int = 0  # positions adopted from a held cache at open
+    downstream_kept: tuple[int, ...] = ()  # the same, for every later hop
     failure: swarm_pb2.Error | None = None
     closing: bool = False
     close_sent: bool = False
@@ -62,12 +71,14 @@ class NodeSession:
     def job(self, step: StepIn) -> Job:
         """The scheduler job for a validated step."""
         x = step.tokens if step.hidden is None else step.hidden
-        if not self.model.is_tail:
-            return Job(self.cache, step.start_pos, x, model=self.model)
-        # The tail keeps the token history for the repetition penalty (a rewind --
-        # start_pos before the end -- replaces what follows).
+        # The token history (the tail's repetition penalty; what a resume compares): a
+        # rewind -- start_pos before the end -- replaces what follows. Until the step is
+        # computed, the positions from start_pos on are not trusted.
         del self.history[step.start_pos :]
         self.history.extend(step.tokens.tolist())
+        self.valid = min(self.valid, step.start_pos)
+        if not self.model.is_tail:
+            return Job(self.cache, step.start_pos, x, model=self.model)
         request = None
         if step.sample:
             gen = self.spec.generation

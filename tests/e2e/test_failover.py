@@ -1,0 +1,305 @@
+"""Chaos: nodes killed (SIGKILL) and frozen (SIGSTOP) in the middle of generations, with
+real processes on loopback. Every generation must complete with the tokens of a run
+without failures, greedy and seeded sampling alike (docs/failover.md).
+
+One swarm of five pinned nodes on a tiny random model is shared by the module: the
+model's 6 layers in three ranges, two copies of each::
+
+    a [0, 2)   b [2, 4)   c [4, 6)      fast: routes go a -> b -> c
+    d [0, 4)              e [4, 6)      slow: the replicas
+
+A killed node is restarted at once (same id, new port) while the generation recovers.
+Reassignment without a replica, and the clear error when no route can exist, run on
+swarms of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e.chaos import GREEDY, SEEDED, ChaosSwarm, NodeSpec, add_tokenizer, generate, prompts
+from helpers import make_tiny_model
+from swarm_client.errors import GenerationError
+from swarm_client.failover import FailoverPolicy
+from swarm_client.routed import RoutedBackend
+from swarm_node.sampler import SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+NODES = [
+    NodeSpec("a", "0:2", 100),
+    NodeSpec("b", "2:4", 100),
+    NodeSpec("c", "4:6", 100),
+    NodeSpec("d", "0:4", 40),
+    NodeSpec("e", "4:6", 40),
+]
+NAMES = [n.name for n in NODES]
+MAX_NEW = 24
+CASES: list[tuple[list[int], SamplingParams]] = [
+    (p, params) for p, params in zip(prompts(6), [GREEDY, SEEDED, GREEDY, SEEDED, SamplingParams(), SEEDED])
+]
+SPAN = FailoverPolicy(replay="span")
+FULL = FailoverPolicy(replay="full")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return add_tokenizer(make_tiny_model(tmp_path_factory.mktemp("failover-model"), "llama3"))
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosSwarm]:
+    s = ChaosSwarm(tiny, tmp_path_factory.mktemp("failover-swarm"))
+    try:
+        s.start(NODES, timeout=180)
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def references(swarm: ChaosSwarm) -> list[list[int]]:
+    """The tokens of every case without failures (through the same swarm)."""
+
+    async def run() -> list[list[int]]:
+        backend = swarm.backend()
+        try:
+            return [await generate(backend, p, params, MAX_NEW) for p, params in CASES]
+        finally:
+            await backend.aclose()
+
+    refs = asyncio.run(run())
+    assert any(len(set(r)) > 4 for r in refs)  # the model does not just repeat one token
+    return refs
+
+
+def victim_at(backend: RoutedBackend, role: str) -> str:
+    assert backend.last_route is not None
+    hops = backend.last_route.hops
+    index = {"head": 0, "middle": len(hops) // 2, "tail": len(hops) - 1}[role]
+    return hops[index].node_id
+
+
+def test_sigkill_of_head_middle_and_tail_at_random_steps(swarm: ChaosSwarm, references: list[list[int]]) -> None:
+    """21 generations, each losing one node (head, middle, tail in turn) at a random
+    step; most replay only into the replacement span, every fourth replays in full."""
+    rng = random.Random(2026)
+    roles = ["head", "middle", "tail"]
+    killed: list[tuple[str, str]] = []
+
+    async def run() -> list[RoutedBackend]:
+        backends = {"span": swarm.backend(SPAN), "full": swarm.backend(FULL)}
+        try:
+            for g in range(21):
+                await asyncio.to_thread(swarm.wait_nodes, NAMES, 90)
+                case = g % len(CASES)
+                prompt, params = CASES[case]
+                backend = backends["full" if g % 4 == 3 else "span"]
+                role, step = roles[g % 3], rng.randrange(1, MAX_NEW - 1)
+                before = len(backend.records)
+
+                def chaos(i: int, backend: RoutedBackend = backend, role: str = role, step: int = step) -> None:
+                    if i == step:
+                        victim = victim_at(backend, role)
+                        swarm.kill(victim)
+                        swarm.restart(victim)  # boots while the generation recovers
+                        killed.append((role, victim))
+
+                got = await generate(backend, prompt, params, MAX_NEW, chaos)
+                assert got == references[case], f"generation {g}: {role} killed at step {step}"
+                new = list(backend.records)[before:]
+                assert new and new[0].node_id == killed[-1][1], f"generation {g}: no failover recorded"
+                if backend is backends["span"]:
+                    # the survivors kept their caches: only the replacement span replayed
+                    kept, n = new[0].kept, new[0].history_tokens
+                    assert 0 in kept and all(k >= n - 1 for k in kept if k), (kept, n)
+            return list(backends.values())
+        finally:
+            for b in backends.values():
+                await b.aclose()
+
+    backends = asyncio.run(run())
+    assert {r for r, _ in killed} == set(roles) and len(killed) == 21
+    records = [r for b in backends for r in b.records]
+    assert len(records) >= 21
+    # every failover is an event, counted in the coordinator's metrics
+    deadline = time.monotonic() + 10
+    while _failovers(swarm) < len(records) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert _failovers(swarm) >= len(records)
+
+
+def _failovers(swarm: ChaosSwarm) -> float:
+    match = re.search(r"^swarm_failovers_total (\S+)$", swarm.metrics(), re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_frozen_node_is_timed_out_and_harmless_once_thawed(swarm: ChaosSwarm, references: list[list[int]]) -> None:
+    swarm.wait_nodes(NAMES, 90)
+    prompt, params = CASES[1]
+
+    async def run() -> tuple[list[int], list[list[int]], str, float]:
+        backend = swarm.backend(SPAN)
+        try:
+            await generate(backend, prompt, params, MAX_NEW)  # the step clock learns this swarm's latency
+            frozen: list[str] = []
+
+            def freeze(i: int) -> None:
+                if i == 6:
+                    frozen.append(victim_at(backend, "middle"))
+                    swarm.freeze(frozen[0])
+
+            t0 = time.monotonic()
+            got = await generate(backend, prompt, params, MAX_NEW, freeze)
+            elapsed = time.monotonic() - t0
+            record = backend.records[-1]
+            assert record.node_id == frozen[0] and record.code == "DEADLINE_EXCEEDED", record
+            swarm.thaw(frozen[0])
+            # the thawed node finishes what it had and fails its stale streams: nothing
+            # it does reaches the resumed session or later ones
+            await asyncio.sleep(1.0)
+            later = [await generate(swarm.backend(SPAN), p, ps, MAX_NEW) for p, ps in CASES[:3]]
+            return got, later, frozen[0], elapsed
+        finally:
+            await backend.aclose()
+
+    got, later, frozen, elapsed = asyncio.run(run())
+    assert got == references[1]
+    assert elapsed < 10.0  # the step timeout (a multiple of the measured step, at least 1 s), not a TCP timeout
+    assert later == references[:3]
+    assert swarm.daemons[frozen].alive
+    swarm.wait_nodes(NAMES, 30)
+
+
+def test_a_kill_during_prefill_recovers(swarm: ChaosSwarm, monkeypatch: pytest.MonkeyPatch) -> None:
+    swarm.wait_nodes(NAMES, 90)
+    prompt = [(7 * i) % 300 + 3 for i in range(400)]  # a prefill of 4 chunks
+    import swarm_client.routed as routed
+
+    class Stalled(routed.RouteSession):
+        """Freezes the route's middle node once the route is open, before the prefill."""
+
+        hook: list[str] = []
+
+        async def prefill(self, tokens, **kw):  # type: ignore[no-untyped-def]
+            if self.hook:
+                swarm.freeze(self.hook.pop())
+            return await super().prefill(tokens, **kw)
+
+    async def run() -> tuple[list[int], list[int]]:
+        backend = swarm.backend(SPAN)
+        try:
+            want = await generate(backend, prompt, SEEDED, 8)
+            victim = victim_at(backend, "middle")
+            Stalled.hook.append(victim)
+            monkeypatch.setattr(routed, "RouteSession", Stalled)
+            task = asyncio.get_running_loop().create_task(generate(backend, prompt, SEEDED, 8))
+            await asyncio.sleep(0.5)
+            assert not task.done() and not Stalled.hook  # open, prefill sent, stuck in the frozen victim
+            swarm.kill(victim)  # which dies during the prefill
+            swarm.restart(victim)
+            got = await task
+            record = backend.records[-1]
+            assert record.node_id == victim and record.history_tokens == len(prompt)
+            return want, got
+        finally:
+            await backend.aclose()
+
+    want, got = asyncio.run(run())
+    assert got == want
+
+
+def test_two_kills_in_one_generation(swarm: ChaosSwarm, references: list[list[int]]) -> None:
+    swarm.wait_nodes(NAMES, 90)
+    prompt, params = CASES[3]
+
+    async def run() -> list[int]:
+        backend = swarm.backend(SPAN)
+        try:
+
+            def chaos(i: int) -> None:
+                if i in (5, 15):
+                    victim = victim_at(backend, "head" if i == 5 else "tail")
+                    swarm.kill(victim)
+                    swarm.restart(victim)
+
+            got = await generate(backend, prompt, params, MAX_NEW, chaos)
+            assert len(backend.records) == 2
+            return got
+        finally:
+            await backend.aclose()
+
+    assert asyncio.run(run()) == references[3]
+
+
+def test_no_route_is_a_clear_error_in_bounded_time(swarm: ChaosSwarm, references: list[list[int]]) -> None:
+    """Both copies of layers [4, 6) gone: the error names them, after the bounded wait."""
+    swarm.wait_nodes(NAMES, 90)
+    prompt, params = CASES[0]
+    wait = 3.0
+
+    async def run() -> tuple[str, float]:
+        backend = swarm.backend(FailoverPolicy(no_route_wait=wait))
+        try:
+
+            def chaos(i: int) -> None:
+                if i == 4:
+                    swarm.kill("c")
+                    swarm.kill("e")
+
+            t0 = time.monotonic()
+            with pytest.raises(GenerationError) as info:
+                await generate(backend, prompt, params, MAX_NEW, chaos)
+            return str(info.value), time.monotonic() - t0
+        finally:
+            await backend.aclose()
+
+    try:
+        message, elapsed = asyncio.run(run())
+    finally:
+        swarm.restart("c")
+        swarm.restart("e")
+    assert "[4, 6)" in message or "4:6" in message, message
+    assert "no route" in message
+    assert elapsed < wait + 8.0
+    swarm.wait_nodes(NAMES, 90)
+
+
+def test_without_a_replica_the_layers_are_reassigned_and_loaded(tiny: Path, tmp_path: Path) -> None:
+    """Three assigned nodes, one copy of each layer: the dead node's layers go to
+    nodes with free memory, which load them, and the generation resumes."""
+    swarm = ChaosSwarm(tiny, tmp_path, swarm_id="reassign")
+    names = ["p", "q", "r"]
+    try:
+        swarm.start([NodeSpec(n, None, 100, "64M") for n in names], timeout=180)
+        prompt, params = CASES[1]
+
+        async def run() -> tuple[list[int], list[int], RoutedBackend]:
+            backend = swarm.backend(FailoverPolicy(no_route_wait=60))
+            try:
+                want = await generate(backend, prompt, params, MAX_NEW)
+                assert backend.last_route is not None and len(backend.last_route.hops) == 3
+
+                def chaos(i: int) -> None:
+                    if i == 8:
+                        swarm.kill(victim_at(backend, "middle"))
+
+                got = await generate(backend, prompt, params, MAX_NEW, chaos)
+                return want, got, backend
+            finally:
+                await backend.aclose()
+
+        want, got, backend = asyncio.run(run())
+        assert got == want
+        record = backend.records[-1]
+        survivors = {h.node_id for h in record.hops}
+        assert len(survivors) == 2 and record.node_id not in survivors  # two nodes now hold all six layers
+    finally:
+        swarm.close()
