@@ -59,17 +59,37 @@ class RouteProvider(Protocol):
 
 
 def parse_route(text: str) -> tuple[Hop, ...]:
-    """``"host:port=0:10,host:port=10:30"`` -> hops (the layers of each, in order)."""
+    """``"host:port,host:port"`` or ``"host:port=0:10,host:port=10:30"`` -> hops, in order.
+
+    A hop without ``=START:END`` gets the layers its node reports (``Info``) when the
+    route is first used; its range is marked -1 until then.
+    """
     hops = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         address, sep, layers = part.rpartition("=")
+        if not sep:
+            if ":" not in part:
+                raise ValueError(f"bad hop {part!r}: expected HOST:PORT or HOST:PORT=START:END")
+            hops.append(Hop(part, -1, -1))
+            continue
         a, colon, b = layers.partition(":")
-        if not sep or not colon or not address:
-            raise ValueError(f"bad hop {part!r}: expected HOST:PORT=START:END")
+        if not colon or not address:
+            raise ValueError(f"bad hop {part!r}: expected HOST:PORT or HOST:PORT=START:END")
         hops.append(Hop(address, int(a), int(b)))
     if not hops:
         raise ValueError("empty route")
     return tuple(hops)
+
+
+async def _hosted_range(address: str, timeout: float = 10.0) -> tuple[int, int]:
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        info = await swarm_pb2_grpc.NodeStub(channel).Info(swarm_pb2.InfoRequest(), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise GenerationError(f"route hop {address} does not answer: {exc.details()}") from exc
+    finally:
+        await channel.close(grace=None)
+    return info.start, info.end
 
 
 class StaticRoutes:
@@ -84,6 +104,14 @@ class StaticRoutes:
         bad = [h for h in self.hops if h.address in exclude_addresses or (h.node_id and h.node_id in exclude_node_ids)]
         if bad:
             raise GenerationError(f"the static route's hop {bad[0].address} failed and there is no other route")
+        if any(h.start < 0 for h in self.hops):
+            ranges = await asyncio.gather(*(_hosted_range(h.address) for h in self.hops))
+            self.hops = tuple(replace(h, start=a, end=b) for h, (a, b) in zip(self.hops, ranges))
+            for prev, nxt in zip(self.hops, self.hops[1:]):
+                if prev.end != nxt.start:
+                    raise GenerationError(
+                        f"route hops do not chain: {prev.address} ends at layer {prev.end}, {nxt.address} starts at {nxt.start}"
+                    )
         return Route(self.hops)
 
     async def report_failure(self, error: RouteError, session_id: str) -> None:
