@@ -259,7 +259,7 @@ class _Base:
 
 
 class SwarmClient(_Base):
-    """Generate text with a backend (today: the in-process ``LocalBackend``)."""
+    """Generate text with a backend: in-process (``local()``) or over the swarm (``remote()``)."""
 
     def __init__(self, backend: TokenSource, tokenizer: Tokenizer, *, defaults: SamplingOptions | None = None) -> None:
         super().__init__(tokenizer, defaults)
@@ -279,6 +279,21 @@ class SwarmClient(_Base):
 
         backend = LocalBackend.load(model, dtype=dtype, device=device)
         return cls(backend, load_tokenizer(backend.source), defaults=defaults)
+
+    @classmethod
+    def remote(
+        cls,
+        *,
+        coordinator: str | None = None,
+        route: str | None = None,
+        model: str | os.PathLike[str] | None = None,
+        defaults: SamplingOptions | None = None,
+    ) -> SwarmClient:
+        """The blocking face of ``AsyncSwarmClient.remote`` (same arguments)."""
+        from swarm_client.blocking import BlockingTokenSource
+
+        backend, tokenizer = _remote_backend(coordinator, route, model)
+        return cls(BlockingTokenSource(backend), tokenizer, defaults=defaults)
 
     def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> Iterator[StreamEvent]:
         """Stream a completion of ``prompt`` (text or token ids)."""
@@ -306,6 +321,22 @@ class SwarmClient(_Base):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _remote_backend(
+    coordinator: str | None, route: str | None, model: str | os.PathLike[str] | None
+) -> tuple[AsyncTokenSource, Tokenizer]:
+    from swarm_client.routed import CoordinatorRoutes, RoutedBackend, RouteProvider, StaticRoutes, parse_route
+    from swarm_node.loading import read_args
+    from swarm_node.store import resolve_model
+
+    if (coordinator is None) == (route is None):
+        raise InvalidRequestError("give exactly one of coordinator and route")
+    path = resolve_model(None if model is None else os.fspath(model))
+    args = read_args(path)
+    routes: RouteProvider = CoordinatorRoutes(coordinator) if coordinator else StaticRoutes(parse_route(route or ""))
+    backend = RoutedBackend(routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids)
+    return backend, load_tokenizer(path)
 
 
 def _last(events: Iterator[StreamEvent]) -> GenerationResult:
@@ -351,19 +382,11 @@ class AsyncSwarmClient(_Base):
     ) -> AsyncSwarmClient:
         """A client generating over the swarm: routes from the coordinator at
         ``HOST:PORT`` (with failover), or along a fixed ``route``
-        (``"host:port=0:10,host:port=10:30"``). ``model`` (path or name, default: the
-        default model) gives the tokenizer and the model's limits; no weights are read."""
-        from swarm_client.routed import CoordinatorRoutes, RoutedBackend, RouteProvider, StaticRoutes, parse_route
-        from swarm_node.loading import read_args
-        from swarm_node.store import resolve_model
-
-        if (coordinator is None) == (route is None):
-            raise InvalidRequestError("give exactly one of coordinator and route")
-        path = resolve_model(None if model is None else os.fspath(model))
-        args = read_args(path)
-        routes: RouteProvider = CoordinatorRoutes(coordinator) if coordinator else StaticRoutes(parse_route(route or ""))
-        backend = RoutedBackend(routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids)
-        return cls(backend, load_tokenizer(path), defaults=defaults)
+        (``"host:port,host:port"`` or ``"host:port=0:10,host:port=10:30"``). ``model``
+        (path or name, default: the default model) gives the tokenizer and the model's
+        limits; no weights are read."""
+        backend, tokenizer = _remote_backend(coordinator, route, model)
+        return cls(backend, tokenizer, defaults=defaults)
 
     def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncIterator[StreamEvent]:
         if self._async:
