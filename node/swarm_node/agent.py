@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from swarm_node.config import ModelArgs
 from swarm_node.errors import SwarmNodeError
 from swarm_node.loading import read_args
 from swarm_node.node_config import NodeConfig
@@ -93,6 +95,22 @@ async def fetch_swarm_info(coordinator: str, *, timeout: float = 60.0, metadata:
     return SwarmInfo(info.swarm_id, _broker(info.mqtt_url, host), info.model, info.num_layers)
 
 
+def _measure_alone(args: ModelArgs, device: str, dtype: torch.dtype) -> Speed:
+    """Measure while holding a machine-wide lock: nodes started together on one machine
+    (``swarm up``, a benchmark) take turns instead of timing each other's load."""
+    lock_path = Path(tempfile.gettempdir()) / "llama-swarm-speed.lock"
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: measure without the lock
+        return measure(args, device=device, dtype=dtype)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return measure(args, device=device, dtype=dtype)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class NodeAgent:
     """One node process under a coordinator: ``start()``, then ``stop()`` on SIGTERM.
 
@@ -143,7 +161,7 @@ class NodeAgent:
         if self.speed_override > 0:
             self.speed = Speed(self.speed_override, self.speed_override * 10)
         else:
-            self.speed = await asyncio.to_thread(measure, args, device=device, dtype=cfg.torch_dtype)
+            self.speed = await asyncio.to_thread(_measure_alone, args, device, cfg.torch_dtype)
         budget = self.memory_budget or default_memory_budget(device)
         per_layer = layer_bytes(args, cfg.torch_dtype)
         log.info(
