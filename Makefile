@@ -40,9 +40,16 @@ proto: install
 
 bench: install model
 	$(PY) bench/engine.py
+	$(PY) bench/assignment.py
 
+# `swarm up` in the background (a coordinator with its embedded broker and 3 nodes),
+# one streamed answer through its coordinator, then Ctrl-C for the swarm.
 demo: install model
-	$(VENV)/bin/swarm generate --local --chat "Tell me about the ocean in two sentences."
+	@rm -f .swarm-demo; \
+	$(VENV)/bin/swarm up --nodes 3 --ready-file .swarm-demo & up=$$!; \
+	trap 'kill -INT $$up 2>/dev/null; wait $$up' EXIT; \
+	while [ ! -s .swarm-demo ]; do kill -0 $$up 2>/dev/null || exit 1; sleep 0.5; done; \
+	$(VENV)/bin/swarm generate --coordinator "$$(cat .swarm-demo)" --chat --stats "Tell me about the ocean in two sentences."
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist
