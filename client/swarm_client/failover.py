@@ -128,6 +128,7 @@ class FailoverRecord:
     reroute_s: float = 0.0  # -> a new route found and opened
     replay_s: float = 0.0  # -> the next token back
     replayed_tokens: int = 0  # positions recomputed on the new route
+    replayed_layers: int = 0  # ... by this many of its layers (the fresh spans'; all of them for a full replay)
     kept: tuple[int, ...] = ()  # per hop of the new route: positions it kept
     hops: tuple[Hop, ...] = ()  # the new route
     attempts: int = 1  # routes tried until one worked
@@ -144,7 +145,7 @@ class FailoverRecord:
         return (
             f"session {self.session_id[:12]}: {where} failed ({self.code}); stall {self.stall_s:.3f} s "
             f"(detect {self.detect_s:.3f}, reroute {self.reroute_s:.3f}, replay {self.replay_s:.3f}), "
-            f"{self.mode} replay of {self.replayed_tokens}/{self.history_tokens} tokens"
+            f"{self.mode} replay of {self.replayed_tokens}/{self.history_tokens} tokens into {self.replayed_layers} layers"
         )
 
 

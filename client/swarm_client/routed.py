@@ -308,7 +308,9 @@ class RoutedBackend:
                         pending.t_opened = time.monotonic()
                         pending.reroute_s = pending.t_opened - pending.t_detected
                         pending.kept, pending.hops = session.kept, route.hops
+                        fresh = [h for h, k in zip(route.hops, session.kept) if k < n - 1] if span else route.hops
                         pending.replayed_tokens = n - min(session.kept, default=0) if span else n
+                        pending.replayed_layers = sum(h.end - h.start for h in fresh)
                     if pending is not None and span:
                         out = await session.replay(history, timeout=self.clock.timeout(pending.replayed_tokens))
                     else:

@@ -109,8 +109,11 @@ class NodeSpec:
 class ChaosSwarm:
     """A coordinator and named nodes on loopback, as processes."""
 
-    def __init__(self, model: Path, tmp: Path, *, replicas: int = 1, swarm_id: str = "chaos") -> None:
+    def __init__(
+        self, model: Path, tmp: Path, *, replicas: int = 1, swarm_id: str = "chaos", max_length: int = 512
+    ) -> None:
         self.model = model
+        self.max_length = max_length
         self.tmp = tmp
         self.replicas = replicas
         self.swarm_id = swarm_id
@@ -136,7 +139,7 @@ class ChaosSwarm:
         self.specs[spec.name] = spec
         argv = [sys.executable, "-m", "swarm_node.cli", "--coordinator", self.address, "--model", str(self.model),
                 "--host", "127.0.0.1", "--port", "0", "--node-id", spec.name, "--threads", "1",
-                "--speed", str(spec.speed), "--max-length", "512", "--park-timeout", "30"]
+                "--speed", str(spec.speed), "--max-length", str(self.max_length), "--park-timeout", "30"]
         if spec.layers:
             argv += ["--layers", spec.layers]
         if spec.budget:
@@ -207,7 +210,7 @@ class ChaosSwarm:
     # --- generating -------------------------------------------------------------------
 
     def backend(self, policy: FailoverPolicy | None = None) -> RoutedBackend:
-        return RoutedBackend(CoordinatorRoutes(self.address), max_context=512, eos_token_ids=(), policy=policy)
+        return RoutedBackend(CoordinatorRoutes(self.address), max_context=self.max_length, eos_token_ids=(), policy=policy)
 
 
 async def generate(
