@@ -95,7 +95,7 @@ class Avoidance:
         now = time.monotonic() if now is None else now
         count, last, _ = self._entries.get(key, (0, now, now))
         count = 1 if now - last > self.forget_after else count + 1
-        backoff = min(self.maximum, self.initial * 2 ** (count - 1))
+        backoff = min(self.maximum, self.initial * 2.0 ** (count - 1))
         self._entries[key] = (count, now, now + backoff)
         return backoff
 

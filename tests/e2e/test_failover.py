@@ -303,3 +303,39 @@ def test_without_a_replica_the_layers_are_reassigned_and_loaded(tiny: Path, tmp_
         assert len(survivors) == 2 and record.node_id not in survivors  # two nodes now hold all six layers
     finally:
         swarm.close()
+
+
+def test_the_default_model_streams_the_same_text_through_a_kill(default_model: Path, tmp_path: Path) -> None:
+    """SmolLM2 over three nodes and a spare, through the public streaming API: the
+    middle node dies mid-stream; the caller sees the same text, a little later."""
+    from swarm_client.api import AsyncSwarmClient
+
+    swarm = ChaosSwarm(default_model, tmp_path, swarm_id="smol", max_length=256)
+    nodes = [NodeSpec("h", "0:10", 100), NodeSpec("m", "10:20", 100), NodeSpec("t", "20:30", 100),
+             NodeSpec("s", "10:20", 40)]
+    options = dict(max_tokens=20, temperature=0.7, top_p=0.9, seed=11, ignore_eos=True)
+    try:
+        swarm.start(nodes, timeout=240)
+
+        async def run() -> tuple[str, str, list[str]]:
+            async with AsyncSwarmClient.remote(coordinator=swarm.address, model=default_model) as client:
+                want = (await client.generate("The capital of France is", **options)).text
+                backend = client.backend
+                assert isinstance(backend, RoutedBackend)
+                killed: list[str] = []
+                pieces: list[str] = []
+                n = 0
+                async for event in client.stream("The capital of France is", **options):
+                    pieces.append(event.text)
+                    n += len(event.token_ids)
+                    if n >= 6 and not killed:
+                        killed.append(victim_at(backend, "middle"))
+                        swarm.kill(killed[0])
+                assert [r.node_id for r in backend.records] == killed == ["m"]
+                return want, "".join(pieces), [h.node_id for h in backend.records[-1].hops]
+
+        want, got, route = asyncio.run(run())
+        assert got == want and len(want) > 20
+        assert route == ["h", "s", "t"]  # patched: the survivors kept their caches
+    finally:
+        swarm.close()
