@@ -7,15 +7,17 @@ machine noise hits both alike:
 
 - direct: the client library in this process (``AsyncSwarmClient`` over the
   coordinator's routes), as an application embedding it would;
-- gateway: the official ``openai`` client streaming from the coordinator's
-  ``/v1/chat/completions`` (which runs the same client library inside it).
+- gateway: streaming from the coordinator's ``/v1/chat/completions`` (which runs
+  the same client library inside it), read by a minimal SSE reader, or by the
+  official ``openai`` client with ``--http-client openai``.
 
 With C concurrent streams, each figure is the median over rounds of the mean over
 streams of: time to first token, per-token latency after the first token
 ((t_last - t_first) / (tokens - 1)) and the whole request. The gateway's added
 per-token latency at 16 streams should stay under 5 %. Two diagnostics come with each
-row, since a shared machine is noisy: the coordinator's CPU time per token (what the
-gateway itself costs) and the nodes' mean batch size (sessions merged per forward).
+row, since a shared machine is noisy: CPU time per token outside the nodes (this
+process plus the coordinator: the gateway path's extra is what the gateway and the
+HTTP client cost), the coordinator's share of it, and the nodes' mean batch size.
 
     .venv/bin/python bench/gateway.py [--nodes 2] [--tokens 32] [--rounds 5] [--concurrency 1 16]
 """
@@ -164,22 +166,60 @@ async def gateway_stream(api: Any, model: str, messages: Any, tokens: int) -> di
     return _summary(t0, stamps, max(n, len(stamps)))
 
 
+async def raw_stream(http: Any, model: str, messages: Any, tokens: int) -> dict[str, float]:
+    """The gateway path with a minimal SSE reader (no per-chunk objects), so that the
+    figure is the gateway's cost rather than the HTTP client library's."""
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    n = 0
+    async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices")
+            if choices and choices[0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+    return _summary(t0, stamps, max(n, len(stamps)))
+
+
 def _mean(runs: list[dict[str, float]], key: str) -> float:
     return statistics.fmean(r[key] for r in runs)
 
 
 async def bench(args: argparse.Namespace, swarm: Swarm) -> dict[str, Any]:
+    import httpx2
     import openai
 
     from swarm_coordinator.http.mount import swarm_client
 
     client = await asyncio.to_thread(swarm_client, swarm.address, swarm.model)
     api = openai.AsyncOpenAI(base_url=swarm.url + "/v1", api_key="bench", max_retries=0, timeout=600)
+    http = httpx2.AsyncClient(base_url=swarm.url, timeout=600, limits=httpx2.Limits(max_connections=64))
     model = (await api.models.list()).data[0].id
     messages = [{"role": "user", "content": PROMPT}]
+
+    async def via_gateway() -> dict[str, float]:
+        if args.http_client == "openai":
+            return await gateway_stream(api, model, messages, args.tokens)
+        return await raw_stream(http, model, messages, args.tokens)
+
     # Warm both paths (channels, tokenizer caches, the nodes' first forward passes).
     await direct_stream(client, messages, 4)
     await gateway_stream(api, model, messages, 4)
+    await raw_stream(http, model, messages, 4)
 
     out: dict[str, Any] = {}
     for c in args.concurrency:
@@ -188,13 +228,18 @@ async def bench(args: argparse.Namespace, swarm: Swarm) -> dict[str, Any]:
             order = ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")
             for way in order:
                 cpu0, (b0, s0) = swarm.coordinator_cpu_s(), await asyncio.to_thread(swarm.batches)
+                own0 = time.process_time()
                 if way == "direct":
                     runs = await asyncio.gather(*(direct_stream(client, messages, args.tokens) for _ in range(c)))
                 else:
-                    runs = await asyncio.gather(*(gateway_stream(api, model, messages, args.tokens) for _ in range(c)))
+                    runs = await asyncio.gather(*(via_gateway() for _ in range(c)))
+                own1 = time.process_time()
                 cpu1, (b1, s1) = swarm.coordinator_cpu_s(), await asyncio.to_thread(swarm.batches)
                 row = {k: _mean(list(runs), k) for k in ("ttft_s", "per_token_s", "total_s", "tokens")}
-                row["coordinator_cpu_ms_per_token"] = (cpu1 - cpu0) * 1e3 / max(1.0, sum(r["tokens"] for r in runs))
+                n_tokens = max(1.0, sum(r["tokens"] for r in runs))
+                row["coordinator_cpu_ms_per_token"] = (cpu1 - cpu0) * 1e3 / n_tokens
+                # Everything but the nodes: this process (the caller) plus the coordinator.
+                row["client_side_cpu_ms_per_token"] = ((own1 - own0) + (cpu1 - cpu0)) * 1e3 / n_tokens
                 row["mean_batch"] = (s1 - s0) / max(1.0, b1 - b0)
                 rows[way].append(row)
         med = {way: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for way, rs in rows.items()}
@@ -206,9 +251,16 @@ async def bench(args: argparse.Namespace, swarm: Swarm) -> dict[str, Any]:
             "added_per_token_pct": 100 * (g["per_token_s"] / d["per_token_s"] - 1),
             "added_ttft_ms": (g["ttft_s"] - d["ttft_s"]) * 1e3,
             "added_request_ms": (g["total_s"] - d["total_s"]) * 1e3,
+            "added_cpu_ms_per_token": g["client_side_cpu_ms_per_token"] - d["client_side_cpu_ms_per_token"],
+            # Each round runs both ways back to back: the median of the per-round ratios
+            # cancels the machine's slow drift better than the ratio of the medians.
+            "paired_per_token_pct": 100 * (
+                statistics.median(gr["per_token_s"] / dr["per_token_s"] for gr, dr in zip(rows["gateway"], rows["direct"])) - 1
+            ),
             "rounds": rows,
         }
     await api.close()
+    await http.aclose()
     await client.close()
     return out
 
@@ -221,6 +273,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32, help="tokens per stream")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument(
+        "--http-client", choices=("raw", "openai"), default="raw",
+        help="gateway path: a minimal SSE reader (default) or the official openai client (its own per-chunk CPU counts too)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gateway.json")
     args = p.parse_args()
 
@@ -235,20 +291,33 @@ def main() -> None:
     finally:
         swarm.stop()
 
-    print(f"\n{'streams':>7} {'path':>8} {'ttft ms':>9} {'per token ms':>13} {'request ms':>11} {'batch':>6} {'coord cpu ms/token':>19}")
+    print(
+        f"\n{'streams':>7} {'path':>8} {'ttft ms':>9} {'per token ms':>13} {'request ms':>11} {'batch':>6}"
+        f" {'coord cpu ms/tok':>17} {'all cpu ms/tok':>15}"
+    )
     for c, row in results.items():
         for way in ("direct", "gateway"):
             r = row[way]
             print(
                 f"{c:>7} {way:>8} {r['ttft_s'] * 1e3:9.1f} {r['per_token_s'] * 1e3:13.2f} {r['total_s'] * 1e3:11.1f}"
-                f" {r['mean_batch']:6.1f} {r['coordinator_cpu_ms_per_token']:19.3f}"
+                f" {r['mean_batch']:6.1f} {r['coordinator_cpu_ms_per_token']:17.3f} {r['client_side_cpu_ms_per_token']:15.3f}"
             )
         print(
             f"{'':>7} {'added':>8} {row['added_ttft_ms']:9.1f} {row['added_per_token_ms']:+10.2f}"
-            f" ({row['added_per_token_pct']:+.1f}%) {row['added_request_ms']:+8.1f}"
+            f" ({row['added_per_token_pct']:+.1f}%) {row['added_request_ms']:+8.1f} {'':>6} {'':>17}"
+            f" {row['added_cpu_ms_per_token']:+15.3f}"
         )
+        print(f"{'':>7} {'paired':>8} {'':>9} {row['paired_per_token_pct']:+12.1f}%  (median of per-round ratios)")
     machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    report = {"model": model, "nodes": args.nodes, "tokens": args.tokens, "rounds": args.rounds, "machine": machine, "results": results}
+    report = {
+        "model": model,
+        "nodes": args.nodes,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "http_client": args.http_client,
+        "machine": machine,
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.out}", file=sys.stderr)
