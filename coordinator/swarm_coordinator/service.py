@@ -51,7 +51,7 @@ class FailureBook:
         """Count a failure of ``node_id``; returns how long routes now avoid it."""
         entry = self._nodes.get(node_id)
         count = 1 if entry is None or now - entry.last > self.forget_after else entry.count + 1
-        backoff = min(self.maximum, self.initial * 2 ** (count - 1))
+        backoff = min(self.maximum, self.initial * 2.0 ** (count - 1))
         self._nodes[node_id] = _Failures(count, now, now + backoff)
         return backoff
 
