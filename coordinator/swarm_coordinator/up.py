@@ -123,6 +123,7 @@ class LocalSwarm:
         self.address = ""
         self.mqtt_url = ""
         self.http = ""
+        self.cancel = threading.Event()  # set by Ctrl-C: stop waiting, start() raises
 
     def start(self) -> None:
         cfg = self.config
@@ -163,6 +164,8 @@ class LocalSwarm:
             stub = swarm_pb2_grpc.CoordinatorStub(channel)
             while True:
                 self._check_alive()
+                if self.cancel.is_set():
+                    raise KeyboardInterrupt
                 try:
                     stub.GetRoute(swarm_pb2.RouteRequest(max_length=1), timeout=5)
                     return
@@ -220,13 +223,14 @@ class LocalSwarm:
 def run(config: UpConfig, out: IO[str] = sys.stdout) -> int:
     """``swarm up``: start, print the endpoints, wait for Ctrl-C, stop everything."""
     swarm = LocalSwarm(config)
-    stop = threading.Event()
+    stop = swarm.cancel
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         out.write(f"starting a coordinator and {config.nodes} node(s); logs in {swarm.log_dir}\n")
         out.flush()
-        swarm.start()
-        if stop.is_set():
+        try:
+            swarm.start()
+        except KeyboardInterrupt:
             return 130
         out.write(swarm.describe() + "\nthe model is covered; Ctrl-C stops the swarm\n")
         out.flush()
