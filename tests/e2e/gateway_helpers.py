@@ -145,7 +145,13 @@ def ready(n: int) -> Any:
 
 
 def start_swarm(
-    model: Path, n_nodes: int, logs: Path, *, coordinator_args: Sequence[str] = (), node_timeout: float = 3.0
+    model: Path,
+    n_nodes: int,
+    logs: Path,
+    *,
+    coordinator_args: Sequence[str] = (),
+    node_args: Sequence[str] = (),
+    node_timeout: float = 3.0,
 ) -> Swarm:
     """``swarm-coordinator`` with its gateway on a free port, and ``n_nodes`` nodes (one
     torch thread each, metrics on) that join it; returns once the model is covered."""
@@ -165,7 +171,7 @@ def start_swarm(
             nodes[node_id] = Proc.start(
                 script("swarm-node")
                 + ["--coordinator", address, "--model", str(model), "--port", "0", "--threads", "1"]
-                + ["--node-id", node_id, "--metrics-port", "0"],
+                + ["--node-id", node_id, "--metrics-port", "0", *node_args],
                 logs / f"{node_id}.log",
             )
         metrics = {node_id: proc.wait_line("metrics on") for node_id, proc in nodes.items()}
