@@ -145,11 +145,12 @@ def test_a_frozen_node_is_timed_out_and_harmless_once_thawed(swarm: ChaosSwarm, 
     swarm.wait_nodes(NAMES, 90)
     prompt, params = CASES[1]
 
+    frozen: list[str] = []
+
     async def run() -> tuple[list[int], list[list[int]], str, float]:
         backend = swarm.backend(SPAN)
         try:
             await generate(backend, prompt, params, MAX_NEW)  # the step clock learns this swarm's latency
-            frozen: list[str] = []
 
             def freeze(i: int) -> None:
                 if i == 6:
@@ -170,11 +171,15 @@ def test_a_frozen_node_is_timed_out_and_harmless_once_thawed(swarm: ChaosSwarm, 
         finally:
             await backend.aclose()
 
-    got, later, frozen, elapsed = asyncio.run(run())
+    try:
+        got, later, victim, elapsed = asyncio.run(run())
+    finally:
+        for name in frozen:
+            swarm.thaw(name)
     assert got == references[1]
     assert elapsed < 10.0  # the step timeout (a multiple of the measured step, at least 1 s), not a TCP timeout
     assert later == references[:3]
-    assert swarm.daemons[frozen].alive
+    assert swarm.daemons[victim].alive
     swarm.wait_nodes(NAMES, 30)
 
 
@@ -183,36 +188,38 @@ def test_a_kill_during_prefill_recovers(swarm: ChaosSwarm, monkeypatch: pytest.M
     prompt = [(7 * i) % 300 + 3 for i in range(400)]  # a prefill of 4 chunks
     import swarm_client.routed as routed
 
-    class Stalled(routed.RouteSession):
-        """Freezes the route's middle node once the route is open, before the prefill."""
+    frozen: list[str] = []
 
-        hook: list[str] = []
+    class Stalled(routed.RouteSession):
+        """Freezes the middle node of the first route it opens, before the prefill."""
 
         async def prefill(self, tokens, **kw):  # type: ignore[no-untyped-def]
-            if self.hook:
-                swarm.freeze(self.hook.pop())
+            if not frozen:
+                frozen.append(self.hops[len(self.hops) // 2].node_id)
+                swarm.freeze(frozen[0])
             return await super().prefill(tokens, **kw)
 
     async def run() -> tuple[list[int], list[int]]:
         backend = swarm.backend(SPAN)
         try:
             want = await generate(backend, prompt, SEEDED, 8)
-            victim = victim_at(backend, "middle")
-            Stalled.hook.append(victim)
             monkeypatch.setattr(routed, "RouteSession", Stalled)
             task = asyncio.get_running_loop().create_task(generate(backend, prompt, SEEDED, 8))
             await asyncio.sleep(0.5)
-            assert not task.done() and not Stalled.hook  # open, prefill sent, stuck in the frozen victim
-            swarm.kill(victim)  # which dies during the prefill
-            swarm.restart(victim)
+            assert frozen and not task.done()  # open, prefill sent, stuck in the frozen victim
+            swarm.kill(frozen[0])  # which dies during the prefill
             got = await task
             record = backend.records[-1]
-            assert record.node_id == victim and record.history_tokens == len(prompt)
+            assert record.node_id == frozen[0] and record.history_tokens == len(prompt)
             return want, got
         finally:
             await backend.aclose()
 
-    want, got = asyncio.run(run())
+    try:
+        want, got = asyncio.run(run())
+    finally:
+        for name in frozen:
+            swarm.restart(name)
     assert got == want
 
 
