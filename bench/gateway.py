@@ -58,7 +58,7 @@ def _wait_line(proc: subprocess.Popen[str], marker: str, timeout: float = 180.0)
 
 
 class Swarm:
-    def __init__(self, model: str, nodes: int, threads: int, logs: Path) -> None:
+    def __init__(self, model: str, nodes: int, threads: int, logs: Path, budget: int = 0) -> None:
         self.procs: list[subprocess.Popen[str]] = []
         self.node_metrics: list[str] = []
         coord = self._start(
@@ -73,7 +73,8 @@ class Swarm:
             node = self._start(
                 _script("swarm-node")
                 + ["--coordinator", self.address, "--model", model, "--port", "0", "--threads", str(threads)]
-                + ["--node-id", f"bench-{i}", "--metrics-port", "0"],
+                + ["--node-id", f"bench-{i}", "--metrics-port", "0"]
+                + (["--memory-budget", str(budget)] if budget else []),
                 logs / f"node-{i}.log",
             )
             self.node_metrics.append(_wait_line(node, "metrics on"))
@@ -274,6 +275,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument(
+        "--replicas", action="store_true",
+        help="let each node hold the whole model (default: memory budgets that make every route span all nodes)",
+    )
+    p.add_argument(
         "--http-client", choices=("raw", "openai"), default="raw",
         help="gateway path: a minimal SSE reader (default) or the official openai client (its own per-chunk CPU counts too)",
     )
@@ -284,8 +289,19 @@ def main() -> None:
 
     model = str(resolve_model(args.model))
     logs = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    budget = 0
+    if not args.replicas:
+        # Each node gets room for a little more than its share of the layers, so that a
+        # route runs through every node (a pipeline) instead of one full replica.
+        import torch
+
+        from swarm_node.loading import read_args
+        from swarm_node.speed import layer_bytes
+
+        shape = read_args(model)
+        budget = (-(-shape.num_layers // args.nodes) + 1) * layer_bytes(shape, torch.float32)
     print(f"starting a swarm of {args.nodes} nodes ({model}); logs in {logs}", file=sys.stderr)
-    swarm = Swarm(model, args.nodes, args.threads, logs)
+    swarm = Swarm(model, args.nodes, args.threads, logs, budget)
     try:
         results = asyncio.run(bench(args, swarm))
     finally:
@@ -315,6 +331,7 @@ def main() -> None:
         "tokens": args.tokens,
         "rounds": args.rounds,
         "http_client": args.http_client,
+        "route": "replicas" if args.replicas else "pipeline over all nodes",
         "machine": machine,
         "results": results,
     }
