@@ -21,7 +21,7 @@ from swarm_client.tokenizer import Tokenizer
 from swarm_client.types import SampledToken
 from swarm_coordinator.http import GatewayConfig, create_app
 from swarm_coordinator.http.auth import ApiKeys, Caller, KeyLimits, RateLimiter, extract_key, parse_keys_file
-from swarm_coordinator.http.openai_api import parse_chat, parse_completion
+from swarm_coordinator.http.schema import parse_chat, parse_completion
 from swarm_node.sampler import SamplingParams
 
 BOS, EOS, OFFSET = 1, 2, 3

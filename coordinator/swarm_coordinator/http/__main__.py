@@ -18,7 +18,8 @@ import sys
 from collections.abc import Sequence
 
 from swarm_client.errors import SwarmError
-from swarm_coordinator.http.app import HttpServer, create_app
+from swarm_coordinator.http.app import create_app
+from swarm_coordinator.http.serving import HttpServer
 from swarm_coordinator.http.mount import add_gateway_flags, gateway_config_from_args
 
 

@@ -1,4 +1,4 @@
-"""The coordinator's HTTP side: an ASGI app (Starlette) and a uvicorn server for it.
+"""The coordinator's HTTP side: an ASGI app (Starlette) for the gateway, dashboard and metrics.
 
 ``create_app(backend, registry_view, config)`` serves, on one port:
 
@@ -15,8 +15,8 @@
 backend (the swarm's route backend in the coordinator daemon, a fixed route or the
 in-process model when served standalone). ``registry_view`` is the registry (anything
 with ``state`` and ``events``) or None. The coordinator daemon runs the app in its own
-event loop with :class:`HttpServer`; tests and benchmarks can use
-:class:`ThreadedHttpServer`, which runs it on a loop of its own::
+event loop with :class:`~.serving.HttpServer`; tests and benchmarks can use
+:class:`~.serving.ThreadedHttpServer`, which runs it on a loop of its own::
 
     app = create_app(SwarmClient.local(), None, GatewayConfig(api_keys=("sk-1",)))
     async with HttpServer(app, "127.0.0.1", 8080) as server:
@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import socket
-import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -51,13 +48,14 @@ from swarm_client.params import SamplingOptions
 from swarm_client.types import StreamEvent
 from swarm_coordinator.http.auth import ApiKeys, Caller, KeyLimits, RateLimiter, extract_key
 from swarm_coordinator.http.dashboard import Activity, SwarmView, snapshot
-from swarm_coordinator.http.openai_api import SSE_HEADERS, OpenAIError, OpenAIRoutes, invalid, translate
+from swarm_coordinator.http.errors import OpenAIError, invalid, translate
+from swarm_coordinator.http.openai_api import SSE_HEADERS, OpenAIRoutes
 from swarm_coordinator.metrics import CONTENT_TYPE_LATEST, CoordinatorMetrics
 from swarm_proto.presence import Event
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Gateway", "GatewayConfig", "HttpServer", "ThreadedHttpServer", "create_app", "model_id_for"]
+__all__ = ["Gateway", "GatewayConfig", "create_app", "model_id_for"]
 
 STATIC = Path(__file__).parent / "static"
 
@@ -304,8 +302,6 @@ def create_app(
 
     async def feed(request: Request) -> Response:
         async def events() -> AsyncIterator[bytes]:
-            import json
-
             while True:
                 data = json.dumps(gw.snapshot(), separators=(",", ":"))
                 yield f"event: snapshot\ndata: {data}\n\n".encode()
@@ -378,159 +374,3 @@ def create_app(
     )
     app.state.gateway = gw
     return app
-
-
-# --- serving -----------------------------------------------------------------------------
-
-
-class _Server(uvicorn.Server):
-    # The process that embeds us owns the signals (the coordinator drains on SIGTERM).
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(512)
-    sock.setblocking(False)
-    return sock
-
-
-class HttpServer:
-    """uvicorn serving ``app`` inside the running event loop; ``port=0`` picks one."""
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning") -> None:
-        self.app = app
-        self.host = host
-        self.port = port
-        self.log_level = log_level
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    async def start(self) -> str:
-        sock = _bind(self.host, self.port)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            lifespan="on",
-            log_level=self.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=2,
-            timeout_keep_alive=30,
-        )
-        self._server = _Server(config)
-        self._task = asyncio.get_running_loop().create_task(self._server._serve(sockets=[sock]), name="http-server")
-        while not self._server.started:
-            if self._task.done():
-                sock.close()
-                exc = self._task.exception()
-                raise OSError(f"HTTP server on {self.host}:{self.port} failed to start: {exc!r}")
-            await asyncio.sleep(0.01)
-        log.info("HTTP on %s (OpenAI API under /v1, dashboard at /, metrics at /metrics)", self.url)
-        return self.url
-
-    async def stop(self) -> None:
-        if self._server is None or self._task is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError, SystemExit):
-            await self._task
-        self._server = self._task = None
-
-    async def __aenter__(self) -> HttpServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
-
-class ThreadedHttpServer:
-    """An :class:`HttpServer` on an event loop of its own thread, for sync callers.
-
-    ``make_app`` runs on that loop (so anything async the app builds belongs to it)::
-
-        with ThreadedHttpServer(lambda: create_app(client)) as server:
-            openai.OpenAI(base_url=server.url + "/v1", api_key="x")
-    """
-
-    def __init__(self, make_app: Callable[[], Any], host: str = "127.0.0.1", port: int = 0) -> None:
-        self.make_app = make_app
-        self.host = host
-        self.port = port
-        self.url = ""
-        self.app: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: HttpServer | None = None
-        self._stop: asyncio.Event | None = None
-
-    def start(self, timeout: float = 30.0) -> str:
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        async def main() -> None:
-            self._stop = asyncio.Event()
-            try:
-                self.app = self.make_app()
-                self._server = HttpServer(self.app, self.host, self.port)
-                self.url = await self._server.start()
-            except BaseException as exc:
-                errors.append(exc)
-                ready.set()
-                return
-            self._loop = asyncio.get_running_loop()
-            ready.set()
-            await self._stop.wait()
-            await self._server.stop()
-
-        self._thread = threading.Thread(target=asyncio.run, args=(main(),), name="http-server", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout):
-            raise TimeoutError("the HTTP server did not start")
-        if errors:
-            raise errors[0]
-        return self.url
-
-    @property
-    def gateway(self) -> Gateway:
-        return self.app.state.gateway  # type: ignore[no-any-return]
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the server's loop and return its result."""
-        assert self._loop is not None
-
-        async def run() -> Any:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(15)
-        self._loop = None
-
-    def __enter__(self) -> ThreadedHttpServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
