@@ -99,6 +99,12 @@ class CoordinatorMetrics:
         self.requests = Counter(
             "swarm_gateway_requests", "HTTP API requests by endpoint and status code", ["endpoint", "status"], registry=r
         )
+        self.generations = Counter(
+            "swarm_gateway_generations",
+            "Generations by how they ended: done, error (failed after starting), cancelled (the caller left)",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("swarm_gateway_prompt_tokens", "Prompt tokens of served requests", registry=r)
         self.completion_tokens = Counter(
             "swarm_gateway_completion_tokens", "Tokens generated for API requests", registry=r

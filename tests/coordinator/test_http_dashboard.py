@@ -191,3 +191,19 @@ def test_a_client_that_fails_to_start_answers_503_and_the_rest_keeps_serving() -
         assert resp.status_code == 503 and "no such model" in resp.json()["error"]["message"]
         assert httpx2.get(server.url + "/dashboard/state").json()["totals"]["nodes"] == 3
         assert httpx2.get(server.url + "/metrics").status_code == 200
+
+
+def test_every_v1_request_is_counted_by_status(served: Any) -> None:
+    server, _ = served
+    with httpx2.Client(base_url=server.url, timeout=10) as http:
+        http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": -2})
+        http.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+        http.get("/v1/models")
+        samples = _samples(http.get("/metrics").text)
+    count = {k[1]: v for k, v in samples.items() if k[0] == "swarm_gateway_requests_total"}
+    assert count[(("endpoint", "completions"), ("status", "200"))] == 1
+    assert count[(("endpoint", "completions"), ("status", "400"))] == 1
+    assert count[(("endpoint", "chat.completions"), ("status", "404"))] == 1
+    assert count[(("endpoint", "models"), ("status", "200"))] == 1
+    assert samples[("swarm_gateway_generations_total", (("endpoint", "completions"), ("outcome", "done")))] == 1

@@ -232,8 +232,7 @@ class Gateway:
         finally:
             await events.aclose()  # type: ignore[attr-defined]
             m.active.dec()
-            code = {"done": "200", "error": "error", "cancelled": "cancelled"}[status]
-            m.requests.labels(endpoint, code).inc()
+            m.generations.labels(endpoint, status).inc()
             if status != "error":
                 m.prompt_tokens.inc(len(prompt_ids))
             m.completion_tokens.inc(info.tokens)
@@ -372,5 +371,32 @@ def create_app(
         exception_handlers={OpenAIError: on_openai_error, HTTPException: on_http_error},
         lifespan=lifespan,
     )
+    app.add_middleware(_CountRequests, metrics=gw.metrics)
     app.state.gateway = gw
     return app
+
+
+_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/models": "models"}
+
+
+class _CountRequests:
+    """Counts every ``/v1`` request by endpoint and the status it was answered with
+    (plain ASGI, so streamed responses pass through untouched)."""
+
+    def __init__(self, app: Any, metrics: CoordinatorMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        endpoint = _ENDPOINTS.get(path, "models" if path.startswith("/v1/models/") else "other")
+
+        async def counting_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
