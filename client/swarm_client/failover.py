@@ -191,7 +191,7 @@ def patch_route(
     pool = [
         n
         for n in nodes
-        if n.end > n.start and not {n.node_id, n.address} & (set(avoid) | used)
+        if n.address and n.end > n.start and not {n.node_id, n.address} & (set(avoid) | used)
     ]
     out: list[Hop] = []
     for hop in hops:

@@ -353,7 +353,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
     async def _release(self, session: NodeSession, reason: str) -> None:
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
-            if reason != "closed" and not self.draining and self.parking.park(session):
+            hosted = self.model.start <= session.spec.start and session.spec.end <= self.model.end
+            if reason != "closed" and hosted and not self.draining and self.parking.park(session):
                 reason += f"; {session.valid} positions parked for a resume"
         if self.on_session_end is not None:
             self.on_session_end(reason)

@@ -110,9 +110,17 @@ class ChaosSwarm:
     """A coordinator and named nodes on loopback, as processes."""
 
     def __init__(
-        self, model: Path, tmp: Path, *, replicas: int = 1, swarm_id: str = "chaos", max_length: int = 512
+        self,
+        model: Path,
+        tmp: Path,
+        *,
+        replicas: int = 1,
+        swarm_id: str = "chaos",
+        max_length: int = 512,
+        settle: float = 0.5,
     ) -> None:
         self.model = model
+        self.settle = settle
         self.max_length = max_length
         self.tmp = tmp
         self.replicas = replicas
@@ -126,7 +134,7 @@ class ChaosSwarm:
     def start(self, nodes: Sequence[NodeSpec], timeout: float = 90.0) -> ChaosSwarm:
         argv = [sys.executable, "-m", "swarm_coordinator.cli", "--model", str(self.model), "--host", "127.0.0.1",
                 "--port", "0", "--http-port", "0", "--mqtt-port", "0", "--swarm-id", self.swarm_id,
-                "--replicas", str(self.replicas), "--settle", "0.5", "--node-timeout", "4", "--log-level", "WARNING"]
+                "--replicas", str(self.replicas), "--settle", str(self.settle), "--node-timeout", "4", "--log-level", "WARNING"]
         self.coordinator = Daemon("coordinator", argv, self.tmp / "coordinator.log").start()
         words = self.coordinator.line(timeout).split()
         self.address, self.http = words[3], words[5].removeprefix("http=")
@@ -181,7 +189,8 @@ class ChaosSwarm:
                 if not self.daemons[name].alive:
                     raise AssertionError(f"{name} exited:\n{self.daemons[name].tail()}")
             nodes = self.nodes()
-            if all(n in nodes and nodes[n].end > nodes[n].start and self._current(n, nodes[n]) for n in names):
+            if all(n in nodes and nodes[n].end > nodes[n].start and nodes[n].address and self._current(n, nodes[n])
+                   for n in names):
                 return nodes
             if time.monotonic() > deadline:
                 raise AssertionError(f"nodes {sorted(names)} not all serving after {timeout:g} s: {sorted(nodes)}")
