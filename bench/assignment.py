@@ -205,6 +205,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await auto.stop()
         await equal.stop()
     auto_tps, equal_tps = statistics.median(results["auto"]), statistics.median(results["equal"])
+    # Both layouts judged with the speeds the auto swarm's nodes measured (same thread
+    # counts, node by node), so the estimate compares layouts, not measurements.
+    measured = {n["node"].split("-", 1)[1]: n["decode_ms_per_layer"] for n in layouts["auto"]}
+    same_speeds = [{**n, "decode_ms_per_layer": measured.get(n["node"].split("-", 1)[1])} for n in layouts["equal"]]
+    estimate = {
+        "auto": estimated_tokens_per_s(layouts["auto"], read_args(model).num_layers),
+        "equal": estimated_tokens_per_s(same_speeds, read_args(model).num_layers),
+    }
     return {
         "benchmark": "assignment",
         "model": model.name,
@@ -217,6 +225,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "auto_tokens_per_s": round(auto_tps, 2),
         "equal_tokens_per_s": round(equal_tps, 2),
         "speedup": round(auto_tps / equal_tps, 3),
+        # what the coordinator's throughput model predicts from the speeds the nodes measured
+        "estimated_tokens_per_s": {k: round(v, 2) for k, v in estimate.items()},
+        "estimated_speedup": round(estimate["auto"] / estimate["equal"], 3) if estimate["equal"] else None,
         "all_runs": {k: [round(x, 2) for x in v] for k, v in results.items()},
         "layouts": layouts,
         "machine": {
@@ -229,6 +240,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def estimated_tokens_per_s(layout: list[dict[str, Any]], num_layers: int) -> float:
+    """The coordinator's estimate (swarm_coordinator.assignment) for a layout, from the
+    speeds its nodes measured."""
+    from swarm_coordinator.assignment import estimate_throughput
+    from swarm_coordinator.state import Assignment, LayerRange, NodeState, NodeStatus, NodeView, SwarmState
+
+    views, ranges = [], {}
+    for n in layout:
+        if not n["layers"] or not n["decode_ms_per_layer"]:
+            continue
+        r = LayerRange(*n["layers"])
+        views.append(NodeView(NodeStatus(n["node"], speed=1e3 / n["decode_ms_per_layer"], hosted=r, state=NodeState.READY)))
+        ranges[n["node"]] = r
+    return estimate_throughput(SwarmState.of("m", num_layers, 1, views), Assignment(ranges))
+
+
 def table(r: dict[str, Any]) -> str:
     lines = [
         f"assignment benchmark: {r['model']}, threads {r['threads']}, {r['sessions']} sessions x {r['tokens_per_session']} tokens",
@@ -237,7 +264,8 @@ def table(r: dict[str, Any]) -> str:
     for name in ("auto", "equal"):
         layers = ", ".join(f"{n['node'].rsplit('-', 1)[1]}:{n['layers'][0]}-{n['layers'][1]}" for n in r["layouts"][name] if n["layers"])
         lines.append(f"{name:<8}{layers:<34}{r[name + '_tokens_per_s']:>18.2f}  {r['all_runs'][name]}")
-    lines.append(f"speedup auto / equal: {r['speedup']:.2f}x (target >= 1.2x)")
+    lines.append(f"speedup auto / equal: {r['speedup']:.2f}x (target >= 1.2x); "
+                 f"the coordinator's model predicted {r['estimated_speedup']}x from the measured speeds")
     return "\n".join(lines)
 
 
