@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from swarm_client.failover import FailoverPolicy
+from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_client.routed import CoordinatorRoutes, RoutedBackend
 from swarm_node.sampler import SamplingParams
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
@@ -128,6 +129,7 @@ class ChaosSwarm:
         self.coordinator: Daemon | None = None
         self.address = ""
         self.http = ""
+        self.mqtt_url = ""
         self.specs: dict[str, NodeSpec] = {}
         self.daemons: dict[str, Daemon] = {}
 
@@ -138,6 +140,7 @@ class ChaosSwarm:
         self.coordinator = Daemon("coordinator", argv, self.tmp / "coordinator.log").start()
         words = self.coordinator.line(timeout).split()
         self.address, self.http = words[3], words[5].removeprefix("http=")
+        self.mqtt_url = words[4].removeprefix("mqtt=").replace("0.0.0.0", "127.0.0.1")
         for spec in nodes:
             self.add(spec)
         self.wait_nodes([s.name for s in nodes], timeout)
@@ -215,6 +218,12 @@ class ChaosSwarm:
             daemon.stop()
         if self.coordinator is not None:
             self.coordinator.stop()
+
+    def observer(self) -> Registry:
+        """A second registry on the swarm's broker (async context manager): ``.events``
+        holds what is published from then on (events are not retained)."""
+        config = RegistryConfig(self.mqtt_url, self.swarm_id, self.model.name, 1, 1, client_id="chaos-observer")
+        return Registry(config)
 
     # --- generating -------------------------------------------------------------------
 

@@ -229,16 +229,27 @@ def test_two_kills_in_one_generation(swarm: ChaosSwarm, references: list[list[in
 
     async def run() -> list[int]:
         backend = swarm.backend(SPAN)
+        killed: list[str] = []
         try:
+            async with swarm.observer() as events:
 
-            def chaos(i: int) -> None:
-                if i in (5, 15):
-                    victim = victim_at(backend, "head" if i == 5 else "tail")
-                    swarm.kill(victim)
-                    swarm.restart(victim)
+                def chaos(i: int) -> None:
+                    if i in (5, 15):
+                        killed.append(victim_at(backend, "head" if i == 5 else "tail"))
+                        swarm.kill(killed[-1])
+                        swarm.restart(killed[-1])
 
-            got = await generate(backend, prompt, params, MAX_NEW, chaos)
-            assert len(backend.records) == 2
+                got = await generate(backend, prompt, params, MAX_NEW, chaos)
+                assert [r.node_id for r in backend.records] == killed and len(killed) == 2
+                # each failover is an event: the node, the session, the stall, the replay
+                session = backend.records[0].session_id
+                deadline = time.monotonic() + 5
+                while len([e for e in events.events if session in e.detail]) < 2 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                seen = [e for e in events.events if e.kind.value == "failover" and session in e.detail]
+                assert [e.node_id for e in seen] == killed, list(events.events)
+                for e in seen:
+                    assert re.search(r"stall \d+\.\d+ s .*replayed \d+ of \d+ tokens \(span\)", e.detail), e.detail
             return got
         finally:
             await backend.aclose()
