@@ -35,7 +35,7 @@ from swarm_proto.presence import NodeState
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.timeout(300),
+    pytest.mark.timeout(600),
     pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed (make deps-system)"),
 ]
 
@@ -129,8 +129,12 @@ class Swarm:
 
 async def _observe(url: str, predicate: Callable[[SwarmState], bool], timeout: float) -> SwarmState:
     config = RegistryConfig(url, SWARM, "SmolLM2-135M-Instruct.Q4_1.gguf", 30, 14_160_384, client_id="observer")
-    async with Registry(config) as registry:
+    registry = Registry(config)
+    try:
+        await registry.start(wait=timeout)
         return await registry.wait_until(predicate, timeout)
+    finally:
+        await asyncio.wait_for(registry.stop(), 15)
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
@@ -227,7 +231,7 @@ def test_broker_restart_everyone_reannounces(swarm: Swarm) -> None:
         ready = {v.node_id for v in s.online() if v.status.state is NodeState.READY}
         return ready == names and all(v.assign is not None for v in s.online())
 
-    state = swarm.observe(back, 30)  # statuses from the nodes, assignments from the coordinator
+    state = swarm.observe(back, 60)  # statuses from the nodes, assignments from the coordinator
     assert state.current_assignment().covers(30)
     wait_for("a route after the broker restart", swarm.route, timeout=30)
 
