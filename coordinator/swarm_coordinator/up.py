@@ -191,7 +191,7 @@ class LocalSwarm:
             f"http         {'http://' + self.http if self.http != 'off' else 'off'}",
         ]
         for n in sorted(self.list_nodes(), key=lambda n: (n.start, n.node_id)):
-            lines.append(f"node         {n.address}   layers [{n.start}, {n.end})   {n.node_id} on {n.device}")
+            lines.append(f"node         {n.address or '(loading)':<17} layers [{n.start}, {n.end})   {n.node_id} on {n.device}")
         lines.append(f"logs         {self.log_dir}")
         return "\n".join(lines)
 
