@@ -207,3 +207,15 @@ def test_every_v1_request_is_counted_by_status(served: Any) -> None:
     assert count[(("endpoint", "chat.completions"), ("status", "404"))] == 1
     assert count[(("endpoint", "models"), ("status", "200"))] == 1
     assert samples[("swarm_gateway_generations_total", (("endpoint", "completions"), ("outcome", "done")))] == 1
+
+
+def test_an_open_feed_does_not_hold_up_shutdown() -> None:
+    server = ThreadedHttpServer(lambda: create_app(_client(), three_nodes(), GatewayConfig()))
+    server.start()
+    http = httpx2.Client(base_url=server.url, timeout=10)
+    with http.stream("GET", "/dashboard/feed") as resp:
+        next(_read_snapshots(resp))
+        t0 = time.monotonic()
+        server.stop()
+        assert time.monotonic() - t0 < 1.5  # uvicorn's graceful timeout is 2 s
+    http.close()

@@ -123,6 +123,7 @@ class Gateway:
             self._name_models("")
         self._changed = asyncio.Event()
         self._last_event: Event | None = None
+        self.closing = False
 
     @property
     def client(self) -> AsyncSwarmClient:
@@ -244,6 +245,12 @@ class Gateway:
 
     # -- change notification (dashboard feed, event counters) --
 
+    def close_feeds(self) -> None:
+        """End the dashboard feeds (their streams never end by themselves), so that the
+        server can stop without waiting for its graceful-shutdown timeout."""
+        self.closing = True
+        self.poke()
+
     def poke(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -301,7 +308,7 @@ def create_app(
 
     async def feed(request: Request) -> Response:
         async def events() -> AsyncIterator[bytes]:
-            while True:
+            while not gw.closing:
                 data = json.dumps(gw.snapshot(), separators=(",", ":"))
                 yield f"event: snapshot\ndata: {data}\n\n".encode()
                 await gw.wait_change(gw.config.feed_interval_s)

@@ -83,6 +83,9 @@ class HttpServer:
     async def stop(self) -> None:
         if self._server is None or self._task is None:
             return
+        gateway = getattr(getattr(self.app, "state", None), "gateway", None)
+        if gateway is not None:
+            gateway.close_feeds()
         self._server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, SystemExit):
             await self._task
