@@ -26,11 +26,13 @@ import grpc
 from swarm_coordinator.assignment import AssignmentPolicy
 from swarm_coordinator.broker import EmbeddedBroker
 from swarm_coordinator.config import CoordinatorConfig
+from swarm_coordinator.errors import BrokerError
 from swarm_coordinator.planner import Planner
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_coordinator.service import CoordinatorService, FailureBook
 from swarm_coordinator.state import SwarmState
 from swarm_proto import swarm_pb2_grpc
+from swarm_proto.presence import PresenceError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,10 @@ class CoordinatorServer:
                 keepalive=cfg.keepalive,
             )
         )
-        await self._registry.start(wait=30.0)
+        try:
+            await self._registry.start(wait=30.0)
+        except PresenceError as exc:
+            raise BrokerError(f"no MQTT broker at {self.broker_url}: {exc}") from exc
         self.planner = Planner(self._registry, AssignmentPolicy(cfg.replicas, cfg.min_gain), settle=cfg.settle)
         self.planner.start()
         self.service = CoordinatorService(

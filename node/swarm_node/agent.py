@@ -38,7 +38,16 @@ from swarm_node.node_config import NodeConfig
 from swarm_node.server import NodeServer
 from swarm_node.speed import Speed, default_memory_budget, layer_bytes, measure
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
-from swarm_proto.presence import Assign, Event, EventKind, LayerRange, NodeLoad, NodeState, NodeStatus
+from swarm_proto.presence import (
+    Assign,
+    Event,
+    EventKind,
+    LayerRange,
+    NodeLoad,
+    NodeState,
+    NodeStatus,
+    PresenceError,
+)
 from swarm_proto.presence_client import BrokerAddress, PresenceClient
 
 log = logging.getLogger(__name__)
@@ -200,7 +209,11 @@ class NodeAgent:
             keepalive=self.keepalive,
         )
         self._applier = asyncio.get_running_loop().create_task(self._apply_loop(), name="swarm-assign")
-        await self.presence.start(wait=30.0)
+        try:
+            await self.presence.start(wait=30.0)
+        except PresenceError as exc:
+            await self.stop()
+            raise AgentError(f"cannot reach the swarm's broker {info.broker.url}: {exc}") from exc
         log.info("node %s joined swarm %s via %s (broker %s)", cfg.node_id, info.swarm_id, self.coordinator, info.broker.url)
 
     async def stop(self) -> None:
