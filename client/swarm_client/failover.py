@@ -1,9 +1,11 @@
 """The pieces of failover that :class:`swarm_client.routed.RoutedBackend` puts together.
 
 - :class:`FailoverPolicy`: how long to wait, how often to retry, which replay.
-- :class:`StepClock`: the step timeout, derived from the latency this client sees on
-  its routes (a step of ``T`` positions is expected to take ``step_s + T * position_s``;
-  the timeout is a multiple of that, never under a floor).
+- :class:`StepClock`: the step timeout, derived from the route's expected latency:
+  the coordinator's estimate for the route until this client has measured steps
+  itself, then its own measurements (a step of ``T`` positions is expected to take
+  ``step_s + (T-1) * position_s``); the timeout is a multiple of that, never under a
+  floor.
 - :class:`Avoidance`: nodes this client saw fail, avoided for a backoff that doubles
   with each repeated failure of the same node.
 - :func:`blame`: which hops a failure points at (the in-band error names one; a
@@ -63,6 +65,16 @@ class StepClock:
         self.alpha = alpha
         self.step_s: float | None = None  # a decode step (one position), round trip
         self.position_s: float | None = None  # each further position of a longer step
+        self.estimate_s = 0.0  # the coordinator's estimate of a decode step (0: none)
+        self.stretch = 1.0  # doubled by every timeout of a route that was only slow
+
+    def slower(self) -> None:
+        """A step timed out on a route whose nodes all answer: give routes more time."""
+        self.stretch *= 2.0
+
+    def prior(self, expected_step_s: float) -> None:
+        """The coordinator's estimate for the current route, used until a step was measured."""
+        self.estimate_s = max(0.0, expected_step_s)
 
     def observe(self, positions: int, seconds: float) -> None:
         if positions <= 1:
@@ -72,6 +84,8 @@ class StepClock:
             self.position_s = per if self.position_s is None else (1 - self.alpha) * self.position_s + self.alpha * per
 
     def expected(self, positions: int) -> float | None:
+        if self.step_s is None and positions <= 1 and self.estimate_s > 0:
+            return self.estimate_s
         if self.step_s is None or (positions > 1 and self.position_s is None):
             return None
         return self.step_s + max(0, positions - 1) * (self.position_s or 0.0)
@@ -81,7 +95,7 @@ class StepClock:
         expected = self.expected(positions)
         if expected is None:
             return p.step_timeout_max
-        return min(p.step_timeout_max, max(p.step_timeout_floor, p.step_timeout_factor * expected))
+        return min(p.step_timeout_max, max(p.step_timeout_floor, p.step_timeout_factor * expected) * self.stretch)
 
 
 class Avoidance:

@@ -46,6 +46,7 @@ __all__ = ["CoordinatorRoutes", "NodeSummary", "Route", "RouteProvider", "Routed
 class Route:
     hops: tuple[Hop, ...]
     session_id: str = ""  # a suggestion from the coordinator; "" lets the session pick
+    expected_step_s: float = 0.0  # the coordinator's estimate of a decode step; 0 = unknown
 
 
 class RouteProvider(Protocol):
@@ -164,7 +165,8 @@ class CoordinatorRoutes:
             reply = await self._stub().GetRoute(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise RouteError(exc.code(), f"coordinator {self.address}: {exc.details()}") from exc
-        return Route(tuple(Hop(h.address, h.start, h.end, h.node_id) for h in reply.hops), reply.session_id)
+        hops = tuple(Hop(h.address, h.start, h.end, h.node_id) for h in reply.hops)
+        return Route(hops, reply.session_id, reply.expected_step_s)
 
     async def report_failure(self, error: RouteError, session_id: str) -> None:
         report = swarm_pb2.FailureReport(
@@ -290,6 +292,7 @@ class RoutedBackend:
         failures = 0
         while generated < max_new_tokens:
             self.last_route = route
+            self.clock.prior(route.expected_step_s)
             session = RouteSession(
                 route.hops,
                 max_length=max_length,
@@ -336,6 +339,8 @@ class RoutedBackend:
                     raise GenerationError(f"generation failed after {failures} failure(s): {err}") from err
                 detected = time.monotonic()
                 culprits = await blame(err, route.hops, policy.probe_timeout)
+                if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and not culprits:
+                    self.clock.slower()  # every hop answers: the route is slow, not dead
                 for hop in culprits:
                     backoff = self.avoid.record(hop_key(hop))
                     logger.warning("hop %s (layers [%d, %d)) failed: %s; avoided for %.0f s", hop.address, hop.start, hop.end, err, backoff)
@@ -374,7 +379,7 @@ class RoutedBackend:
             else:
                 hops = patch_route(old.hops, culprits, nodes, self.avoid.avoided())
                 if hops is not None:
-                    return Route(hops, old.session_id)
+                    return Route(hops, old.session_id, old.expected_step_s)
         return await self._route(max_length)
 
     async def _route(self, max_length: int) -> Route:

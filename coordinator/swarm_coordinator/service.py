@@ -21,7 +21,7 @@ import grpc
 
 from swarm_coordinator.errors import NoRouteError
 from swarm_coordinator.registry import Registry
-from swarm_coordinator.routing import RecentRoutes, RoutingPolicy, Span, find_route
+from swarm_coordinator.routing import RecentRoutes, RoutingPolicy, Span, find_route, route_latency
 from swarm_coordinator.state import NodeView, SwarmState
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.presence import Event, EventKind
@@ -102,12 +102,14 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             spans = self._route(state, request.max_length or 1, asked, self.failures.avoided(now), now)
         except NoRouteError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        expected = route_latency(state, spans, recent=self.recent.counts(now), policy=self.policy)
         self.recent.record(spans, now)
         self.routes_given += 1
         return swarm_pb2.Route(
             hops=[swarm_pb2.Hop(address=s.address, start=s.start, end=s.end, node_id=s.node_id) for s in spans],
             session_id=uuid.uuid4().hex,
             num_layers=state.num_layers,
+            expected_step_s=expected,
         )
 
     def _route(

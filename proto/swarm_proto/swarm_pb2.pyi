@@ -293,14 +293,16 @@ class RouteRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., max_length: _Optional[int] = ..., exclude_node_ids: _Optional[_Iterable[str]] = ..., exclude_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("hops", "session_id", "num_layers")
+    __slots__ = ("hops", "session_id", "num_layers", "expected_step_s")
     HOPS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEP_S_FIELD_NUMBER: _ClassVar[int]
     hops: _containers.RepeatedCompositeFieldContainer[Hop]
     session_id: str
     num_layers: int
-    def __init__(self, hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., session_id: _Optional[str] = ..., num_layers: _Optional[int] = ...) -> None: ...
+    expected_step_s: float
+    def __init__(self, hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., session_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., expected_step_s: _Optional[float] = ...) -> None: ...
 
 class FailureReport(_message.Message):
     __slots__ = ("node_id", "address", "session_id", "code", "message", "recovered", "stall_s", "detect_s", "reroute_s", "replay_s", "replayed_tokens", "history_tokens", "mode")

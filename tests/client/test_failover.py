@@ -32,6 +32,17 @@ def test_the_step_timeout_follows_measured_latency_within_bounds() -> None:
     assert clock.timeout(1) == pytest.approx(5.0, rel=0.01)
 
 
+def test_the_coordinators_estimate_times_the_first_steps() -> None:
+    clock = StepClock(FailoverPolicy(step_timeout_floor=1.0, step_timeout_factor=10.0, step_timeout_max=60.0))
+    clock.prior(0.3)
+    assert clock.timeout(1) == pytest.approx(3.0)  # before any measurement
+    assert clock.timeout(50) == 60.0  # prefills: only measurements
+    clock.observe(1, 0.01)
+    assert clock.timeout(1) == 1.0  # measured beats estimated
+    clock.slower()  # a timeout on a route that was only slow
+    assert clock.timeout(1) == 2.0
+
+
 def test_avoidance_backoff_doubles_on_repeated_failures_and_expires() -> None:
     avoid = Avoidance(initial=2.0, maximum=5.0, forget_after=100.0)
     assert avoid.record("x", now=0.0) == 2.0
