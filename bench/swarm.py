@@ -58,16 +58,19 @@ class Node:
         exe = Path(sys.executable).parent / "swarm-node"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "swarm_node.cli"]
         cmd += ["--model", str(model), "--layers", f"{layers[0]}:{layers[1]}", "--port", "0"]
-        cmd += ["--threads", str(threads), "--log-level", "WARNING"]
+        cmd += ["--threads", str(threads), "--log-level", "WARNING", "--metrics-port", "0"]
         self.layers = layers
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
         self._address: list[str] = []
+        self.metrics = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            if "metrics on" in line:
+                self.metrics = line.split("metrics on", 1)[1].strip()
             if "listening on" in line:
                 self._address.append(line.split("listening on", 1)[1].strip())
                 return
@@ -129,9 +132,28 @@ class LocalDecoder:
         return time.perf_counter() - t0
 
 
-async def decode_latencies(local: Any, hops: dict[int, list[Hop]], prompt: list[int], tokens: int) -> dict[str, list[float]]:
+def forward_seconds(url: str) -> float:
+    """The node's total time in forward passes so far (its Prometheus metrics)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "swarm_node_forward_duration_seconds_sum":
+                return float(sample.value)
+    raise RuntimeError(f"no forward time in {url}")
+
+
+async def decode_latencies(
+    local: Any, hops: dict[int, list[Hop]], prompt: list[int], tokens: int, metrics: dict[int, list[str]]
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Seconds of each greedy decode step, local and along each route, interleaved step
-    by step so that a burst of machine noise hits every configuration alike."""
+    by step so that a burst of machine noise hits every configuration alike; and per
+    route, the mean step minus the nodes' forward time (their metrics) per step: the
+    cost of the traversals themselves, free of the noise in the compute."""
     decoder = LocalDecoder(local, prompt, tokens)
     times: dict[str, list[float]] = {"local": [], **{f"{k} nodes": [] for k in hops}}
     sessions = {k: RouteSession(h, max_length=len(prompt) + tokens + 1) for k, h in hops.items()}
@@ -140,16 +162,21 @@ async def decode_latencies(local: Any, hops: dict[int, list[Hop]], prompt: list[
         for k, s in sessions.items():
             await s.open()
             last[k] = (await s.prefill(prompt)).token
+        before = {k: sum(forward_seconds(u) for u in urls) for k, urls in metrics.items()}
         for _ in range(tokens):
             times["local"].append(decoder.step())
             for k, s in sessions.items():
                 t0 = time.perf_counter()
                 last[k] = (await s.decode(last[k])).token  # type: ignore[arg-type]
                 times[f"{k} nodes"].append(time.perf_counter() - t0)
+        outside = {
+            f"{k} nodes": statistics.fmean(times[f"{k} nodes"]) - (sum(forward_seconds(u) for u in urls) - before[k]) / tokens
+            for k, urls in metrics.items()
+        }
     finally:
         for s in sessions.values():
             await s.close()
-    return times
+    return times, outside
 
 
 async def echo_round_trip(address: str, payload: int, n: int) -> float:
@@ -222,7 +249,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lat = report["decode_latency_ms"]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, (ax1, ax4, ax2, ax3) = plt.subplots(1, 4, figsize=(20, 4.6))
     ks = [0, 1, 2, 3]
     measured = [lat["local"], *(lat[f"{k} nodes"] for k in (1, 2, 3))]
     bound = [lat["local"] + (k + 1) * report["per_traversal_target_ms"] if k else lat["local"] for k in ks]
@@ -233,6 +260,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax1.set_ylim(bottom=0)
     ax1.set_title("Decode latency vs nodes (batch 1)")
     ax1.legend(fontsize=8)
+
+    per, out = report["added_per_traversal_ms"], report["outside_forward_per_traversal_ms"]
+    kk = [1, 2, 3]
+    ax4.plot(kk, [per[f"{k} nodes"] for k in kk], "o-", label="(K-node - local) / (K+1)")
+    ax4.plot(kk, [out[f"{k} nodes"] for k in kk], "s-", label="(K-node - nodes' forward time) / (K+1)")
+    ax4.axhline(report["per_traversal_target_ms"], ls="--", color="gray", label="target: 1.5 x echo RTT/2")
+    ax4.axhline(report["echo_rtt_ms"] / 2, ls=":", color="black", label="raw grpc.aio echo RTT/2")
+    ax4.axhline(0, color="black", lw=0.5)
+    ax4.set_xticks(kk, [f"{k} node{'s' if k > 1 else ''}" for k in kk])
+    ax4.set_ylabel("ms per network traversal")
+    ax4.set_title("Latency the swarm adds per traversal")
+    ax4.legend(fontsize=7)
 
     tput = report["tokens_per_s_2_nodes"]
     conc = sorted(int(c) for c in tput)
@@ -288,18 +327,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"nodes up; {args.runs} runs of {args.tokens} decode tokens ...", file=sys.stderr)
 
         # Warm-up: first sessions pay for lazy allocations on every node.
-        await decode_latencies(local, hops, prompt, 4)
+        metrics = {k: [n.metrics for n in ns] for k, ns in nodes.items()}
+        await decode_latencies(local, hops, prompt, 4, metrics)
         for k in ROUTES:
             await first_token(hops[k], long_prompt[:128])
         await echo_round_trip(echo_address, payload, 50)
 
         # Per run: the median step of each configuration; reported: the median run.
         lat: dict[str, list[float]] = {"local": [], **{f"{k} nodes": [] for k in ROUTES}}
+        outside: dict[str, list[float]] = {f"{k} nodes": [] for k in ROUTES}
         rtt: list[float] = []
         for _ in range(args.runs):
-            steps = await decode_latencies(local, hops, prompt, args.tokens)
+            steps, out = await decode_latencies(local, hops, prompt, args.tokens, metrics)
             for name, v in steps.items():
                 lat[name].append(statistics.median(v))
+            for name, v in out.items():
+                outside[name].append(v)
             rtt.append(await echo_round_trip(echo_address, payload, 200))
 
         tput: dict[str, list[float]] = {}
@@ -326,6 +369,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     lat_ms = {name: med(v) * 1e3 for name, v in lat.items()}
     rtt_ms = med(rtt) * 1e3
     per_traversal = {f"{k} nodes": (lat_ms[f"{k} nodes"] - lat_ms["local"]) / (k + 1) for k in ROUTES}
+    outside_ms = {f"{k} nodes": med(outside[f"{k} nodes"]) * 1e3 / (k + 1) for k in ROUTES}
     tput_med = {c: med(v) for c, v in tput.items()}
     ttft_med = {name: med(v) for name, v in ttft.items()}
     target_ms = 1.5 * rtt_ms / 2
@@ -343,6 +387,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "echo_rtt_ms": rtt_ms,
         "added_per_traversal_ms": per_traversal,
         "per_traversal_target_ms": target_ms,
+        "outside_forward_per_traversal_ms": outside_ms,
         "tokens_per_s_2_nodes": tput_med,
         "mean_batch_2_nodes": batch,
         "ttft_512_s": ttft_med,
@@ -351,17 +396,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "16 sessions >= 5x one": tput_med["16"] >= 5 * tput_med["1"],
             "3-node TTFT <= 1.2x 1-node": ttft_med["3 nodes"] <= 1.2 * ttft_med["1 node"],
         },
-        "samples": {"decode_latency_s": lat, "echo_rtt_s": rtt, "tokens_per_s": tput, "ttft_s": ttft},
+        "samples": {"decode_latency_s": lat, "outside_forward_s": outside, "echo_rtt_s": rtt, "tokens_per_s": tput, "ttft_s": ttft},
     }
 
 
 def print_table(r: dict[str, Any]) -> None:
     lat, per = r["decode_latency_ms"], r["added_per_traversal_ms"]
     print(f"decode latency per token (batch 1, {r['threads']} thread(s) per process, median of {r['runs']} x {r['decode_tokens']} tokens)")
-    print(f"  {'':10} {'ms/token':>9} {'added/traversal':>16}")
-    print(f"  {'local':10} {lat['local']:9.2f} {'':>16}")
+    out = r["outside_forward_per_traversal_ms"]
+    print(f"  {'':10} {'ms/token':>9} {'added/traversal':>16} {'outside forward/traversal':>26}")
+    print(f"  {'local':10} {lat['local']:9.2f}")
     for k in (1, 2, 3):
-        print(f"  {f'{k} nodes':10} {lat[f'{k} nodes']:9.2f} {per[f'{k} nodes']:13.3f} ms")
+        print(f"  {f'{k} nodes':10} {lat[f'{k} nodes']:9.2f} {per[f'{k} nodes']:13.3f} ms {out[f'{k} nodes']:23.3f} ms")
     print(
         f"  raw grpc.aio echo of {r['echo_payload_bytes']} B: round trip {r['echo_rtt_ms']:.3f} ms,"
         f" target per traversal <= 1.5 x RTT/2 = {r['per_traversal_target_ms']:.3f} ms"
