@@ -355,7 +355,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             del self.sessions[session.sid]
             hosted = self.model.start <= session.spec.start and session.spec.end <= self.model.end
             if reason != "closed" and hosted and not self.draining and self.parking.park(session):
-                reason += f"; {session.valid} positions parked for a resume"
+                log.info("session %s: %d positions parked for a resume", session.sid, session.valid)
         if self.on_session_end is not None:
             self.on_session_end(reason)
         session.closing = True
