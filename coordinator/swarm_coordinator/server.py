@@ -159,7 +159,10 @@ class CoordinatorServer:
         if self.planner is not None:
             await self.planner.stop()
         if self._registry is not None:
-            await self._registry.stop()
+            try:
+                await asyncio.wait_for(self._registry.stop(), 10.0)
+            except asyncio.TimeoutError:
+                log.warning("the registry's MQTT connection did not close within 10 s")
         if self.broker is not None:
             await self.broker.stop()
             self.broker = None

@@ -127,14 +127,24 @@ class Swarm:
         return asyncio.run(_observe(self.broker.url, predicate, timeout))
 
 
+class Observer(Registry):
+    """A registry that only listens: it must not add its own join/leave events to the swarm's."""
+
+    async def _flush(self) -> None:
+        self._outbox.clear()
+
+
 async def _observe(url: str, predicate: Callable[[SwarmState], bool], timeout: float) -> SwarmState:
     config = RegistryConfig(url, SWARM, "SmolLM2-135M-Instruct.Q4_1.gguf", 30, 14_160_384, client_id="observer")
-    registry = Registry(config)
+    registry = Observer(config)
     try:
         await registry.start(wait=timeout)
         return await registry.wait_until(predicate, timeout)
     finally:
-        await asyncio.wait_for(registry.stop(), 15)
+        try:
+            await asyncio.wait_for(registry.stop(), 15)
+        except asyncio.TimeoutError:
+            pass  # a slow goodbye of the test's own observer is not the swarm's problem
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2) -> Any:
