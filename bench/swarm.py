@@ -9,6 +9,9 @@ machine noise hits them alike):
 - a raw grpc.aio echo: a bidi stream in another process that sends back each message,
   the payload as large as one decode activation; the latency the swarm adds per
   network traversal, (K-node - local) / (K + 1), is compared with half its round trip;
+  so is (K-node - the nodes' forward time for those steps, from their metrics) / (K + 1),
+  which cancels the noise in the compute on a busy machine (the hop from a node's event
+  loop to its forward thread counts as forward time there);
 - aggregate decode tokens/s of 1, 4 and 16 concurrent sessions on 2 nodes;
 - time to first token of a 512-token prompt on 1 vs 3 nodes (chunked, pipelined prefill).
 
