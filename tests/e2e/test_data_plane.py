@@ -308,7 +308,9 @@ async def test_bad_input_gets_a_clear_status_while_a_session_goes_on(nodes: Node
         finally:
             client.kill()
         assert await wait_active(nodes.all, 1) == [1, 1, 1]  # only the good session is left
-        assert "session vanishing upstream went away" in nodes.a.logs()
+        # Its streams end with a reset or an end of stream, whichever the kernel's
+        # close of its sockets turns into first.
+        assert re.search(r"session vanishing upstream (went away|finished)", nodes.a.logs())
         await go_on()
 
         while len(got) < len(want):
