@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -79,3 +80,26 @@ def reference_model(path: Path, **kwargs: Any) -> Any:
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.float() - ref.float()).norm() / ref.float().norm())
+
+
+BYTE_BOS, BYTE_EOS, BYTE_OFFSET = 1, 2, 3
+
+
+class ByteHF:
+    """A byte-level stand-in for a Hugging Face tokenizer: token = byte + 3."""
+
+    bos_token_id = BYTE_BOS
+    eos_token_id = BYTE_EOS
+    chat_template = "fake"
+
+    def __len__(self) -> int:
+        return 256 + BYTE_OFFSET
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [b + BYTE_OFFSET for b in text.encode()]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i - BYTE_OFFSET for i in ids if i >= BYTE_OFFSET).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")

@@ -22,28 +22,9 @@ from swarm_client.tokenizer import Tokenizer
 from swarm_client.types import AsyncTokenSource, SampledToken, StreamEvent
 from swarm_node.sampler import SamplingParams
 
+from helpers import ByteHF
+
 BOS, EOS, OFFSET = 1, 2, 3
-
-
-class ByteHF:
-    """A byte-level stand-in for a Hugging Face tokenizer: token = byte + 3."""
-
-    bos_token_id = BOS
-    eos_token_id = EOS
-    chat_template = "fake"
-
-    def __len__(self) -> int:
-        return 256 + OFFSET
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [b + OFFSET for b in text.encode()]
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
-        return self.encode(text)
 
 
 def tok() -> Tokenizer:

@@ -24,28 +24,10 @@ from swarm_coordinator.http.auth import ApiKeys, Caller, KeyLimits, RateLimiter,
 from swarm_coordinator.http.schema import parse_chat, parse_completion
 from swarm_node.sampler import SamplingParams
 
+from helpers import ByteHF
+
 BOS, EOS, OFFSET = 1, 2, 3
 REPLY = "Paris is the capital. It is big."
-
-
-class ByteHF:
-    """A byte-level stand-in for a Hugging Face tokenizer: token = byte + 3."""
-
-    bos_token_id = BOS
-    eos_token_id = EOS
-    chat_template = "fake"
-
-    def __len__(self) -> int:
-        return 256 + OFFSET
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [b + OFFSET for b in text.encode()]
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
-        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
 
 
 class Script:
