@@ -10,31 +10,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from swarm_coordinator.config import CoordinatorConfig
+from swarm_node.flags import flag_adder
 
 log = logging.getLogger("swarm_coordinator")
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
 
-def _env(flag: str) -> str:
-    return "SWARM_" + flag.lstrip("-").replace("-", "_").upper()
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swarm-coordinator", description=__doc__.splitlines()[0] if __doc__ else None)
     defaults = CoordinatorConfig.__dataclass_fields__
-
-    def add(flag: str, conv: Callable[[str], Any], default: Any, help: str, **kw: Any) -> None:
-        env = os.environ.get(_env(flag))
-        value = default if env is None else env
-        p.add_argument(flag, type=conv, default=value, help=f"{help} (env {_env(flag)})", **kw)
+    add = flag_adder(p)
 
     add("--model", str, None, "model file/folder or known name the swarm serves (default: smollm2-135m)")
     add("--host", str, defaults["host"].default, "address to bind (0.0.0.0: every interface)")

@@ -9,29 +9,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from swarm_node.flags import flag_adder
 from swarm_node.node_config import DEVICES, DTYPES, NodeConfig, parse_layers
 
 log = logging.getLogger("swarm_node")
 
 
-def _env(flag: str) -> str:
-    return "SWARM_" + flag.lstrip("-").replace("-", "_").upper()
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swarm-node", description=__doc__.splitlines()[0] if __doc__ else None)
     defaults = NodeConfig.__dataclass_fields__
-
-    def add(flag: str, conv: Callable[[str], Any], default: Any, help: str, **kw: Any) -> None:
-        env = os.environ.get(_env(flag))
-        value = default if env is None else env
-        p.add_argument(flag, type=conv, default=value, help=f"{help} (env {_env(flag)})", **kw)
+    add = flag_adder(p)
 
     add("--model", str, None, "Hugging Face folder or .gguf file")
     add("--layers", str, None, "layers to host, START:END (default: all)")
