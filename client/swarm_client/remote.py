@@ -29,9 +29,9 @@ import grpc
 import torch
 
 from swarm_client.errors import GenerationError
-from swarm_node.convert import Generation, Hop, hop_to_proto, sampling_to_proto
+from swarm_node.convert import Generation, Hop, OpenSpec, open_to_proto
 from swarm_node.sampler import SamplingParams
-from swarm_node.transport import call_metadata, channel_options
+from swarm_node.transport import ChannelPool, call_metadata
 from swarm_proto import codec, swarm_pb2, swarm_pb2_grpc
 
 __all__ = ["Hop", "RouteError", "RouteSession", "StepOutput"]
@@ -111,7 +111,7 @@ class RouteSession:
         self.kept: tuple[int, ...] = ()  # per hop: positions adopted from a held cache (Opened.kept)
         self.position = 0  # positions sent so far
         self._step_id = 0
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelPool()
         self._head: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
         self._results: grpc.aio.UnaryStreamCall | None = None  # type: ignore[type-arg]
         self._pending: dict[int, asyncio.Future[StepOutput]] = {}
@@ -122,20 +122,13 @@ class RouteSession:
 
     async def open(self) -> None:
         head, tail = self.hops[0], self.hops[-1]
-        open_msg = swarm_pb2.OpenSession(
-            session_id=self.session_id,
-            max_length=self.max_length,
-            downstream=[hop_to_proto(h) for h in self.hops[1:]],
-            sampling=sampling_to_proto(self.generation),
-            wire_dtype=self.wire_dtype,
-            prompt_length=self.generation.prompt_length,
-            start=head.start,
-            end=head.end,
-            resumable=self.resumable,
-            resume=self.resume,
+        spec = OpenSpec(
+            self.session_id, self.max_length, head.start, head.end, tuple(self.hops[1:]),
+            self.generation, self.wire_dtype, self.resumable, self.resume,
         )
+        open_msg = open_to_proto(spec, self.hops)
         try:
-            self._head = swarm_pb2_grpc.NodeStub(self._channel(head.address)).Session(metadata=self._metadata)
+            self._head = swarm_pb2_grpc.NodeStub(self._channels.get(head.address)).Session(metadata=self._metadata)
             await self._head.write(swarm_pb2.SessionRequest(open=open_msg))
             reply = await asyncio.wait_for(self._head.read(), self.timeout)
         except grpc.aio.AioRpcError as exc:
@@ -147,7 +140,7 @@ class RouteSession:
         if reply.WhichOneof("kind") == "error":
             raise RouteError.from_proto(reply.error)
         self.kept = tuple(reply.opened.kept)
-        self._results = swarm_pb2_grpc.NodeStub(self._channel(tail.address)).Results(
+        self._results = swarm_pb2_grpc.NodeStub(self._channels.get(tail.address)).Results(
             swarm_pb2.ResultsRequest(session_id=self.session_id), metadata=self._metadata
         )
         loop = asyncio.get_running_loop()
@@ -212,9 +205,7 @@ class RouteSession:
             task.cancel()
         if self._results is not None:
             self._results.cancel()
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self._channels.close()
         self._fail_pending(RouteError(grpc.StatusCode.CANCELLED, "session closed"))
 
     async def __aenter__(self) -> RouteSession:
@@ -341,12 +332,6 @@ class RouteSession:
                 future.set_exception(self._failure)
         self._pending.clear()
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=channel_options())
-            self._channels[address] = channel
-        return channel
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> None:

@@ -30,7 +30,7 @@ from swarm_node.model import ModelSlice
 from swarm_node.node_config import NodeConfig
 from swarm_node.scheduler import Scheduler
 from swarm_node.session import Failed, NodeSession
-from swarm_node.transport import call_metadata, channel_options
+from swarm_node.transport import ChannelPool, call_metadata
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.sessions: dict[str, NodeSession] = {}
         self.opened = 0
         self.refused = 0
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelPool()
         self._background: set[asyncio.Task[None]] = set()
         self.on_session_end: Callable[[str], None] | None = None  # metrics hook: the reason
         self._views: dict[tuple[int, int], ModelSlice] = {}
@@ -163,7 +163,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
     async def _connect(self, session: NodeSession) -> None:
         """Open the successor's Session stream and wait until the rest of the route is open."""
         hop = session.spec.downstream[0]
-        stub = swarm_pb2_grpc.NodeStub(self._channel(hop.address))
+        stub = swarm_pb2_grpc.NodeStub(self._channels.get(hop.address))
         try:
             call = stub.Session(metadata=call_metadata(self.config.token))
             session.downstream = call
@@ -495,16 +495,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             await asyncio.wait(set(self._background), timeout=timeout)
 
     async def close_channels(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=channel_options())
-            self._channels[address] = channel
-        return channel
+        await self._channels.close()
 
     def _error(
         self, code: grpc.StatusCode, message: str, *, at: convert.Hop | None = None, step_id: int = 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["TokenInterceptor", "call_metadata", "channel_options", "server_options"]
+__all__ = ["ChannelPool", "TokenInterceptor", "call_metadata", "channel_options", "server_options"]
 
 _KEEPALIVE_CLIENT = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -50,6 +50,25 @@ def channel_options() -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", 1 << 30),
         *_KEEPALIVE_CLIENT,
     ]
+
+
+class ChannelPool:
+    """One long-lived channel per node address, shared by every call to that node."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=channel_options())
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
 
 
 def call_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
