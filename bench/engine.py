@@ -19,33 +19,46 @@ from typing import Any, Callable
 import torch
 
 
-def ours_runner(model: Any) -> dict[str, Callable[[torch.Tensor, int], float]]:
+def no_sync() -> None:
+    pass
+
+
+def ours_runner(model: Any, sync: Callable[[], None] = no_sync) -> dict[str, Callable[[torch.Tensor, int], float]]:
+    """Timed prefill and greedy decode through our engine; `sync` waits for the device."""
     from swarm_node.model import SeqChunk
 
     def prefill(ids: torch.Tensor, _: int) -> float:
         cache = model.new_cache(ids.shape[1])
+        sync()
         t = time.perf_counter()
         model(ids[0], [SeqChunk(cache, 0, ids.shape[1])])
+        sync()
         return time.perf_counter() - t
 
     def decode(ids: torch.Tensor, steps: int) -> float:
         b, n = ids.shape
         caches = [model.new_cache(n + steps) for _ in range(b)]
         logits = model(ids.reshape(-1), [SeqChunk(c, 0, n) for c in caches])
+        sync()
         t = time.perf_counter()
         for _ in range(steps):
             toks = logits.argmax(-1)
             logits = model(toks, [SeqChunk(c, c.length, 1) for c in caches])
+        sync()
         return b * steps / (time.perf_counter() - t)
 
     return {"prefill": prefill, "decode": decode}
 
 
-def hf_runner(model: Any) -> dict[str, Callable[[torch.Tensor, int], float]]:
+def hf_runner(model: Any, sync: Callable[[], None] = no_sync) -> dict[str, Callable[[torch.Tensor, int], float]]:
+    """The same through transformers, with its own KV cache."""
+
     @torch.inference_mode()
     def prefill(ids: torch.Tensor, _: int) -> float:
+        sync()
         t = time.perf_counter()
         model(ids, use_cache=True, logits_to_keep=1)
+        sync()
         return time.perf_counter() - t
 
     @torch.inference_mode()
@@ -53,14 +66,41 @@ def hf_runner(model: Any) -> dict[str, Callable[[torch.Tensor, int], float]]:
         out = model(ids, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
         logits = out.logits[:, -1]
+        sync()
         t = time.perf_counter()
         for _ in range(steps):
             toks = logits.argmax(-1, keepdim=True)
             out = model(toks, past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1]
+        sync()
         return ids.shape[0] * steps / (time.perf_counter() - t)
 
     return {"prefill": prefill, "decode": decode}
+
+
+Row = tuple[str, str, torch.Tensor, str]  # label, runner kind, prompt ids [B, n], "lower"/"higher" is better
+
+
+def compare(engines: dict[str, dict[str, Callable[[torch.Tensor, int], float]]], rows: list[Row], runs: int, steps: int) -> list[dict[str, Any]]:
+    """Median of `runs` samples per engine and row, the engines alternating run by run."""
+    results: list[dict[str, Any]] = []
+    for label, kind, ids, better in rows:
+        samples: dict[str, list[float]] = {name: [] for name in engines}
+        for name, fns in engines.items():  # warm-up
+            fns[kind](ids, 4)
+        for _ in range(runs):
+            for name, fns in engines.items():
+                samples[name].append(fns[kind](ids, steps))
+        med = {name: statistics.median(v) for name, v in samples.items()}
+        ratio = med["transformers"] / med["ours"] if better == "lower" else med["ours"] / med["transformers"]
+        results.append({"row": label, "median": med, "samples": samples, "speedup": ratio})
+    return results
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print(f"{'':26} {'ours':>10} {'transformers':>13} {'ours vs tf':>11}")
+    for r in results:
+        print(f"{r['row']:26} {r['median']['ours']:10.3f} {r['median']['transformers']:13.3f} {r['speedup']:10.2f}x")
 
 
 def main() -> None:
@@ -94,17 +134,7 @@ def main() -> None:
         ("decode batch 1 (tok/s)", "decode", torch.randint(3, vocab, (1, 16), generator=gen), "higher"),
         ("decode batch 8 (tok/s)", "decode", torch.randint(3, vocab, (8, 16), generator=gen), "higher"),
     ]
-    results: list[dict[str, Any]] = []
-    for label, kind, ids, better in rows:
-        samples: dict[str, list[float]] = {name: [] for name in engines}
-        for name, fns in engines.items():  # warm-up
-            fns[kind](ids, 4)
-        for _ in range(args.runs):
-            for name, fns in engines.items():
-                samples[name].append(fns[kind](ids, args.steps))
-        med = {name: statistics.median(v) for name, v in samples.items()}
-        ratio = med["transformers"] / med["ours"] if better == "lower" else med["ours"] / med["transformers"]
-        results.append({"row": label, "median": med, "samples": samples, "speedup": ratio})
+    results = compare(engines, rows, args.runs, args.steps)
 
     report = {
         "model": str(path),
@@ -116,9 +146,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"{'':26} {'ours':>10} {'transformers':>13} {'ours vs tf':>11}")
-    for r in results:
-        print(f"{r['row']:26} {r['median']['ours']:10.3f} {r['median']['transformers']:13.3f} {r['speedup']:10.2f}x")
+    print_table(results)
     print(f"(median of {args.runs} runs, {args.threads} threads; JSON in {out})")
 
 

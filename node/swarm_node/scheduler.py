@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -38,6 +39,7 @@ from swarm_node.model import ModelSlice, SeqChunk
 from swarm_node.sampler import SamplingParams, sample
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,10 @@ class Scheduler:
         except asyncio.TimeoutError:
             return False
         return True
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the forward thread, between two forward passes."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def submit(self, job: Job) -> JobOutput:
         """Queue ``job`` and wait for its output. Cancelling the wait drops the job."""

@@ -60,6 +60,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self._background: set[asyncio.Task[None]] = set()
         self.on_session_end: Callable[[str], None] | None = None  # metrics hook: the reason
         self._views: dict[tuple[int, int], ModelSlice] = {}
+        self._opening: set[str] = set()  # sessions admitted, their KV cache being allocated
         self.parking = resume.ParkingLot(config.park_timeout, config.max_sessions)  # failed resumable sessions
 
     # --- Info -----------------------------------------------------------------------
@@ -97,7 +98,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         try:
             if first.WhichOneof("kind") == "open" and first.open.resume:
                 await self._supersede(first.open.session_id)
-            session = self._admit(first)
+            session = await self._admit(first)
             session.task = asyncio.current_task()
             if session.spec.downstream:
                 await self._connect(session)
@@ -123,7 +124,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             if session is not None:
                 await self._release(session, reason)
 
-    def _admit(self, first: swarm_pb2.SessionRequest) -> NodeSession:
+    async def _admit(self, first: swarm_pb2.SessionRequest) -> NodeSession:
         if first.WhichOneof("kind") != "open":
             raise convert.invalid("the first message of a Session stream must be `open`")
         if self.draining:
@@ -136,9 +137,9 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             num_layers=args.num_layers,
             max_length=self.config.max_length,
         )
-        if spec.session_id in self.sessions:
+        if spec.session_id in self.sessions or spec.session_id in self._opening:
             raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"session {spec.session_id!r} is already open here")
-        if len(self.sessions) >= self.config.max_sessions:
+        if len(self.sessions) + len(self._opening) >= self.config.max_sessions:
             self.refused += 1
             raise ProtocolError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -146,11 +147,15 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             )
         model = self.view(spec.start, spec.end)
         held = self.parking.take(spec.session_id, spec.start, spec.end, spec.max_length) if spec.resume else None
+        self._opening.add(spec.session_id)
         try:
-            cache = held.cache if held is not None else model.new_cache(spec.max_length)
+            # On the forward thread: the slice's KV pool may grow, which must not happen mid-forward.
+            cache = held.cache if held is not None else await self.scheduler.call(model.new_cache, spec.max_length)
         except (RuntimeError, MemoryError) as exc:  # torch raises RuntimeError/OutOfMemoryError
             self.refused += 1
             raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no memory for the KV cache: {exc}") from exc
+        finally:
+            self._opening.discard(spec.session_id)
         session = NodeSession(spec=spec, cache=cache, model=model)
         if held is not None:
             held.adopt_into(session)
