@@ -77,7 +77,9 @@ def build_slice(
     model.load_state_dict(state, assign=True, strict=True)
     model.rotary.inv_freq = args.inv_freq()
     model.eval()
-    return model.to(device)
+    model = model.to(device)
+    model.lay_out()
+    return model
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -123,13 +125,9 @@ def slice_tensor_names(args: ModelArgs, start: int, end: int) -> list[str]:
 
 
 def _fuse(args: ModelArgs, start: int, end: int, t: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Map Hugging Face tensors onto the slice's parameter names: q/k/v and gate/up
-    fused, every matrix transposed to the [in, out] layout of `model.Linear`."""
+    """Map Hugging Face tensors onto the slice's parameter names, fusing qkv and gate/up."""
     def get(name: str) -> torch.Tensor:
         return t[name].to(dtype)
-
-    def matrix(*names: str) -> torch.Tensor:  # [out, in] pieces -> one [in, out] matrix
-        return torch.cat([get(n) for n in names]).t().contiguous()
 
     expect = {
         "q_proj.weight": (args.q_size, args.hidden_size),
@@ -144,23 +142,21 @@ def _fuse(args: ModelArgs, start: int, end: int, t: dict[str, torch.Tensor], dty
             got = tuple(t[p + "self_attn." + key].shape)
             if got != shape:
                 raise ModelFormatError(f"tensor {p}self_attn.{key} has shape {got}, expected {shape}")
-        state[q + "attention.wqkv.weight"] = matrix(*(p + f"self_attn.{x}_proj.weight" for x in "qkv"))
+        state[q + "attention.wqkv.weight"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
         if args.attention_bias:
             state[q + "attention.wqkv.bias"] = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-        state[q + "attention.wo.weight"] = matrix(p + "self_attn.o_proj.weight")
-        state[q + "feed_forward.w13.weight"] = matrix(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-        state[q + "feed_forward.w2.weight"] = matrix(p + "mlp.down_proj.weight")
+        state[q + "attention.wo.weight"] = get(p + "self_attn.o_proj.weight")
+        state[q + "feed_forward.w13.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+        state[q + "feed_forward.w2.weight"] = get(p + "mlp.down_proj.weight")
         state[q + "attention_norm.weight"] = get(p + "input_layernorm.weight")
         state[q + "ffn_norm.weight"] = get(p + "post_attention_layernorm.weight")
+    if start == 0:
+        state["embed_tokens.weight"] = get("model.embed_tokens.weight")
     if end == args.num_layers:
         state["norm.weight"] = get("model.norm.weight")
-        state["lm_head.weight"] = matrix("lm_head.weight")  # [C, V]
-    if start == 0:
-        if args.tie_word_embeddings and end == args.num_layers:
-            # One storage for both: the embedding reads rows of the head's [C, V] matrix seen as [V, C].
-            state["embed_tokens.weight"] = state["lm_head.weight"].t()
-        else:
-            state["embed_tokens.weight"] = get("model.embed_tokens.weight")
+        head = t["lm_head.weight"]
+        # A tied head shares the embedding's storage when both live here.
+        state["lm_head.weight"] = state["embed_tokens.weight"] if (args.tie_word_embeddings and start == 0) else head.to(dtype)
     for name, x in state.items():
         # A sum is NaN or infinite when any element is (weights never sum to overflow).
         if not torch.isfinite(x.float().sum()):

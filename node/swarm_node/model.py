@@ -48,21 +48,23 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x @ weight + bias, the weight stored [in, out] (transposed from nn.Linear).
+    """nn.Linear's product, with its [out, in] weight stored column-major.
 
-    On CPU a product with few rows, as in decode, runs up to twice as fast this
-    way round: the BLAS streams the weight instead of repacking it at every call.
+    With few rows, as in decode, the CPU's BLAS then streams the weight instead
+    of repacking it at every call: up to twice as fast (docs/engine.md). The
+    layout is set by `ModelSlice.lay_out` once the weights are on their device.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in]
-        if self.bias is None:
-            return x @ self.weight
-        return torch.addmm(self.bias, x, self.weight)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def lay_out(self) -> None:
+        self.weight = nn.Parameter(self.weight.detach().t().contiguous().t(), requires_grad=False)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,7 @@ class Attention(nn.Module):
         super().__init__()
         self.args = args
         c = args.hidden_size
-        # q, k and v share one matrix: one matmul per layer instead of three.
+        # q, k and v share one matrix: one product per layer instead of three.
         self.wqkv = Linear(c, args.q_size + 2 * args.kv_size, bias=args.attention_bias)
         self.wo = Linear(args.q_size, c)
 
@@ -103,8 +105,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         a = self.args
         t = x.shape[0]
-        qkv = self.wqkv(x)  # [T, (H + 2 Hkv) D]
-        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q, k, v = self.wqkv(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)  # [T, H D], [T, Hkv D] x 2
         q = q.view(t, a.num_heads, a.head_dim)  # [T, H, D]
         k = k.view(t, a.num_kv_heads, a.head_dim)  # [T, Hkv, D]
         v = v.view(t, a.num_kv_heads, a.head_dim)
@@ -126,23 +127,27 @@ class Attention(nn.Module):
         return self.wo(out.reshape(t, a.q_size))
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, groups: int) -> torch.Tensor:
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, groups: int, causal: bool = False
+) -> torch.Tensor:
     """SDPA over [B, H*, S, D] tensors, with grouped KV heads."""
     if groups > 1 and not _SDPA_HAS_GQA:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=groups > 1)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, groups: int) -> torch.Tensor:
     """Causal attention of q [n, H, D] at [start_pos, start_pos + n) over k, v [start_pos + n, Hkv, D]."""
     n, total = q.shape[0], k.shape[0]
     mask = None
-    if n > 1:
+    if n > 1 and start_pos > 0:
         # Query i sees keys 0..start_pos + i: a causal mask aligned to the bottom right.
         mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
-    out = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, groups)
+    # From position 0 the plain causal flag does it, and picks the kernel transformers runs.
+    causal = n > 1 and start_pos == 0
+    out = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, groups, causal)
     return out[0].transpose(0, 1)  # [n, H, D]
 
 
@@ -257,6 +262,21 @@ class ModelSlice(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    def lay_out(self) -> None:
+        """Store the matrices column-major (see `Linear`), on the device they are on;
+        a tied embedding keeps sharing the head's storage."""
+        tied = (
+            self.embed_tokens is not None
+            and self.lm_head is not None
+            and self.embed_tokens.weight.untyped_storage().data_ptr() == self.lm_head.weight.untyped_storage().data_ptr()
+        )
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.lay_out()
+        if tied:
+            assert self.embed_tokens is not None and self.lm_head is not None
+            self.embed_tokens.weight = self.lm_head.weight
 
     def new_cache(self, max_length: int) -> KVCache:
         """A KV cache for one sequence, in this slice's pool (see swarm_node.kv_cache)."""
