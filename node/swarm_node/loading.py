@@ -66,20 +66,18 @@ def build_slice(
     device: torch.device | str = "cpu",
 ) -> ModelSlice:
     """Layers [start, end) from tensors under Hugging Face names (a state dict of
-    `LlamaForCausalLM`, say): the weights are shared, not copied, where no fusing
-    or cast is needed."""
+    `LlamaForCausalLM`, say). Consumes `tensors`: each is dropped from the dict once
+    copied into the slice's layout, so that peak memory stays near the slice's size."""
     check_range(args, start, end)
     if args.tie_word_embeddings and end == args.num_layers:
-        tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
+        tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
     with torch.device("meta"):
         model = ModelSlice(args, start, end)
     state = _fuse(args, start, end, tensors, dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.rotary.inv_freq = args.inv_freq()
     model.eval()
-    model = model.to(device)
-    model.lay_out()
-    return model
+    return model.to(device)  # keeps the column-major strides
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -125,9 +123,21 @@ def slice_tensor_names(args: ModelArgs, start: int, end: int) -> list[str]:
 
 
 def _fuse(args: ModelArgs, start: int, end: int, t: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Map Hugging Face tensors onto the slice's parameter names, fusing qkv and gate/up."""
-    def get(name: str) -> torch.Tensor:
-        return t[name].to(dtype)
+    """Map Hugging Face tensors onto the slice's parameter names: q/k/v and gate/up
+    fused, every matrix stored column-major (see `model.Linear`). Tensors are taken
+    out of `t` as they are used, so that each read tensor is freed once copied."""
+    def take(name: str) -> torch.Tensor:
+        return t.pop(name).to(dtype)
+
+    def matrix(*names: str) -> torch.Tensor:
+        """[out, in] pieces stacked along `out`, laid out as a contiguous [in, out]."""
+        parts = [take(n) for n in names]
+        out = torch.empty(parts[0].shape[1], sum(p.shape[0] for p in parts), dtype=dtype, device=parts[0].device)
+        col = 0
+        for part in parts:
+            out[:, col : col + part.shape[0]] = part.t()
+            col += part.shape[0]
+        return out.t()
 
     expect = {
         "q_proj.weight": (args.q_size, args.hidden_size),
@@ -142,21 +152,22 @@ def _fuse(args: ModelArgs, start: int, end: int, t: dict[str, torch.Tensor], dty
             got = tuple(t[p + "self_attn." + key].shape)
             if got != shape:
                 raise ModelFormatError(f"tensor {p}self_attn.{key} has shape {got}, expected {shape}")
-        state[q + "attention.wqkv.weight"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        state[q + "attention.wqkv.weight"] = matrix(*(p + f"self_attn.{x}_proj.weight" for x in "qkv"))
         if args.attention_bias:
-            state[q + "attention.wqkv.bias"] = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-        state[q + "attention.wo.weight"] = get(p + "self_attn.o_proj.weight")
-        state[q + "feed_forward.w13.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
-        state[q + "feed_forward.w2.weight"] = get(p + "mlp.down_proj.weight")
-        state[q + "attention_norm.weight"] = get(p + "input_layernorm.weight")
-        state[q + "ffn_norm.weight"] = get(p + "post_attention_layernorm.weight")
-    if start == 0:
-        state["embed_tokens.weight"] = get("model.embed_tokens.weight")
+            state[q + "attention.wqkv.bias"] = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+        state[q + "attention.wo.weight"] = matrix(p + "self_attn.o_proj.weight")
+        state[q + "feed_forward.w13.weight"] = matrix(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+        state[q + "feed_forward.w2.weight"] = matrix(p + "mlp.down_proj.weight")
+        state[q + "attention_norm.weight"] = take(p + "input_layernorm.weight")
+        state[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
     if end == args.num_layers:
-        state["norm.weight"] = get("model.norm.weight")
-        head = t["lm_head.weight"]
-        # A tied head shares the embedding's storage when both live here.
-        state["lm_head.weight"] = state["embed_tokens.weight"] if (args.tie_word_embeddings and start == 0) else head.to(dtype)
+        state["norm.weight"] = take("model.norm.weight")
+        state["lm_head.weight"] = matrix("lm_head.weight")  # [V, C]
+    if start == 0:
+        if args.tie_word_embeddings and end == args.num_layers:
+            state["embed_tokens.weight"] = state["lm_head.weight"]  # one storage for both
+        else:
+            state["embed_tokens.weight"] = take("model.embed_tokens.weight")
     for name, x in state.items():
         # A sum is NaN or infinite when any element is (weights never sum to overflow).
         if not torch.isfinite(x.float().sum()):

@@ -52,7 +52,7 @@ class Linear(nn.Module):
 
     With few rows, as in decode, the CPU's BLAS then streams the weight instead
     of repacking it at every call: up to twice as fast (docs/engine.md). The
-    layout is set by `ModelSlice.lay_out` once the weights are on their device.
+    loader lays the weights out so (`loading._fuse`); moving to a device keeps it.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -62,9 +62,6 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-    def lay_out(self) -> None:
-        self.weight = nn.Parameter(self.weight.detach().t().contiguous().t(), requires_grad=False)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -262,21 +259,6 @@ class ModelSlice(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
-
-    def lay_out(self) -> None:
-        """Store the matrices column-major (see `Linear`), on the device they are on;
-        a tied embedding keeps sharing the head's storage."""
-        tied = (
-            self.embed_tokens is not None
-            and self.lm_head is not None
-            and self.embed_tokens.weight.untyped_storage().data_ptr() == self.lm_head.weight.untyped_storage().data_ptr()
-        )
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.lay_out()
-        if tied:
-            assert self.embed_tokens is not None and self.lm_head is not None
-            self.embed_tokens.weight = self.lm_head.weight
 
     def new_cache(self, max_length: int) -> KVCache:
         """A KV cache for one sequence, in this slice's pool (see swarm_node.kv_cache)."""
