@@ -1,7 +1,17 @@
 """Assignment benchmark: automatic layer assignment vs an equal split, same three nodes.
 
-Three ``swarm-node`` processes, one throttled to half speed by giving it half the torch
-threads. Two swarms run side by side, each with its own ``swarm-coordinator`` process
+Three ``swarm-node`` processes, one throttled to half speed. Two ways to throttle:
+
+- ``--throttle quota`` (the default where this user may create cgroups): each node
+  process runs in its own CPU cgroup capped at ``--cores`` (default 0.7,0.7,0.35 CPUs),
+  with a 1 ms period so that every forward feels the cap. Each node then has a fixed
+  share of the machine, as if it were its own computer, and the third has half of it.
+- ``--throttle threads``: ``--threads`` torch threads per node (default 2,2,1). On a
+  machine with fewer cores than threads in all, the nodes share cores and their
+  speeds are not what the thread counts say (on 2 cores a 1-thread node measured
+  fastest), so this only means something on a larger machine.
+
+Two swarms run side by side, each with its own ``swarm-coordinator`` process
 (embedded broker):
 
 - auto:  the nodes join with ``--coordinator`` only; each measures its own speed and
@@ -13,8 +23,9 @@ The workload is ``--sessions`` concurrent greedy generations of ``--tokens`` tok
 two swarms take turns ``--runs`` times so machine noise hits both alike. The swarm
 not being measured sits idle.
 
-    .venv/bin/python bench/assignment.py [--model PATH | --random H,I,L] [--threads 2,2,1]
-        [--sessions 8] [--tokens 32] [--runs 3] [--out bench/results/assignment.json]
+    .venv/bin/python bench/assignment.py [--model PATH | --random H,I,L] [--throttle quota|threads]
+        [--cores 0.7,0.7,0.35] [--threads 2,2,1] [--sessions 8] [--tokens 32] [--runs 3]
+        [--out bench/results/assignment.json]
 
 ``--random 1536,4096,16`` builds a random-weight Llama (hidden, intermediate, layers)
 where compute, not Python overhead, dominates a step; the default is the default model.
@@ -69,19 +80,66 @@ def random_model(directory: Path, hidden: int, intermediate: int, layers: int) -
     return out
 
 
+class CpuQuota:
+    """A CPU cgroup capping its processes at ``cores`` CPUs (cgroup v2 ``cpu.max``, or
+    v1's CFS quota), with a short period so that a forward of a few milliseconds is
+    slowed evenly rather than run at full speed and then stopped."""
+
+    PERIOD_US = 10_000  # 10 ms: the node measures its speed over 50 ms blocks (swarm_node.speed)
+    V2, V1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu")
+
+    def __init__(self, name: str, cores: float) -> None:
+        self.cores = cores
+        v2 = (self.V2 / "cgroup.controllers").exists() and "cpu" in (self.V2 / "cgroup.subtree_control").read_text()
+        self.path = (self.V2 if v2 else self.V1) / f"llama-swarm-bench-{name}-{os.getpid()}"
+        self.path.mkdir(exist_ok=True)
+        quota = max(1000, int(cores * self.PERIOD_US))
+        if v2:
+            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        else:
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this user may create CPU cgroups here."""
+        try:
+            probe = cls("probe", 1.0)
+        except OSError:
+            return False
+        probe.remove()
+        return True
+
+    def enter(self) -> None:
+        """Move the calling process in (run in the child before it execs)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
 class Swarm:
     """A coordinator process and three node processes (the same programs a user runs)."""
 
-    def __init__(self, name: str, model: Path, threads: list[int], pinned: bool, logs: Path, budget: int) -> None:
+    def __init__(
+        self, name: str, model: Path, threads: list[int], pinned: bool, logs: Path, budget: int, cores: list[float] | None
+    ) -> None:
         self.name, self.model, self.threads, self.pinned, self.logs = name, model, threads, pinned, logs
         self.budget = budget
         self.address = ""
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.names = [f"{name}-{i}-t{t}" for i, t in enumerate(threads)]
+        self.quotas = [CpuQuota(f"{name}-{i}", c) for i, c in enumerate(cores)] if cores else []
+        tags = [f"c{round(c * 100)}" for c in cores] if cores else [f"t{t}" for t in threads]
+        self.names = [f"{name}-{i}-{tag}" for i, tag in enumerate(tags)]
 
-    def _spawn(self, argv: list[str], log_name: str) -> None:
+    def _spawn(self, argv: list[str], log_name: str, quota: CpuQuota | None = None) -> None:
         with (self.logs / log_name).open("wb") as log:
-            self.procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log))
+            self.procs.append(
+                subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=quota.enter if quota else None)
+            )
 
     async def start(self) -> None:
         port = free_port()
@@ -96,7 +154,7 @@ class Swarm:
                     "--memory-budget", str(self.budget)]
             if self.pinned:
                 argv += ["--layers", f"{cuts[i]}:{cuts[i + 1]}"]
-            self._spawn(argv, f"{node_id}.log")
+            self._spawn(argv, f"{node_id}.log", self.quotas[i] if self.quotas else None)
         await asyncio.sleep(3.0)
         self._spawn(
             [sys.executable, "-m", "swarm_coordinator.cli", "--model", str(self.model), "--port", str(port),
@@ -170,10 +228,14 @@ class Swarm:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        for q in self.quotas:
+            q.remove()
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    threads = [int(t) for t in args.threads.split(",")]
+    throttle = args.throttle or ("quota" if CpuQuota.available() else "threads")
+    cores = [float(c) for c in args.cores.split(",")] if throttle == "quota" else None
+    threads = [1, 1, 1] if cores else [int(t) for t in args.threads.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-assign-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.random:
@@ -188,8 +250,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     # Room for a bit more than half the model per node: no node can serve it alone, so the
     # swarm must split it into a pipeline (the case where the split matters).
     budget = int(layer_bytes(args_, torch.float32) * (args_.num_layers * args.memory_fraction + 0.5))
-    auto = Swarm("auto", model, threads, pinned=False, logs=work, budget=budget)
-    equal = Swarm("equal", model, threads, pinned=True, logs=work, budget=budget)
+    auto = Swarm("auto", model, threads, pinned=False, logs=work, budget=budget, cores=cores)
+    equal = Swarm("equal", model, threads, pinned=True, logs=work, budget=budget, cores=cores)
     results: dict[str, list[float]] = {"auto": [], "equal": []}
     try:
         # One at a time: each measures its speed on an otherwise quiet machine.
@@ -216,6 +278,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "assignment",
         "model": model.name,
+        "throttle": throttle,
+        "cores": cores,
         "threads": threads,
         "sessions": args.sessions,
         "tokens_per_session": args.tokens,
@@ -258,7 +322,9 @@ def estimated_tokens_per_s(layout: list[dict[str, Any]], num_layers: int) -> flo
 
 def table(r: dict[str, Any]) -> str:
     lines = [
-        f"assignment benchmark: {r['model']}, threads {r['threads']}, {r['sessions']} sessions x {r['tokens_per_session']} tokens",
+        f"assignment benchmark: {r['model']}, "
+        + (f"CPU quotas {r['cores']}" if r["cores"] else f"threads {r['threads']}")
+        + f", {r['sessions']} sessions x {r['tokens_per_session']} tokens",
         f"{'split':<8}{'layers per node':<34}{'tokens/s (median)':>18}  runs",
     ]
     for name in ("auto", "equal"):
@@ -273,7 +339,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--model", default=None, help="model path or name (default: the default model)")
     p.add_argument("--random", default="", metavar="H,I,L", help="a random-weight Llama: hidden, intermediate, layers")
-    p.add_argument("--threads", default="2,2,1", help="torch threads of the three nodes (the last one throttled)")
+    p.add_argument("--throttle", choices=["quota", "threads"], default=None,
+                   help="how the third node is slowed (default: quota where cgroups can be made, else threads)")
+    p.add_argument("--cores", default="0.7,0.7,0.35", help="CPUs of the three nodes with --throttle quota")
+    p.add_argument("--threads", default="2,2,1", help="torch threads of the three nodes with --throttle threads")
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=16)

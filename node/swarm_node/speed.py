@@ -55,18 +55,30 @@ def layer_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
     return params * torch.empty((), dtype=dtype).element_size()
 
 
-def _timed(run: Callable[[], object], device: torch.device, budget_s: float, least: int, most: int) -> list[float]:
-    """Seconds of each of at least ``least`` runs (after one warm-up), more while within budget."""
+def _timed(
+    run: Callable[[], object], device: torch.device, budget_s: float, least: int, most: int, block_s: float = 0.05
+) -> list[float]:
+    """Seconds per run, each sample the mean over a block of runs lasting at least
+    ``block_s`` (after one warm-up run): at least ``least`` samples, more while within
+    budget. Blocks, not single runs: a CPU quota (a container's, a cgroup's) lets a
+    short run through at full speed and then stops the process for the rest of its
+    period, so only runs that span periods see the sustained speed."""
     run()
     _sync(device)
     times: list[float] = []
     spent = 0.0
     while len(times) < least or (spent < budget_s and len(times) < most):
         t0 = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        spent += times[-1]
+        n = 0
+        while True:
+            run()
+            n += 1
+            _sync(device)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= block_s:
+                break
+        times.append(elapsed / n)
+        spent += elapsed
     return times
 
 
@@ -89,7 +101,7 @@ def measure(
     dtype: torch.dtype = torch.float32,
     context: int = 64,
     prefill_chunk: int = 128,
-    budget_s: float = 1.0,
+    budget_s: float = 2.0,
 ) -> Speed:
     """Time decoder blocks of ``args``' shape on ``device`` (random weights)."""
     device = torch.device(device)
@@ -109,12 +121,12 @@ def measure(
     # outliers rather than as a slower node.
     # prefill: a chunk of prompt into an empty cache (the first run warms up)
     x = torch.randn(prefill_chunk, args.hidden_size, generator=g).to(device, dtype)
-    prefill_times = _timed(lambda: model(x, [SeqChunk(cache, 0, prefill_chunk)]), device, budget_s / 2, 3, 30)
+    prefill_times = _timed(lambda: model(x, [SeqChunk(cache, 0, prefill_chunk)]), device, budget_s / 2, 4, 30)
     prefill = prefill_chunk * n / _fast_quartile(prefill_times)
     # decode: one token at a time after `context` cached positions
     cache.truncate(context)
     one = torch.randn(1, args.hidden_size, generator=g).to(device, dtype)
-    decode_times = _timed(lambda: model(one, [SeqChunk(cache, context, 1)]), device, budget_s / 2, 5, 500)
+    decode_times = _timed(lambda: model(one, [SeqChunk(cache, context, 1)]), device, budget_s / 2, 8, 100)
     decode = n / _fast_quartile(decode_times)
     speed = Speed(decode=decode, prefill=prefill)
     log.info(
