@@ -9,6 +9,10 @@ machine noise hits them alike):
 - a raw grpc.aio echo: a bidi stream in another process that sends back each message,
   the payload as large as one decode activation; the latency the swarm adds per
   network traversal, (K-node - local) / (K + 1), is compared with half its round trip;
+  the same echo is also timed with the server spinning for one local decode step
+  before each reply (round trip minus the spin): what the exchange itself costs when,
+  as in a swarm, the processes wait between messages (a vCPU that waits goes idle,
+  and waking it is not free);
   so is (K-node - the nodes' forward time for those steps, from their metrics) / (K + 1),
   which cancels the noise in the compute on a busy machine (the hop from a node's event
   loop to its forward thread counts as forward time there);
@@ -30,6 +34,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -98,10 +103,16 @@ class Node:
 
 
 def _echo_server(port_out: Any) -> None:
-    """A raw bidi-stream echo (bytes in, the same bytes out), in its own process."""
+    """A raw bidi-stream echo (bytes in, the same bytes out), in its own process. A
+    message starting with a nonzero little-endian double makes it spin that many
+    seconds first, as a node computes before it answers."""
 
     async def echo(requests: Any, context: Any) -> Any:
         async for message in requests:
+            (busy,) = struct.unpack_from("<d", message)
+            end = time.perf_counter() + busy
+            while time.perf_counter() < end:
+                pass
             yield message
 
     async def serve() -> None:
@@ -182,19 +193,20 @@ async def decode_latencies(
     return times, outside
 
 
-async def echo_round_trip(address: str, payload: int, n: int) -> float:
-    """Median seconds for one message out and back on one long-lived bidi stream."""
+async def echo_round_trip(address: str, payload: int, n: int, busy: float = 0.0) -> float:
+    """Median seconds for one message out and back on one long-lived bidi stream, less
+    the ``busy`` seconds the server spins before answering."""
     async with grpc.aio.insecure_channel(address) as ch:
         call = ch.stream_stream("/bench.Echo/Stream")()
-        data = os.urandom(payload)
+        data = struct.pack("<d", busy) + os.urandom(max(0, payload - 8))
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
             await call.write(data)
             await call.read()
-            times.append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0 - busy)
         await call.done_writing()
-        return statistics.median(times[5:])
+        return statistics.median(times[min(5, n // 4):])
 
 
 async def throughput(hops: Sequence[Hop], prompts: Sequence[list[int]], tokens: int) -> float:
@@ -270,6 +282,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax4.plot(kk, [out[f"{k} nodes"] for k in kk], "s-", label="(K-node - nodes' forward time) / (K+1)")
     ax4.axhline(report["per_traversal_target_ms"], ls="--", color="gray", label="target: 1.5 x echo RTT/2")
     ax4.axhline(report["echo_rtt_ms"] / 2, ls=":", color="black", label="raw grpc.aio echo RTT/2")
+    ax4.axhline(report["echo_rtt_after_compute_ms"] / 2, ls="-.", color="tab:red", label="the echo with a step of compute between: RTT/2")
     ax4.axhline(0, color="black", lw=0.5)
     ax4.set_xticks(kk, [f"{k} node{'s' if k > 1 else ''}" for k in kk])
     ax4.set_ylabel("ms per network traversal")
@@ -340,6 +353,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         lat: dict[str, list[float]] = {"local": [], **{f"{k} nodes": [] for k in ROUTES}}
         outside: dict[str, list[float]] = {f"{k} nodes": [] for k in ROUTES}
         rtt: list[float] = []
+        rtt_busy: list[float] = []  # with one local step of compute before each reply
         for _ in range(args.runs):
             steps, out = await decode_latencies(local, hops, prompt, args.tokens, metrics)
             for name, v in steps.items():
@@ -347,6 +361,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, v in out.items():
                 outside[name].append(v)
             rtt.append(await echo_round_trip(echo_address, payload, 200))
+            rtt_busy.append(await echo_round_trip(echo_address, payload, args.tokens, busy=statistics.median(steps["local"])))
 
         tput: dict[str, list[float]] = {}
         batch: dict[str, list[float]] = {}  # mean steps per forward pass, per node
@@ -371,6 +386,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     med = statistics.median
     lat_ms = {name: med(v) * 1e3 for name, v in lat.items()}
     rtt_ms = med(rtt) * 1e3
+    rtt_busy_ms = med(rtt_busy) * 1e3
     per_traversal = {f"{k} nodes": (lat_ms[f"{k} nodes"] - lat_ms["local"]) / (k + 1) for k in ROUTES}
     outside_ms = {f"{k} nodes": med(outside[f"{k} nodes"]) * 1e3 / (k + 1) for k in ROUTES}
     tput_med = {c: med(v) for c, v in tput.items()}
@@ -388,6 +404,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "decode_latency_ms": lat_ms,
         "echo_payload_bytes": payload,
         "echo_rtt_ms": rtt_ms,
+        "echo_rtt_after_compute_ms": rtt_busy_ms,
         "added_per_traversal_ms": per_traversal,
         "per_traversal_target_ms": target_ms,
         "outside_forward_per_traversal_ms": outside_ms,
@@ -399,7 +416,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "16 sessions >= 5x one": tput_med["16"] >= 5 * tput_med["1"],
             "3-node TTFT <= 1.2x 1-node": ttft_med["3 nodes"] <= 1.2 * ttft_med["1 node"],
         },
-        "samples": {"decode_latency_s": lat, "outside_forward_s": outside, "echo_rtt_s": rtt, "tokens_per_s": tput, "ttft_s": ttft},
+        "samples": {"decode_latency_s": lat, "outside_forward_s": outside, "echo_rtt_s": rtt, "echo_rtt_after_compute_s": rtt_busy, "tokens_per_s": tput, "ttft_s": ttft},
     }
 
 
@@ -414,6 +431,10 @@ def print_table(r: dict[str, Any]) -> None:
     print(
         f"  raw grpc.aio echo of {r['echo_payload_bytes']} B: round trip {r['echo_rtt_ms']:.3f} ms,"
         f" target per traversal <= 1.5 x RTT/2 = {r['per_traversal_target_ms']:.3f} ms"
+    )
+    print(
+        f"  the same echo, the server computing {lat['local']:.1f} ms (one local step) before each reply:"
+        f" round trip {r['echo_rtt_after_compute_ms']:.3f} ms beyond the compute, i.e. {r['echo_rtt_after_compute_ms'] / 2:.3f} ms per traversal"
     )
     t = r["tokens_per_s_2_nodes"]
     print("aggregate decode tokens/s on 2 nodes: " + ", ".join(f"{c} sessions {v:.1f}" for c, v in t.items()) + f"  ({t['16'] / t['1']:.1f}x at 16)")
