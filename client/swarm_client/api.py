@@ -288,11 +288,12 @@ class SwarmClient(_Base):
         route: str | None = None,
         model: str | os.PathLike[str] | None = None,
         defaults: SamplingOptions | None = None,
+        token: str | None = None,
     ) -> SwarmClient:
         """The blocking face of ``AsyncSwarmClient.remote`` (same arguments)."""
         from swarm_client.blocking import BlockingTokenSource
 
-        backend, tokenizer = _remote_backend(coordinator, route, model)
+        backend, tokenizer = _remote_backend(coordinator, route, model, token)
         return cls(BlockingTokenSource(backend), tokenizer, defaults=defaults)
 
     def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> Iterator[StreamEvent]:
@@ -324,7 +325,7 @@ class SwarmClient(_Base):
 
 
 def _remote_backend(
-    coordinator: str | None, route: str | None, model: str | os.PathLike[str] | None
+    coordinator: str | None, route: str | None, model: str | os.PathLike[str] | None, token: str | None
 ) -> tuple[AsyncTokenSource, Tokenizer]:
     from swarm_client.routed import CoordinatorRoutes, RoutedBackend, RouteProvider, StaticRoutes, parse_route
     from swarm_node.loading import read_args
@@ -334,8 +335,11 @@ def _remote_backend(
         raise InvalidRequestError("give exactly one of coordinator and route")
     path = resolve_model(None if model is None else os.fspath(model))
     args = read_args(path)
-    routes: RouteProvider = CoordinatorRoutes(coordinator) if coordinator else StaticRoutes(parse_route(route or ""))
-    backend = RoutedBackend(routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids)
+    token = os.environ.get("SWARM_TOKEN", "") if token is None else token
+    routes: RouteProvider = (
+        CoordinatorRoutes(coordinator, token=token) if coordinator else StaticRoutes(parse_route(route or ""), token=token)
+    )
+    backend = RoutedBackend(routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids, token=token)
     return backend, load_tokenizer(path)
 
 
@@ -379,13 +383,15 @@ class AsyncSwarmClient(_Base):
         route: str | None = None,
         model: str | os.PathLike[str] | None = None,
         defaults: SamplingOptions | None = None,
+        token: str | None = None,
     ) -> AsyncSwarmClient:
         """A client generating over the swarm: routes from the coordinator at
         ``HOST:PORT`` (with failover), or along a fixed ``route``
         (``"host:port,host:port"`` or ``"host:port=0:10,host:port=10:30"``). ``model``
         (path or name, default: the default model) gives the tokenizer and the model's
-        limits; no weights are read."""
-        backend, tokenizer = _remote_backend(coordinator, route, model)
+        limits; no weights are read. ``token``: the swarm token the coordinator and
+        the nodes ask for (default: ``$SWARM_TOKEN``, none when unset)."""
+        backend, tokenizer = _remote_backend(coordinator, route, model, token)
         return cls(backend, tokenizer, defaults=defaults)
 
     def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncIterator[StreamEvent]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from swarm_client.remote import Hop, RouteError
-from swarm_node.transport import channel_options
+from swarm_node.transport import Metadata, channel_options
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 
 if TYPE_CHECKING:
@@ -163,13 +163,13 @@ class FailoverRecord:
         )
 
 
-async def probe(hops: Sequence[Hop], timeout: float) -> list[Hop]:
+async def probe(hops: Sequence[Hop], timeout: float, metadata: Metadata = None) -> list[Hop]:
     """The hops that do not answer ``Info`` within ``timeout`` (frozen, gone)."""
 
     async def silent(hop: Hop) -> bool:
         channel = grpc.aio.insecure_channel(hop.address, options=channel_options())
         try:
-            await swarm_pb2_grpc.NodeStub(channel).Info(swarm_pb2.InfoRequest(), timeout=timeout)
+            await swarm_pb2_grpc.NodeStub(channel).Info(swarm_pb2.InfoRequest(), timeout=timeout, metadata=metadata)
             return False
         except grpc.aio.AioRpcError:
             return True
@@ -180,7 +180,7 @@ async def probe(hops: Sequence[Hop], timeout: float) -> list[Hop]:
     return [h for h, bad in zip(hops, answers) if bad]
 
 
-async def blame(error: RouteError, hops: Sequence[Hop], probe_timeout: float) -> list[Hop]:
+async def blame(error: RouteError, hops: Sequence[Hop], probe_timeout: float, metadata: Metadata = None) -> list[Hop]:
     """The hops of ``hops`` that ``error`` points at.
 
     An in-band error names the hop where the route broke. A step timeout names nobody:
@@ -189,7 +189,7 @@ async def blame(error: RouteError, hops: Sequence[Hop], probe_timeout: float) ->
     named = [h for h in hops if (error.node_id and h.node_id == error.node_id) or (error.address and h.address == error.address)]
     if named and error.code != grpc.StatusCode.DEADLINE_EXCEEDED:
         return named[:1]
-    silent = await probe(hops, probe_timeout)
+    silent = await probe(hops, probe_timeout, metadata)
     return silent or named[:1]
 
 

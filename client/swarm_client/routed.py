@@ -35,6 +35,7 @@ from swarm_client.failover import Avoidance, FailoverPolicy, FailoverRecord, Ste
 from swarm_client.remote import Hop, RouteError, RouteSession
 from swarm_client.types import SampledToken
 from swarm_node.sampler import SamplingParams
+from swarm_node.transport import Metadata, call_metadata
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -82,10 +83,10 @@ def parse_route(text: str) -> tuple[Hop, ...]:
     return tuple(hops)
 
 
-async def _hosted_range(address: str, timeout: float = 10.0) -> tuple[int, int]:
+async def _hosted_range(address: str, metadata: Metadata, timeout: float = 10.0) -> tuple[int, int]:
     channel = grpc.aio.insecure_channel(address)
     try:
-        info = await swarm_pb2_grpc.NodeStub(channel).Info(swarm_pb2.InfoRequest(), timeout=timeout)
+        info = await swarm_pb2_grpc.NodeStub(channel).Info(swarm_pb2.InfoRequest(), timeout=timeout, metadata=metadata)
     except grpc.aio.AioRpcError as exc:
         raise GenerationError(f"route hop {address} does not answer: {exc.details()}") from exc
     finally:
@@ -96,8 +97,9 @@ async def _hosted_range(address: str, timeout: float = 10.0) -> tuple[int, int]:
 class StaticRoutes:
     """Always the same chain (no failover: there is nowhere else to go)."""
 
-    def __init__(self, hops: Sequence[Hop]) -> None:
+    def __init__(self, hops: Sequence[Hop], *, token: str = "") -> None:
         self.hops = tuple(hops)
+        self._metadata = call_metadata(token)
 
     async def route(
         self, *, max_length: int, exclude_node_ids: Collection[str] = (), exclude_addresses: Collection[str] = ()
@@ -106,7 +108,7 @@ class StaticRoutes:
         if bad:
             raise GenerationError(f"the static route's hop {bad[0].address} failed and there is no other route")
         if any(h.start < 0 for h in self.hops):
-            ranges = await asyncio.gather(*(_hosted_range(h.address) for h in self.hops))
+            ranges = await asyncio.gather(*(_hosted_range(h.address, self._metadata) for h in self.hops))
             self.hops = tuple(replace(h, start=a, end=b) for h, (a, b) in zip(self.hops, ranges))
             for prev, nxt in zip(self.hops, self.hops[1:]):
                 if prev.end != nxt.start:
@@ -138,10 +140,11 @@ class CoordinatorRoutes:
     The channel is made on first use, in the event loop that uses it.
     """
 
-    def __init__(self, address: str, *, model: str = "", timeout: float = 10.0) -> None:
+    def __init__(self, address: str, *, model: str = "", timeout: float = 10.0, token: str = "") -> None:
         self.address = address
         self.model = model
         self.timeout = timeout
+        self._metadata = call_metadata(token)  # the swarm token, when the coordinator wants one
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -162,7 +165,7 @@ class CoordinatorRoutes:
             exclude_addresses=sorted(exclude_addresses),
         )
         try:
-            reply = await self._stub().GetRoute(request, timeout=self.timeout)
+            reply = await self._stub().GetRoute(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise RouteError(exc.code(), f"coordinator {self.address}: {exc.details()}") from exc
         hops = tuple(Hop(h.address, h.start, h.end, h.node_id) for h in reply.hops)
@@ -177,7 +180,7 @@ class CoordinatorRoutes:
             message=error.message[:1000],
         )
         try:
-            await self._stub().ReportFailure(report, timeout=self.timeout)
+            await self._stub().ReportFailure(report, timeout=self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:  # the report is advice; the retry goes on
             logger.warning("could not report the failure to %s: %s", self.address, exc.details())
 
@@ -200,13 +203,15 @@ class CoordinatorRoutes:
             mode=record.mode,
         )
         try:
-            await self._stub().ReportFailure(report, timeout=self.timeout)
+            await self._stub().ReportFailure(report, timeout=self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             logger.warning("could not report the failover to %s: %s", self.address, exc.details())
 
     async def list_nodes(self) -> list[NodeSummary]:
         try:
-            reply = await self._stub().ListNodes(swarm_pb2.ListNodesRequest(model=self.model), timeout=self.timeout)
+            reply = await self._stub().ListNodes(
+                swarm_pb2.ListNodesRequest(model=self.model), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
             raise RouteError(exc.code(), f"coordinator {self.address}: {exc.details()}") from exc
         return [NodeSummary(n.node_id, n.address, n.start, n.end, n.device, n.active_sessions) for n in reply.nodes]
@@ -247,8 +252,10 @@ class RoutedBackend:
         step_timeout: float | None = None,
         retry_delay: float | None = None,
         policy: FailoverPolicy | None = None,
+        token: str = "",
     ) -> None:
         policy = policy or FailoverPolicy()
+        self.token = token  # the swarm token, sent to every node of every route
         # The older keyword arguments still work: they override the policy's fields.
         overrides: dict[str, Any] = {}
         if max_attempts is not None:
@@ -302,6 +309,7 @@ class RoutedBackend:
                 timeout=policy.open_timeout,
                 resumable=span,
                 resume=span and pending is not None,
+                token=self.token,
             )
             sent = time.monotonic()  # when the step now awaited was sent
             try:
@@ -338,7 +346,7 @@ class RoutedBackend:
                 if err.code not in _RETRYABLE or failures > policy.max_failovers:
                     raise GenerationError(f"generation failed after {failures} failure(s): {err}") from err
                 detected = time.monotonic()
-                culprits = await blame(err, route.hops, policy.probe_timeout)
+                culprits = await blame(err, route.hops, policy.probe_timeout, call_metadata(self.token))
                 if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and not culprits:
                     self.clock.slower()  # every hop answers: the route is slow, not dead
                 for hop in culprits:
@@ -391,8 +399,10 @@ class RoutedBackend:
             try:
                 return await self.routes.route(max_length=max_length, exclude_addresses=avoided)
             except RouteError as err:
+                if err.code != grpc.StatusCode.UNAVAILABLE:  # refused (a wrong token, an unknown model)
+                    raise GenerationError(f"no route: {err.message}") from err
                 # No route yet (a reassignment is loading, the swarm is still joining): wait a bit.
-                if err.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline:
                     raise GenerationError(
                         f"no route after waiting {self.policy.no_route_wait:g} s: {err.message}"
                     ) from err

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"])
     add("--node-timeout", float, defaults["node_timeout"].default, "seconds of silence before a node counts as offline")
     add("--settle", float, defaults["settle"].default, "seconds changes gather before a plan (a burst of joins: one plan)")
+    add("--token", str, "", "swarm token required on every gRPC call and sent to the nodes; prefer the env var, flags show in ps")
     add("--log-level", str, "INFO", "logging level")
     from swarm_coordinator.http.mount import add_gateway_flags
 
@@ -63,6 +64,7 @@ def config_from_args(ns: argparse.Namespace) -> CoordinatorConfig:
         dtype=ns.dtype,
         node_timeout=ns.node_timeout,
         settle=ns.settle,
+        token=ns.token,
     )
 
 

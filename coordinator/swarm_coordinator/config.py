@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from swarm_proto.presence import check_id
 
@@ -33,6 +33,7 @@ class CoordinatorConfig:
     settle: float = 1.0  # seconds to let changes (joins in a burst, retained messages) gather before planning
     failure_backoff: float = 2.0  # a reported node is avoided this long, doubling per report
     failure_backoff_max: float = 60.0
+    token: str = field(default="", repr=False)  # the swarm token: asked of every gRPC caller, sent to the nodes
 
     def __post_init__(self) -> None:
         check_id("swarm id", self.swarm_id)

@@ -31,6 +31,7 @@ from swarm_coordinator.planner import Planner
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_coordinator.service import CoordinatorService, FailureBook
 from swarm_coordinator.state import SwarmState
+from swarm_node.transport import TokenInterceptor
 from swarm_proto import swarm_pb2_grpc
 from swarm_proto.presence import PresenceError
 
@@ -119,7 +120,7 @@ class CoordinatorServer:
             version=version(),
             failures=FailureBook(cfg.failure_backoff, cfg.failure_backoff_max),
         )
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[TokenInterceptor(cfg.token)] if cfg.token else [])
         swarm_pb2_grpc.add_CoordinatorServicer_to_server(self.service, server)
         port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if port == 0:

@@ -26,6 +26,7 @@ from typing import IO
 
 import grpc
 
+from swarm_node.transport import Metadata, call_metadata
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class LocalSwarm:
                 if self.cancel.is_set():
                     raise KeyboardInterrupt
                 try:
-                    stub.GetRoute(swarm_pb2.RouteRequest(max_length=1), timeout=5)
+                    stub.GetRoute(swarm_pb2.RouteRequest(max_length=1), timeout=5, metadata=_token_metadata())
                     return
                 except grpc.RpcError as exc:
                     if time.monotonic() > deadline:
@@ -182,7 +183,8 @@ class LocalSwarm:
 
     def list_nodes(self) -> list[swarm_pb2.NodeInfo]:
         with grpc.insecure_channel(self.address) as channel:
-            return list(swarm_pb2_grpc.CoordinatorStub(channel).ListNodes(swarm_pb2.ListNodesRequest(), timeout=5).nodes)
+            stub = swarm_pb2_grpc.CoordinatorStub(channel)
+            return list(stub.ListNodes(swarm_pb2.ListNodesRequest(), timeout=5, metadata=_token_metadata()).nodes)
 
     def describe(self) -> str:
         lines = [
@@ -244,3 +246,9 @@ def run(config: UpConfig, out: IO[str] = sys.stdout) -> int:
             signal.signal(sig, handler)
         if config.ready_file:
             Path(config.ready_file).unlink(missing_ok=True)
+
+
+def _token_metadata() -> Metadata:
+    """The swarm token of ``$SWARM_TOKEN``, which the coordinator and nodes started here
+    inherit (and then ask for)."""
+    return call_metadata(os.environ.get("SWARM_TOKEN", ""))

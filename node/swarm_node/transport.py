@@ -16,7 +16,9 @@ from typing import Any
 
 import grpc
 
-__all__ = ["ChannelPool", "TokenInterceptor", "call_metadata", "channel_options", "server_options"]
+__all__ = ["ChannelPool", "Metadata", "TokenInterceptor", "call_metadata", "channel_options", "server_options"]
+
+Metadata = tuple[tuple[str, str], ...] | None  # what gRPC calls take as ``metadata``
 
 _KEEPALIVE_CLIENT = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -71,7 +73,7 @@ class ChannelPool:
         self._channels.clear()
 
 
-def call_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
+def call_metadata(token: str) -> Metadata:
     """The metadata that carries the swarm token on an outgoing call."""
     return (("authorization", f"Bearer {token}"),) if token else None
 

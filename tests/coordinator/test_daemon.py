@@ -132,3 +132,23 @@ async def test_failures_steer_routes_and_joiners_do_not_reshuffle(coordinator: t
     after = server.state.current_assignment()
     assert {n: after[n] for n in "abc"} == {n: before[n] for n in "abc"}
     assert server.planner is not None and server.planner.plans == plans + 1
+
+
+async def test_swarm_token_guards_the_coordinator(default_model: Path) -> None:
+    """With a swarm token every gRPC call must carry it; the client library sends it."""
+    from swarm_client.routed import CoordinatorRoutes
+
+    config = CoordinatorConfig(model=str(default_model), port=0, mqtt_port=0, swarm_id="locked", settle=0.2, token="s3cret")
+    async with CoordinatorServer(config) as server:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = swarm_pb2_grpc.CoordinatorStub(channel)
+            for metadata in (None, (("authorization", "Bearer wrong"),)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.GetSwarmInfo(swarm_pb2.SwarmInfoRequest(), metadata=metadata)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            info = await stub.GetSwarmInfo(swarm_pb2.SwarmInfoRequest(), metadata=(("authorization", "Bearer s3cret"),))
+            assert info.swarm_id == "locked"
+        routes = CoordinatorRoutes(server.address, token="s3cret")
+        assert await routes.list_nodes() == []
+        await routes.aclose()
+        assert "s3cret" not in repr(config)

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from helpers import relative_error
+from swarm_client.errors import GenerationError
 from swarm_client.remote import Hop, RouteError, RouteSession
+from swarm_client.routed import RoutedBackend, StaticRoutes, parse_route
 from swarm_node.loading import load_slice
 from swarm_node.model import ModelSlice, SeqChunk
 from swarm_node.node_config import NodeConfig
@@ -361,6 +363,15 @@ async def test_swarm_token_is_required_on_every_call(route: Route) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as rpc_err:
             await swarm_pb2_grpc.NodeStub(ch).Info(swarm_pb2.InfoRequest())
         assert rpc_err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # The client library carries it too: plain host:port hops (each asked its layers), then a generation.
+    plain = ",".join(h.address for h in hops)
+    backend = RoutedBackend(StaticRoutes(parse_route(plain), token="s3cret"), max_context=16, eos_token_ids=(), token="s3cret")
+    assert len([t async for t in backend.tokens(PROMPT[:4], SamplingParams(), 3)]) == 3
+    unauthorised = RoutedBackend(StaticRoutes(parse_route(plain)), max_context=16, eos_token_ids=())
+    with pytest.raises(GenerationError, match="UNAUTHENTICATED|swarm token"):
+        async for _ in unauthorised.tokens(PROMPT[:4], SamplingParams(), 3):
+            pass
 
 
 async def test_rewind_rewrites_the_cache_and_the_tail_history(route: Route) -> None:

@@ -11,6 +11,7 @@ as ``swarm-coordinator --http-port``; the gateway flags (``--api-key``, ...) app
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import logging
 import signal
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--token", default=os.environ.get("SWARM_TOKEN", ""), help="swarm token of the nodes and coordinator (default: $SWARM_TOKEN)")
     add_gateway_flags(p)
     return p
 
@@ -48,7 +50,7 @@ def _backend(ns: argparse.Namespace) -> object:
     if ns.coordinator:
         from swarm_coordinator.http.mount import swarm_client
 
-        return swarm_client(ns.coordinator, model)
+        return swarm_client(ns.coordinator, model, ns.token)
     from swarm_client.api import AsyncSwarmClient
     from swarm_client.routed import RoutedBackend, StaticRoutes, parse_route
     from swarm_client.tokenizer import load_tokenizer
@@ -56,7 +58,10 @@ def _backend(ns: argparse.Namespace) -> object:
 
     args = read_args(model)
     backend = RoutedBackend(
-        StaticRoutes(parse_route(ns.route)), max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids
+        StaticRoutes(parse_route(ns.route), token=ns.token),
+        max_context=args.max_position_embeddings,
+        eos_token_ids=args.eos_token_ids,
+        token=ns.token,
     )
     return AsyncSwarmClient(backend, load_tokenizer(model))
 

@@ -67,9 +67,9 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
     )
 
 
-def swarm_client(coordinator_address: str, model: str) -> AsyncSwarmClient:
+def swarm_client(coordinator_address: str, model: str, token: str = "") -> AsyncSwarmClient:
     """A client generating over the swarm of the coordinator at ``coordinator_address``
-    (blocking: it reads the model's shape and loads its tokenizer)."""
+    (blocking: it reads the model's shape and loads its tokenizer); ``token``: the swarm's."""
     from swarm_client.api import AsyncSwarmClient
     from swarm_client.routed import CoordinatorRoutes, RoutedBackend
     from swarm_client.tokenizer import load_tokenizer
@@ -77,7 +77,10 @@ def swarm_client(coordinator_address: str, model: str) -> AsyncSwarmClient:
 
     args = read_args(model)
     backend = RoutedBackend(
-        CoordinatorRoutes(coordinator_address), max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids
+        CoordinatorRoutes(coordinator_address, token=token),
+        max_context=args.max_position_embeddings,
+        eos_token_ids=args.eos_token_ids,
+        token=token,
     )
     return AsyncSwarmClient(backend, load_tokenizer(model))
 
@@ -89,5 +92,5 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
     host, _, port = address.rpartition(":")
     if host in ("0.0.0.0", "::", "[::]", ""):
         address = f"127.0.0.1:{port}"
-    model = str(coordinator.config.model)
-    return create_app(lambda: swarm_client(address, model), coordinator.registry, config or GatewayConfig())
+    model, token = str(coordinator.config.model), coordinator.config.token
+    return create_app(lambda: swarm_client(address, model, token), coordinator.registry, config or GatewayConfig())
