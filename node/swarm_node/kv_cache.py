@@ -11,6 +11,10 @@ longest requested) and re-points its live caches at the new tensors, so it must
 not grow while a forward pass runs on another thread: the node allocates caches
 on its forward thread (`Scheduler.call`). A cache's slot is freed when the cache
 is garbage-collected; the pool lets go of its memory when no cache is left.
+New memory is not zeroed until a slot is first handed out (then the whole slot
+is: a batch reads other sequences' slots past their ends, masked, and garbage
+there could be NaN, which a zero attention weight does not cancel), so on CPU
+the slots a doubling adds cost no resident memory until they are used.
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ class KVCache:
         self.length = min(self.length, length)
 
 
+def _uninitialized(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class KVPool:
     """Slots of keys and values for the sequences of one slice, in one pair of tensors."""
 
@@ -100,6 +108,7 @@ class KVPool:
         self.dtype, self.device = dtype, torch.device(device)
         self.k = self.v = torch.empty(0)  # [L, slots, S, Hkv, D] once a cache exists
         self._caches: dict[int, weakref.ref[KVCache]] = {}  # slot -> its cache
+        self._clean: set[int] = set()  # slots whose every position holds finite values
         # Slots are freed by the garbage collector, on any thread, or on this one in the
         # middle of `allocate`: hence a re-entrant lock, and no shrinking while allocating.
         self._lock = threading.RLock()
@@ -125,11 +134,15 @@ class KVPool:
             self._allocating = True
             try:
                 if not self._caches and self.slots:
-                    self.k = self.v = torch.empty(0)  # nothing left to keep: start small again
+                    self._drop()  # nothing left to keep: start small again
                 free = next((s for s in range(self.slots) if s not in self._caches), None)
                 if free is None or max_length > self.slot_length:
                     self._grow(free is None, max(max_length, self.slot_length))
                     free = next(s for s in range(self.slots) if s not in self._caches)
+                if free not in self._clean:
+                    self.k[:, free].zero_()
+                    self.v[:, free].zero_()
+                    self._clean.add(free)
                 cache = KVCache.__new__(KVCache)
                 cache.max_length, cache.length, cache.pool, cache.slot = max_length, 0, self, free
                 self._point(cache)
@@ -143,7 +156,11 @@ class KVPool:
         with self._lock:
             self._caches.pop(slot, None)
             if not self._caches and not self._allocating:  # let go of the memory once no sequence is left
-                self.k = self.v = torch.empty(0)
+                self._drop()
+
+    def _drop(self) -> None:
+        self.k = self.v = torch.empty(0)
+        self._clean.clear()
 
     def _grow(self, more_slots: bool, length: int) -> None:
         """Reallocate with twice the slots if `more_slots`, each of at least `length`
@@ -151,12 +168,14 @@ class KVPool:
         slots = max(1, 2 * self.slots) if more_slots else self.slots
         length = -(-length // _LENGTH_STEP) * _LENGTH_STEP
         shape = (self.num_layers, slots, length, self.num_kv_heads, self.head_dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        k = _uninitialized(shape, self.dtype, self.device)
+        v = _uninitialized(shape, self.dtype, self.device)
         if self.slots:
             n, s = self.slots, self.slot_length
             k[:, :n, :s] = self.k
             v[:, :n, :s] = self.v
+            k[:, :n, s:] = 0  # the old slots' new positions: clean slots stay clean
+            v[:, :n, s:] = 0
         self.k, self.v = k, v
         for ref in list(self._caches.values()):
             cache = ref()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import relative_error
+from swarm_node import kv_cache
 from swarm_node.kv_cache import KVCache, KVPool
 from swarm_node.loading import load_slice
 from swarm_node.model import SeqChunk
@@ -80,5 +82,33 @@ def test_batched_decode_over_scattered_slots_matches_single(tiny_models: dict[st
     alone.reverse()
     assert [c.slot for c in caches] != sorted(c.slot for c in caches)
     together = torch.stack(decode(caches))  # [steps + 1, 3, V]
+    for i in range(3):
+        assert relative_error(together[:, i], alone[i]) < 1e-5
+
+
+def test_fresh_pool_memory_never_reaches_a_result(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """New pool memory is left uninitialized (NaN here): a batch reads past shorter
+    sequences' ends (masked), so every slot must be clean before it is read."""
+    monkeypatch.setattr(
+        kv_cache, "_uninitialized", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
+    model = load_slice(tiny_models["llama3"], 0, 6)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 320, (n,), generator=gen) for n in (3, 9, 80)]
+
+    def run(caches: list[KVCache], ps: list[torch.Tensor]) -> torch.Tensor:
+        logits = model(torch.cat(ps), [SeqChunk(c, 0, len(p)) for c, p in zip(caches, ps)])
+        rows = [logits]
+        for _ in range(4):
+            logits = model(logits.argmax(-1), [SeqChunk(c, c.length, 1) for c in caches])
+            rows.append(logits)
+        return torch.stack(rows)  # [steps + 1, B, V]
+
+    alone = [run([model.new_cache(100)], [p])[:, 0] for p in prompts]
+    # The third cache lengthens every slot (the first two get new positions, which the
+    # batch reads, masked, once the third sequence is longer than the old slots).
+    caches = [model.new_cache(16), model.new_cache(32), model.new_cache(200)]
+    together = run(caches, prompts)
+    assert torch.isfinite(together).all()
     for i in range(3):
         assert relative_error(together[:, i], alone[i]) < 1e-5
