@@ -37,7 +37,7 @@ from swarm_node.loading import read_args
 from swarm_node.node_config import NodeConfig
 from swarm_node.server import NodeServer
 from swarm_node.speed import Speed, default_memory_budget, layer_bytes, measure
-from swarm_node.transport import call_metadata
+from swarm_node.transport import Metadata, call_metadata
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.presence import (
     Assign,
@@ -82,7 +82,7 @@ def _broker(url: str, coordinator_host: str) -> BrokerAddress:
     return addr
 
 
-async def fetch_swarm_info(coordinator: str, *, timeout: float = 60.0, metadata: tuple[tuple[str, str], ...] = ()) -> SwarmInfo:
+async def fetch_swarm_info(coordinator: str, *, timeout: float = 60.0, metadata: Metadata = None) -> SwarmInfo:
     """Ask the coordinator at ``HOST:PORT`` for the swarm's id and broker; retries while
     it starts (``timeout`` seconds in all)."""
     deadline = time.monotonic() + timeout
@@ -178,7 +178,7 @@ class NodeAgent:
             "memory budget %.1f MB: room for %d of %d layers (%.1f MB each)",
             budget / 1e6, budget // per_layer, args.num_layers, per_layer / 1e6,
         )
-        self.info = info = await fetch_swarm_info(self.coordinator, metadata=call_metadata(cfg.token) or ())
+        self.info = info = await fetch_swarm_info(self.coordinator, metadata=call_metadata(cfg.token))
         mine = model_id(cfg.model)
         if info.model != mine or info.num_layers != args.num_layers:
             raise AgentError(
