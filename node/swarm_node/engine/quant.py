@@ -1,0 +1,363 @@
+"""Weight-only quantized linear layers: GGUF blocks kept quantized, repacked once at load.
+
+Every format the engine keeps quantized is brought to one form, *grouped affine
+4-bit*: for a weight ``W [N, K]``, codes ``q`` in 0..15 and, per row and group of
+32 columns, a scale ``s`` and an offset ``z`` with ``W = (q - 8) * s + z``. That is
+exactly what PyTorch's weight-only int4 kernel (``aten._weight_int4pack_mm_for_cpu``)
+computes from its packed codes and ``scales_and_zeros``, so the kernel runs the
+weights without ever materialising them:
+
+- Q4_0 ``W = d (q - 8)``: ``s = d``, ``z = 0``; Q4_1 ``W = d q + m``: ``s = d``, ``z = m + 8 d``.
+- Q4_K (super-blocks of 256, sub-blocks of 32, 6-bit sub-scales and mins):
+  ``W = d sc q - dmin m``: ``s = d sc``, ``z = 8 d sc - dmin m``.
+- Wider codes are split into two nibbles, ``q = 16 hi + lo``, laid side by side along
+  K (``K' = 2 K``) while the input is repeated (``[x, x]``): one kernel call sums both
+  halves. Q8_0 (``hi`` signed), Q5_K (``hi`` in {0, 1}) and ``--quantize int8`` go so.
+- Q6_K's sub-blocks are 16 wide, narrower than the kernel's smallest group (32), so
+  it keeps its 6-bit codes as int8 with per-16 scales and is dequantized per call
+  (`GroupedInt8Linear`): compact in memory, slower to run.
+
+Invariants: the load converts one band of rows at a time (no float copy of a whole
+matrix is ever made); a module's buffers are all it holds (``held_bytes``); its
+``rows(ids)`` gives the dequantized rows, so a tied embedding reads the LM head's
+packed weights instead of keeping a second copy. Formats are exact up to the compute
+dtype's rounding of ``s`` and ``z``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+GROUP = 32  # columns per scale/offset pair in the int4 kernel's layout
+_ROWS_PER_BAND = 256  # rows converted at a time at load (a multiple of 64)
+_PACK_BLOCK_N = 64  # rows interleaved per block of the CPU kernel's packed layout
+QK_K = 256
+
+
+@dataclass(frozen=True)
+class Affine4:
+    """A band of rows in grouped affine 4-bit form: ``W = (codes - 8) * scale + zero``.
+
+    codes: uint8 [n, K'] in 0..15; scale, zero: float32 [n, K' / GROUP]; ``splits``
+    is how many K-wide pieces lie side by side (2 for codes wider than 4 bits)."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    splits: int
+
+
+# --- GGUF block decoding (numpy, a band of rows at a time) -----------------------------
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 packed bytes per super-block -> 8 six-bit scales and 8 mins."""
+    s = scales.reshape(-1, 3, 4)
+    a, b, c = s[:, 0], s[:, 1], s[:, 2]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _split_nibbles(q: np.ndarray, d: np.ndarray, offset: np.ndarray, signed: bool) -> Affine4:
+    """Codes ``q`` [n, K] (int, up to 8 bits) with ``W = d * q + offset`` per group of 32
+    ([n, K/32] each) -> two nibble halves side by side: hi (x16) ++ lo."""
+    q = q.astype(np.int16)
+    hi, lo = q >> 4, q & 15  # arithmetic shift: hi is signed when q is
+    zero_hi = np.zeros_like(d) if signed else 8 * 16 * d  # (hi + 8 - 8) * 16d  or  (hi - 8) * 16d + 128d
+    codes = np.concatenate([hi + 8 if signed else hi, lo], axis=1).astype(np.uint8)
+    scale = np.concatenate([16 * d, d], axis=1)
+    zero = np.concatenate([zero_hi, 8 * d + offset], axis=1)
+    return Affine4(codes, scale, zero, 2)
+
+
+def decode_band(kind: str, raw: np.ndarray, k: int) -> Affine4 | None:
+    """Rows of GGUF blocks ``raw`` [n, bytes per row] of ``kind`` -> grouped affine 4-bit,
+    or None when the type has no such form here."""
+    n = raw.shape[0]
+    if kind in ("Q4_0", "Q4_1"):
+        bs = 18 if kind == "Q4_0" else 20
+        b = raw.reshape(n, k // 32, bs)
+        d = _f16(b[..., 0:2]).reshape(n, -1)
+        qs = b[..., bs - 16 :]
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(n, k)  # low nibbles: 0..15, high: 16..31
+        zero = np.zeros_like(d) if kind == "Q4_0" else _f16(b[..., 2:4]).reshape(n, -1) + 8 * d
+        return Affine4(q, d, zero, 1)
+    if kind == "Q8_0":
+        b = raw.reshape(n, k // 32, 34)
+        d = _f16(b[..., 0:2]).reshape(n, -1)
+        q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k)
+        return _split_nibbles(q, d, np.zeros_like(d), signed=True)
+    if kind in ("Q4_K", "Q5_K"):
+        bs = 144 if kind == "Q4_K" else 176
+        b = raw.reshape(n * (k // QK_K), bs)
+        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+        sc, mn = _k_scales(b[:, 4:16])
+        ds = (d * sc).reshape(n, -1)  # [n, K/32]
+        dm = (dmin * mn).reshape(n, -1)
+        qs = b[:, bs - 128 :].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        q = (qs & 15).reshape(-1, QK_K)
+        if kind == "Q4_K":
+            return Affine4(q.reshape(n, k), ds, 8 * ds - dm, 1)
+        qh = b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+        q = q | ((qh & 1).reshape(-1, QK_K) << 4)
+        return _split_nibbles(q.reshape(n, k), ds, -dm, signed=False)
+    return None
+
+
+def decode_q6_k(raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K rows -> (int8 codes [n, K] in -32..31, float32 scales [n, K/16])."""
+    n = raw.shape[0]
+    b = raw.reshape(n * (k // QK_K), 210)
+    ql, qh = b[:, :128], b[:, 128:192]
+    sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
+    d = _f16(b[:, 208:210])
+    lo = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 15
+    hi = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+    q = (lo.reshape(-1, QK_K) | (hi.reshape(-1, QK_K) << 4)).astype(np.int8) - np.int8(32)
+    return q.reshape(n, k), (d * sc).reshape(n, -1)
+
+
+# --- float checkpoints (--quantize) ----------------------------------------------------
+
+
+def quantize_band(w: torch.Tensor, bits: int) -> Affine4:
+    """A float band [n, K] -> grouped affine 4-bit: int4 asymmetric (min/max per group of
+    32), int8 symmetric (absmax per group of 32, split into two nibbles)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // GROUP, GROUP)
+    if bits == 4:
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-12)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15)
+        return Affine4(q.reshape(n, k).to(torch.uint8).numpy(), scale.numpy(), (lo + 8 * scale).numpy(), 1)
+    if bits == 8:
+        scale = (g.abs().amax(-1) / 127).clamp_min(1e-12)
+        q = torch.round(g / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+        d = scale.numpy()
+        return _split_nibbles(q.reshape(n, k).numpy(), d, np.zeros_like(d), signed=True)
+    raise ValueError(f"cannot quantize to {bits} bits: int8 and int4 are supported")
+
+
+# --- the packed layout ------------------------------------------------------------------
+
+
+def _pack(codes: np.ndarray) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes.astype(np.int32)), 1)
+
+
+def _unpack_rows(packed: torch.Tensor, ids: torch.Tensor, kp: int) -> torch.Tensor:
+    """Codes [len(ids), K'] of rows ``ids`` from the CPU kernel's packed layout: blocks of
+    64 rows, each [K', 32] bytes whose low nibble is row j and high nibble row j + 32."""
+    flat = packed.reshape(-1, kp, 32)  # [N/64, K', 32]
+    block, j = ids // _PACK_BLOCK_N, ids % _PACK_BLOCK_N
+    b = flat[block, :, j % 32]  # [R, K']
+    return torch.where((j < 32)[:, None], b & 15, b >> 4)
+
+
+@lru_cache(maxsize=1)
+def packed_layout_known() -> bool:
+    """Whether `_unpack_rows` reads this PyTorch build's packed layout (checked once)."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.uint8)
+    try:
+        packed = _pack(codes.numpy())
+    except RuntimeError:
+        return False
+    if packed.numel() * 2 != codes.numel():
+        return False
+    return bool(torch.equal(_unpack_rows(packed, torch.arange(128), 64), codes))
+
+
+class QuantLinear(nn.Module):
+    """``F.linear`` of grouped affine 4-bit weights with PyTorch's int4 kernel (CPU).
+
+    Buffers: ``packed`` uint8 [N, K'/2] in the kernel's layout; ``scales_and_zeros``
+    [K'/32, N, 2] in the compute dtype; ``splits`` K-wide pieces (input repeated)."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, splits: int,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.splits = in_features, splits
+        self.out_features = scales_and_zeros.shape[1]
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @staticmethod
+    def from_bands(bands: Sequence[Affine4], in_features: int, dtype: torch.dtype,
+                   bias: torch.Tensor | None = None) -> QuantLinear:
+        packed = torch.cat([_pack(b.codes) for b in bands])
+        scale = np.concatenate([b.scale for b in bands])  # [N, G]
+        zero = np.concatenate([b.zero for b in bands])
+        sz = torch.from_numpy(np.stack([scale, zero], axis=-1)).transpose(0, 1).contiguous().to(dtype)  # [G, N, 2]
+        return QuantLinear(packed, sz, in_features, bands[0].splits, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
+        if self.splits > 1:
+            x2 = x2.repeat(1, self.splits)  # [T, K'] = [x, x]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows ``ids`` [R] -> [R, in_features] in the compute dtype."""
+        kp = self.in_features * self.splits
+        q = _unpack_rows(self.packed, ids, kp).float()  # [R, K']
+        sz = self.scales_and_zeros[:, ids].float().repeat_interleave(GROUP, dim=0)  # [K', R, 2]
+        w = (q - 8) * sz[..., 0].t() + sz[..., 1].t()
+        return w.reshape(len(ids), self.splits, self.in_features).sum(1).to(self.scales_and_zeros.dtype)
+
+
+class GroupedInt8Linear(nn.Module):
+    """Int8 codes with one scale per row and group of ``group`` columns, dequantized per
+    call (Q6_K: its 16-wide groups are narrower than the int4 kernel's)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group = self.in_features // scales.shape[1]
+        self.register_buffer("codes", codes)  # int8 [N, K]
+        self.register_buffer("scales", scales)  # [N, K/group], compute dtype
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def _weight(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        codes = self.codes if ids is None else self.codes[ids]
+        scales = self.scales if ids is None else self.scales[ids]
+        n = codes.shape[0]
+        w = codes.view(n, -1, self.group).to(scales.dtype) * scales[..., None]
+        return w.view(n, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.scales.dtype), self._weight(), self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._weight(ids)
+
+
+class ConcatLinear(nn.Module):
+    """Several linear layers on one input, outputs concatenated (a fused matrix whose
+    parts are stored in different formats)."""
+
+    def __init__(self, parts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding read as dequantized rows of a quantized [V, C] matrix (the LM
+    head's own when the two are tied: one copy)."""
+
+    def __init__(self, table: QuantLinear | GroupedInt8Linear) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return self.table.rows(flat).reshape(*ids.shape, -1)
+
+
+# --- building from GGUF blocks ----------------------------------------------------------
+
+KEPT_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+
+
+def supported(kind: str, shape: tuple[int, int]) -> bool:
+    """Whether a [N, K] tensor of GGUF type ``kind`` stays quantized (else: dequantized)."""
+    n, k = shape
+    if kind == "Q6_K":
+        return k % QK_K == 0
+    return kind in KEPT_TYPES and k % (QK_K if kind.endswith("_K") else GROUP) == 0 and n % _PACK_BLOCK_N == 0
+
+
+def linear_from_gguf(parts: Sequence[tuple[str, np.ndarray]], k: int, dtype: torch.dtype,
+                     bias: torch.Tensor | None = None) -> nn.Module:
+    """A linear layer over GGUF row blocks ``parts`` [(type name, raw [n_i, bytes])],
+    stacked along the output dimension (a fused q/k/v, say). Parts of one type become
+    one kernel call; mixed types become a `ConcatLinear`."""
+    kinds = {kind for kind, _ in parts}
+    if len(kinds) > 1:
+        mods: list[nn.Module] = []
+        col = 0
+        for kind, raw in parts:
+            b = None if bias is None else bias[col : col + raw.shape[0]]
+            mods.append(linear_from_gguf([(kind, raw)], k, dtype, b))
+            col += raw.shape[0]
+        return ConcatLinear(mods)
+    kind = parts[0][0]
+    if kind == "Q6_K":
+        decoded = [decode_q6_k(raw[r : r + _ROWS_PER_BAND], k) for _, raw in parts
+                   for r in range(0, raw.shape[0], _ROWS_PER_BAND)]
+        codes = torch.from_numpy(np.concatenate([c for c, _ in decoded]))
+        scales = torch.from_numpy(np.concatenate([s for _, s in decoded])).to(dtype)
+        return GroupedInt8Linear(codes, scales, bias)
+    bands: list[Affine4] = []
+    for _, raw in parts:
+        for r in range(0, raw.shape[0], _ROWS_PER_BAND):
+            band = decode_band(kind, np.asarray(raw[r : r + _ROWS_PER_BAND]), k)
+            if band is None:
+                raise ValueError(f"GGUF type {kind} has no quantized form here")
+            bands.append(band)
+    return QuantLinear.from_bands(bands, k, dtype, bias)
+
+
+def linear_from_float(w: torch.Tensor, bits: int, dtype: torch.dtype, bias: torch.Tensor | None = None) -> QuantLinear:
+    """``--quantize``: a float [N, K] weight, quantized group-wise band by band."""
+    n, k = w.shape
+    bands = [quantize_band(w[r : r + _ROWS_PER_BAND], bits) for r in range(0, n, _ROWS_PER_BAND)]
+    return QuantLinear.from_bands(bands, k, dtype, bias)
+
+
+def can_quantize(shape: tuple[int, int]) -> bool:
+    n, k = shape
+    return k % GROUP == 0 and n % _PACK_BLOCK_N == 0
+
+
+def held_bytes(kind: str, shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """Bytes a [N, K] matrix of GGUF type (or "int4"/"int8") ``kind`` holds once loaded
+    (dequantized to ``dtype`` when it does not stay quantized)."""
+    n, k = shape
+    e = torch.empty((), dtype=dtype).element_size()
+    if kind in ("int4", "int8"):
+        kept = can_quantize(shape)
+    else:
+        kept = supported(kind, shape)
+    if kept and kind in ("Q4_0", "Q4_1", "Q4_K", "int4"):
+        return n * k // 2 + (k // GROUP) * n * 2 * e
+    if kept and kind in ("Q8_0", "Q5_K", "int8"):
+        return n * k + (2 * k // GROUP) * n * 2 * e
+    if kept and kind == "Q6_K":
+        return n * k + n * (k // 16) * e
+    return n * k * e
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of distinct parameter and buffer storage (a tied head counts once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
