@@ -29,10 +29,9 @@ import grpc
 import torch
 
 from swarm_client.errors import GenerationError
-from swarm_node.convert import Generation, Hop, OpenSpec, open_to_proto
-from swarm_node.sampler import SamplingParams
-from swarm_node.transport import ChannelPool, call_metadata
 from swarm_proto import codec, swarm_pb2, swarm_pb2_grpc
+from swarm_proto.transport import ChannelPool, call_metadata
+from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto
 
 __all__ = ["Hop", "RouteError", "RouteSession", "StepOutput"]
 
