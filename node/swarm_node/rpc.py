@@ -24,14 +24,15 @@ from dataclasses import replace
 import grpc
 from google.protobuf.message import DecodeError
 
-from swarm_node import convert, reslice, resume
+from swarm_node import convert, resume
+from swarm_node.config import NodeConfig
 from swarm_node.convert import ProtocolError
-from swarm_node.model import ModelSlice
-from swarm_node.node_config import NodeConfig
+from swarm_node.engine import reslice
+from swarm_node.engine.model import ModelSlice
 from swarm_node.scheduler import Scheduler
 from swarm_node.session import Failed, NodeSession
-from swarm_node.transport import ChannelPool, call_metadata
-from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto import swarm_pb2, swarm_pb2_grpc, wire
+from swarm_proto.transport import ChannelPool, call_metadata
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         try:
             call = stub.Session(metadata=call_metadata(self.config.token))
             session.downstream = call
-            await call.write(swarm_pb2.SessionRequest(open=convert.open_to_proto(session.spec, session.spec.downstream)))
+            await call.write(swarm_pb2.SessionRequest(open=wire.open_to_proto(session.spec, session.spec.downstream)))
             reply = await asyncio.wait_for(call.read(), self.config.open_timeout)
         except asyncio.TimeoutError:
             raise Failed(self._error(grpc.StatusCode.DEADLINE_EXCEEDED, "timed out opening the session", at=hop)) from None
@@ -353,7 +354,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             await context.write(swarm_pb2.SessionReply(error=error))
         except (grpc.aio.AioRpcError, RuntimeError) as exc:  # upstream already gone
             log.debug("could not report error upstream: %s", exc)
-        await context.abort(convert.status_code(error), f"{error.message} (at {where})")
+        await context.abort(wire.status_code(error), f"{error.message} (at {where})")
 
     async def _release(self, session: NodeSession, reason: str) -> None:
         if self.sessions.get(session.sid) is session:
@@ -503,13 +504,13 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         await self._channels.close()
 
     def _error(
-        self, code: grpc.StatusCode, message: str, *, at: convert.Hop | None = None, step_id: int = 0
+        self, code: grpc.StatusCode, message: str, *, at: wire.Hop | None = None, step_id: int = 0
     ) -> swarm_pb2.Error:
         if at is not None:
             return convert.error_to_proto(code, message, address=at.address, node_id=at.node_id, step_id=step_id)
         return convert.error_to_proto(code, message, address=self.address, node_id=self.config.node_id, step_id=step_id)
 
-    def _rpc_error(self, exc: grpc.aio.AioRpcError, hop: convert.Hop) -> swarm_pb2.Error:
+    def _rpc_error(self, exc: grpc.aio.AioRpcError, hop: wire.Hop) -> swarm_pb2.Error:
         return self._error(exc.code(), f"successor {hop.address}: {exc.details()}", at=hop)
 
 
