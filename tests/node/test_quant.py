@@ -35,7 +35,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("kind", quant.KEPT_TYPES)
+@pytest.mark.parametrize("kind", quant.KEPT_GGUF_TYPES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
 def test_matmul_matches_dequantized_reference(kind: str, dtype: torch.dtype, tol: float) -> None:
     rng = np.random.default_rng(0)

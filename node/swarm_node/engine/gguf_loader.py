@@ -1,4 +1,4 @@
-"""Read a GGUF file's tensors for a slice, dequantized.
+"""Read a GGUF file's tensors for a slice, dequantized (or as blocks, `read_blocks`).
 
 The file is memory-mapped (``swarm_proto.gguf_index``), so only the tensors a
 slice asks for are touched. llama.cpp's converter permutes the rows of Q and K
@@ -50,6 +50,28 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's rotary row permutation of a Q or K weight (or bias)."""
     shape = w.shape
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def read_blocks(path: Path, args: ModelArgs, name: str) -> tuple[str, np.ndarray] | None:
+    """A matrix as stored: (GGUF type name, rows [N, bytes per row] of its blocks, or
+    [N, K] values for F32/F16), Q/K rows unpermuted; None when the file lacks it. The
+    rows are views of the memory-mapped file unless they had to be unpermuted."""
+    from gguf import GGMLQuantizationType
+
+    t = index(path).tensors.get(gguf_name(name))
+    if t is None:
+        return None
+    if len(t.shape) != 2:
+        raise ModelFormatError(f"{path}: tensor {t.name} has {len(t.shape)} dimensions, expected 2")
+    kind = GGMLQuantizationType(t.tensor_type)
+    raw = index(path).data(t)
+    raw = raw.reshape(int(t.shape[1]), -1)
+    permuted = ARCHS.get(args.arch, ("", False))[1]
+    if permuted and ".self_attn.q_proj." in name:
+        raw = _unpermute(raw, args.num_heads)
+    elif permuted and ".self_attn.k_proj." in name:
+        raw = _unpermute(raw, args.num_kv_heads)
+    return kind.name, raw
 
 
 def read_tensors(path: Path, args: ModelArgs, names: Iterable[str]) -> dict[str, torch.Tensor]:

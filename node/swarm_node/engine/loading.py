@@ -3,6 +3,11 @@
 Sources: a Hugging Face folder (config.json + safetensors, single file or a
 sharded index) or a GGUF file. Both readers hand back tensors under Hugging
 Face names; this module maps them onto the slice's fused parameters.
+
+Weight formats (``swarm_proto.weight_format``): ``float`` dequantizes everything to
+the compute dtype; ``gguf`` keeps a GGUF file's quantized matrices quantized and
+``int8``/``int4`` quantize a float checkpoint's layer matrices (embedding and head
+stay in the compute dtype), both through ``engine.quant``, one matrix at a time.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ import logging
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
+from torch import nn
 
-from swarm_node.engine import gguf_loader, hf_loader
-from swarm_node.engine.model import ModelSlice, check_range, inv_freq
+from swarm_node.engine import gguf_loader, hf_loader, quant
+from swarm_node.engine.model import Linear, ModelSlice, check_range, inv_freq
 from swarm_node.errors import ModelFormatError
 from swarm_proto.model_args import ModelArgs, is_gguf, read_args
+from swarm_proto.weight_format import kept_quantized
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +38,21 @@ def load_slice(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    weights: str = "float",
 ) -> ModelSlice:
-    """Layers [start, end) of the model at `source`, with only their tensors read."""
+    """Layers [start, end) of the model at `source`, with only their tensors read,
+    held in weight format `weights` (see swarm_proto.weight_format.resolve)."""
     path = Path(source)
     args = read_args(path)
     check_range(args, start, end)
+    if weights != "float":
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"quantized weights ({weights}) run on the CPU only, not on {device}")
+        if (weights == "gguf") != is_gguf(path):
+            raise ValueError(f"weight format {weights} does not apply to {path.name}")
+        model = _build_quantized(path, args, start, end, dtype, weights)
+        log.info("loaded layers [%d, %d) of %s as %s (%.1f MB)", start, end, path.name, weights, model_bytes(model) / 1e6)
+        return model
     names = slice_tensor_names(args, start, end)
     reader: TensorReader = (
         (lambda n: gguf_loader.read_tensors(path, args, n)) if is_gguf(path) else (lambda n: hf_loader.read_tensors(path, n))
@@ -73,15 +91,150 @@ def build_slice(
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of distinct parameter storage (a tied head counts once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        ptr = p.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += p.untyped_storage().nbytes()
-    return total
+    """Bytes of distinct parameter and buffer storage (a tied head counts once; the
+    rotary table is a few hundred bytes)."""
+    return quant.module_bytes(model)
+
+
+_warned_types: set[str] = set()
+
+
+def _build_quantized(path: Path, args: ModelArgs, start: int, end: int, dtype: torch.dtype, fmt: str) -> ModelSlice:
+    """Layers [start, end) with quantized matrices, built one matrix at a time."""
+    gguf = fmt == "gguf"
+    floats: dict[str, torch.Tensor] = {}
+    if not gguf:
+        bits = {"int8": 8, "int4": 4}[fmt]
+        names = slice_tensor_names(args, start, end)
+        floats = hf_loader.read_tensors(path, names)
+        missing = [n for n in names if n not in floats]
+        if missing:
+            raise ModelFormatError(f"{path}: missing tensor {missing[0]}")
+
+    def dense(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        with torch.device("meta"):
+            m = Linear(w.shape[1], w.shape[0], bias=bias is not None)
+        m.weight = nn.Parameter(w.to(dtype).t().contiguous().t(), requires_grad=False)  # column-major
+        if bias is not None:
+            m.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        return m
+
+    def read(name: str) -> tuple[str, np.ndarray]:
+        got = gguf_loader.read_blocks(path, args, name)
+        if got is None:
+            raise ModelFormatError(f"{path}: missing tensor {name}")
+        return got
+
+    def dequantized(name: str) -> torch.Tensor:
+        return gguf_loader.read_tensors(path, args, [name])[name]
+
+    def make(names: list[str], bias_names: list[str] = []) -> nn.Module:
+        """One linear layer over the matrices `names` stacked along the output."""
+        bias = torch.cat([floats.pop(b) if not gguf else dequantized(b) for b in bias_names]) if bias_names else None
+        if not gguf:
+            w = torch.cat([floats.pop(n) for n in names])
+            if not kept_quantized(fmt, tuple(w.shape)):
+                _warn_once(f"{fmt} for shape {tuple(w.shape)}")
+                return dense(w, bias)
+            return quant.linear_from_float(w, bits, dtype, None if bias is None else bias.to(dtype))
+        parts = [read(n) for n in names]
+        k = int(parts[0][1].shape[1]) if parts[0][0] in ("F32", "F16") else _gguf_cols(path, names[0])
+        mods: list[nn.Module] = []
+        kept = [p for p in parts if kept_quantized(p[0], (p[1].shape[0], k))]
+        if len(kept) == len(parts):
+            mod = quant.linear_from_gguf(parts, k, dtype, None if bias is None else bias.to(dtype))
+            _check_finite(mod, names[0])
+            return mod
+        col = 0
+        for (kind, raw), name in zip(parts, names):
+            b = None if bias is None else bias[col : col + raw.shape[0]]
+            col += raw.shape[0]
+            if kept_quantized(kind, (raw.shape[0], k)):
+                mods.append(quant.linear_from_gguf([(kind, raw)], k, dtype, None if b is None else b.to(dtype)))
+            else:
+                if kind not in ("F32", "F16"):
+                    _warn_once(kind)
+                mods.append(dense(dequantized(name), b))
+        return mods[0] if len(mods) == 1 else quant.ConcatLinear(mods)
+
+    with torch.device("meta"):
+        model = ModelSlice(args, start, end)
+    state: dict[str, torch.Tensor] = {}
+
+    def norm(name: str) -> torch.Tensor:
+        return (floats.pop(name) if not gguf else dequantized(name)).to(dtype)
+
+    for i in range(start, end):
+        p, block = f"model.layers.{i}.", model.layers[i - start]
+        attn_bias = [p + f"self_attn.{x}_proj.bias" for x in "qkv"] if args.attention_bias else []
+        block.attention.wqkv = make([p + f"self_attn.{x}_proj.weight" for x in "qkv"], attn_bias)
+        block.attention.wo = make([p + "self_attn.o_proj.weight"])
+        block.feed_forward.w13 = make([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        block.feed_forward.w2 = make([p + "mlp.down_proj.weight"])
+        state[f"layers.{i - start}.attention_norm.weight"] = norm(p + "input_layernorm.weight")
+        state[f"layers.{i - start}.ffn_norm.weight"] = norm(p + "post_attention_layernorm.weight")
+    head_name = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+    if end == args.num_layers:
+        state["norm.weight"] = norm("model.norm.weight")
+        if gguf:
+            model.lm_head = make([head_name])
+        else:
+            model.lm_head = dense(floats.pop(head_name) if not (start == 0 and args.tie_word_embeddings)
+                                  else floats["model.embed_tokens.weight"], None)
+    if start == 0:
+        model.embed_tokens = _embedding(model, args, gguf, end == args.num_layers, make, dequantized, floats, dtype)
+    model.load_state_dict(state, assign=True, strict=False)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n != "rotary.inv_freq"]
+    if left:
+        raise ModelFormatError(f"{path}: no weights for {left[0]}")
+    model.rotary.inv_freq = inv_freq(args)
+    model.eval()
+    return model
+
+
+def _embedding(model: ModelSlice, args: ModelArgs, gguf: bool, tail: bool, make: Callable[[list[str]], nn.Module],
+               dequantized: Callable[[str], torch.Tensor], floats: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """The token embedding: the tied LM head's own quantized rows when this slice holds
+    the head, else the table's quantized form, else floats."""
+    name = "model.embed_tokens.weight"
+    table: nn.Module | None = None
+    if gguf and args.tie_word_embeddings and tail:
+        table = model.lm_head
+    elif gguf:
+        table = make([name])
+    if isinstance(table, quant.GroupedInt8Linear) or (
+        isinstance(table, quant.QuantLinear) and quant.packed_layout_known()
+    ):
+        return quant.QuantEmbedding(table)
+    if not gguf and args.tie_word_embeddings and tail:
+        head = model.lm_head
+        assert isinstance(head, Linear)
+        emb = nn.Embedding(args.vocab_size, args.hidden_size, device="meta")
+        emb.weight = head.weight  # one storage for both
+        return emb
+    w = floats.pop(name) if not gguf else dequantized(name)
+    emb = nn.Embedding(args.vocab_size, args.hidden_size, device="meta")
+    emb.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    return emb
+
+
+def _gguf_cols(path: Path, name: str) -> int:
+    from swarm_proto.gguf_index import index
+
+    t = index(path).tensors[gguf_loader.gguf_name(name)]
+    return int(t.shape[0])
+
+
+def _check_finite(mod: nn.Module, name: str) -> None:
+    for t in mod.buffers():
+        if t.is_floating_point() and not torch.isfinite(t.float().sum()):
+            raise ModelFormatError(f"tensor for {name} holds NaN or infinite scales")
+
+
+def _warn_once(kind: str) -> None:
+    if kind not in _warned_types:
+        _warned_types.add(kind)
+        log.warning("weights of type %s are not kept quantized: dequantized to the compute dtype", kind)
 
 
 def slice_tensor_names(args: ModelArgs, start: int, end: int) -> list[str]:

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swarm_proto.weight_format import GROUP, KEPT_GGUF_TYPES, PACK_ROWS, QK_K, kept_quantized, matrix_bytes
+
 log = logging.getLogger(__name__)
 
-GROUP = 32  # columns per scale/offset pair in the int4 kernel's layout
-_ROWS_PER_BAND = 256  # rows converted at a time at load (a multiple of 64)
-_PACK_BLOCK_N = 64  # rows interleaved per block of the CPU kernel's packed layout
-QK_K = 256
+_ROWS_PER_BAND = 256  # rows converted at a time at load (a multiple of PACK_ROWS)
+__all__ = ["KEPT_GGUF_TYPES", "kept_quantized", "linear_from_gguf", "linear_from_float", "held_bytes", "module_bytes"]
 
 
 @dataclass(frozen=True)
@@ -156,31 +156,46 @@ def quantize_band(w: torch.Tensor, bits: int) -> Affine4:
 # --- the packed layout ------------------------------------------------------------------
 
 
-def _pack(codes: np.ndarray) -> torch.Tensor:
+def _pack_aten(codes: np.ndarray) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes.astype(np.int32)), 1)
+
+
+def _pack_numpy(codes: np.ndarray) -> np.ndarray:
+    """The CPU kernel's packed layout (see `_unpack_rows`), written directly: the aten
+    conversion wants int32 codes and is many times slower."""
+    n, kp = codes.shape
+    c = codes.astype(np.uint8).reshape(n // PACK_ROWS, 2, 32, kp)
+    b = c[:, 0] | (c[:, 1] << 4)  # [N/64, 32, K']
+    return np.ascontiguousarray(b.transpose(0, 2, 1)).reshape(n, kp // 2)
+
+
+def _pack(codes: np.ndarray) -> np.ndarray:
+    return _pack_numpy(codes) if packed_layout_known() else _pack_aten(codes).numpy()
 
 
 def _unpack_rows(packed: torch.Tensor, ids: torch.Tensor, kp: int) -> torch.Tensor:
     """Codes [len(ids), K'] of rows ``ids`` from the CPU kernel's packed layout: blocks of
     64 rows, each [K', 32] bytes whose low nibble is row j and high nibble row j + 32."""
     flat = packed.reshape(-1, kp, 32)  # [N/64, K', 32]
-    block, j = ids // _PACK_BLOCK_N, ids % _PACK_BLOCK_N
+    block, j = ids // PACK_ROWS, ids % PACK_ROWS
     b = flat[block, :, j % 32]  # [R, K']
     return torch.where((j < 32)[:, None], b & 15, b >> 4)
 
 
 @lru_cache(maxsize=1)
 def packed_layout_known() -> bool:
-    """Whether `_unpack_rows` reads this PyTorch build's packed layout (checked once)."""
+    """Whether `_pack_numpy` and `_unpack_rows` write and read this PyTorch build's packed
+    layout (checked once against aten's own conversion)."""
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.uint8)
     try:
-        packed = _pack(codes.numpy())
+        packed = _pack_aten(codes.numpy())
     except RuntimeError:
         return False
-    if packed.numel() * 2 != codes.numel():
+    if packed.shape != (128, 32) or packed.dtype != torch.uint8:
         return False
-    return bool(torch.equal(_unpack_rows(packed, torch.arange(128), 64), codes))
+    ours = torch.from_numpy(_pack_numpy(codes.numpy()))
+    return bool(torch.equal(packed, ours) and torch.equal(_unpack_rows(packed, torch.arange(128), 64), codes))
 
 
 class QuantLinear(nn.Module):
@@ -201,7 +216,7 @@ class QuantLinear(nn.Module):
     @staticmethod
     def from_bands(bands: Sequence[Affine4], in_features: int, dtype: torch.dtype,
                    bias: torch.Tensor | None = None) -> QuantLinear:
-        packed = torch.cat([_pack(b.codes) for b in bands])
+        packed = torch.from_numpy(np.concatenate([_pack(b.codes) for b in bands]))
         scale = np.concatenate([b.scale for b in bands])  # [N, G]
         zero = np.concatenate([b.zero for b in bands])
         sz = torch.from_numpy(np.stack([scale, zero], axis=-1)).transpose(0, 1).contiguous().to(dtype)  # [G, N, 2]
@@ -279,17 +294,6 @@ class QuantEmbedding(nn.Module):
 
 # --- building from GGUF blocks ----------------------------------------------------------
 
-KEPT_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
-
-
-def supported(kind: str, shape: tuple[int, int]) -> bool:
-    """Whether a [N, K] tensor of GGUF type ``kind`` stays quantized (else: dequantized)."""
-    n, k = shape
-    if kind == "Q6_K":
-        return k % QK_K == 0
-    return kind in KEPT_TYPES and k % (QK_K if kind.endswith("_K") else GROUP) == 0 and n % _PACK_BLOCK_N == 0
-
-
 def linear_from_gguf(parts: Sequence[tuple[str, np.ndarray]], k: int, dtype: torch.dtype,
                      bias: torch.Tensor | None = None) -> nn.Module:
     """A linear layer over GGUF row blocks ``parts`` [(type name, raw [n_i, bytes])],
@@ -328,27 +332,9 @@ def linear_from_float(w: torch.Tensor, bits: int, dtype: torch.dtype, bias: torc
     return QuantLinear.from_bands(bands, k, dtype, bias)
 
 
-def can_quantize(shape: tuple[int, int]) -> bool:
-    n, k = shape
-    return k % GROUP == 0 and n % _PACK_BLOCK_N == 0
-
-
 def held_bytes(kind: str, shape: tuple[int, int], dtype: torch.dtype) -> int:
-    """Bytes a [N, K] matrix of GGUF type (or "int4"/"int8") ``kind`` holds once loaded
-    (dequantized to ``dtype`` when it does not stay quantized)."""
-    n, k = shape
-    e = torch.empty((), dtype=dtype).element_size()
-    if kind in ("int4", "int8"):
-        kept = can_quantize(shape)
-    else:
-        kept = supported(kind, shape)
-    if kept and kind in ("Q4_0", "Q4_1", "Q4_K", "int4"):
-        return n * k // 2 + (k // GROUP) * n * 2 * e
-    if kept and kind in ("Q8_0", "Q5_K", "int8"):
-        return n * k + (2 * k // GROUP) * n * 2 * e
-    if kept and kind == "Q6_K":
-        return n * k + n * (k // 16) * e
-    return n * k * e
+    """Bytes a [N, K] matrix of ``kind`` holds once loaded (see swarm_proto.weight_format)."""
+    return matrix_bytes(kind, shape, str(dtype).removeprefix("torch."))
 
 
 def module_bytes(module: nn.Module) -> int:
