@@ -81,7 +81,8 @@ class NodeView:
 
     def capacity(self, bytes_per_layer: int) -> int:
         """How many layers fit in its memory budget."""
-        return self.status.memory_budget // bytes_per_layer if bytes_per_layer > 0 else 0
+        per_layer = self.status.layer_bytes or bytes_per_layer  # the node's own format, else the swarm default
+        return self.status.memory_budget // per_layer if per_layer > 0 else 0
 
 
 @dataclass(frozen=True)

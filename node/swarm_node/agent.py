@@ -32,12 +32,13 @@ import grpc
 import torch
 
 from swarm_node.config import NodeConfig
-from swarm_node.engine.speed import Speed, default_memory_budget, measure
+from swarm_node.engine.speed import Speed, default_memory_budget, measure, quantized_bits
 from swarm_node.errors import SwarmNodeError
 from swarm_node.server import NodeServer
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.errors import SwarmProtoError
-from swarm_proto.model_args import ModelArgs, layer_bytes, model_id, read_args
+from swarm_proto.model_args import ModelArgs, model_id, read_args
+from swarm_proto.weight_format import describe, format_layer_bytes
 from swarm_proto.presence import (
     Assign,
     Event,
@@ -99,18 +100,18 @@ async def fetch_swarm_info(coordinator: str, *, timeout: float = 60.0, metadata:
     return SwarmInfo(info.swarm_id, _broker(info.mqtt_url, host), info.model, info.num_layers)
 
 
-def _measure_alone(args: ModelArgs, device: str, dtype: torch.dtype) -> Speed:
+def _measure_alone(args: ModelArgs, device: str, dtype: torch.dtype, weights: str = "float", bits: int = 4) -> Speed:
     """Measure while holding a machine-wide lock: nodes started together on one machine
     (``swarm up``, a benchmark) take turns instead of timing each other's load."""
     lock_path = Path(tempfile.gettempdir()) / "llama-swarm-speed.lock"
     try:
         import fcntl
     except ImportError:  # not POSIX: measure without the lock
-        return measure(args, device=device, dtype=dtype)
+        return measure(args, device=device, dtype=dtype, weights=weights, bits=bits)
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return measure(args, device=device, dtype=dtype)
+            return measure(args, device=device, dtype=dtype, weights=weights, bits=bits)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -162,15 +163,18 @@ class NodeAgent:
             torch.set_num_threads(cfg.threads)
         args = read_args(cfg.model)
         device = cfg.resolve_device()
+        weights = cfg.weight_format
         if self.speed_override > 0:
             self.speed = Speed(self.speed_override, self.speed_override * 10)
         else:
-            self.speed = await asyncio.to_thread(_measure_alone, args, device, cfg.torch_dtype)
+            bits = quantized_bits(weights, cfg.model)
+            self.speed = await asyncio.to_thread(_measure_alone, args, device, cfg.torch_dtype, weights, bits)
         budget = self.memory_budget or default_memory_budget(device)
-        per_layer = layer_bytes(args, cfg.dtype)
+        per_layer = format_layer_bytes(args, cfg.resolved_dtype, weights, cfg.model)
+        weight_format = describe(weights, cfg.resolved_dtype, cfg.model)
         log.info(
-            "memory budget %.1f MB: room for %d of %d layers (%.1f MB each)",
-            budget / 1e6, budget // per_layer, args.num_layers, per_layer / 1e6,
+            "memory budget %.1f MB: room for %d of %d layers (%.1f MB each, weights %s)",
+            budget / 1e6, budget // per_layer, args.num_layers, per_layer / 1e6, weight_format,
         )
         self.info = info = await fetch_swarm_info(self.coordinator, metadata=call_metadata(cfg.token))
         mine = model_id(cfg.model)
@@ -188,6 +192,8 @@ class NodeAgent:
             prefill_speed=self.speed.prefill,
             state=NodeState.STARTING,
             pinned=self.pinned,
+            layer_bytes=per_layer,
+            weight_format=weight_format,
         )
         if self.pinned:
             self.server = NodeServer(cfg)

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from swarm_node.config import DEVICES, NodeConfig, parse_layers
+from swarm_node.config import DEVICES, DTYPE_CHOICES, NodeConfig, parse_layers
 from swarm_proto.flags import flag_adder
-from swarm_proto.model_args import DTYPE_BYTES
+from swarm_proto.weight_format import QUANTIZE_CHOICES
 
 log = logging.getLogger("swarm_node")
 
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", str, defaults["host"].default, "address to bind")
     add("--port", int, defaults["port"].default, "port to bind; 0 picks a free one")
     add("--device", str, defaults["device"].default, f"one of {', '.join(DEVICES)} (or cuda:N)")
-    add("--dtype", str, defaults["dtype"].default, "compute dtype", choices=list(DTYPE_BYTES))
+    add("--dtype", str, defaults["dtype"].default, "compute dtype (auto: bfloat16 on CPU and CUDA; float32 is the exact dequantized path)", choices=list(DTYPE_CHOICES))
+    add("--quantize", str, defaults["quantize"].default, "weights: auto keeps a GGUF file quantized (unless float32), none dequantizes, int8/int4 quantize a float checkpoint group-wise", choices=list(QUANTIZE_CHOICES))
     add("--threads", int, defaults["threads"].default, "torch CPU threads (0: torch's default)")
     add("--max-sessions", int, defaults["max_sessions"].default, "sessions held at once")
     add("--max-length", int, defaults["max_length"].default, "longest session in positions")
@@ -64,7 +65,7 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
 
         start, end = 0, read_args(ns.model).num_layers
     extra = {"node_id": ns.node_id} if ns.node_id else {}
-    return NodeConfig(
+    config = NodeConfig(
         model=ns.model,
         start=start,
         end=end,
@@ -72,6 +73,7 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
         port=ns.port,
         device=ns.device,
         dtype=ns.dtype,
+        quantize=ns.quantize,
         threads=ns.threads,
         max_sessions=ns.max_sessions,
         max_length=ns.max_length,
@@ -83,6 +85,8 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
         metrics_port=ns.metrics_port,
         **extra,
     )
+    config.weight_format  # refuses --quantize int4 on a GGUF file, say, before anything starts
+    return config
 
 
 async def _run(config: NodeConfig, ns: argparse.Namespace) -> None:

@@ -9,8 +9,17 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm_proto.model_args import DTYPE_BYTES
+from swarm_proto.weight_format import QUANTIZE_CHOICES, resolve
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_CHOICES = ("auto", *DTYPE_BYTES)
+
+
+def default_dtype(device: str) -> str:
+    """The fastest correct compute dtype on ``device``: bfloat16 on the CPU (its weight-only
+    int4 kernels take bfloat16, and its bfloat16 matmuls outrun float32, docs/engine.md)
+    and on CUDA; float32 on MPS."""
+    return "float32" if device.split(":")[0] == "mps" else "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -23,7 +32,8 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port (printed at startup)
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: default_dtype(device); float32 is the exact, dequantized path
+    quantize: str = "auto"  # weight format, see swarm_proto.weight_format.resolve
     threads: int = 0  # 0: leave torch's default
     max_sessions: int = 16
     max_length: int = 2048
@@ -39,8 +49,10 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
             raise ValueError(f"layer range {self.start}:{self.end} is empty or negative")
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
         if self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (cuda:N allowed), got {self.device!r}")
         for name in ("max_sessions", "max_length", "max_batch_tokens"):
@@ -57,9 +69,20 @@ class NodeConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
+    def resolved_dtype(self) -> str:
+        """The compute dtype's name, ``auto`` resolved for this node's device."""
+        return default_dtype(self.resolve_device()) if self.dtype == "auto" else self.dtype
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        dtype: torch.dtype = getattr(torch, self.dtype)
+        dtype: torch.dtype = getattr(torch, self.resolved_dtype)
         return dtype
+
+    @property
+    def weight_format(self) -> str:
+        """How this node holds its weights: float, gguf, int8 or int4 (ValueError when
+        ``quantize`` does not apply to the model or device)."""
+        return resolve(self.quantize, self.model, self.resolved_dtype, self.resolve_device())
 
     @property
     def address(self) -> str:

@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from swarm_node.config import NodeConfig
-from swarm_node.engine.loading import load_slice
+from swarm_node.engine.loading import load_slice, model_bytes
 from swarm_node.engine.model import ModelSlice
 from swarm_node.rpc import NodeService
 from swarm_node.scheduler import Scheduler
@@ -45,8 +45,13 @@ class NodeServer:
         if model is None:
             device = cfg.resolve_device()
             t0 = time.monotonic()
-            model = await asyncio.to_thread(load_slice, cfg.model, cfg.start, cfg.end, dtype=cfg.torch_dtype, device=device)
-            log.info("layers [%d, %d) on %s in %s, loaded in %.1f s", cfg.start, cfg.end, device, cfg.dtype, time.monotonic() - t0)
+            model = await asyncio.to_thread(
+                load_slice, cfg.model, cfg.start, cfg.end, dtype=cfg.torch_dtype, device=device, weights=cfg.weight_format
+            )
+            log.info(
+                "layers [%d, %d) on %s in %s, weights %s (%.1f MB held), loaded in %.1f s", cfg.start, cfg.end, device,
+                cfg.resolved_dtype, cfg.weight_format, model_bytes(model) / 1e6, time.monotonic() - t0,
+            )
         self.scheduler = Scheduler(model, max_batch_tokens=cfg.max_batch_tokens)
         self.scheduler.start()
         # A step carries at most max_length positions of hidden states (float32 at most).

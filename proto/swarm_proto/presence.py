@@ -158,7 +158,9 @@ class NodeStatus:
     seconds per token. ``memory_budget`` is the bytes it may spend on weights.
     ``prefill_speed`` is positions per second through one layer for a prompt chunk.
     A ``pinned`` node was told its layers by its operator (``--layers``) and ignores
-    assignments; the coordinator plans around it.
+    assignments; the coordinator plans around it. ``layer_bytes`` is what one layer
+    costs this node in its weight format (``weight_format``: ``bfloat16``, ``int4``,
+    ``Q4_1+Q8_0``...); 0 (an older node) lets the coordinator assume the swarm default.
     """
 
     node_id: str
@@ -171,9 +173,13 @@ class NodeStatus:
     state: NodeState = NodeState.STARTING
     prefill_speed: float = 0.0
     pinned: bool = False
+    layer_bytes: int = 0
+    weight_format: str = ""
 
     def __post_init__(self) -> None:
         check_id("node id", self.node_id)
+        if self.layer_bytes < 0 or len(self.weight_format) > 64:
+            raise PayloadError(f"node {self.node_id}: negative layer bytes or an overlong weight format")
         if not math.isfinite(self.prefill_speed) or self.prefill_speed < 0:
             raise PayloadError(f"node {self.node_id}: bad prefill speed")
         if self.memory_budget < 0 or not math.isfinite(self.speed) or self.speed < 0:
@@ -259,6 +265,8 @@ def encode(payload: Payload) -> bytes:
                 "state": payload.state.value,
                 "prefill_speed": float(payload.prefill_speed),
                 "pinned": payload.pinned,
+                "layer_bytes": payload.layer_bytes,
+                "weight_format": payload.weight_format,
             }
         )
     if isinstance(payload, NodeLoad):
@@ -364,6 +372,8 @@ def decode_status(node_id: str, data: bytes) -> NodeStatus:
         state=f.enum("state", NodeState),
         prefill_speed=f.number("prefill_speed", 0.0),
         pinned=f.flag("pinned"),
+        layer_bytes=f.get("layer_bytes", int, 0),
+        weight_format=f.get("weight_format", str, ""),
     )
 
 

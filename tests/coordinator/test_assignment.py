@@ -321,3 +321,22 @@ def test_current_range_over_budget_is_dropped() -> None:
     s = s.with_node(NodeView(NodeStatus("a", "x", "m", shrunk.hosted, "cpu", 5 * BPL, 10, NodeState.READY)))
     after = plan(s)
     check_valid(s, after)
+
+
+def test_nodes_holding_quantized_weights_get_layers_in_proportion_to_what_they_hold() -> None:
+    # Equal budgets and speeds: the int4 node (a quarter of the float16 bytes per layer)
+    # fits four times the layers; a node that reports no per-layer bytes gets the swarm's.
+    def sized(node_id: str, budget: int, layer_bytes: int, fmt: str) -> NodeView:
+        return NodeView(NodeStatus(node_id, f"10.0.0.9:{len(node_id)}", "m", None, "cpu", budget, 10.0,
+                                   NodeState.READY, layer_bytes=layer_bytes, weight_format=fmt))
+
+    s = swarm(sized("f16", 6 * BPL, BPL, "float16"), sized("q4", 6 * BPL, BPL // 4, "int4"))
+    a = propose(s)
+    check_valid(s, a)
+    assert sizes(a) == {"f16": 6, "q4": 24}
+    assert [v.capacity(s.bytes_per_layer) for v in s.nodes.values()] == [6, 24]
+
+    s = swarm(sized("old", 20 * BPL, 0, ""), sized("q8", 5 * BPL, BPL // 2, "Q8_0"))
+    a = propose(s)
+    check_valid(s, a)
+    assert sizes(a) == {"old": 20, "q8": 10}

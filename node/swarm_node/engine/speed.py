@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from swarm_node.engine.model import ModelSlice, SeqChunk, inv_freq
+from swarm_node.engine import quant
 from swarm_proto.model_args import ModelArgs, layer_bytes
+from swarm_proto.weight_format import gguf_types, kept_quantized
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,12 @@ def measure(
     context: int = 64,
     prefill_chunk: int = 128,
     budget_s: float = 2.0,
+    weights: str = "float",
+    bits: int = 4,
 ) -> Speed:
-    """Time decoder blocks of ``args``' shape on ``device`` (random weights)."""
+    """Time decoder blocks of ``args``' shape on ``device`` (random weights), held in
+    weight format ``weights``; quantized formats run ``bits``-bit matrices (a GGUF
+    file's dominant type decides: see `quantized_bits`)."""
     device = torch.device(device)
     n = 1 if layer_bytes(args, "float32") // 4 * dtype.itemsize > (256 << 20) else 2
     mid = min(1, args.num_layers - n)  # not the head nor (if possible) the tail: blocks only
@@ -105,6 +111,13 @@ def measure(
     model.rotary.inv_freq = inv_freq(args).to(device)
     for p in model.parameters():
         p.normal_(0.0, 0.02)
+    if weights != "float":
+        for block in model.layers:
+            for owner, name in ((block.attention, "wqkv"), (block.attention, "wo"), (block.feed_forward, "w13"),
+                                (block.feed_forward, "w2")):
+                w = getattr(owner, name).weight
+                if kept_quantized(f"int{bits}", tuple(w.shape)):
+                    setattr(owner, name, quant.linear_from_float(w.float().cpu(), bits, dtype))
     g = torch.Generator(device="cpu").manual_seed(0)
     cache = model.new_cache(context + prefill_chunk + 64)
     # The fastest quarter of many short runs: what the node does when it has the
@@ -121,11 +134,20 @@ def measure(
     decode = n / _fast_quartile(decode_times)
     speed = Speed(decode=decode, prefill=prefill)
     log.info(
-        "measured on %s (%s, %d threads): decode %.2f ms per layer per token, prefill %.3f ms per layer per token",
-        device, str(dtype).removeprefix("torch."), torch.get_num_threads(),
+        "measured on %s (%s, %s weights, %d threads): decode %.2f ms per layer per token, prefill %.3f ms per layer per token",
+        device, str(dtype).removeprefix("torch."), weights, torch.get_num_threads(),
         speed.decode_ms_per_layer, speed.prefill_ms_per_layer_token,
     )
     return speed
+
+
+def quantized_bits(weights: str, source: str | None) -> int:
+    """The width of the kernel a format mostly runs: 4 for int4 and GGUF Q4_0/Q4_1/Q4_K,
+    8 otherwise (int8, Q8_0, Q5_K: two 4-bit halves; Q6_K: int8 dequantized per call)."""
+    if weights == "gguf" and source is not None:
+        kinds = gguf_types(source)
+        return 4 if kinds and kinds[0] in ("Q4_0", "Q4_1", "Q4_K") else 8
+    return 8 if weights == "int8" else 4
 
 
 def _available_host_memory() -> int:
