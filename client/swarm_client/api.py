@@ -273,11 +273,13 @@ class SwarmClient(_Base):
         dtype: str = "float32",
         device: str = "cpu",
         defaults: SamplingOptions | None = None,
+        quantize: str = "auto",
     ) -> SwarmClient:
-        """A client running ``model`` (path, known name, or None for the default) in-process."""
+        """A client running ``model`` (path, known name, or None for the default) in-process
+        (``dtype``/``quantize`` as for `LocalBackend.load`)."""
         from swarm_client.local import LocalBackend
 
-        backend = LocalBackend.load(model, dtype=dtype, device=device)
+        backend = LocalBackend.load(model, dtype=dtype, device=device, quantize=quantize)
         return cls(backend, load_tokenizer(backend.source), defaults=defaults)
 
     @classmethod

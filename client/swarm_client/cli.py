@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: random, shown with --stats)")
     gen.add_argument("--stop", action="append", default=None, metavar="STR", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
-    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                     help="--local compute dtype (auto: as swarm-node, bfloat16 on CPU; float32: exact, dequantized)")
+    gen.add_argument("--quantize", default="auto", choices=("auto", "none", "int8", "int4"),
+                     help="--local weights, as swarm-node --quantize")
     gen.add_argument("--device", default="cpu", help="torch device for --local (cpu, cuda, mps)")
     gen.add_argument("--stats", action="store_true", help="print timing and the finish reason to stderr")
     gen.add_argument("--token", default=None, help="swarm token for --route/--coordinator (default: $SWARM_TOKEN; the env var keeps it out of ps)")
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--swarm-id", default="local", help="swarm name (default: local)")
     up.add_argument("--threads", type=int, default=0, help="torch threads per node (default: cores / nodes)")
     up.add_argument("--memory-budget", default="", help="weights each node may hold, e.g. 1G (default: 80%% of free memory)")
-    up.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    up.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     up.add_argument("--replicas", type=int, default=1, help="copies of each layer wanted")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait until the model is covered")
     up.add_argument("--log-dir", default="", help="where the daemons' logs go (default: a temporary folder)")
@@ -156,7 +159,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     ]
     if not args.local:
         return asyncio.run(_generate_over_swarm(args, prompt, messages, options))
-    client = SwarmClient.local(args.model, dtype=args.dtype, device=args.device)
+    try:
+        client = SwarmClient.local(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    except ValueError as exc:  # --quantize that does not apply to the model or device
+        print(f"swarm: {exc}", file=sys.stderr)
+        return 2
     with client:
         events = client.stream_chat(messages, options) if args.chat else client.stream(prompt, options)
         for event in events:

@@ -43,8 +43,13 @@ class LocalBackend:
         *,
         dtype: str | torch.dtype = "float32",
         device: str = "cpu",
+        quantize: str = "auto",
     ) -> LocalBackend:
-        """Load every layer of ``model`` (a path, a known name, or None for the default)."""
+        """Load every layer of ``model`` (a path, a known name, or None for the default).
+
+        ``dtype`` "auto" is the node's default (bfloat16 on CPU and CUDA); ``quantize``
+        is ``swarm-node --quantize`` (auto keeps a GGUF file quantized unless float32),
+        so ``--local`` runs exactly what a swarm of such nodes runs."""
         import torch
 
         from swarm_node.engine.loading import load_slice
@@ -52,15 +57,19 @@ class LocalBackend:
         from swarm_proto.errors import SwarmProtoError
         from swarm_proto.model_args import DTYPE_BYTES, read_args
         from swarm_proto.store import resolve_model
+        from swarm_proto.weight_format import resolve
 
+        if dtype == "auto":
+            dtype = "float32" if device.split(":")[0] == "mps" else "bfloat16"
         torch_dtype = getattr(torch, dtype) if dtype in DTYPE_BYTES else dtype
         if not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPE_BYTES)})")
+            raise ValueError(f"unknown dtype {dtype!r} (one of auto, {', '.join(DTYPE_BYTES)})")
         try:
             path = resolve_model(None if model is None else os.fspath(model))
             args = read_args(path)
-            logger.info("loading %s (%d layers) as %s on %s", path, args.num_layers, torch_dtype, device)
-            model_slice = load_slice(path, 0, args.num_layers, dtype=torch_dtype, device=device)
+            weights = resolve(quantize, path, str(torch_dtype).removeprefix("torch."), device)
+            logger.info("loading %s (%d layers) as %s (%s weights) on %s", path, args.num_layers, torch_dtype, weights, device)
+            model_slice = load_slice(path, 0, args.num_layers, dtype=torch_dtype, device=device, weights=weights)
         except (SwarmNodeError, SwarmProtoError, OSError) as exc:
             raise ModelUnavailableError(str(exc)) from exc
         return cls(model_slice, source=str(path))

@@ -45,7 +45,7 @@ class UpConfig:
     swarm_id: str = "local"
     threads: int = 0  # torch threads per node; 0 = cores / nodes
     memory_budget: str = ""  # per node, e.g. 1G; "" = each node's default
-    dtype: str = "float32"
+    dtype: str = "auto"  # the nodes' (auto: their default); nodes report their own bytes per layer
     replicas: int = 1
     timeout: float = 300.0  # seconds to wait for the model to be covered
     log_dir: str = ""
@@ -134,7 +134,7 @@ class LocalSwarm:
             "coordinator",
             [py, "-m", "swarm_coordinator.cli", *model, "--host", cfg.host, "--port", str(cfg.port),
              "--http-port", str(cfg.http_port), "--mqtt-port", str(cfg.mqtt_port), "--swarm-id", cfg.swarm_id,
-             "--replicas", str(cfg.replicas), "--dtype", cfg.dtype],
+             "--replicas", str(cfg.replicas), "--dtype", "bfloat16" if cfg.dtype == "auto" else cfg.dtype],
             self.log_dir / "coordinator.log",
         )
         line = self.coordinator.wait_line(60)

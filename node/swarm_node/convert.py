@@ -242,6 +242,8 @@ def node_info_to_proto(
     queued: int,
     opened: int,
     refused: int,
+    weight_format: str = "",
+    weight_bytes: int = 0,
 ) -> swarm_pb2.NodeInfo:
     return swarm_pb2.NodeInfo(
         node_id=config.node_id,
@@ -250,7 +252,7 @@ def node_info_to_proto(
         end=config.end,
         num_layers=args.num_layers,
         device=config.resolve_device(),
-        dtype=config.dtype,
+        dtype=config.resolved_dtype,
         max_sessions=config.max_sessions,
         active_sessions=active_sessions,
         max_length=config.max_length,
@@ -258,6 +260,8 @@ def node_info_to_proto(
         hidden_size=args.hidden_size,
         vocab_size=args.vocab_size,
         address=address,
+        weight_format=weight_format,
+        weight_bytes=weight_bytes,
         stats=swarm_pb2.NodeStats(
             steps=stats.steps,
             tokens=stats.tokens,

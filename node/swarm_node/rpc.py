@@ -28,11 +28,13 @@ from swarm_node import convert, resume
 from swarm_node.config import NodeConfig
 from swarm_node.convert import ProtocolError
 from swarm_node.engine import reslice
+from swarm_node.engine.loading import model_bytes
 from swarm_node.engine.model import ModelSlice
 from swarm_node.scheduler import Scheduler
 from swarm_node.session import Failed, NodeSession
 from swarm_proto import swarm_pb2, swarm_pb2_grpc, wire
 from swarm_proto.transport import ChannelPool, call_metadata
+from swarm_proto.weight_format import describe
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             queued=self.scheduler.queued,
             opened=self.opened,
             refused=self.refused,
+            weight_format=describe(self.config.weight_format, self.config.resolved_dtype, self.config.model),
+            weight_bytes=model_bytes(self.model),
         )
 
     # --- Session --------------------------------------------------------------------

@@ -109,7 +109,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model", "start", "end", "num_layers", "device", "dtype", "max_sessions", "active_sessions", "max_length", "version", "hidden_size", "vocab_size", "address", "stats")
+    __slots__ = ("node_id", "model", "start", "end", "num_layers", "device", "dtype", "max_sessions", "active_sessions", "max_length", "version", "hidden_size", "vocab_size", "address", "stats", "weight_format", "weight_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,8 @@ class NodeInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model: str
     start: int
@@ -140,7 +142,9 @@ class NodeInfo(_message.Message):
     vocab_size: int
     address: str
     stats: NodeStats
-    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., address: _Optional[str] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ...) -> None: ...
+    weight_format: str
+    weight_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., address: _Optional[str] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., weight_format: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeStats(_message.Message):
     __slots__ = ("steps", "tokens", "batches", "batched_steps", "max_batch", "queued_steps", "sessions_opened", "sessions_refused")

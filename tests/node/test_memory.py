@@ -20,10 +20,11 @@ def rss():
 
 torch.set_num_threads(1)
 start, end = int(sys.argv[2]), int(sys.argv[3])
-warm = load_slice(sys.argv[1], start, start + 1)  # warm up the lazy imports and kernels
+dtype, weights = getattr(torch, sys.argv[4]), sys.argv[5]
+warm = load_slice(sys.argv[1], start, start + 1, dtype=dtype, weights=weights)  # warm up the lazy imports and kernels
 del warm
 before = rss()
-model = load_slice(sys.argv[1], start, end)
+model = load_slice(sys.argv[1], start, end, dtype=dtype, weights=weights)
 print(json.dumps({"rss": rss() - before, "params": model_bytes(model)}))
 """
 
@@ -43,8 +44,9 @@ def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def measure(path: Path, start: int, end: int) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(path), str(start), str(end)], check=True, capture_output=True, text=True)
+def measure(path: Path, start: int, end: int, dtype: str = "float32", weights: str = "float") -> dict[str, int]:
+    argv = [sys.executable, "-c", PROBE, str(path), str(start), str(end), dtype, weights]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -62,3 +64,15 @@ def test_gguf_slice_reads_only_its_layers(default_model: Path) -> None:
     # SmolLM2: 30 layers of ~3.5 M parameters plus a 28 M tied embedding.
     assert 0.2 < middle["params"] / whole["params"] < 0.3
     assert middle["rss"] < 0.45 * whole["rss"], (middle, whole)
+
+
+def test_quantized_gguf_node_holds_about_the_file_size(default_model: Path) -> None:
+    """All 30 layers of SmolLM2 Q4_1 kept quantized: the weights it reports stay within
+    1.15x the file's tensor bytes, and its resident memory grows by no more than that."""
+    from swarm_proto.gguf_index import index
+
+    file_bytes = sum(t.n_bytes for t in index(default_model).tensors.values())
+    whole = measure(default_model, 0, 30, "bfloat16", "gguf")
+    one = measure(default_model, 0, 1, "bfloat16", "gguf")
+    assert whole["params"] <= 1.15 * file_bytes, (whole, file_bytes)
+    assert whole["rss"] - one["rss"] <= 150e6, (whole, one)

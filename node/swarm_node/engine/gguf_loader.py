@@ -64,7 +64,16 @@ def read_blocks(path: Path, args: ModelArgs, name: str) -> tuple[str, np.ndarray
     if len(t.shape) != 2:
         raise ModelFormatError(f"{path}: tensor {t.name} has {len(t.shape)} dimensions, expected 2")
     kind = GGMLQuantizationType(t.tensor_type)
-    raw = index(path).data(t)
+    if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        raw = index(path).data(t)
+    else:
+        # Read, not mapped: the blocks are repacked and dropped at once, and pages of
+        # a mapped file would stay in the process's resident memory for its lifetime.
+        raw = np.empty(t.n_bytes, dtype=np.uint8)
+        with open(path, "rb") as f:
+            f.seek(t.offset)
+            if f.readinto(memoryview(raw)) != t.n_bytes:
+                raise ModelFormatError(f"{path}: tensor {t.name} runs past the end of the file (truncated?)")
     raw = raw.reshape(int(t.shape[1]), -1)
     permuted = ARCHS.get(args.arch, ("", False))[1]
     if permuted and ".self_attn.q_proj." in name:

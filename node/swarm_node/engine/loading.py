@@ -51,6 +51,7 @@ def load_slice(
         if (weights == "gguf") != is_gguf(path):
             raise ValueError(f"weight format {weights} does not apply to {path.name}")
         model = _build_quantized(path, args, start, end, dtype, weights)
+        _return_freed_memory()
         log.info("loaded layers [%d, %d) of %s as %s (%.1f MB)", start, end, path.name, weights, model_bytes(model) / 1e6)
         return model
     names = slice_tensor_names(args, start, end)
@@ -97,6 +98,17 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 _warned_types: set[str] = set()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc keeps them otherwise): a
+    quantized load frees as much in block buffers as it keeps."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _build_quantized(path: Path, args: ModelArgs, start: int, end: int, dtype: torch.dtype, fmt: str) -> ModelSlice:
