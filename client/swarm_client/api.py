@@ -270,7 +270,7 @@ class SwarmClient(_Base):
         cls,
         model: str | os.PathLike[str] | None = None,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         defaults: SamplingOptions | None = None,
         quantize: str = "auto",

@@ -41,7 +41,7 @@ class LocalBackend:
         cls,
         model: str | os.PathLike[str] | None = None,
         *,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         device: str = "cpu",
         quantize: str = "auto",
     ) -> LocalBackend:
@@ -57,19 +57,21 @@ class LocalBackend:
         from swarm_proto.errors import SwarmProtoError
         from swarm_proto.model_args import DTYPE_BYTES, read_args
         from swarm_proto.store import resolve_model
-        from swarm_proto.weight_format import resolve
+        from swarm_proto.weight_format import compute_dtypes, resolve
 
-        if dtype == "auto":
-            dtype = "float32" if device.split(":")[0] == "mps" else "bfloat16"
-        torch_dtype = getattr(torch, dtype) if dtype in DTYPE_BYTES else dtype
-        if not isinstance(torch_dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+        if name != "auto" and name not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {dtype!r} (one of auto, {', '.join(DTYPE_BYTES)})")
         try:
             path = resolve_model(None if model is None else os.fspath(model))
             args = read_args(path)
-            weights = resolve(quantize, path, str(torch_dtype).removeprefix("torch."), device)
-            logger.info("loading %s (%d layers) as %s (%s weights) on %s", path, args.num_layers, torch_dtype, weights, device)
-            model_slice = load_slice(path, 0, args.num_layers, dtype=torch_dtype, device=device, weights=weights)
+            weights = resolve(quantize, path, name, device)
+            act, kernel = compute_dtypes(name, weights, device)
+            logger.info("loading %s (%d layers) in %s (%s weights) on %s", path, args.num_layers, act, weights, device)
+            model_slice = load_slice(
+                path, 0, args.num_layers, dtype=getattr(torch, act), device=device, weights=weights,
+                kernel_dtype=getattr(torch, kernel),
+            )
         except (SwarmNodeError, SwarmProtoError, OSError) as exc:
             raise ModelUnavailableError(str(exc)) from exc
         return cls(model_slice, source=str(path))

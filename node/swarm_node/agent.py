@@ -100,18 +100,21 @@ async def fetch_swarm_info(coordinator: str, *, timeout: float = 60.0, metadata:
     return SwarmInfo(info.swarm_id, _broker(info.mqtt_url, host), info.model, info.num_layers)
 
 
-def _measure_alone(args: ModelArgs, device: str, dtype: torch.dtype, weights: str = "float", bits: int = 4) -> Speed:
+def _measure_alone(
+    args: ModelArgs, device: str, dtype: torch.dtype, weights: str = "float", bits: int = 4,
+    kernel_dtype: torch.dtype | None = None,
+) -> Speed:
     """Measure while holding a machine-wide lock: nodes started together on one machine
     (``swarm up``, a benchmark) take turns instead of timing each other's load."""
     lock_path = Path(tempfile.gettempdir()) / "llama-swarm-speed.lock"
     try:
         import fcntl
     except ImportError:  # not POSIX: measure without the lock
-        return measure(args, device=device, dtype=dtype, weights=weights, bits=bits)
+        return measure(args, device=device, dtype=dtype, weights=weights, bits=bits, kernel_dtype=kernel_dtype)
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return measure(args, device=device, dtype=dtype, weights=weights, bits=bits)
+            return measure(args, device=device, dtype=dtype, weights=weights, bits=bits, kernel_dtype=kernel_dtype)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -168,9 +171,11 @@ class NodeAgent:
             self.speed = Speed(self.speed_override, self.speed_override * 10)
         else:
             bits = quantized_bits(weights, cfg.model)
-            self.speed = await asyncio.to_thread(_measure_alone, args, device, cfg.torch_dtype, weights, bits)
+            self.speed = await asyncio.to_thread(
+                _measure_alone, args, device, cfg.torch_dtype, weights, bits, cfg.torch_kernel_dtype
+            )
         budget = self.memory_budget or default_memory_budget(device)
-        per_layer = format_layer_bytes(args, cfg.resolved_dtype, weights, cfg.model)
+        per_layer = format_layer_bytes(args, cfg.kernel_dtype, weights, cfg.model)
         weight_format = describe(weights, cfg.resolved_dtype, cfg.model)
         log.info(
             "memory budget %.1f MB: room for %d of %d layers (%.1f MB each, weights %s)",

@@ -9,17 +9,12 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm_proto.model_args import DTYPE_BYTES
-from swarm_proto.weight_format import QUANTIZE_CHOICES, resolve
+from swarm_proto.weight_format import QUANTIZE_CHOICES, compute_dtypes, resolve
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPE_CHOICES = ("auto", *DTYPE_BYTES)
 
 
-def default_dtype(device: str) -> str:
-    """The fastest correct compute dtype on ``device``: bfloat16 on the CPU (its weight-only
-    int4 kernels take bfloat16, and its bfloat16 matmuls outrun float32, docs/engine.md)
-    and on CUDA; float32 on MPS."""
-    return "float32" if device.split(":")[0] == "mps" else "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -32,7 +27,7 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port (printed at startup)
     device: str = "auto"
-    dtype: str = "auto"  # auto: default_dtype(device); float32 is the exact, dequantized path
+    dtype: str = "auto"  # see swarm_proto.weight_format.compute_dtypes; float32: the exact, dequantized path
     quantize: str = "auto"  # weight format, see swarm_proto.weight_format.resolve
     threads: int = 0  # 0: leave torch's default
     max_sessions: int = 16
@@ -70,8 +65,13 @@ class NodeConfig:
 
     @property
     def resolved_dtype(self) -> str:
-        """The compute dtype's name, ``auto`` resolved for this node's device."""
-        return default_dtype(self.resolve_device()) if self.dtype == "auto" else self.dtype
+        """The activations' dtype, ``auto`` resolved (swarm_proto.weight_format.compute_dtypes)."""
+        return compute_dtypes(self.dtype, self.weight_format, self.resolve_device())[0]
+
+    @property
+    def kernel_dtype(self) -> str:
+        """The dtype quantized matrices' kernels run in."""
+        return compute_dtypes(self.dtype, self.weight_format, self.resolve_device())[1]
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -79,10 +79,15 @@ class NodeConfig:
         return dtype
 
     @property
+    def torch_kernel_dtype(self) -> torch.dtype:
+        dtype: torch.dtype = getattr(torch, self.kernel_dtype)
+        return dtype
+
+    @property
     def weight_format(self) -> str:
         """How this node holds its weights: float, gguf, int8 or int4 (ValueError when
         ``quantize`` does not apply to the model or device)."""
-        return resolve(self.quantize, self.model, self.resolved_dtype, self.resolve_device())
+        return resolve(self.quantize, self.model, self.dtype, self.resolve_device())
 
     @property
     def address(self) -> str:

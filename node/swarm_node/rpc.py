@@ -452,7 +452,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         t0 = time.monotonic()
         new = await asyncio.to_thread(
             reslice.extend, old, self.config.model, start, end, dtype=old.dtype, device=old.device,
-            weights=self.config.weight_format,
+            weights=self.config.weight_format, kernel_dtype=self.config.torch_kernel_dtype,
         )
         kept_views = {k: v for k, v in self._views.items() if start <= k[0] and k[1] <= end}
         if start <= old.start and old.end <= end:

@@ -46,7 +46,8 @@ class NodeServer:
             device = cfg.resolve_device()
             t0 = time.monotonic()
             model = await asyncio.to_thread(
-                load_slice, cfg.model, cfg.start, cfg.end, dtype=cfg.torch_dtype, device=device, weights=cfg.weight_format
+                load_slice, cfg.model, cfg.start, cfg.end, dtype=cfg.torch_dtype, device=device, weights=cfg.weight_format,
+                kernel_dtype=cfg.torch_kernel_dtype,
             )
             log.info(
                 "layers [%d, %d) on %s in %s, weights %s (%.1f MB held), loaded in %.1f s", cfg.start, cfg.end, device,

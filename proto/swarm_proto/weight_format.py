@@ -51,6 +51,20 @@ def resolve(quantize: str, source: str | Path, dtype: str, device: str) -> str:
     return quantize
 
 
+def compute_dtypes(dtype: str, fmt: str, device: str) -> tuple[str, str]:
+    """(activation dtype, kernel dtype) for a configured ``dtype`` (``auto`` or a name)
+    and weight format. ``auto`` is the fastest correct choice measured (docs/engine.md):
+    quantized weights on the CPU run bfloat16 kernels around float32 activations (the
+    residual stream, norms, attention and KV cache stay float32); float weights run in
+    bfloat16 on the CPU and CUDA, float32 on MPS. An explicit dtype is used throughout."""
+    if dtype != "auto":
+        return dtype, dtype
+    kind = device.split(":")[0]
+    if fmt != "float":
+        return "float32", "bfloat16"
+    return ("float32", "float32") if kind == "mps" else ("bfloat16", "bfloat16")
+
+
 def kept_quantized(kind: str, shape: tuple[int, int]) -> bool:
     """Whether a [N, K] matrix of ``kind`` (a GGUF type name, or int8/int4) stays quantized."""
     n, k = shape

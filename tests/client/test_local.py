@@ -33,7 +33,7 @@ def tiny(tiny_models: dict[str, Path]) -> tuple[LocalBackend, Any]:
     from helpers import reference_model
 
     path = tiny_models["llama3"]
-    backend = LocalBackend.load(path)
+    backend = LocalBackend.load(path, dtype="float32")
     return backend, reference_model(path)
 
 
@@ -90,7 +90,7 @@ def test_missing_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def smol(default_model: Path) -> SwarmClient:
-    return SwarmClient.local(default_model)
+    return SwarmClient.local(default_model, dtype="float32")  # the exact path, as transformers computes
 
 
 def test_default_model_greedy_paris(smol: SwarmClient) -> None:

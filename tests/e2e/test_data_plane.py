@@ -84,7 +84,7 @@ def nodes(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     for name, layers in (("a", "0:30"), ("b", "10:30"), ("c", "20:30")):
         cmd = [sys.executable, str(COUNTING_NODE), str(logs / f"{name}.counts")]
         cmd += ["--model", str(default_model), "--layers", layers, "--port", "0", "--threads", "1"]
-        cmd += ["--metrics-port", "0", "--node-id", name]
+        cmd += ["--metrics-port", "0", "--node-id", name, "--dtype", "float32"]  # exact: compared with transformers
         procs[name] = Proc.start(cmd, logs / f"{name}.log")
     try:
         made = {
@@ -100,7 +100,7 @@ def nodes(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture(scope="module")
 def local(default_model: Path) -> Iterator[SwarmClient]:
     """The whole model in this process: what ``swarm generate --local`` runs."""
-    with SwarmClient.local(default_model) as client:
+    with SwarmClient.local(default_model, dtype="float32") as client:
         yield client
 
 
@@ -145,7 +145,7 @@ async def test_seeded_sampling_over_three_nodes_equals_local(nodes: Nodes, local
         want = list(local.generate(prompt, seed=seed, **options).token_ids)
         assert await remote_ids(nodes, 3, default_model, prompt, seed=seed, **options) == want
     # The command line: `swarm generate --route` prints what `--local` prints.
-    flags = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "5", "--max-tokens", "24"]
+    flags = ["--temperature", "0.8", "--top-p", "0.9", "--seed", "5", "--max-tokens", "24", "--dtype", "float32"]
     routed = subprocess.run(
         script("swarm") + ["generate", "--route", nodes.route_text(3), "--model", str(default_model), PROMPTS[2], *flags],
         capture_output=True,

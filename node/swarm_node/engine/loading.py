@@ -39,9 +39,12 @@ def load_slice(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     weights: str = "float",
+    kernel_dtype: torch.dtype | None = None,
 ) -> ModelSlice:
     """Layers [start, end) of the model at `source`, with only their tensors read,
-    held in weight format `weights` (see swarm_proto.weight_format.resolve)."""
+    held in weight format `weights` (see swarm_proto.weight_format.resolve).
+    Quantized matrices run their kernels in `kernel_dtype` (default: `dtype`), the
+    rest of the model (activations, norms, attention, KV cache) in `dtype`."""
     path = Path(source)
     args = read_args(path)
     check_range(args, start, end)
@@ -50,7 +53,7 @@ def load_slice(
             raise ValueError(f"quantized weights ({weights}) run on the CPU only, not on {device}")
         if (weights == "gguf") != is_gguf(path):
             raise ValueError(f"weight format {weights} does not apply to {path.name}")
-        model = _build_quantized(path, args, start, end, dtype, weights)
+        model = _build_quantized(path, args, start, end, dtype, kernel_dtype or dtype, weights)
         _return_freed_memory()
         log.info("loaded layers [%d, %d) of %s as %s (%.1f MB)", start, end, path.name, weights, model_bytes(model) / 1e6)
         return model
@@ -111,7 +114,9 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _build_quantized(path: Path, args: ModelArgs, start: int, end: int, dtype: torch.dtype, fmt: str) -> ModelSlice:
+def _build_quantized(
+    path: Path, args: ModelArgs, start: int, end: int, dtype: torch.dtype, kdtype: torch.dtype, fmt: str
+) -> ModelSlice:
     """Layers [start, end) with quantized matrices, built one matrix at a time."""
     gguf = fmt == "gguf"
     floats: dict[str, torch.Tensor] = {}
@@ -126,7 +131,8 @@ def _build_quantized(path: Path, args: ModelArgs, start: int, end: int, dtype: t
     def dense(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         with torch.device("meta"):
             m = Linear(w.shape[1], w.shape[0], bias=bias is not None)
-        m.weight = nn.Parameter(w.to(dtype).t().contiguous().t(), requires_grad=False)  # column-major
+        w = w.to(dtype)
+        m.weight = nn.Parameter(w.t().contiguous().t() if dtype == torch.float32 else w.contiguous(), requires_grad=False)
         if bias is not None:
             m.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
         return m
@@ -148,13 +154,13 @@ def _build_quantized(path: Path, args: ModelArgs, start: int, end: int, dtype: t
             if not kept_quantized(fmt, tuple(w.shape)):
                 _warn_once(f"{fmt} for shape {tuple(w.shape)}")
                 return dense(w, bias)
-            return quant.linear_from_float(w, bits, dtype, None if bias is None else bias.to(dtype))
+            return quant.linear_from_float(w, bits, kdtype, None if bias is None else bias.to(kdtype))
         parts = [read(n) for n in names]
         k = int(parts[0][1].shape[1]) if parts[0][0] in ("F32", "F16") else _gguf_cols(path, names[0])
         mods: list[nn.Module] = []
         kept = [p for p in parts if kept_quantized(p[0], (p[1].shape[0], k))]
         if len(kept) == len(parts):
-            mod = quant.linear_from_gguf(parts, k, dtype, None if bias is None else bias.to(dtype))
+            mod = quant.linear_from_gguf(parts, k, kdtype, None if bias is None else bias.to(kdtype))
             _check_finite(mod, names[0])
             return mod
         col = 0
@@ -162,7 +168,7 @@ def _build_quantized(path: Path, args: ModelArgs, start: int, end: int, dtype: t
             b = None if bias is None else bias[col : col + raw.shape[0]]
             col += raw.shape[0]
             if kept_quantized(kind, (raw.shape[0], k)):
-                mods.append(quant.linear_from_gguf([(kind, raw)], k, dtype, None if b is None else b.to(dtype)))
+                mods.append(quant.linear_from_gguf([(kind, raw)], k, kdtype, None if b is None else b.to(kdtype)))
             else:
                 if kind not in ("F32", "F16"):
                     _warn_once(kind)
@@ -217,7 +223,7 @@ def _embedding(model: ModelSlice, args: ModelArgs, gguf: bool, tail: bool, make:
     if isinstance(table, quant.GroupedInt8Linear) or (
         isinstance(table, quant.QuantLinear) and quant.packed_layout_known()
     ):
-        return quant.QuantEmbedding(table)
+        return quant.QuantEmbedding(table, dtype)
     if not gguf and args.tie_word_embeddings and tail:
         head = model.lm_head
         assert isinstance(head, Linear)
@@ -278,8 +284,11 @@ def _fuse(args: ModelArgs, start: int, end: int, t: dict[str, torch.Tensor], dty
         return t.pop(name).to(dtype)
 
     def matrix(*names: str) -> torch.Tensor:
-        """[out, in] pieces stacked along `out`, laid out as a contiguous [in, out]."""
+        """[out, in] pieces stacked along `out`, laid out as a contiguous [in, out]
+        (float32; bfloat16 and float16 stay row-major, see `model.Linear`)."""
         parts = [take(n) for n in names]
+        if dtype != torch.float32:
+            return torch.cat(parts)
         out = torch.empty(parts[0].shape[1], sum(p.shape[0] for p in parts), dtype=dtype, device=parts[0].device)
         col = 0
         for part in parts:

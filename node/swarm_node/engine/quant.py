@@ -201,6 +201,10 @@ def packed_layout_known() -> bool:
 class QuantLinear(nn.Module):
     """``F.linear`` of grouped affine 4-bit weights with PyTorch's int4 kernel (CPU).
 
+    The kernel runs in the dtype of ``scales_and_zeros`` (its *kernel dtype*); inputs
+    are cast to it and outputs back to the input's dtype, so a model may keep its
+    activations in float32 around bfloat16 products.
+
     Buffers: ``packed`` uint8 [N, K'/2] in the kernel's layout; ``scales_and_zeros``
     [K'/32, N, 2] in the compute dtype; ``splits`` K-wide pieces (input repeated)."""
 
@@ -224,13 +228,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
+        kdtype = self.scales_and_zeros.dtype
+        x2 = x.reshape(-1, self.in_features).to(kdtype)
         if self.splits > 1:
             x2 = x2.repeat(1, self.splits)  # [T, K'] = [x, x]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows ``ids`` [R] -> [R, in_features] in the compute dtype."""
@@ -261,7 +266,7 @@ class GroupedInt8Linear(nn.Module):
         return w.view(n, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.scales.dtype), self._weight(), self.bias)
+        return F.linear(x.to(self.scales.dtype), self._weight(), self.bias).to(x.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self._weight(ids)
@@ -283,13 +288,13 @@ class QuantEmbedding(nn.Module):
     """Token embedding read as dequantized rows of a quantized [V, C] matrix (the LM
     head's own when the two are tied: one copy)."""
 
-    def __init__(self, table: QuantLinear | GroupedInt8Linear) -> None:
+    def __init__(self, table: QuantLinear | GroupedInt8Linear, dtype: torch.dtype) -> None:
         super().__init__()
-        self.table = table
+        self.table, self.dtype = table, dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        return self.table.rows(flat).reshape(*ids.shape, -1)
+        return self.table.rows(flat).to(self.dtype).reshape(*ids.shape, -1)
 
 
 # --- building from GGUF blocks ----------------------------------------------------------

@@ -78,6 +78,7 @@ def extend(
     dtype: torch.dtype,
     device: torch.device | str,
     weights: str = "float",
+    kernel_dtype: torch.dtype | None = None,
 ) -> ModelSlice:
     """Layers ``[start, end)``: blocks ``model`` already holds are reused, the rest are read
     from ``source`` (only their tensors). Runs in a worker thread: it does not touch
@@ -85,16 +86,16 @@ def extend(
     check_range(model.args, start, end)
     keep_lo, keep_hi = max(start, model.start), min(end, model.end)
     if keep_lo >= keep_hi:
-        return load_slice(source, start, end, dtype=dtype, device=device, weights=weights)
+        return load_slice(source, start, end, dtype=dtype, device=device, weights=weights, kernel_dtype=kernel_dtype)
     blocks: list[nn.Module] = []
     embed, norm, head = model.embed_tokens, model.norm, model.lm_head
     if start < keep_lo:
-        left = load_slice(source, start, keep_lo, dtype=dtype, device=device, weights=weights)
+        left = load_slice(source, start, keep_lo, dtype=dtype, device=device, weights=weights, kernel_dtype=kernel_dtype)
         blocks += list(left.layers)
         embed = left.embed_tokens if start == 0 else embed
     blocks += list(model.layers[keep_lo - model.start : keep_hi - model.start])
     if keep_hi < end:
-        right = load_slice(source, keep_hi, end, dtype=dtype, device=device, weights=weights)
+        right = load_slice(source, keep_hi, end, dtype=dtype, device=device, weights=weights, kernel_dtype=kernel_dtype)
         blocks += list(right.layers)
         if right.is_tail:
             norm, head = right.norm, right.lm_head

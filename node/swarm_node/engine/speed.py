@@ -97,6 +97,7 @@ def measure(
     budget_s: float = 2.0,
     weights: str = "float",
     bits: int = 4,
+    kernel_dtype: torch.dtype | None = None,
 ) -> Speed:
     """Time decoder blocks of ``args``' shape on ``device`` (random weights), held in
     weight format ``weights``; quantized formats run ``bits``-bit matrices (a GGUF
@@ -117,7 +118,7 @@ def measure(
                                 (block.feed_forward, "w2")):
                 w = getattr(owner, name).weight
                 if kept_quantized(f"int{bits}", tuple(w.shape)):
-                    setattr(owner, name, quant.linear_from_float(w.float().cpu(), bits, dtype))
+                    setattr(owner, name, quant.linear_from_float(w.float().cpu(), bits, kernel_dtype or dtype))
     g = torch.Generator(device="cpu").manual_seed(0)
     cache = model.new_cache(context + prefill_chunk + 64)
     # The fastest quarter of many short runs: what the node does when it has the
