@@ -59,6 +59,7 @@ def test_ids_that_would_break_topics_are_refused(bad: str) -> None:
         (T.status("n1"), STATUS),
         (T.status("n1"), NodeStatus("n1")),
         (T.status("n1"), STATUS.offline()),
+        (T.status("n1"), NodeStatus("n1", memory_budget=1 << 30, layer_bytes=2_500_000, weight_format="Q4_1+Q8_0")),
         (T.load("n1"), NodeLoad(3, 1, 4096, 17.5)),
         (T.assign("n1"), Assign("n1", "smollm2", LayerRange(10, 20), 7)),
         (T.assign("n1"), Assign("n1", "smollm2", None, 8)),

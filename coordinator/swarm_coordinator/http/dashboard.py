@@ -191,6 +191,8 @@ def _node(view: NodeView, now_mono: float) -> dict[str, Any]:
         "assigned": _range(view.assigned),
         "speed": round(status.speed, 2),
         "memory_budget": status.memory_budget,
+        "weight_format": status.weight_format,
+        "layer_bytes": status.layer_bytes,
         "load": None
         if load is None
         else {

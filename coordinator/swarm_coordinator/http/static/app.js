@@ -104,7 +104,7 @@ function renderNodes(s) {
       "tr",
       { class: n.online ? n.state : "offline", "data-node-id": n.id, "data-state": n.state },
       el("td", { class: "id" }, n.id, el("span", { class: "sub", text: n.address || "" })),
-      el("td", { text: n.device }),
+      el("td", {}, n.device, el("span", { class: "sub", text: n.weight_format || "" })),
       el("td", { text: layerText }),
       el("td", {}, el("span", { class: `pill ${n.state}`, text: n.state })),
       el("td", { class: "num", text: n.online && n.load ? String(load.active_sessions) : "–" }),
