@@ -93,7 +93,7 @@ def write_1b(kind: str, donor: Path) -> Path:
     def add(name: str, shape: tuple[int, ...], quantized: bool = True) -> None:
         x = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
         if quantized:
-            w.add_tensor(name, gguf.quants.quantize(x, qt), raw_shape=x.shape, raw_dtype=qt)
+            w.add_tensor(name, gguf.quants.quantize(x, qt), raw_dtype=qt)
         else:
             w.add_tensor(name, np.ones(shape, dtype=np.float32))
 
