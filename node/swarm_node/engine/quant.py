@@ -73,15 +73,18 @@ def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
-def _split_nibbles(q: np.ndarray, d: np.ndarray, offset: np.ndarray, signed: bool) -> Affine4:
-    """Codes ``q`` [n, K] (int, up to 8 bits) with ``W = d * q + offset`` per group of 32
-    ([n, K/32] each) -> two nibble halves side by side: hi (x16) ++ lo."""
+def _split_nibbles(q: np.ndarray, d: np.ndarray, offset: np.ndarray) -> Affine4:
+    """Codes ``q`` [n, K] (integers in -128..127) with ``W = d * q + offset`` per group of
+    32 ([n, K/32] each) -> two nibble halves side by side: hi (x16) ++ lo.
+
+    hi is stored as hi + 8 with no offset, so ``(hi + 8 - 8) * 16d`` is exact; an offset
+    of 128d there would cancel against ``-8 * 16d`` and lose the low bits of both in
+    bfloat16."""
     q = q.astype(np.int16)
-    hi, lo = q >> 4, q & 15  # arithmetic shift: hi is signed when q is
-    zero_hi = np.zeros_like(d) if signed else 8 * 16 * d  # (hi + 8 - 8) * 16d  or  (hi - 8) * 16d + 128d
-    codes = np.concatenate([hi + 8 if signed else hi, lo], axis=1).astype(np.uint8)
+    hi, lo = q >> 4, q & 15  # arithmetic shift: hi in -8..7
+    codes = np.concatenate([hi + 8, lo], axis=1).astype(np.uint8)
     scale = np.concatenate([16 * d, d], axis=1)
-    zero = np.concatenate([zero_hi, 8 * d + offset], axis=1)
+    zero = np.concatenate([np.zeros_like(d), 8 * d + offset], axis=1)
     return Affine4(codes, scale, zero, 2)
 
 
@@ -101,7 +104,7 @@ def decode_band(kind: str, raw: np.ndarray, k: int) -> Affine4 | None:
         b = raw.reshape(n, k // 32, 34)
         d = _f16(b[..., 0:2]).reshape(n, -1)
         q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k)
-        return _split_nibbles(q, d, np.zeros_like(d), signed=True)
+        return _split_nibbles(q, d, np.zeros_like(d))
     if kind in ("Q4_K", "Q5_K"):
         bs = 144 if kind == "Q4_K" else 176
         b = raw.reshape(n * (k // QK_K), bs)
@@ -115,7 +118,7 @@ def decode_band(kind: str, raw: np.ndarray, k: int) -> Affine4 | None:
             return Affine4(q.reshape(n, k), ds, 8 * ds - dm, 1)
         qh = b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
         q = q | ((qh & 1).reshape(-1, QK_K) << 4)
-        return _split_nibbles(q.reshape(n, k), ds, -dm, signed=False)
+        return _split_nibbles(q.reshape(n, k), ds, -dm)
     return None
 
 
@@ -149,7 +152,7 @@ def quantize_band(w: torch.Tensor, bits: int) -> Affine4:
         scale = (g.abs().amax(-1) / 127).clamp_min(1e-12)
         q = torch.round(g / scale[..., None]).clamp_(-127, 127).to(torch.int8)
         d = scale.numpy()
-        return _split_nibbles(q.reshape(n, k).numpy(), d, np.zeros_like(d), signed=True)
+        return _split_nibbles(q.reshape(n, k).numpy(), d, np.zeros_like(d))
     raise ValueError(f"cannot quantize to {bits} bits: int8 and int4 are supported")
 
 
