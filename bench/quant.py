@@ -32,15 +32,16 @@ import os
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 CACHE = Path(os.environ.get("SWARM_BENCH_CACHE", Path.home() / ".cache" / "llama-swarm-bench"))
 LLAMA_BENCH = CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "build" / "bin" / "llama-bench"
-SHAPE_1B = dict(layers=22, hidden=2048, mlp=5632, heads=32, kv_heads=4)
+SHAPE_1B = {"layers": 22, "hidden": 2048, "mlp": 5632, "heads": 32, "kv_heads": 4}
 
 # our engine's variants: (dtype, weights, kernel dtype)
 VARIANTS: dict[str, tuple[torch.dtype, str, torch.dtype | None]] = {

@@ -38,7 +38,6 @@ from swarm_node.server import NodeServer
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.errors import SwarmProtoError
 from swarm_proto.model_args import ModelArgs, model_id, read_args
-from swarm_proto.weight_format import describe, format_layer_bytes
 from swarm_proto.presence import (
     Assign,
     Event,
@@ -51,6 +50,7 @@ from swarm_proto.presence import (
 )
 from swarm_proto.presence_client import BrokerAddress, PresenceClient
 from swarm_proto.transport import Metadata, call_metadata
+from swarm_proto.weight_format import describe, format_layer_bytes
 
 log = logging.getLogger(__name__)
 

@@ -100,9 +100,9 @@ def format_layer_bytes(args: ModelArgs, dtype: str, fmt: str, source: str | Path
         return norms + sum(matrix_bytes(fmt, s, dtype) for s in shapes)
     if fmt != "gguf" or source is None:
         raise ValueError(f"unknown weight format {fmt!r} (or no GGUF file given)")
-    from swarm_proto.gguf_index import index  # numpy, only for GGUF files
-
     from gguf import GGMLQuantizationType
+
+    from swarm_proto.gguf_index import index  # numpy, only for GGUF files
 
     total = 0
     for t in index(Path(source)).tensors.values():
@@ -115,9 +115,9 @@ def format_layer_bytes(args: ModelArgs, dtype: str, fmt: str, source: str | Path
 
 def gguf_types(source: str | Path) -> list[str]:
     """The types of a GGUF file's layer matrices, most bytes first."""
-    from swarm_proto.gguf_index import index
-
     from gguf import GGMLQuantizationType
+
+    from swarm_proto.gguf_index import index
 
     sizes: dict[str, int] = {}
     for t in index(Path(source)).tensors.values():

@@ -69,10 +69,10 @@ def read_blocks(path: Path, args: ModelArgs, name: str) -> tuple[str, np.ndarray
     else:
         # Read, not mapped: the blocks are repacked and dropped at once, and pages of
         # a mapped file would stay in the process's resident memory for its lifetime.
-        raw = np.empty(t.n_bytes, dtype=np.uint8)
         with open(path, "rb") as f:
             f.seek(t.offset)
-            if f.readinto(memoryview(raw)) != t.n_bytes:
+            raw = np.fromfile(f, dtype=np.uint8, count=t.n_bytes)
+            if raw.size != t.n_bytes:
                 raise ModelFormatError(f"{path}: tensor {t.name} runs past the end of the file (truncated?)")
     raw = raw.reshape(int(t.shape[1]), -1)
     permuted = ARCHS.get(args.arch, ("", False))[1]

@@ -13,15 +13,15 @@ stay in the compute dtype), both through ``engine.quant``, one matrix at a time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from swarm_node.engine import gguf_loader, hf_loader, quant
-from swarm_node.engine.model import Linear, ModelSlice, check_range, inv_freq
+from swarm_node.engine.model import Block, Linear, ModelSlice, check_range, inv_freq
 from swarm_node.errors import ModelFormatError
 from swarm_proto.model_args import ModelArgs, is_gguf, read_args
 from swarm_proto.weight_format import kept_quantized
@@ -146,12 +146,12 @@ def _build_quantized(
     def dequantized(name: str) -> torch.Tensor:
         return gguf_loader.read_tensors(path, args, [name])[name]
 
-    def make(names: list[str], bias_names: list[str] = []) -> nn.Module:
+    def make(names: list[str], bias_names: Sequence[str] = ()) -> nn.Module:
         """One linear layer over the matrices `names` stacked along the output."""
         bias = torch.cat([floats.pop(b) if not gguf else dequantized(b) for b in bias_names]) if bias_names else None
         if not gguf:
             w = torch.cat([floats.pop(n) for n in names])
-            if not kept_quantized(fmt, tuple(w.shape)):
+            if not kept_quantized(fmt, (w.shape[0], w.shape[1])):
                 _warn_once(f"{fmt} for shape {tuple(w.shape)}")
                 return dense(w, bias)
             return quant.linear_from_float(w, bits, kdtype, None if bias is None else bias.to(kdtype))
@@ -184,6 +184,7 @@ def _build_quantized(
 
     for i in range(start, end):
         p, block = f"model.layers.{i}.", model.layers[i - start]
+        assert isinstance(block, Block)
         attn_bias = [p + f"self_attn.{x}_proj.bias" for x in "qkv"] if args.attention_bias else []
         block.attention.wqkv = make([p + f"self_attn.{x}_proj.weight" for x in "qkv"], attn_bias)
         block.attention.wo = make([p + "self_attn.o_proj.weight"])

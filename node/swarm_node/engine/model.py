@@ -112,8 +112,8 @@ class Attention(nn.Module):
         self.args = args
         c = args.hidden_size
         # q, k and v share one matrix: one product per layer instead of three.
-        self.wqkv = Linear(c, args.q_size + 2 * args.kv_size, bias=args.attention_bias)
-        self.wo = Linear(args.q_size, c)
+        self.wqkv: nn.Module = Linear(c, args.q_size + 2 * args.kv_size, bias=args.attention_bias)
+        self.wo: nn.Module = Linear(args.q_size, c)
 
     def forward(
         self,
@@ -221,8 +221,8 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.hidden = args.intermediate_size
-        self.w13 = Linear(args.hidden_size, 2 * args.intermediate_size)  # gate ++ up
-        self.w2 = Linear(args.intermediate_size, args.hidden_size)
+        self.w13: nn.Module = Linear(args.hidden_size, 2 * args.intermediate_size)  # gate ++ up
+        self.w2: nn.Module = Linear(args.intermediate_size, args.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).split(self.hidden, dim=-1)
@@ -259,9 +259,10 @@ class ModelSlice(nn.Module):
         self.args, self.start, self.end = args, start, end
         self.rotary = Rotary(args)
         self.layers = nn.ModuleList(Block(args) for _ in range(start, end))
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if self.is_head else None
+        # embedding: [V] ids -> [V, C]; head: [T, C] -> [T, V] (quantized modules may stand in)
+        self.embed_tokens: nn.Module | None = nn.Embedding(args.vocab_size, args.hidden_size) if self.is_head else None
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if self.is_tail else None
-        self.lm_head = Linear(args.hidden_size, args.vocab_size) if self.is_tail else None
+        self.lm_head: nn.Module | None = Linear(args.hidden_size, args.vocab_size) if self.is_tail else None
         self._pool: KVPool | None = None
 
     @property

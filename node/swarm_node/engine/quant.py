@@ -27,9 +27,9 @@ dtype's rounding of ``s`` and ``z``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from swarm_proto.weight_format import GROUP, KEPT_GGUF_TYPES, PACK_ROWS, QK_K, k
 log = logging.getLogger(__name__)
 
 _ROWS_PER_BAND = 256  # rows converted at a time at load (a multiple of PACK_ROWS)
-__all__ = ["KEPT_GGUF_TYPES", "kept_quantized", "linear_from_gguf", "linear_from_float", "held_bytes", "module_bytes"]
+__all__ = ["KEPT_GGUF_TYPES", "held_bytes", "kept_quantized", "linear_from_float", "linear_from_gguf", "module_bytes"]
 
 
 @dataclass(frozen=True)
@@ -107,18 +107,18 @@ def decode_band(kind: str, raw: np.ndarray, k: int) -> Affine4 | None:
         return _split_nibbles(q, d, np.zeros_like(d))
     if kind in ("Q4_K", "Q5_K"):
         bs = 144 if kind == "Q4_K" else 176
-        b = raw.reshape(n * (k // QK_K), bs)
-        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-        sc, mn = _k_scales(b[:, 4:16])
+        kb = raw.reshape(n * (k // QK_K), bs)
+        d, dmin = _f16(kb[:, 0:2]), _f16(kb[:, 2:4])
+        sc, mn = _k_scales(kb[:, 4:16])
         ds = (d * sc).reshape(n, -1)  # [n, K/32]
         dm = (dmin * mn).reshape(n, -1)
-        qs = b[:, bs - 128 :].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-        q = (qs & 15).reshape(-1, QK_K)
+        qs = kb[:, bs - 128 :].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        low = (qs & 15).reshape(-1, QK_K)
         if kind == "Q4_K":
-            return Affine4(q.reshape(n, k), ds, 8 * ds - dm, 1)
-        qh = b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
-        q = q | ((qh & 1).reshape(-1, QK_K) << 4)
-        return _split_nibbles(q.reshape(n, k), ds, -dm)
+            return Affine4(low.reshape(n, k), ds, 8 * ds - dm, 1)
+        qh = kb[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+        five = low | ((qh & 1).reshape(-1, QK_K) << 4)
+        return _split_nibbles(five.reshape(n, k), ds, -dm)
     return None
 
 
@@ -211,6 +211,9 @@ class QuantLinear(nn.Module):
     Buffers: ``packed`` uint8 [N, K'/2] in the kernel's layout; ``scales_and_zeros``
     [K'/32, N, 2] in the compute dtype; ``splits`` K-wide pieces (input repeated)."""
 
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, splits: int,
                  bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -252,6 +255,9 @@ class QuantLinear(nn.Module):
 class GroupedInt8Linear(nn.Module):
     """Int8 codes with one scale per row and group of ``group`` columns, dequantized per
     call (Q6_K: its 16-wide groups are narrower than the int4 kernel's)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()

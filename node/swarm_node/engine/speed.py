@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm_node.engine.model import ModelSlice, SeqChunk, inv_freq
 from swarm_node.engine import quant
+from swarm_node.engine.model import ModelSlice, SeqChunk, inv_freq
 from swarm_proto.model_args import ModelArgs, layer_bytes
 from swarm_proto.weight_format import gguf_types, kept_quantized
 
