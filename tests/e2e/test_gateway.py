@@ -16,7 +16,8 @@ import openai
 import pytest
 from e2e.gateway_helpers import Swarm, local_cli, scrape, start_swarm, total, value
 
-from swarm_proto.model_args import layer_bytes, read_args
+from swarm_proto.model_args import read_args
+from swarm_proto.weight_format import format_layer_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -33,7 +34,7 @@ def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     keys = logs / "keys"
     keys.write_text(f"# test keys\n{KEY}\n{LIMITED} rpm=2\n")
     # Room for 16 of the 30 layers per node: every route runs through both nodes.
-    budget = 16 * layer_bytes(read_args(default_model), "float32")
+    budget = 16 * format_layer_bytes(read_args(default_model), "bfloat16", "gguf", default_model)  # the nodes' default format
     swarm = start_swarm(
         default_model, 2, logs, coordinator_args=["--api-keys-file", str(keys)], node_args=["--memory-budget", str(budget)]
     )
