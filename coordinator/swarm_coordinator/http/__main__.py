@@ -47,23 +47,9 @@ def _backend(ns: argparse.Namespace) -> object:
         from swarm_client.api import SwarmClient
 
         return SwarmClient.local(model)
-    if ns.coordinator:
-        from swarm_coordinator.http.mount import swarm_client
-
-        return swarm_client(ns.coordinator, model, ns.token)
     from swarm_client.api import AsyncSwarmClient
-    from swarm_client.routed import RoutedBackend, StaticRoutes, parse_route
-    from swarm_client.tokenizer import load_tokenizer
-    from swarm_proto.model_args import read_args
 
-    args = read_args(model)
-    backend = RoutedBackend(
-        StaticRoutes(parse_route(ns.route), token=ns.token),
-        max_context=args.max_position_embeddings,
-        eos_token_ids=args.eos_token_ids,
-        token=ns.token,
-    )
-    return AsyncSwarmClient(backend, load_tokenizer(model))
+    return AsyncSwarmClient.remote(coordinator=ns.coordinator, route=ns.route, model=model, token=ns.token)
 
 
 async def _serve(ns: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@
     gateway = gateway_config_from_args(ns)
     server = CoordinatorServer(config, http_app=lambda c: coordinator_app(c, gateway))
 
-The app's client asks the coordinator for routes over gRPC like any other client
+The app's client (``AsyncSwarmClient.remote``, the one factory of remote clients) asks the coordinator for routes over gRPC like any other client
 (so failover, reporting and the coordinator's routing policy all apply) and reads
 the swarm's state and events straight from the coordinator's registry.
 """
@@ -19,12 +19,11 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any
 
+from swarm_client.api import AsyncSwarmClient
 from swarm_coordinator.http.app import GatewayConfig, create_app
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
-
-    from swarm_client.api import AsyncSwarmClient
 
 __all__ = ["add_gateway_flags", "coordinator_app", "gateway_config_from_args"]
 
@@ -67,24 +66,6 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
     )
 
 
-def swarm_client(coordinator_address: str, model: str, token: str = "") -> AsyncSwarmClient:
-    """A client generating over the swarm of the coordinator at ``coordinator_address``
-    (blocking: it reads the model's shape and loads its tokenizer); ``token``: the swarm's."""
-    from swarm_client.api import AsyncSwarmClient
-    from swarm_client.routed import CoordinatorRoutes, RoutedBackend
-    from swarm_client.tokenizer import load_tokenizer
-    from swarm_proto.model_args import read_args
-
-    args = read_args(model)
-    backend = RoutedBackend(
-        CoordinatorRoutes(coordinator_address, token=token),
-        max_context=args.max_position_embeddings,
-        eos_token_ids=args.eos_token_ids,
-        token=token,
-    )
-    return AsyncSwarmClient(backend, load_tokenizer(model))
-
-
 def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> Starlette:
     """The gateway of a started ``CoordinatorServer``: its registry is the swarm view, and
     the client (built in a worker thread while the app starts) routes through it."""
@@ -93,4 +74,8 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
     if host in ("0.0.0.0", "::", "[::]", ""):
         address = f"127.0.0.1:{port}"
     model, token = str(coordinator.config.model), coordinator.config.token
-    return create_app(lambda: swarm_client(address, model, token), coordinator.registry, config or GatewayConfig())
+
+    def client() -> AsyncSwarmClient:
+        return AsyncSwarmClient.remote(coordinator=address, model=model, token=token)
+
+    return create_app(client, coordinator.registry, config or GatewayConfig())
