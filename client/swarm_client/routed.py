@@ -36,7 +36,7 @@ from swarm_client.remote import Hop, RouteError, RouteSession
 from swarm_client.types import SampledToken
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.transport import Metadata, call_metadata
-from swarm_proto.wire import SamplingParams
+from swarm_proto.wire import SamplingParams, wire_code
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class CoordinatorRoutes:
             node_id=error.node_id,
             address=error.address,
             session_id=session_id,
-            code=error.code.value[0],
+            code=wire_code(error.code),
             message=error.message[:1000],
         )
         try:
@@ -186,12 +186,11 @@ class CoordinatorRoutes:
 
     async def report_recovery(self, record: FailoverRecord) -> None:
         """The failover's numbers, once the session produced a token again (an event)."""
-        code = next((c.value[0] for c in grpc.StatusCode if c.name == record.code), 0)
         report = swarm_pb2.FailureReport(
             node_id=record.node_id,
             address=record.address,
             session_id=record.session_id,
-            code=code,
+            code=wire_code(grpc.StatusCode[record.code]),
             message=record.message[:1000],
             recovered=True,
             stall_s=record.stall_s,

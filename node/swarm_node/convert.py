@@ -20,7 +20,7 @@ from swarm_node.config import NodeConfig
 from swarm_proto import codec, swarm_pb2
 from swarm_proto.errors import WireError
 from swarm_proto.model_args import ModelArgs
-from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams
+from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, wire_code
 
 if TYPE_CHECKING:
     from swarm_node.scheduler import BatchStats
@@ -204,7 +204,7 @@ def opened_reply(session_id: str, max_length: int, kept: Sequence[int] = ()) -> 
 
 def error_to_proto(code: grpc.StatusCode, message: str, *, address: str, node_id: str, step_id: int = 0) -> swarm_pb2.Error:
     return swarm_pb2.Error(
-        code=code.value[0], message=message, node_address=address, node_id=node_id, step_id=step_id
+        code=wire_code(code), message=message, node_address=address, node_id=node_id, step_id=step_id
     )
 
 

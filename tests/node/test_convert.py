@@ -15,7 +15,7 @@ from swarm_node.convert import (
     step_from_proto,
 )
 from swarm_proto import codec, swarm_pb2
-from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, sampling_to_proto, status_code
+from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, sampling_to_proto
 
 
 def _open(**kw: object) -> swarm_pb2.OpenSession:
@@ -98,11 +98,6 @@ def test_result_keeps_token_zero_distinct_from_no_token() -> None:
     without = result_to_proto(StepResult("s", 1, 5, logits=torch.zeros(1, 4)))
     assert with_zero.HasField("token") and not without.HasField("token")
     assert codec.decode(without.logits).shape == (1, 4)
-
-
-def test_status_code_mapping() -> None:
-    assert status_code(swarm_pb2.Error(code=swarm_pb2.RESOURCE_EXHAUSTED)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert status_code(swarm_pb2.Error(code=99)) == grpc.StatusCode.UNKNOWN
 
 
 def test_spec_is_frozen() -> None:

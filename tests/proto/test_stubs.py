@@ -9,6 +9,7 @@ import torch
 
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.codec import decode, encode
+from swarm_proto.wire import code_name, status_code, wire_code
 
 
 class _EchoNode(swarm_pb2_grpc.NodeServicer):
@@ -80,3 +81,16 @@ def test_error_codes_mirror_grpc_status_codes() -> None:
             continue
         code, _ = status.value
         assert swarm_pb2.ErrorCode.Name(code) == status.name
+
+
+def test_status_mapping_round_trips() -> None:
+    for status in grpc.StatusCode:
+        if status is grpc.StatusCode.OK:
+            continue
+        assert status_code(wire_code(status)) is status
+        assert code_name(wire_code(status)) == status.name
+    assert status_code(swarm_pb2.Error(code=swarm_pb2.RESOURCE_EXHAUSTED)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # An error always names a failure: OK and numbers no status has read as UNKNOWN.
+    assert status_code(swarm_pb2.Error(code=99)) == grpc.StatusCode.UNKNOWN
+    assert status_code(0) == grpc.StatusCode.UNKNOWN
+    assert code_name(99) == "99"
