@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from swarm_proto.model_args import DTYPE_BYTES
+
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: random, shown with --stats)")
     gen.add_argument("--stop", action="append", default=None, metavar="STR", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
-    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    gen.add_argument("--dtype", default="float32", choices=list(DTYPE_BYTES))
     gen.add_argument("--device", default="cpu", help="torch device for --local (cpu, cuda, mps)")
     gen.add_argument("--stats", action="store_true", help="print timing and the finish reason to stderr")
     gen.add_argument("--token", default=None, help="swarm token for --route/--coordinator (default: $SWARM_TOKEN; the env var keeps it out of ps)")
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--swarm-id", default="local", help="swarm name (default: local)")
     up.add_argument("--threads", type=int, default=0, help="torch threads per node (default: cores / nodes)")
     up.add_argument("--memory-budget", default="", help="weights each node may hold, e.g. 1G (default: 80%% of free memory)")
-    up.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    up.add_argument("--dtype", default="float32", choices=list(DTYPE_BYTES))
     up.add_argument("--replicas", type=int, default=1, help="copies of each layer wanted")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait until the model is covered")
     up.add_argument("--log-dir", default="", help="where the daemons' logs go (default: a temporary folder)")

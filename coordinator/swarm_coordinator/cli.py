@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from swarm_coordinator.config import CoordinatorConfig
 from swarm_proto.flags import flag_adder
+from swarm_proto.model_args import DTYPE_BYTES
 
 log = logging.getLogger("swarm_coordinator")
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--replicas", int, defaults["replicas"].default, "copies of each layer wanted, where memory allows")
     add("--min-gain", float, defaults["min_gain"].default, "reshuffle a working swarm only for more than this gain")
     add("--dtype", str, defaults["dtype"].default, "the nodes' compute dtype (sizes layers against memory budgets)",
-        choices=["float32", "bfloat16", "float16"])
+        choices=list(DTYPE_BYTES))
     add("--node-timeout", float, defaults["node_timeout"].default, "seconds of silence before a node counts as offline")
     add("--settle", float, defaults["settle"].default, "seconds changes gather before a plan (a burst of joins: one plan)")
     add("--token", str, "", "swarm token required on every gRPC call and sent to the nodes; prefer the env var, flags show in ps")

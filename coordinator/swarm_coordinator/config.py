@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from swarm_proto.model_args import DTYPE_BYTES
 from swarm_proto.presence import check_id
 
 __all__ = ["CoordinatorConfig", "DEFAULT_GRPC_PORT", "DEFAULT_HTTP_PORT", "DEFAULT_MQTT_PORT"]
@@ -47,8 +48,8 @@ class CoordinatorConfig:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.min_gain < 0:
             raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         for name in ("node_timeout", "failure_backoff", "failure_backoff_max"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
