@@ -8,13 +8,12 @@ process (amqtt); ``--mqtt mqtt://host:port`` uses an external one (mosquitto).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
 from swarm_coordinator.config import CoordinatorConfig
+from swarm_proto import daemon
 from swarm_proto.flags import flag_adder
 from swarm_proto.model_args import DTYPE_BYTES
 
@@ -42,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--node-timeout", float, defaults["node_timeout"].default, "seconds of silence before a node counts as offline")
     add("--settle", float, defaults["settle"].default, "seconds changes gather before a plan (a burst of joins: one plan)")
     add("--token", str, "", "swarm token required on every gRPC call and sent to the nodes; prefer the env var, flags show in ps")
-    add("--log-level", str, "INFO", "logging level")
+    daemon.add_log_level(add)
     from swarm_coordinator.http.mount import add_gateway_flags
 
     add_gateway_flags(p)  # --api-key, --api-keys-file, --rate-limit-rpm/-tpm, --model-id
@@ -75,27 +74,19 @@ async def _run(config: CoordinatorConfig, ns: argparse.Namespace) -> None:
 
     gateway = gateway_config_from_args(ns)
     server = CoordinatorServer(config, http_app=lambda coordinator: coordinator_app(coordinator, gateway))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = daemon.stop_event()
     async with server:
-        # One machine-readable line on stdout: scripts and tests wait for it.
-        sys.stdout.write(
+        daemon.announce(
             f"swarm-coordinator listening on {server.address} mqtt={server.advertised_mqtt_url}"
-            f" http={server.http_address or 'off'}\n"
+            f" http={server.http_address or 'off'}"
         )
-        sys.stdout.flush()
         await stop.wait()
         log.info("signal received: stopping")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    daemon.setup_logging(ns.log_level)
     from swarm_coordinator.errors import CoordinatorError
     from swarm_proto.errors import SwarmProtoError
 
@@ -103,11 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(ns)
     except (ValueError, SwarmProtoError) as exc:
         raise SystemExit(f"swarm-coordinator: {exc}") from exc
-    try:
-        asyncio.run(_run(config, ns))
-    except (CoordinatorError, SwarmProtoError, OSError) as exc:
-        raise SystemExit(f"swarm-coordinator: {exc}") from exc
-    return 0
+    return daemon.run("swarm-coordinator", _run(config, ns), (CoordinatorError, SwarmProtoError, OSError))
 
 
 if __name__ == "__main__":

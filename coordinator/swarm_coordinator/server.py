@@ -31,26 +31,16 @@ from swarm_coordinator.planner import Planner
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_coordinator.rpc import CoordinatorService, FailureBook
 from swarm_coordinator.state import SwarmState
-from swarm_proto import swarm_pb2_grpc
+from swarm_proto import swarm_pb2_grpc, version
 from swarm_proto.model_args import layer_bytes, model_id, read_args
 from swarm_proto.presence import PresenceError
 from swarm_proto.transport import TokenInterceptor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CoordinatorServer", "HttpAppFactory", "version"]
+__all__ = ["CoordinatorServer", "HttpAppFactory"]
 
 HttpAppFactory = Callable[["CoordinatorServer"], Any]  # coordinator -> ASGI app
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("llama-swarm")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 class CoordinatorServer:

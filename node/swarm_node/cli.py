@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from swarm_node.config import DEVICES, NodeConfig, parse_layers
+from swarm_proto import daemon
 from swarm_proto.flags import flag_adder
 from swarm_proto.model_args import DTYPE_BYTES
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--speed", float, 0.0, "announce this decode speed (layer-steps/s) instead of measuring it")
     add("--advertise", str, "", "HOST[:PORT] other nodes and clients reach this node at (default: the bound address)")
     add("--metrics-port", int, None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a port; default: off)")
-    add("--log-level", str, "INFO", "logging level")
+    daemon.add_log_level(add)
     return p
 
 
@@ -92,15 +92,10 @@ async def _run(config: NodeConfig, ns: argparse.Namespace) -> None:
     from swarm_node.server import NodeServer
 
     node = NodeServer(config)
+    stop = daemon.stop_event()
     metrics = _start_metrics(config, lambda: node)
     await node.start()
-    # One machine-readable line on stdout: scripts and tests wait for it.
-    sys.stdout.write(f"swarm-node listening on {node.address}\n")
-    sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    daemon.announce(f"swarm-node listening on {node.address}")
     await stop.wait()
     log.info("signal received: draining")
     await node.stop()
@@ -116,8 +111,7 @@ def _start_metrics(config: NodeConfig, server: Callable[[], Any]) -> tuple[Any, 
     metrics = NodeMetrics(config.node_id)
     exposition = MetricsServer(metrics.registry, config.host, config.metrics_port)
     url = exposition.start()
-    sys.stdout.write(f"swarm-node metrics on {url}\n")
-    sys.stdout.flush()
+    daemon.announce(f"swarm-node metrics on {url}")
     return exposition, asyncio.get_running_loop().create_task(metrics.follow(server))
 
 
@@ -139,14 +133,10 @@ async def _run_agent(config: NodeConfig, ns: argparse.Namespace) -> None:
         pinned=bool(ns.layers),
         advertise=ns.advertise,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = daemon.stop_event()
     metrics = _start_metrics(config, lambda: agent.server)
     await agent.start()
-    sys.stdout.write(f"swarm-node joined the swarm of {ns.coordinator}\n")
-    sys.stdout.flush()
+    daemon.announce(f"swarm-node joined the swarm of {ns.coordinator}")
     await stop.wait()
     log.info("signal received: draining")
     await agent.stop()
@@ -155,10 +145,7 @@ async def _run_agent(config: NodeConfig, ns: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    daemon.setup_logging(ns.log_level)
     try:
         config = config_from_args(ns)
     except ValueError as exc:
@@ -166,11 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from swarm_node.errors import SwarmNodeError
     from swarm_proto.errors import SwarmProtoError
 
-    try:
-        asyncio.run(_run(config, ns))
-    except (SwarmNodeError, SwarmProtoError, OSError) as exc:
-        raise SystemExit(f"swarm-node: {exc}") from exc
-    return 0
+    return daemon.run("swarm-node", _run(config, ns), (SwarmNodeError, SwarmProtoError, OSError))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ and tell which hop to report. A bad message ends only its own session.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,20 +30,10 @@ from swarm_node.engine import reslice
 from swarm_node.engine.model import ModelSlice
 from swarm_node.scheduler import Scheduler
 from swarm_node.session import Failed, NodeSession
-from swarm_proto import swarm_pb2, swarm_pb2_grpc, wire
+from swarm_proto import swarm_pb2, swarm_pb2_grpc, version, wire
 from swarm_proto.transport import ChannelPool, call_metadata
 
 log = logging.getLogger(__name__)
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("llama-swarm")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-VERSION = _version()
 
 
 class NodeService(swarm_pb2_grpc.NodeServicer):
@@ -71,7 +60,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             self.config,
             self.model.args,
             address=self.address,
-            version=VERSION,
+            version=version(),
             active_sessions=len(self.sessions),
             stats=self.scheduler.stats,
             queued=self.scheduler.queued,

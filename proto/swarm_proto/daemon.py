@@ -1,0 +1,74 @@
+"""How every daemon (``swarm-node``, ``swarm-coordinator``, the standalone gateway)
+starts and stops.
+
+- ``add_log_level(add)``: the ``--log-level`` flag (``SWARM_LOG_LEVEL``), and
+  ``setup_logging(level)``: our packages log at that level; every other library's
+  loggers (amqtt's ``transitions.core`` state changes, grpc, uvicorn, ...) stay at
+  WARNING unless the level is DEBUG, so an INFO log reads as the swarm's own story.
+- ``stop_event()``: an event that SIGTERM or SIGINT sets; the daemon drains and returns.
+- ``announce(line)``: the one machine-readable line on stdout (``swarm-node listening on
+  HOST:PORT``) that scripts and tests wait for.
+- ``run(prog, main, errors)``: ``asyncio.run(main)``, with the expected failures turned
+  into ``prog: message`` and exit status 1 instead of a traceback.
+
+Flags themselves come from :func:`swarm_proto.flags.flag_adder` (``--x-y`` falls back to
+``SWARM_X_Y``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+__all__ = ["LOG_LEVELS", "OUR_LOGGERS", "add_log_level", "announce", "run", "setup_logging", "stop_event"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The packages whose loggers follow --log-level; everything else is a third party.
+OUR_LOGGERS = ("swarm_proto", "swarm_node", "swarm_client", "swarm_coordinator", "__main__")
+
+
+def add_log_level(add: Callable[..., None]) -> None:
+    """``--log-level`` through a ``flag_adder``."""
+    add("--log-level", str.upper, "INFO", "logging level; DEBUG also shows other libraries' INFO lines",
+        choices=LOG_LEVELS)
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr: our packages at ``level``, the rest at WARNING (or ``level`` when
+    that is DEBUG, or quieter than WARNING)."""
+    ours = logging.getLevelName(level.upper())
+    if not isinstance(ours, int):
+        raise ValueError(f"unknown log level {level!r} (one of {', '.join(LOG_LEVELS)})")
+    others = ours if ours <= logging.DEBUG else max(ours, logging.WARNING)
+    logging.basicConfig(level=others, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(ours)
+
+
+def stop_event() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (call it inside the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def announce(line: str) -> None:
+    """One machine-readable line on stdout, flushed at once: scripts and tests wait for it."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def run(prog: str, main: Coroutine[Any, Any, None], errors: tuple[type[BaseException], ...]) -> int:
+    """Run the daemon's ``main`` to its end; an expected failure (``errors``) ends the
+    process with ``prog: message`` on stderr and status 1."""
+    try:
+        asyncio.run(main)
+    except errors as exc:
+        raise SystemExit(f"{prog}: {exc}") from exc
+    return 0
