@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from swarm_client.errors import GenerationError, ModelUnavailableError
-from swarm_client.types import SampledToken
+from swarm_client.types import SampledToken, TokenSource
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +27,7 @@ __all__ = ["LocalBackend"]
 logger = logging.getLogger(__name__)
 
 
-class LocalBackend:
+class LocalBackend(TokenSource):
     """All layers of a model in this process."""
 
     def __init__(self, model: ModelSlice, source: str = "") -> None:
@@ -75,7 +75,7 @@ class LocalBackend:
 
     def tokens(
         self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
-    ) -> Iterator[SampledToken]:
+    ) -> Generator[SampledToken, None, None]:
         import torch
 
         from swarm_node.engine.model import SeqChunk

@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -33,7 +33,7 @@ import grpc
 from swarm_client.errors import GenerationError
 from swarm_client.failover import Avoidance, FailoverPolicy, FailoverRecord, StepClock, blame, hop_key, patch_route
 from swarm_client.remote import Hop, RouteError, RouteSession
-from swarm_client.types import SampledToken
+from swarm_client.types import AsyncTokenSource, SampledToken
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.transport import Metadata, call_metadata
 from swarm_proto.wire import SamplingParams, wire_code
@@ -50,14 +50,40 @@ class Route:
     expected_step_s: float = 0.0  # the coordinator's estimate of a decode step; 0 = unknown
 
 
+@dataclass(frozen=True)
+class NodeSummary:
+    node_id: str
+    address: str
+    start: int
+    end: int
+    device: str
+    active_sessions: int
+
+
 class RouteProvider(Protocol):
+    """Where routes come from. ``route()`` is required; the rest are capabilities with
+    no-op defaults, inherited by subclassing: a provider with nowhere to report to and no
+    node list (``StaticRoutes``) keeps them."""
+
     async def route(
         self, *, max_length: int, exclude_node_ids: Collection[str] = (), exclude_addresses: Collection[str] = ()
     ) -> Route: ...
 
-    async def report_failure(self, error: RouteError, session_id: str) -> None: ...
+    async def report_failure(self, error: RouteError, session_id: str) -> None:
+        """Tell the route's source that a hop failed (advice: never raises)."""
+        return None
 
-    async def aclose(self) -> None: ...
+    async def report_recovery(self, record: FailoverRecord) -> None:
+        """Tell the route's source what a finished failover cost (advice: never raises)."""
+        return None
+
+    async def list_nodes(self) -> list[NodeSummary]:
+        """The nodes a failed hop may be replaced with; [] when unknown (then a failover
+        asks for a whole new route)."""
+        return []
+
+    async def aclose(self) -> None:
+        return None
 
 
 def parse_route(text: str) -> tuple[Hop, ...]:
@@ -94,7 +120,7 @@ async def _hosted_range(address: str, metadata: Metadata, timeout: float = 10.0)
     return info.start, info.end
 
 
-class StaticRoutes:
+class StaticRoutes(RouteProvider):
     """Always the same chain (no failover: there is nowhere else to go)."""
 
     def __init__(self, hops: Sequence[Hop], *, token: str = "") -> None:
@@ -117,24 +143,8 @@ class StaticRoutes:
                     )
         return Route(self.hops)
 
-    async def report_failure(self, error: RouteError, session_id: str) -> None:
-        return None
 
-    async def aclose(self) -> None:
-        return None
-
-
-@dataclass(frozen=True)
-class NodeSummary:
-    node_id: str
-    address: str
-    start: int
-    end: int
-    device: str
-    active_sessions: int
-
-
-class CoordinatorRoutes:
+class CoordinatorRoutes(RouteProvider):
     """Routes from the coordinator's gRPC service at ``HOST:PORT``.
 
     The channel is made on first use, in the event loop that uses it.
@@ -236,10 +246,10 @@ _RETRYABLE = {
 }
 
 
-class RoutedBackend:
+class RoutedBackend(AsyncTokenSource):
     """An ``AsyncTokenSource`` generating along routes from ``routes``, with failover."""
 
-    is_async = True
+    failovers: int = 0  # sessions reopened after a failure (tests, stats)
 
     def __init__(
         self,
@@ -269,7 +279,7 @@ class RoutedBackend:
         self._eos = tuple(eos_token_ids)
         self.clock = StepClock(self.policy)
         self.avoid = Avoidance(self.policy.backoff_initial, self.policy.backoff_max)
-        self.failovers = 0  # sessions reopened after a failure (tests, stats)
+        self.failovers = 0
         self.records: deque[FailoverRecord] = deque(maxlen=1000)  # the recovered ones, newest last
         self.last_route: Route | None = None
         self._reports: set[asyncio.Task[None]] = set()
@@ -284,7 +294,7 @@ class RoutedBackend:
 
     async def tokens(
         self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
-    ) -> AsyncIterator[SampledToken]:
+    ) -> AsyncGenerator[SampledToken, None]:
         if not prompt_ids:
             raise GenerationError("the prompt has no tokens")
         policy = self.policy
@@ -378,7 +388,7 @@ class RoutedBackend:
     async def _reroute(self, old: Route, culprits: Sequence[Hop], max_length: int) -> Route:
         """A route avoiding the failed hops: the old one patched where possible (its
         survivors keep the session's cache), else a new one from the provider."""
-        if self.policy.replay == "span" and culprits and hasattr(self.routes, "list_nodes"):
+        if self.policy.replay == "span" and culprits:
             try:
                 nodes = await self.routes.list_nodes()
             except RouteError as err:
@@ -412,9 +422,7 @@ class RoutedBackend:
         record.replay_s = time.monotonic() - record.t_opened
         self.records.append(record)
         logger.warning("failover: %s", record.summary())
-        report = getattr(self.routes, "report_recovery", None)
-        if report is not None:
-            self._background(report(record))
+        self._background(self.routes.report_recovery(record))
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -30,7 +30,7 @@ def tok() -> Tokenizer:
     return Tokenizer(ByteHF(), source="bytes")  # type: ignore[arg-type]
 
 
-class ScriptedSource:
+class ScriptedSource(TokenSource):
     """A backend that 'samples' a fixed script, recording what it was asked."""
 
     def __init__(
@@ -271,7 +271,8 @@ async def test_async_stream_raises_errors() -> None:
     await asyncio.sleep(0)
 
 
-class AsyncScriptedSource(ScriptedSource):
+class AsyncScriptedSource(ScriptedSource, AsyncTokenSource):  # type: ignore[misc]
+    is_async = True
     async def tokens(  # type: ignore[override]
         self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
     ) -> AsyncIterator[SampledToken]:
@@ -289,7 +290,7 @@ async def test_async_backend_runs_on_the_loop() -> None:
     src = AsyncScriptedSource(text_ids("Paris is big.") + [EOS])
     assert isinstance(src, AsyncTokenSource)
     ac = AsyncSwarmClient(src, tok(), defaults=SamplingOptions(seed=5))
-    assert ac._async
+    assert ac.backend.is_async and not ScriptedSource([]).is_async
     r = await ac.generate("x")
     assert r.text == "Paris is big." and r.seed == 5 and src.closed == 1
     events = [e async for e in ac.stream("x", stop=[" is"])]

@@ -17,7 +17,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -40,6 +40,11 @@ class SwarmView(Protocol):
     @property
     def events(self) -> Iterable[Event]: ...
 
+    def changes(self) -> AsyncIterator[SwarmState]:
+        """The state after each change; a view that cannot tell when it changes ends at
+        once (its readers look when they read)."""
+        ...
+
 
 @dataclass
 class StaticView:
@@ -47,6 +52,10 @@ class StaticView:
 
     state: SwarmState
     events: deque[Event] = field(default_factory=lambda: deque(maxlen=500))
+
+    async def changes(self) -> AsyncIterator[SwarmState]:
+        return  # changed by hand: nothing to announce
+        yield self.state  # (makes this an async generator)
 
 
 @dataclass
