@@ -277,7 +277,6 @@ class RoutedBackend(AsyncTokenSource):
         self.routes = routes
         self._max_context = max_context
         self._eos = tuple(eos_token_ids)
-        self.clock = StepClock(self.policy)
         self.avoid = Avoidance(self.policy.backoff_initial, self.policy.backoff_max)
         self.failovers = 0
         self.records: deque[FailoverRecord] = deque(maxlen=1000)  # the recovered ones, newest last
@@ -306,9 +305,10 @@ class RoutedBackend(AsyncTokenSource):
         session_id = route.session_id or uuid.uuid4().hex
         pending: FailoverRecord | None = None  # a failover not yet followed by a token
         failures = 0
+        clock = StepClock(policy)  # this session's: its timeouts follow its own routes' speed
         while generated < max_new_tokens:
             self.last_route = route
-            self.clock.prior(route.expected_step_s)
+            clock.prior(route.expected_step_s)
             session = RouteSession(
                 route.hops,
                 max_length=max_length,
@@ -332,10 +332,10 @@ class RoutedBackend(AsyncTokenSource):
                         pending.replayed_tokens = n - min(session.kept, default=0) if span else n
                         pending.replayed_layers = sum(h.end - h.start for h in fresh)
                     if pending is not None and span:
-                        out = await session.replay(history, timeout=self.clock.timeout(pending.replayed_tokens))
+                        out = await session.replay(history, timeout=clock.timeout(pending.replayed_tokens))
                     else:
-                        out = await session.prefill(history, timeout=self.clock.timeout(n))
-                    self.clock.observe(n if pending is None else pending.replayed_tokens, time.monotonic() - sent)
+                        out = await session.prefill(history, timeout=clock.timeout(n))
+                    clock.observe(n if pending is None else pending.replayed_tokens, time.monotonic() - sent)
                     while True:
                         if out.token is None:
                             raise GenerationError("the tail returned no token")
@@ -348,8 +348,8 @@ class RoutedBackend(AsyncTokenSource):
                         if generated >= max_new_tokens:
                             return
                         sent = time.monotonic()
-                        out = await session.decode(out.token, timeout=self.clock.timeout(1))
-                        self.clock.observe(1, time.monotonic() - sent)
+                        out = await session.decode(out.token, timeout=clock.timeout(1))
+                        clock.observe(1, time.monotonic() - sent)
             except RouteError as err:
                 failures += 1
                 if err.code not in _RETRYABLE or failures > policy.max_failovers:
@@ -357,7 +357,7 @@ class RoutedBackend(AsyncTokenSource):
                 detected = time.monotonic()
                 culprits = await blame(err, route.hops, policy.probe_timeout, call_metadata(self.token))
                 if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and not culprits:
-                    self.clock.slower()  # every hop answers: the route is slow, not dead
+                    clock.slower()  # every hop answers: the route is slow, not dead
                 for hop in culprits:
                     backoff = self.avoid.record(hop_key(hop))
                     logger.warning("hop %s (layers [%d, %d)) failed: %s; avoided for %.0f s", hop.address, hop.start, hop.end, err, backoff)
