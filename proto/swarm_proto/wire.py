@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from swarm_proto import swarm_pb2
+from swarm_proto import PROTOCOL_VERSION, swarm_pb2
 
 __all__ = [
     "Generation",
@@ -116,6 +116,7 @@ def open_to_proto(spec: OpenSpec, downstream: Sequence[Hop]) -> swarm_pb2.OpenSe
         end=first.end,
         resumable=spec.resumable,
         resume=spec.resume,
+        protocol_version=PROTOCOL_VERSION,
     )
 
 
