@@ -22,7 +22,7 @@ class CoordinatorConfig:
     model: str  # model source (file or folder); read for its shape only, never loaded
     host: str = "127.0.0.1"  # address the gRPC (and HTTP) servers bind
     port: int = DEFAULT_GRPC_PORT  # gRPC Coordinator service; 0 picks a free port
-    http_port: int = DEFAULT_HTTP_PORT  # HTTP gateway (served when swarm_coordinator.http is installed)
+    http_port: int = DEFAULT_HTTP_PORT  # HTTP gateway; served when the server is given an http_app (swarm-coordinator always gives it)
     mqtt: str = "embedded"  # "embedded" (broker in this process) or mqtt://host:port
     mqtt_port: int = DEFAULT_MQTT_PORT  # the embedded broker's port; 0 picks a free one
     swarm_id: str = "default"
