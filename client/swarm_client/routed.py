@@ -71,11 +71,11 @@ class RouteProvider(Protocol):
 
     async def report_failure(self, error: RouteError, session_id: str) -> None:
         """Tell the route's source that a hop failed (advice: never raises)."""
-        return None
+        return  # (an empty body would make it abstract)
 
     async def report_recovery(self, record: FailoverRecord) -> None:
         """Tell the route's source what a finished failover cost (advice: never raises)."""
-        return None
+        return  # (an empty body would make it abstract)
 
     async def list_nodes(self) -> list[NodeSummary]:
         """The nodes a failed hop may be replaced with; [] when unknown (then a failover
@@ -83,7 +83,7 @@ class RouteProvider(Protocol):
         return []
 
     async def aclose(self) -> None:
-        return None
+        return  # (an empty body would make it abstract)
 
 
 def parse_route(text: str) -> tuple[Hop, ...]:

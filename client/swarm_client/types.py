@@ -145,7 +145,7 @@ class TokenSource(Protocol):
 
     def close(self) -> None:
         """Free what the backend holds (channels, threads, the model)."""
-        return None
+        return  # (an empty body would make it abstract)
 
 
 @runtime_checkable
@@ -172,4 +172,4 @@ class AsyncTokenSource(Protocol):
 
     async def aclose(self) -> None:
         """Free what the backend holds (channels, background reports)."""
-        return None
+        return  # (an empty body would make it abstract)

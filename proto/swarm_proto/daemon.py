@@ -40,9 +40,9 @@ def add_log_level(add: Callable[..., None]) -> None:
 def setup_logging(level: str) -> None:
     """Log to stderr: our packages at ``level``, the rest at WARNING (or ``level`` when
     that is DEBUG, or quieter than WARNING)."""
-    ours = logging.getLevelName(level.upper())
-    if not isinstance(ours, int):
+    if level.upper() not in LOG_LEVELS:
         raise ValueError(f"unknown log level {level!r} (one of {', '.join(LOG_LEVELS)})")
+    ours: int = getattr(logging, level.upper())
     others = ours if ours <= logging.DEBUG else max(ours, logging.WARNING)
     logging.basicConfig(level=others, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for name in OUR_LOGGERS:

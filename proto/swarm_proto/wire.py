@@ -20,10 +20,10 @@ __all__ = [
     "Hop",
     "OpenSpec",
     "SamplingParams",
+    "code_name",
     "hop_to_proto",
     "open_to_proto",
     "sampling_to_proto",
-    "code_name",
     "status_code",
     "wire_code",
 ]
