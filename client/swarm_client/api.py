@@ -17,7 +17,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from swarm_client.errors import InvalidRequestError
@@ -220,7 +220,7 @@ async def arun_stream(
     tokenizer: Tokenizer,
     prompt_ids: Sequence[int],
     options: SamplingOptions,
-) -> AsyncIterator[StreamEvent]:
+) -> AsyncGenerator[StreamEvent, None]:
     """``run_stream`` for a backend whose ``tokens()`` is an async iterator."""
     asm = StreamAssembler(
         tokenizer, prompt_ids, options, max_context=source.max_context, eos_token_ids=source.eos_token_ids
@@ -384,18 +384,20 @@ class AsyncSwarmClient(_Base):
         backend, tokenizer = _remote_backend(coordinator, route, model, token)
         return cls(backend, tokenizer, defaults=defaults)
 
-    def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncIterator[StreamEvent]:
+    def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncGenerator[StreamEvent, None]:
         if self.backend.is_async:
             return arun_stream(cast(AsyncTokenSource, self.backend), self.tokenizer, ids, opts)
         backend = cast(TokenSource, self.backend)
         return _in_thread(lambda: run_stream(backend, self.tokenizer, ids, opts))
 
-    def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> AsyncIterator[StreamEvent]:
+    def stream(
+        self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any
+    ) -> AsyncGenerator[StreamEvent, None]:
         return self._stream_ids(self.encode(prompt), self.options(options, **overrides))
 
     def stream_chat(
         self, messages: Messages, options: SamplingOptions | None = None, **overrides: Any
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         return self._stream_ids(self.encode_chat(messages), self.options(options, **overrides))
 
     async def generate(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> GenerationResult:
@@ -427,7 +429,7 @@ async def _alast(events: AsyncIterator[StreamEvent]) -> GenerationResult:
 _END = object()
 
 
-async def _in_thread(make: Callable[[], Generator[StreamEvent, None, None]]) -> AsyncIterator[StreamEvent]:
+async def _in_thread(make: Callable[[], Generator[StreamEvent, None, None]]) -> AsyncGenerator[StreamEvent, None]:
     """Run a blocking event iterator in a thread and hand its events to the loop.
 
     Leaving the ``async for`` early (or cancelling) stops the worker at its next

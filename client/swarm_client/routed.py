@@ -257,23 +257,11 @@ class RoutedBackend(AsyncTokenSource):
         *,
         max_context: int,
         eos_token_ids: Sequence[int],
-        max_attempts: int | None = None,
-        step_timeout: float | None = None,
-        retry_delay: float | None = None,
         policy: FailoverPolicy | None = None,
         token: str = "",
     ) -> None:
-        policy = policy or FailoverPolicy()
         self.token = token  # the swarm token, sent to every node of every route
-        # The older keyword arguments still work: they override the policy's fields.
-        overrides: dict[str, Any] = {}
-        if max_attempts is not None:
-            overrides["max_failovers"] = max_attempts
-        if step_timeout is not None:
-            overrides["step_timeout_max"] = step_timeout
-        if retry_delay is not None:
-            overrides["retry_delay"] = retry_delay
-        self.policy = replace(policy, **overrides)
+        self.policy = policy or FailoverPolicy()
         self.routes = routes
         self._max_context = max_context
         self._eos = tuple(eos_token_ids)

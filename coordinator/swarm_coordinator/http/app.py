@@ -227,7 +227,7 @@ class Gateway:
             status = "error"
             raise
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
             m.active.dec()
             m.generations.labels(endpoint, status).inc()
             if status != "error":
