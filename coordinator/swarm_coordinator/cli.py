@@ -85,16 +85,11 @@ async def _run(config: CoordinatorConfig, ns: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    daemon.setup_logging(ns.log_level)
     from swarm_coordinator.errors import CoordinatorError
     from swarm_proto.errors import SwarmProtoError
 
-    try:
-        config = config_from_args(ns)
-    except (ValueError, SwarmProtoError) as exc:
-        raise SystemExit(f"swarm-coordinator: {exc}") from exc
-    return daemon.run("swarm-coordinator", _run(config, ns), (CoordinatorError, SwarmProtoError, OSError))
+    errors = (CoordinatorError, SwarmProtoError, OSError)
+    return daemon.main("swarm-coordinator", build_parser(), argv, config_from_args, _run, errors)
 
 
 if __name__ == "__main__":

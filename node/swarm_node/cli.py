@@ -11,12 +11,16 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swarm_node.config import DEVICES, NodeConfig, parse_layers
 from swarm_proto import daemon
 from swarm_proto.flags import flag_adder
 from swarm_proto.model_args import DTYPE_BYTES
+
+if TYPE_CHECKING:
+    from swarm_node.agent import NodeAgent
+    from swarm_node.server import NodeServer
 
 log = logging.getLogger("swarm_node")
 
@@ -86,19 +90,33 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
 
 
 async def _run(config: NodeConfig, ns: argparse.Namespace) -> None:
-    if ns.coordinator:
-        await _run_agent(config, ns)
-        return
+    """Serve fixed layers (``--layers`` without ``--coordinator``), or join a swarm as an
+    agent that (re)creates its server for the layers it is assigned."""
     from swarm_node.server import NodeServer
 
-    node = NodeServer(config)
+    if ns.coordinator:
+        agent = _agent(config, ns)
+        await _serve(config, agent, lambda: agent.server, lambda: f"swarm-node joined the swarm of {ns.coordinator}")
+    else:
+        node = NodeServer(config)
+        await _serve(config, node, lambda: node, lambda: f"swarm-node listening on {node.address}")
+
+
+async def _serve(
+    config: NodeConfig,
+    running: NodeServer | NodeAgent,
+    server: Callable[[], NodeServer | None],
+    started: Callable[[], str],
+) -> None:
+    """Start ``running``, say ``started()``, and drain it on SIGTERM/SIGINT; ``server``
+    gives the current NodeServer to the metrics (an agent replaces it on reassignment)."""
     stop = daemon.stop_event()
-    metrics = _start_metrics(config, lambda: node)
-    await node.start()
-    daemon.announce(f"swarm-node listening on {node.address}")
+    metrics = _start_metrics(config, server)
+    await running.start()
+    daemon.announce(started())
     await stop.wait()
     log.info("signal received: draining")
-    await node.stop()
+    await running.stop()
     _stop_metrics(metrics)
 
 
@@ -121,11 +139,11 @@ def _stop_metrics(metrics: tuple[Any, asyncio.Task[None]] | None) -> None:
         metrics[0].close()
 
 
-async def _run_agent(config: NodeConfig, ns: argparse.Namespace) -> None:
+def _agent(config: NodeConfig, ns: argparse.Namespace) -> NodeAgent:
     from swarm_node.agent import NodeAgent
     from swarm_node.engine.speed import parse_bytes
 
-    agent = NodeAgent(
+    return NodeAgent(
         config,
         coordinator=ns.coordinator,
         memory_budget=parse_bytes(ns.memory_budget) if ns.memory_budget else 0,
@@ -133,27 +151,14 @@ async def _run_agent(config: NodeConfig, ns: argparse.Namespace) -> None:
         pinned=bool(ns.layers),
         advertise=ns.advertise,
     )
-    stop = daemon.stop_event()
-    metrics = _start_metrics(config, lambda: agent.server)
-    await agent.start()
-    daemon.announce(f"swarm-node joined the swarm of {ns.coordinator}")
-    await stop.wait()
-    log.info("signal received: draining")
-    await agent.stop()
-    _stop_metrics(metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    daemon.setup_logging(ns.log_level)
-    try:
-        config = config_from_args(ns)
-    except ValueError as exc:
-        raise SystemExit(f"swarm-node: {exc}") from exc
     from swarm_node.errors import SwarmNodeError
     from swarm_proto.errors import SwarmProtoError
 
-    return daemon.run("swarm-node", _run(config, ns), (SwarmNodeError, SwarmProtoError, OSError))
+    errors = (SwarmNodeError, SwarmProtoError, OSError)
+    return daemon.main("swarm-node", build_parser(), argv, config_from_args, _run, errors)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ starts and stops.
 - ``stop_event()``: an event that SIGTERM or SIGINT sets; the daemon drains and returns.
 - ``announce(line)``: the one machine-readable line on stdout (``swarm-node listening on
   HOST:PORT``) that scripts and tests wait for.
-- ``run(prog, main, errors)``: ``asyncio.run(main)``, with the expected failures turned
-  into ``prog: message`` and exit status 1 instead of a traceback.
+- ``main(prog, parser, argv, configure, serve, errors)``: parse the flags, set up
+  logging, build the daemon's config (a ``ValueError`` or ``SwarmProtoError`` there is a
+  bad flag) and ``asyncio.run(serve(config, ns))``; the expected failures end the
+  process with ``prog: message`` and exit status 1 instead of a traceback.
 
 Flags themselves come from :func:`swarm_proto.flags.flag_adder` (``--x-y`` falls back to
 ``SWARM_X_Y``).
@@ -17,14 +19,19 @@ Flags themselves come from :func:`swarm_proto.flags.flag_adder` (``--x-y`` falls
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
-__all__ = ["LOG_LEVELS", "OUR_LOGGERS", "add_log_level", "announce", "run", "setup_logging", "stop_event"]
+from swarm_proto.errors import SwarmProtoError
+
+__all__ = ["LOG_LEVELS", "OUR_LOGGERS", "add_log_level", "announce", "main", "setup_logging", "stop_event"]
+
+C = TypeVar("C")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The packages whose loggers follow --log-level; everything else is a third party.
@@ -64,11 +71,25 @@ def announce(line: str) -> None:
     sys.stdout.flush()
 
 
-def run(prog: str, main: Coroutine[Any, Any, None], errors: tuple[type[BaseException], ...]) -> int:
-    """Run the daemon's ``main`` to its end; an expected failure (``errors``) ends the
-    process with ``prog: message`` on stderr and status 1."""
+def main(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    configure: Callable[[argparse.Namespace], C],
+    serve: Callable[[C, argparse.Namespace], Coroutine[Any, Any, None]],
+    errors: tuple[type[BaseException], ...],
+) -> int:
+    """A daemon's whole life: flags, logging, config, serving until a signal. A bad flag
+    or an expected failure (``errors``) ends the process with ``prog: message`` on
+    stderr and status 1."""
+    ns = parser.parse_args(argv)
+    setup_logging(ns.log_level)
     try:
-        asyncio.run(main)
+        config = configure(ns)
+    except (ValueError, SwarmProtoError) as exc:
+        raise SystemExit(f"{prog}: {exc}") from exc
+    try:
+        asyncio.run(serve(config, ns))
     except errors as exc:
         raise SystemExit(f"{prog}: {exc}") from exc
     return 0

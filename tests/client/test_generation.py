@@ -33,24 +33,21 @@ def tok() -> Tokenizer:
 class ScriptedSource(TokenSource):
     """A backend that 'samples' a fixed script, recording what it was asked."""
 
+    # Plain attributes where the protocol has read-only properties (class attributes
+    # shadow the protocol's, so the instance can set its own).
+    max_context: int = 4096
+    eos_token_ids: tuple[int, ...] = (EOS,)
+
     def __init__(
         self, script: Sequence[int], max_context: int = 4096, eos: tuple[int, ...] = (EOS,), delay: float = 0.0
     ) -> None:
         self.script = list(script)
         self.delay = delay
-        self._max_context = max_context
-        self._eos = eos
+        self.max_context = max_context
+        self.eos_token_ids = eos
         self.calls: list[tuple[tuple[int, ...], SamplingParams, int]] = []
         self.closed = 0
         self.yielded = 0
-
-    @property
-    def max_context(self) -> int:
-        return self._max_context
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self._eos
 
     def tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[SampledToken]:
         self.calls.append((tuple(prompt_ids), params, max_new_tokens))

@@ -54,7 +54,7 @@ def _backend(ns: argparse.Namespace) -> object:
     return AsyncSwarmClient.remote(coordinator=ns.coordinator, route=ns.route, model=model, token=ns.token)
 
 
-async def _serve(ns: argparse.Namespace) -> None:
+async def _serve(_: object, ns: argparse.Namespace) -> None:
     backend = await asyncio.to_thread(_backend, ns)  # fail here, before serving, if the model is missing
     app = create_app(backend, None, gateway_config_from_args(ns))  # type: ignore[arg-type]
     stop = daemon.stop_event()
@@ -64,9 +64,7 @@ async def _serve(ns: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    daemon.setup_logging(ns.log_level)
-    return daemon.run("gateway", _serve(ns), (OSError, ValueError, SwarmError))
+    return daemon.main("gateway", build_parser(), argv, lambda ns: None, _serve, (OSError, ValueError, SwarmError))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from swarm_coordinator.state import NodeView, SwarmState
+from swarm_coordinator.state import NodeView, SwarmState, runs
 from swarm_proto.presence import Event
 
 __all__ = ["Activity", "SessionInfo", "StaticView", "SwarmView", "snapshot"]
@@ -214,24 +214,11 @@ def _node(view: NodeView, now_mono: float) -> dict[str, Any]:
 
 def coverage(state: SwarmState) -> list[int]:
     """How many ready nodes serve each layer."""
-    counts = [0] * state.num_layers
-    for view in state.nodes.values():
-        r = view.serving
-        if r is not None and state.serves_model(view):
-            for layer in range(r.start, min(r.end, state.num_layers)):
-                counts[layer] += 1
-    return counts
+    return list(state.serving().coverage(state.num_layers))
 
 
 def _runs_of_zero(counts: Sequence[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for i, c in enumerate(counts):
-        if c == 0:
-            if out and out[-1][1] == i:
-                out[-1][1] = i + 1
-            else:
-                out.append([i, i + 1])
-    return out
+    return [[r.start, r.end] for r in runs(c == 0 for c in counts)]
 
 
 def snapshot(
