@@ -5,6 +5,9 @@ starts and stops.
   ``setup_logging(level)``: our packages log at that level; every other library's
   loggers (amqtt's ``transitions.core`` state changes, grpc, uvicorn, ...) stay at
   WARNING unless the level is DEBUG, so an INFO log reads as the swarm's own story.
+- ``Service``: what runs inside a daemon (servers, brokers, MQTT clients, a session along
+  a route) is started and stopped as ``async with``; a start that fails stops what it
+  began, so ``stop()`` must cope with a partial start.
 - ``stop_event()``: an event that SIGTERM or SIGINT sets; the daemon drains and returns.
 - ``announce(line)``: the one machine-readable line on stdout (``swarm-node listening on
   HOST:PORT``) that scripts and tests wait for.
@@ -29,13 +32,35 @@ from typing import Any, TypeVar
 
 from swarm_proto.errors import SwarmProtoError
 
-__all__ = ["LOG_LEVELS", "OUR_LOGGERS", "add_log_level", "announce", "main", "setup_logging", "stop_event"]
+__all__ = ["LOG_LEVELS", "OUR_LOGGERS", "Service", "add_log_level", "announce", "main", "setup_logging", "stop_event"]
 
 C = TypeVar("C")
+S = TypeVar("S", bound="Service")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The packages whose loggers follow --log-level; everything else is a third party.
 OUR_LOGGERS = ("swarm_proto", "swarm_node", "swarm_client", "swarm_coordinator", "__main__")
+
+
+class Service:
+    """``start()`` / ``stop()`` as an async context manager (subclasses define both)."""
+
+    async def start(self) -> object:  # what it returns (an address, say) is its own business
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: S) -> S:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
 def add_log_level(add: Callable[..., None]) -> None:
