@@ -16,12 +16,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from e2e.chaos import Daemon
 
 from swarm_client.api import AsyncSwarmClient, SwarmClient
 from swarm_coordinator.assignment import propose
@@ -45,66 +46,19 @@ PROMPT = "The capital of France is"
 
 
 @dataclass
-class Proc:
-    name: str
-    argv: list[str]
-    log: Path
-    proc: subprocess.Popen[str] | None = None
-    first_line: list[str] = field(default_factory=list)
-    _reader: threading.Thread | None = None
-
-    def start(self) -> Proc:
-        self.first_line.clear()
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if not self.first_line:
-                self.first_line.append(line.strip())
-
-    def line(self, timeout: float = 90.0) -> str:
-        deadline = time.monotonic() + timeout
-        while not self.first_line:
-            assert self.proc is not None
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        return self.first_line[0]
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@dataclass
 class Swarm:
     model: Path
     broker: MosquittoBroker
-    coordinator: Proc
-    nodes: dict[str, Proc]
+    coordinator: Daemon
+    nodes: dict[str, Daemon]
     address: str
     tmp: Path
 
-    def node(self, name: str, speed: float, budget_mb: int) -> Proc:
+    def node(self, name: str, speed: float, budget_mb: int) -> Daemon:
         argv = [sys.executable, "-m", "swarm_node.cli", "--coordinator", self.address, "--model", str(self.model),
                 "--port", "0", "--node-id", name, "--threads", "1", "--speed", str(speed),
                 "--memory-budget", f"{budget_mb}M", "--max-length", "512"]
-        proc = Proc(name, argv, self.tmp / f"{name}.log").start()
+        proc = Daemon(name, argv, self.tmp / f"{name}.log").start()
         self.nodes[name] = proc
         return proc
 
@@ -161,10 +115,10 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interva
     raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
-def coordinator_proc(model: Path, port: int, broker: str, tmp: Path) -> Proc:
+def coordinator_proc(model: Path, port: int, broker: str, tmp: Path) -> Daemon:
     argv = [sys.executable, "-m", "swarm_coordinator.cli", "--model", str(model), "--port", str(port),
             "--http-port", "0", "--mqtt", broker, "--swarm-id", SWARM, "--settle", "3"]
-    return Proc("coordinator", argv, tmp / "coordinator.log")
+    return Daemon("coordinator", argv, tmp / "coordinator.log")
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +211,7 @@ def test_coordinator_restart_leaves_a_running_generation_alone(swarm: Swarm) -> 
     worker = threading.Thread(target=lambda: result.append(asyncio.run(generate())))
     worker.start()
     time.sleep(1.5)  # the session is open and decoding
-    swarm.coordinator.kill(signal.SIGKILL)
+    swarm.coordinator.kill()
     swarm.coordinator.start().line()
     t0 = time.monotonic()
     nodes = wait_for("the registry back from retained messages", lambda: len(swarm.list_nodes()) == len(swarm.nodes), 10)
@@ -270,7 +224,7 @@ def test_coordinator_restart_leaves_a_running_generation_alone(swarm: Swarm) -> 
 def test_a_killed_node_goes_offline_and_its_layers_are_covered_again(swarm: Swarm) -> None:
     victim = "slow"
     lost = swarm.list_nodes()[victim]
-    swarm.nodes[victim].kill(signal.SIGKILL)
+    swarm.nodes[victim].kill()
     t0 = time.monotonic()
     swarm.observe(lambda s: victim in s.nodes and not s.nodes[victim].online, KEEPALIVE * 1.5 + 1)
     assert time.monotonic() - t0 <= KEEPALIVE * 1.5 + 1  # the Last Will, well within the keepalive interval
