@@ -249,7 +249,9 @@ _RETRYABLE = {
 class RoutedBackend(AsyncTokenSource):
     """An ``AsyncTokenSource`` generating along routes from ``routes``, with failover."""
 
-    failovers: int = 0  # sessions reopened after a failure (tests, stats)
+    # Sessions reopened after a failure (tests, stats); a class attribute, so that it
+    # shadows the protocol's read-only property and instances can count.
+    failovers: int = 0
 
     def __init__(
         self,
