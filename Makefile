@@ -42,7 +42,8 @@ bench: install model
 	$(PY) bench/engine.py
 	$(PY) bench/assignment.py
 
-# `swarm up` in the background (a coordinator with its embedded broker and 3 nodes),
+# `swarm up` in the background (a coordinator with its embedded broker and 3 nodes, the
+# model split over them; it prints the split),
 # one streamed answer through its coordinator, then Ctrl-C for the swarm.
 demo: install model
 	@rm -f .swarm-demo; \

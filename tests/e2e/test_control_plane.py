@@ -14,6 +14,7 @@ the client and coordinator packages.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -360,7 +361,10 @@ def test_swarm_up_starts_covers_and_stops(default_model: Path, tmp_path: Path) -
             up.kill()
             up.wait()
     assert up.returncode == 0, text
-    assert "the model is covered" in text and "node " in text and "stopping the swarm" in text
+    assert "the model is covered" in text and "stopping the swarm" in text
+    # the default budgets split the model: 15 of the 30 layers on each node, printed
+    split = sorted(re.findall(r"^node .* layers \[(\d+), (\d+)\)", text, re.MULTILINE))
+    assert split == [("0", "15"), ("15", "30")], text
     assert not ready.exists()
     for log in (tmp_path / "logs").glob("node-*.log"):
         assert "stopped after draining" in log.read_text()
