@@ -83,8 +83,8 @@ def imports_of(source: str, module: str, is_package: bool = False) -> list[Impor
             return
         else:
             inner = kind
-        for child in ast.iter_child_nodes(node):
-            visit(child, inner)
+        for sub in ast.iter_child_nodes(node):
+            visit(sub, inner)
 
     visit(ast.parse(source), "eager")
     return found
