@@ -188,6 +188,24 @@ def test_the_scan_sees_real_imports() -> None:
     assert any(i.target == "torch" and i.kind == "eager" for i in graph["swarm_node.engine.model"])
 
 
+def test_the_base_install_has_no_torch() -> None:
+    """``pip install llama-swarm`` brings what the client and the coordinator import;
+    the ``node`` extra adds the engine's packages."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pytest itself depends on tomli there
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {r.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip() for r in requirements}
+
+    base, node = names(project["dependencies"]), names(project["optional-dependencies"]["node"])
+    assert not base & set(ENGINE_ONLY) and set(ENGINE_ONLY) <= node
+    assert {"grpcio", "protobuf", "transformers", "tokenizers", "gguf", "aiomqtt", "amqtt", "starlette"} <= base
+
+
 # -- the checker on synthetic trees --------------------------------------------------------
 
 CLEAN = {

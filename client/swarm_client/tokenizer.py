@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -163,7 +164,31 @@ def _disk_cache_dir(gguf: Path) -> Path:
     return cache_dir() / "tokenizers" / f"{gguf.stem}-{digest}"
 
 
+class _Drop(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _import_transformers() -> None:
+    """Import transformers without its warning that, torch missing, "models won't be
+    available": true, and beside the point for a tokenizer."""
+    if "transformers" in sys.modules:
+        return
+    hush = _Drop("PyTorch was not found")
+    root = logging.getLogger("transformers")
+    root.addFilter(hush)
+    try:
+        import transformers  # noqa: F401
+    finally:
+        root.removeFilter(hush)
+
+
 def _load_hf(path: Path) -> PreTrainedTokenizerBase:
+    _import_transformers()
     from transformers import AutoTokenizer
 
     if path.is_dir():
