@@ -155,6 +155,7 @@ class LocalSwarm:
             raise RuntimeError('the nodes need torch, which the base install leaves out: pip install "llama-swarm[node]"')
         py = sys.executable
         model = ["--model", cfg.model] if cfg.model else []
+        budget = ["--memory-budget", cfg.memory_budget or str(self.node_budget())]
         self.coordinator = _Proc(
             "coordinator",
             [py, "-m", "swarm_coordinator.cli", *model, "--host", cfg.host, "--port", str(cfg.port),
@@ -169,7 +170,6 @@ class LocalSwarm:
         self.mqtt_url = words[4].removeprefix("mqtt=")
         self.http = words[5].removeprefix("http=")
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.nodes)
-        budget = ["--memory-budget", cfg.memory_budget or str(self.node_budget())]
         for i in range(cfg.nodes):
             self.nodes.append(
                 _Proc(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from swarm_client.up import UpConfig, split_budget
+from swarm_client.cli import main
+from swarm_client.up import LocalSwarm, UpConfig, split_budget
 
 
 @pytest.mark.parametrize(
@@ -29,3 +32,19 @@ def test_config_checks() -> None:
         UpConfig(nodes=2, replicas=3)
     with pytest.raises(ValueError, match="dtype"):
         UpConfig(dtype="int3")
+
+
+def test_default_budget_splits_the_default_model(default_model: Path) -> None:
+    from swarm_proto.model_args import layer_bytes, read_args
+
+    per_layer = layer_bytes(read_args(default_model), "float32")
+    assert LocalSwarm(UpConfig(nodes=3, model=str(default_model))).node_budget() == 10 * per_layer
+    assert LocalSwarm(UpConfig(nodes=4, replicas=2, model=str(default_model))).node_budget() == 15 * per_layer
+
+
+def test_a_missing_model_fails_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.gguf"
+    assert main(["up", "--nodes", "2", "--model", str(missing), "--log-dir", str(tmp_path / "logs")]) == 1
+    out = capsys.readouterr()
+    assert "missing.gguf" in out.err
+    assert not list((tmp_path / "logs").glob("*.log"))  # no daemon was started
