@@ -204,9 +204,9 @@ async def bench(args: argparse.Namespace, swarm: Swarm) -> dict[str, Any]:
     import httpx2
     import openai
 
-    from swarm_coordinator.http.mount import swarm_client
+    from swarm_client.api import AsyncSwarmClient
 
-    client = await asyncio.to_thread(swarm_client, swarm.address, swarm.model)
+    client = await asyncio.to_thread(lambda: AsyncSwarmClient.remote(coordinator=swarm.address, model=swarm.model, token=""))
     api = openai.AsyncOpenAI(base_url=swarm.url + "/v1", api_key="bench", max_retries=0, timeout=600)
     http = httpx2.AsyncClient(base_url=swarm.url, timeout=600, limits=httpx2.Limits(max_connections=64))
     model = (await api.models.list()).data[0].id

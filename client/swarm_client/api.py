@@ -14,12 +14,11 @@ detokenizing, EOS / stop tokens / stop strings / max tokens, timing and the fina
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 from swarm_client.errors import InvalidRequestError
 from swarm_client.params import SamplingOptions
@@ -198,7 +197,7 @@ def run_stream(
     tokenizer: Tokenizer,
     prompt_ids: Sequence[int],
     options: SamplingOptions,
-) -> Iterator[StreamEvent]:
+) -> Generator[StreamEvent, None, None]:
     """Generate from ``prompt_ids`` with ``source``; yield one event per token and a
     final event that carries the ``GenerationResult``."""
     asm = StreamAssembler(
@@ -212,9 +211,7 @@ def run_stream(
                 break
             yield event
     finally:
-        close = getattr(tokens, "close", None)
-        if close is not None:
-            close()
+        tokens.close()
     yield asm.finish()
 
 
@@ -223,7 +220,7 @@ async def arun_stream(
     tokenizer: Tokenizer,
     prompt_ids: Sequence[int],
     options: SamplingOptions,
-) -> AsyncIterator[StreamEvent]:
+) -> AsyncGenerator[StreamEvent, None]:
     """``run_stream`` for a backend whose ``tokens()`` is an async iterator."""
     asm = StreamAssembler(
         tokenizer, prompt_ids, options, max_context=source.max_context, eos_token_ids=source.eos_token_ids
@@ -236,9 +233,7 @@ async def arun_stream(
                 break
             yield event
     finally:
-        aclose = getattr(tokens, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await tokens.aclose()
     yield asm.finish()
 
 
@@ -315,9 +310,7 @@ class SwarmClient(_Base):
         return _last(self.stream_chat(messages, options, **overrides))
 
     def close(self) -> None:
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
+        self.backend.close()
 
     def __enter__(self) -> SwarmClient:
         return self
@@ -365,9 +358,6 @@ class AsyncSwarmClient(_Base):
     ) -> None:
         super().__init__(tokenizer, defaults)
         self.backend = backend
-        # An async backend's tokens() is an async generator function (or the
-        # backend says so with `is_async = True`).
-        self._async = inspect.isasyncgenfunction(backend.tokens) or bool(getattr(backend, "is_async", False))
 
     @classmethod
     def from_client(cls, client: SwarmClient) -> AsyncSwarmClient:
@@ -396,17 +386,20 @@ class AsyncSwarmClient(_Base):
         backend, tokenizer = _remote_backend(coordinator, route, model, token)
         return cls(backend, tokenizer, defaults=defaults)
 
-    def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncIterator[StreamEvent]:
-        if self._async:
-            return arun_stream(self.backend, self.tokenizer, ids, opts)  # type: ignore[arg-type]
-        return _in_thread(lambda: run_stream(self.backend, self.tokenizer, ids, opts))  # type: ignore[arg-type]
+    def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncGenerator[StreamEvent, None]:
+        if self.backend.is_async:
+            return arun_stream(cast(AsyncTokenSource, self.backend), self.tokenizer, ids, opts)
+        backend = cast(TokenSource, self.backend)
+        return _in_thread(lambda: run_stream(backend, self.tokenizer, ids, opts))
 
-    def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> AsyncIterator[StreamEvent]:
+    def stream(
+        self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any
+    ) -> AsyncGenerator[StreamEvent, None]:
         return self._stream_ids(self.encode(prompt), self.options(options, **overrides))
 
     def stream_chat(
         self, messages: Messages, options: SamplingOptions | None = None, **overrides: Any
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         return self._stream_ids(self.encode_chat(messages), self.options(options, **overrides))
 
     async def generate(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> GenerationResult:
@@ -416,13 +409,10 @@ class AsyncSwarmClient(_Base):
         return await _alast(self.stream_chat(messages, options, **overrides))
 
     async def close(self) -> None:
-        aclose = getattr(self.backend, "aclose", None)
-        if aclose is not None:
-            await aclose()
-            return
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            await asyncio.to_thread(close)
+        if self.backend.is_async:
+            await cast(AsyncTokenSource, self.backend).aclose()
+        else:
+            await asyncio.to_thread(cast(TokenSource, self.backend).close)
 
     async def __aenter__(self) -> AsyncSwarmClient:
         return self
@@ -441,7 +431,7 @@ async def _alast(events: AsyncIterator[StreamEvent]) -> GenerationResult:
 _END = object()
 
 
-async def _in_thread(make: Any) -> AsyncIterator[StreamEvent]:
+async def _in_thread(make: Callable[[], Generator[StreamEvent, None, None]]) -> AsyncGenerator[StreamEvent, None]:
     """Run a blocking event iterator in a thread and hand its events to the loop.
 
     Leaving the ``async for`` early (or cancelling) stops the worker at its next
@@ -452,7 +442,7 @@ async def _in_thread(make: Any) -> AsyncIterator[StreamEvent]:
     cancelled = threading.Event()
 
     def work() -> None:
-        events: Iterator[StreamEvent] | None = None
+        events: Generator[StreamEvent, None, None] | None = None
         try:
             events = make()
             for event in events:
@@ -462,9 +452,8 @@ async def _in_thread(make: Any) -> AsyncIterator[StreamEvent]:
         except BaseException as exc:  # handed to the consumer, re-raised there
             loop.call_soon_threadsafe(queue.put_nowait, exc)
         finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
+            if events is not None:
+                events.close()
             loop.call_soon_threadsafe(queue.put_nowait, _END)
 
     worker = loop.run_in_executor(None, work)

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Generator, Sequence
 from typing import Any, TypeVar
 
-from swarm_client.types import AsyncTokenSource, SampledToken
+from swarm_client.types import AsyncTokenSource, SampledToken, TokenSource
 from swarm_proto.wire import SamplingParams
 
 T = TypeVar("T")
 
 
-class BlockingTokenSource:
+class BlockingTokenSource(TokenSource):
     """``TokenSource`` over an ``AsyncTokenSource``, for plain synchronous callers."""
 
     def __init__(self, source: AsyncTokenSource) -> None:
@@ -31,11 +31,17 @@ class BlockingTokenSource:
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.source.eos_token_ids
 
+    @property
+    def failovers(self) -> int:
+        return self.source.failovers
+
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[SampledToken]:
-        agen: AsyncIterator[SampledToken] = self.source.tokens(prompt_ids, params, max_new_tokens)
+    def tokens(
+        self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
+    ) -> Generator[SampledToken, None, None]:
+        agen: AsyncGenerator[SampledToken, None] = self.source.tokens(prompt_ids, params, max_new_tokens)
 
         async def next_token() -> SampledToken | None:
             try:
@@ -47,16 +53,12 @@ class BlockingTokenSource:
             while (tok := self._run(next_token())) is not None:
                 yield tok
         finally:
-            aclose = getattr(agen, "aclose", None)
-            if aclose is not None:
-                self._run(aclose())
+            self._run(agen.aclose())
 
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        aclose = getattr(self.source, "aclose", None)
-        if aclose is not None:
-            self._run(aclose())
+        self._run(self.source.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._loop.close()

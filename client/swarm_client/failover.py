@@ -1,9 +1,10 @@
 """The pieces of failover that :class:`swarm_client.routed.RoutedBackend` puts together.
 
 - :class:`FailoverPolicy`: how long to wait, how often to retry, which replay.
-- :class:`StepClock`: the step timeout, derived from the route's expected latency:
-  the coordinator's estimate for the route until this client has measured steps
-  itself, then its own measurements (a step of ``T`` positions is expected to take
+- :class:`StepClock`: the step timeout of one session (one generation: its clock
+  is its own, never shared), derived from the route's expected latency: the
+  coordinator's estimate for the route until the session has measured steps itself,
+  then its own measurements (a step of ``T`` positions is expected to take
   ``step_s + (T-1) * position_s``); the timeout is a multiple of that, never under a
   floor.
 - :class:`Avoidance`: nodes this client saw fail, avoided for a backoff that doubles
@@ -58,7 +59,9 @@ class FailoverPolicy:
 
 
 class StepClock:
-    """Expected step latency from what was measured (exponential moving averages)."""
+    """Expected step latency of one session from what it measured (exponential moving
+    averages). State of a session: a clock shared by sessions on different routes would
+    time one route out by another's speed."""
 
     def __init__(self, policy: FailoverPolicy, alpha: float = 0.2) -> None:
         self.policy = policy
@@ -69,7 +72,7 @@ class StepClock:
         self.stretch = 1.0  # doubled by every timeout of a route that was only slow
 
     def slower(self) -> None:
-        """A step timed out on a route whose nodes all answer: give routes more time."""
+        """A step timed out on a route whose nodes all answer: give this session more time."""
         self.stretch *= 2.0
 
     def prior(self, expected_step_s: float) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from swarm_client.errors import GenerationError, ModelUnavailableError
-from swarm_client.types import SampledToken
+from swarm_client.types import SampledToken, TokenSource
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +27,7 @@ __all__ = ["LocalBackend"]
 logger = logging.getLogger(__name__)
 
 
-class LocalBackend:
+class LocalBackend(TokenSource):
     """All layers of a model in this process."""
 
     def __init__(self, model: ModelSlice, source: str = "") -> None:
@@ -47,13 +47,18 @@ class LocalBackend:
     ) -> LocalBackend:
         """Load every layer of ``model`` (a path, a known name, or None for the default).
 
-        ``dtype`` "auto" is the node's default (bfloat16 on CPU and CUDA); ``quantize``
-        is ``swarm-node --quantize`` (auto keeps a GGUF file quantized unless float32),
+        ``dtype`` "auto" is the node's default (swarm_proto.weight_format.compute_dtypes);
+        ``quantize`` is ``swarm-node --quantize`` (auto keeps a GGUF file quantized unless float32),
         so ``--local`` runs exactly what a swarm of such nodes runs."""
-        import torch
+        try:
+            import torch
 
-        from swarm_node.engine.loading import load_slice
-        from swarm_node.errors import SwarmNodeError
+            from swarm_node.engine.loading import load_slice
+            from swarm_node.errors import SwarmNodeError
+        except ImportError as exc:
+            raise ModelUnavailableError(
+                f'running the model in this process needs the engine: pip install "llama-swarm[node]" ({exc})'
+            ) from exc
         from swarm_proto.errors import SwarmProtoError
         from swarm_proto.model_args import DTYPE_BYTES, read_args
         from swarm_proto.store import resolve_model
@@ -86,7 +91,7 @@ class LocalBackend:
 
     def tokens(
         self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
-    ) -> Iterator[SampledToken]:
+    ) -> Generator[SampledToken, None, None]:
         import torch
 
         from swarm_node.engine.model import SeqChunk

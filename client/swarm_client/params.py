@@ -15,12 +15,10 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from swarm_client.errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from swarm_proto.wire import SamplingParams
+from swarm_proto.wire import SamplingParams
 
 __all__ = ["SamplingOptions", "DEFAULT_MAX_TOKENS", "random_seed"]
 
@@ -53,14 +51,10 @@ class SamplingOptions:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0.0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0.0:
-            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        try:  # the sampler's own checks, one place for them
+            SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
         if any(s == "" for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty")
 
@@ -88,8 +82,6 @@ class SamplingOptions:
 
     def to_sampling_params(self) -> SamplingParams:
         """The per-step parameters the tail's sampler takes (the seed must be fixed)."""
-        from swarm_proto.wire import SamplingParams
-
         if self.seed is None:
             raise InvalidRequestError("fix the seed first (SamplingOptions.with_seed())")
         return SamplingParams(

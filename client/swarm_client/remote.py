@@ -23,13 +23,13 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import grpc
 
 from swarm_client.errors import GenerationError
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.daemon import Service
 from swarm_proto.transport import ChannelPool, call_metadata
 from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, status_code
 
@@ -73,7 +73,7 @@ class StepOutput:
     logits: torch.Tensor | None = None  # [T, V] when asked for
 
 
-class RouteSession:
+class RouteSession(Service):
     """One session over ``hops`` (head first); use as an async context manager."""
 
     def __init__(
@@ -211,18 +211,7 @@ class RouteSession:
         await self._channels.close()
         self._fail_pending(RouteError(grpc.StatusCode.CANCELLED, "session closed"))
 
-    async def __aenter__(self) -> RouteSession:
-        try:
-            await self.open()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
+    start, stop = open, close  # a Service: `async with` opens it and closes it
 
     # --- internals ------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -33,10 +33,10 @@ import grpc
 from swarm_client.errors import GenerationError
 from swarm_client.failover import Avoidance, FailoverPolicy, FailoverRecord, StepClock, blame, hop_key, patch_route
 from swarm_client.remote import Hop, RouteError, RouteSession
-from swarm_client.types import SampledToken
+from swarm_client.types import AsyncTokenSource, SampledToken
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.transport import Metadata, call_metadata
-from swarm_proto.wire import SamplingParams
+from swarm_proto.wire import SamplingParams, wire_code
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +50,40 @@ class Route:
     expected_step_s: float = 0.0  # the coordinator's estimate of a decode step; 0 = unknown
 
 
+@dataclass(frozen=True)
+class NodeSummary:
+    node_id: str
+    address: str
+    start: int
+    end: int
+    device: str
+    active_sessions: int
+
+
 class RouteProvider(Protocol):
+    """Where routes come from. ``route()`` is required; the rest are capabilities with
+    no-op defaults, inherited by subclassing: a provider with nowhere to report to and no
+    node list (``StaticRoutes``) keeps them."""
+
     async def route(
         self, *, max_length: int, exclude_node_ids: Collection[str] = (), exclude_addresses: Collection[str] = ()
     ) -> Route: ...
 
-    async def report_failure(self, error: RouteError, session_id: str) -> None: ...
+    async def report_failure(self, error: RouteError, session_id: str) -> None:
+        """Tell the route's source that a hop failed (advice: never raises)."""
+        return  # (an empty body would make it abstract)
 
-    async def aclose(self) -> None: ...
+    async def report_recovery(self, record: FailoverRecord) -> None:
+        """Tell the route's source what a finished failover cost (advice: never raises)."""
+        return  # (an empty body would make it abstract)
+
+    async def list_nodes(self) -> list[NodeSummary]:
+        """The nodes a failed hop may be replaced with; [] when unknown (then a failover
+        asks for a whole new route)."""
+        return []
+
+    async def aclose(self) -> None:
+        return  # (an empty body would make it abstract)
 
 
 def parse_route(text: str) -> tuple[Hop, ...]:
@@ -94,7 +120,7 @@ async def _hosted_range(address: str, metadata: Metadata, timeout: float = 10.0)
     return info.start, info.end
 
 
-class StaticRoutes:
+class StaticRoutes(RouteProvider):
     """Always the same chain (no failover: there is nowhere else to go)."""
 
     def __init__(self, hops: Sequence[Hop], *, token: str = "") -> None:
@@ -117,24 +143,8 @@ class StaticRoutes:
                     )
         return Route(self.hops)
 
-    async def report_failure(self, error: RouteError, session_id: str) -> None:
-        return None
 
-    async def aclose(self) -> None:
-        return None
-
-
-@dataclass(frozen=True)
-class NodeSummary:
-    node_id: str
-    address: str
-    start: int
-    end: int
-    device: str
-    active_sessions: int
-
-
-class CoordinatorRoutes:
+class CoordinatorRoutes(RouteProvider):
     """Routes from the coordinator's gRPC service at ``HOST:PORT``.
 
     The channel is made on first use, in the event loop that uses it.
@@ -176,7 +186,7 @@ class CoordinatorRoutes:
             node_id=error.node_id,
             address=error.address,
             session_id=session_id,
-            code=error.code.value[0],
+            code=wire_code(error.code),
             message=error.message[:1000],
         )
         try:
@@ -186,12 +196,11 @@ class CoordinatorRoutes:
 
     async def report_recovery(self, record: FailoverRecord) -> None:
         """The failover's numbers, once the session produced a token again (an event)."""
-        code = next((c.value[0] for c in grpc.StatusCode if c.name == record.code), 0)
         report = swarm_pb2.FailureReport(
             node_id=record.node_id,
             address=record.address,
             session_id=record.session_id,
-            code=code,
+            code=wire_code(grpc.StatusCode[record.code]),
             message=record.message[:1000],
             recovered=True,
             stall_s=record.stall_s,
@@ -237,10 +246,12 @@ _RETRYABLE = {
 }
 
 
-class RoutedBackend:
+class RoutedBackend(AsyncTokenSource):
     """An ``AsyncTokenSource`` generating along routes from ``routes``, with failover."""
 
-    is_async = True
+    # Sessions reopened after a failure (tests, stats); a class attribute, so that it
+    # shadows the protocol's read-only property and instances can count.
+    failovers: int = 0
 
     def __init__(
         self,
@@ -248,29 +259,16 @@ class RoutedBackend:
         *,
         max_context: int,
         eos_token_ids: Sequence[int],
-        max_attempts: int | None = None,
-        step_timeout: float | None = None,
-        retry_delay: float | None = None,
         policy: FailoverPolicy | None = None,
         token: str = "",
     ) -> None:
-        policy = policy or FailoverPolicy()
         self.token = token  # the swarm token, sent to every node of every route
-        # The older keyword arguments still work: they override the policy's fields.
-        overrides: dict[str, Any] = {}
-        if max_attempts is not None:
-            overrides["max_failovers"] = max_attempts
-        if step_timeout is not None:
-            overrides["step_timeout_max"] = step_timeout
-        if retry_delay is not None:
-            overrides["retry_delay"] = retry_delay
-        self.policy = replace(policy, **overrides)
+        self.policy = policy or FailoverPolicy()
         self.routes = routes
         self._max_context = max_context
         self._eos = tuple(eos_token_ids)
-        self.clock = StepClock(self.policy)
         self.avoid = Avoidance(self.policy.backoff_initial, self.policy.backoff_max)
-        self.failovers = 0  # sessions reopened after a failure (tests, stats)
+        self.failovers = 0
         self.records: deque[FailoverRecord] = deque(maxlen=1000)  # the recovered ones, newest last
         self.last_route: Route | None = None
         self._reports: set[asyncio.Task[None]] = set()
@@ -285,7 +283,7 @@ class RoutedBackend:
 
     async def tokens(
         self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
-    ) -> AsyncIterator[SampledToken]:
+    ) -> AsyncGenerator[SampledToken, None]:
         if not prompt_ids:
             raise GenerationError("the prompt has no tokens")
         policy = self.policy
@@ -297,9 +295,10 @@ class RoutedBackend:
         session_id = route.session_id or uuid.uuid4().hex
         pending: FailoverRecord | None = None  # a failover not yet followed by a token
         failures = 0
+        clock = StepClock(policy)  # this session's: its timeouts follow its own routes' speed
         while generated < max_new_tokens:
             self.last_route = route
-            self.clock.prior(route.expected_step_s)
+            clock.prior(route.expected_step_s)
             session = RouteSession(
                 route.hops,
                 max_length=max_length,
@@ -323,10 +322,10 @@ class RoutedBackend:
                         pending.replayed_tokens = n - min(session.kept, default=0) if span else n
                         pending.replayed_layers = sum(h.end - h.start for h in fresh)
                     if pending is not None and span:
-                        out = await session.replay(history, timeout=self.clock.timeout(pending.replayed_tokens))
+                        out = await session.replay(history, timeout=clock.timeout(pending.replayed_tokens))
                     else:
-                        out = await session.prefill(history, timeout=self.clock.timeout(n))
-                    self.clock.observe(n if pending is None else pending.replayed_tokens, time.monotonic() - sent)
+                        out = await session.prefill(history, timeout=clock.timeout(n))
+                    clock.observe(n if pending is None else pending.replayed_tokens, time.monotonic() - sent)
                     while True:
                         if out.token is None:
                             raise GenerationError("the tail returned no token")
@@ -339,8 +338,8 @@ class RoutedBackend:
                         if generated >= max_new_tokens:
                             return
                         sent = time.monotonic()
-                        out = await session.decode(out.token, timeout=self.clock.timeout(1))
-                        self.clock.observe(1, time.monotonic() - sent)
+                        out = await session.decode(out.token, timeout=clock.timeout(1))
+                        clock.observe(1, time.monotonic() - sent)
             except RouteError as err:
                 failures += 1
                 if err.code not in _RETRYABLE or failures > policy.max_failovers:
@@ -348,7 +347,7 @@ class RoutedBackend:
                 detected = time.monotonic()
                 culprits = await blame(err, route.hops, policy.probe_timeout, call_metadata(self.token))
                 if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and not culprits:
-                    self.clock.slower()  # every hop answers: the route is slow, not dead
+                    clock.slower()  # every hop answers: the route is slow, not dead
                 for hop in culprits:
                     backoff = self.avoid.record(hop_key(hop))
                     logger.warning("hop %s (layers [%d, %d)) failed: %s; avoided for %.0f s", hop.address, hop.start, hop.end, err, backoff)
@@ -379,7 +378,7 @@ class RoutedBackend:
     async def _reroute(self, old: Route, culprits: Sequence[Hop], max_length: int) -> Route:
         """A route avoiding the failed hops: the old one patched where possible (its
         survivors keep the session's cache), else a new one from the provider."""
-        if self.policy.replay == "span" and culprits and hasattr(self.routes, "list_nodes"):
+        if self.policy.replay == "span" and culprits:
             try:
                 nodes = await self.routes.list_nodes()
             except RouteError as err:
@@ -413,9 +412,7 @@ class RoutedBackend:
         record.replay_s = time.monotonic() - record.t_opened
         self.records.append(record)
         logger.warning("failover: %s", record.summary())
-        report = getattr(self.routes, "report_recovery", None)
-        if report is not None:
-            self._background(report(record))
+        self._background(self.routes.report_recovery(record))
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

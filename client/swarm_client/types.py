@@ -2,7 +2,8 @@
 
 A backend (in-process ``LocalBackend``, or the swarm) only has to be a
 ``TokenSource``: given prompt ids and per-step sampling parameters it yields
-``SampledToken``s until it is closed. Everything above that -- detokenizing,
+``SampledToken``s until it is closed. Backends subclass their protocol, which
+declares the optional capabilities with no-op defaults. Everything above that -- detokenizing,
 stop strings, EOS, max tokens, timing, the final ``GenerationResult`` -- is shared
 (``swarm_client.api.StreamAssembler``), so both backends return the same thing.
 ``AsyncTokenSource`` is the same contract with an async iterator.
@@ -10,9 +11,9 @@ stop strings, EOS, max tokens, timing, the final ``GenerationResult`` -- is shar
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Generator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from swarm_proto.wire import SamplingParams
@@ -117,9 +118,16 @@ class TokenSource(Protocol):
     ``tokens()`` prefills ``prompt_ids`` and then yields the token sampled at
     each following position (position = number of tokens before it), feeding
     each back in, for at most ``max_new_tokens`` tokens. The consumer stops early
-    by closing the iterator, which must free the session's resources.
+    by closing the generator, which must free the session's resources.
     ``max_context`` is the longest sequence (prompt + generated) it can hold.
+
+    Optional capabilities have no-op defaults here, which a backend inherits by
+    subclassing the protocol: ``failovers`` (sessions reopened after a failure; 0 for
+    a backend that never fails over) and ``close()``. ``is_async`` tells this contract
+    from ``AsyncTokenSource``'s.
     """
+
+    is_async: ClassVar[bool] = False
 
     @property
     def max_context(self) -> int: ...
@@ -129,13 +137,24 @@ class TokenSource(Protocol):
 
     def tokens(
         self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
-    ) -> Iterator[SampledToken]: ...
+    ) -> Generator[SampledToken, None, None]: ...
+
+    @property
+    def failovers(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Free what the backend holds (channels, threads, the model)."""
+        return  # (an empty body would make it abstract)
 
 
 @runtime_checkable
 class AsyncTokenSource(Protocol):
-    """``TokenSource`` for asyncio backends: ``tokens()`` is an async iterator,
-    and ``aclose()`` on it must free the session."""
+    """``TokenSource`` for asyncio backends: ``tokens()`` is an async generator,
+    and ``aclose()`` on it must free the session. Optional capabilities as in
+    ``TokenSource``, with ``aclose()`` for ``close()``."""
+
+    is_async: ClassVar[bool] = True
 
     @property
     def max_context(self) -> int: ...
@@ -145,4 +164,12 @@ class AsyncTokenSource(Protocol):
 
     def tokens(
         self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
-    ) -> AsyncIterator[SampledToken]: ...
+    ) -> AsyncGenerator[SampledToken, None]: ...
+
+    @property
+    def failovers(self) -> int:
+        return 0
+
+    async def aclose(self) -> None:
+        """Free what the backend holds (channels, background reports)."""
+        return  # (an empty body would make it abstract)

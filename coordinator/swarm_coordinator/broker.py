@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm_coordinator.errors import BrokerError
+from swarm_proto.daemon import Service
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(Service):
     """An amqtt broker in this process's event loop; ``port=0`` picks a free port.
 
     ::
@@ -92,12 +93,6 @@ class EmbeddedBroker:
             await broker.shutdown()
             log.info("embedded MQTT broker on %s stopped", self.url)
 
-    async def __aenter__(self) -> EmbeddedBroker:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
 
 def find_mosquitto() -> str | None:

@@ -8,14 +8,14 @@ process (amqtt); ``--mqtt mqtt://host:port`` uses an external one (mosquitto).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
 from swarm_coordinator.config import CoordinatorConfig
+from swarm_proto import daemon
 from swarm_proto.flags import flag_adder
+from swarm_proto.model_args import DTYPE_BYTES
 
 log = logging.getLogger("swarm_coordinator")
 
@@ -37,11 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--replicas", int, defaults["replicas"].default, "copies of each layer wanted, where memory allows")
     add("--min-gain", float, defaults["min_gain"].default, "reshuffle a working swarm only for more than this gain")
     add("--dtype", str, defaults["dtype"].default, "the nodes' compute dtype (sizes layers against memory budgets)",
-        choices=["float32", "bfloat16", "float16"])
+        choices=list(DTYPE_BYTES))
     add("--node-timeout", float, defaults["node_timeout"].default, "seconds of silence before a node counts as offline")
     add("--settle", float, defaults["settle"].default, "seconds changes gather before a plan (a burst of joins: one plan)")
     add("--token", str, "", "swarm token required on every gRPC call and sent to the nodes; prefer the env var, flags show in ps")
-    add("--log-level", str, "INFO", "logging level")
+    daemon.add_log_level(add)
     from swarm_coordinator.http.mount import add_gateway_flags
 
     add_gateway_flags(p)  # --api-key, --api-keys-file, --rate-limit-rpm/-tpm, --model-id
@@ -74,39 +74,22 @@ async def _run(config: CoordinatorConfig, ns: argparse.Namespace) -> None:
 
     gateway = gateway_config_from_args(ns)
     server = CoordinatorServer(config, http_app=lambda coordinator: coordinator_app(coordinator, gateway))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = daemon.stop_event()
     async with server:
-        # One machine-readable line on stdout: scripts and tests wait for it.
-        sys.stdout.write(
+        daemon.announce(
             f"swarm-coordinator listening on {server.address} mqtt={server.advertised_mqtt_url}"
-            f" http={server.http_address or 'off'}\n"
+            f" http={server.http_address or 'off'}"
         )
-        sys.stdout.flush()
         await stop.wait()
         log.info("signal received: stopping")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     from swarm_coordinator.errors import CoordinatorError
     from swarm_proto.errors import SwarmProtoError
 
-    try:
-        config = config_from_args(ns)
-    except (ValueError, SwarmProtoError) as exc:
-        raise SystemExit(f"swarm-coordinator: {exc}") from exc
-    try:
-        asyncio.run(_run(config, ns))
-    except (CoordinatorError, SwarmProtoError, OSError) as exc:
-        raise SystemExit(f"swarm-coordinator: {exc}") from exc
-    return 0
+    errors = (CoordinatorError, SwarmProtoError, OSError)
+    return daemon.main("swarm-coordinator", build_parser(), argv, config_from_args, _run, errors)
 
 
 if __name__ == "__main__":

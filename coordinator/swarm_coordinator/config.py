@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from swarm_proto.model_args import DTYPE_BYTES
 from swarm_proto.presence import check_id
 
 __all__ = ["CoordinatorConfig", "DEFAULT_GRPC_PORT", "DEFAULT_HTTP_PORT", "DEFAULT_MQTT_PORT"]
@@ -21,7 +22,7 @@ class CoordinatorConfig:
     model: str  # model source (file or folder); read for its shape only, never loaded
     host: str = "127.0.0.1"  # address the gRPC (and HTTP) servers bind
     port: int = DEFAULT_GRPC_PORT  # gRPC Coordinator service; 0 picks a free port
-    http_port: int = DEFAULT_HTTP_PORT  # HTTP gateway (served when swarm_coordinator.http is installed)
+    http_port: int = DEFAULT_HTTP_PORT  # HTTP gateway; served when the server is given an http_app (swarm-coordinator always gives it)
     mqtt: str = "embedded"  # "embedded" (broker in this process) or mqtt://host:port
     mqtt_port: int = DEFAULT_MQTT_PORT  # the embedded broker's port; 0 picks a free one
     swarm_id: str = "default"
@@ -47,8 +48,8 @@ class CoordinatorConfig:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.min_gain < 0:
             raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         for name in ("node_timeout", "failure_backoff", "failure_backoff_max"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

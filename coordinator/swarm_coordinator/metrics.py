@@ -46,12 +46,7 @@ class SwarmCollector(Collector):
             nodes.add_metric([name], n)
         yield nodes
 
-        serving = [0] * state.num_layers
-        for view in state.nodes.values():
-            r = view.serving
-            if r is not None and state.serves_model(view):
-                for layer in range(r.start, min(r.end, state.num_layers)):
-                    serving[layer] += 1
+        serving = state.serving().coverage(state.num_layers)
         yield GaugeMetricFamily("swarm_layers", "Decoder layers of the served model", value=state.num_layers)
         yield GaugeMetricFamily(
             "swarm_layers_uncovered", "Layers no ready node serves", value=sum(1 for c in serving if c == 0)

@@ -25,6 +25,7 @@ from swarm_coordinator.routing import RecentRoutes, RoutingPolicy, Span, find_ro
 from swarm_coordinator.state import NodeView, SwarmState
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.presence import Event, EventKind
+from swarm_proto.wire import code_name
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +145,9 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             log.info("failure report for an unknown node %r at %r", request.node_id, request.address)
             return swarm_pb2.FailureAck()
         backoff = self.failures.record(node_id, self._clock())
-        code = swarm_pb2.ErrorCode.Name(request.code) if request.code in swarm_pb2.ErrorCode.values() else str(request.code)
         log.warning(
             "node %s reported failing (%s: %s, session %s): avoided for %.0f s",
-            node_id, code, request.message[:200], request.session_id[:64], backoff,
+            node_id, code_name(request.code), request.message[:200], request.session_id[:64], backoff,
         )
         return swarm_pb2.FailureAck()
 
@@ -173,9 +173,8 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
 
 def failover_detail(report: swarm_pb2.FailureReport) -> str:
     """The event line of a recovered failover: which session, what failed, what it cost."""
-    code = swarm_pb2.ErrorCode.Name(report.code) if report.code in swarm_pb2.ErrorCode.values() else str(report.code)
     return (
-        f"session {report.session_id[:32]}: {code} ({report.message[:120]}); "
+        f"session {report.session_id[:32]}: {code_name(report.code)} ({report.message[:120]}); "
         f"stall {report.stall_s:.3f} s (detect {report.detect_s:.3f}, reroute {report.reroute_s:.3f}, "
         f"replay {report.replay_s:.3f}); replayed {report.replayed_tokens} of {report.history_tokens} tokens "
         f"({report.mode or 'full'})"

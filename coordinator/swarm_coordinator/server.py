@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -31,29 +30,20 @@ from swarm_coordinator.planner import Planner
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_coordinator.rpc import CoordinatorService, FailureBook
 from swarm_coordinator.state import SwarmState
-from swarm_proto import swarm_pb2_grpc
+from swarm_proto import swarm_pb2_grpc, version
+from swarm_proto.daemon import Service
 from swarm_proto.model_args import layer_bytes, model_id, read_args
 from swarm_proto.presence import PresenceError
 from swarm_proto.transport import TokenInterceptor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CoordinatorServer", "HttpAppFactory", "version"]
+__all__ = ["CoordinatorServer", "HttpAppFactory"]
 
 HttpAppFactory = Callable[["CoordinatorServer"], Any]  # coordinator -> ASGI app
 
 
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("llama-swarm")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-class CoordinatorServer:
+class CoordinatorServer(Service):
     def __init__(self, config: CoordinatorConfig, *, http_app: HttpAppFactory | None = None) -> None:
         self.config = config
         self._http_app = http_app
@@ -166,15 +156,3 @@ class CoordinatorServer:
         self._stopped.set()
         log.info("coordinator stopped")
 
-    async def __aenter__(self) -> CoordinatorServer:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

@@ -199,6 +199,12 @@ class SwarmState:
         """A node that has not picked a model yet may be given this one."""
         return view.status.model in ("", self.model)
 
+    def serving(self) -> Assignment:
+        """What the nodes serve right now (ready, online, this model)."""
+        return Assignment(
+            {v.node_id: v.serving for v in self.nodes.values() if v.serving is not None and self.serves_model(v)}
+        )
+
     def current_assignment(self) -> Assignment:
         """What online nodes were told to host, or what they host if never told."""
         ranges: dict[str, LayerRange] = {}

@@ -9,14 +9,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swarm_node.config import DEVICES, DTYPE_CHOICES, NodeConfig, parse_layers
+from swarm_proto import daemon
 from swarm_proto.flags import flag_adder
 from swarm_proto.weight_format import QUANTIZE_CHOICES
+
+if TYPE_CHECKING:
+    from swarm_node.agent import NodeAgent
+    from swarm_node.server import NodeServer
 
 log = logging.getLogger("swarm_node")
 
@@ -47,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--speed", float, 0.0, "announce this decode speed (layer-steps/s) instead of measuring it")
     add("--advertise", str, "", "HOST[:PORT] other nodes and clients reach this node at (default: the bound address)")
     add("--metrics-port", int, None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a port; default: off)")
-    add("--log-level", str, "INFO", "logging level")
+    daemon.add_log_level(add)
     return p
 
 
@@ -90,24 +94,33 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
 
 
 async def _run(config: NodeConfig, ns: argparse.Namespace) -> None:
-    if ns.coordinator:
-        await _run_agent(config, ns)
-        return
+    """Serve fixed layers (``--layers`` without ``--coordinator``), or join a swarm as an
+    agent that (re)creates its server for the layers it is assigned."""
     from swarm_node.server import NodeServer
 
-    node = NodeServer(config)
-    metrics = _start_metrics(config, lambda: node)
-    await node.start()
-    # One machine-readable line on stdout: scripts and tests wait for it.
-    sys.stdout.write(f"swarm-node listening on {node.address}\n")
-    sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if ns.coordinator:
+        agent = _agent(config, ns)
+        await _serve(config, agent, lambda: agent.server, lambda: f"swarm-node joined the swarm of {ns.coordinator}")
+    else:
+        node = NodeServer(config)
+        await _serve(config, node, lambda: node, lambda: f"swarm-node listening on {node.address}")
+
+
+async def _serve(
+    config: NodeConfig,
+    running: NodeServer | NodeAgent,
+    server: Callable[[], NodeServer | None],
+    started: Callable[[], str],
+) -> None:
+    """Start ``running``, say ``started()``, and drain it on SIGTERM/SIGINT; ``server``
+    gives the current NodeServer to the metrics (an agent replaces it on reassignment)."""
+    stop = daemon.stop_event()
+    metrics = _start_metrics(config, server)
+    await running.start()
+    daemon.announce(started())
     await stop.wait()
     log.info("signal received: draining")
-    await node.stop()
+    await running.stop()
     _stop_metrics(metrics)
 
 
@@ -120,8 +133,7 @@ def _start_metrics(config: NodeConfig, server: Callable[[], Any]) -> tuple[Any, 
     metrics = NodeMetrics(config.node_id)
     exposition = MetricsServer(metrics.registry, config.host, config.metrics_port)
     url = exposition.start()
-    sys.stdout.write(f"swarm-node metrics on {url}\n")
-    sys.stdout.flush()
+    daemon.announce(f"swarm-node metrics on {url}")
     return exposition, asyncio.get_running_loop().create_task(metrics.follow(server))
 
 
@@ -131,11 +143,11 @@ def _stop_metrics(metrics: tuple[Any, asyncio.Task[None]] | None) -> None:
         metrics[0].close()
 
 
-async def _run_agent(config: NodeConfig, ns: argparse.Namespace) -> None:
+def _agent(config: NodeConfig, ns: argparse.Namespace) -> NodeAgent:
     from swarm_node.agent import NodeAgent
     from swarm_node.engine.speed import parse_bytes
 
-    agent = NodeAgent(
+    return NodeAgent(
         config,
         coordinator=ns.coordinator,
         memory_budget=parse_bytes(ns.memory_budget) if ns.memory_budget else 0,
@@ -143,38 +155,14 @@ async def _run_agent(config: NodeConfig, ns: argparse.Namespace) -> None:
         pinned=bool(ns.layers),
         advertise=ns.advertise,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    metrics = _start_metrics(config, lambda: agent.server)
-    await agent.start()
-    sys.stdout.write(f"swarm-node joined the swarm of {ns.coordinator}\n")
-    sys.stdout.flush()
-    await stop.wait()
-    log.info("signal received: draining")
-    await agent.stop()
-    _stop_metrics(metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        config = config_from_args(ns)
-    except ValueError as exc:
-        raise SystemExit(f"swarm-node: {exc}") from exc
     from swarm_node.errors import SwarmNodeError
     from swarm_proto.errors import SwarmProtoError
 
-    try:
-        asyncio.run(_run(config, ns))
-    except (SwarmNodeError, SwarmProtoError, OSError) as exc:
-        raise SystemExit(f"swarm-node: {exc}") from exc
-    return 0
+    errors = (SwarmNodeError, SwarmProtoError, OSError)
+    return daemon.main("swarm-node", build_parser(), argv, config_from_args, _run, errors)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ import grpc
 import torch
 
 from swarm_node.config import NodeConfig
-from swarm_proto import codec, swarm_pb2
+from swarm_proto import PROTOCOL_VERSION, codec, swarm_pb2
 from swarm_proto.errors import WireError
 from swarm_proto.model_args import ModelArgs
-from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams
+from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, wire_code
 
 if TYPE_CHECKING:
     from swarm_node.scheduler import BatchStats
@@ -109,6 +109,13 @@ def sampling_from_proto(msg: swarm_pb2.SamplingParams) -> Generation:
 def open_from_proto(msg: swarm_pb2.OpenSession, *, start: int, end: int, num_layers: int, max_length: int) -> OpenSpec:
     """Validate an OpenSession for a node hosting [start, end) of ``num_layers``; the
     session may ask for any part of that range (the spec carries what it asked for)."""
+    if msg.protocol_version != PROTOCOL_VERSION:
+        sender = f"wire protocol {msg.protocol_version}" if msg.protocol_version else "an unversioned wire protocol (0)"
+        raise ProtocolError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the sender speaks {sender}, this node speaks wire protocol {PROTOCOL_VERSION}: "
+            "run the same llama-swarm release on both sides",
+        )
     sid = msg.session_id
     if not sid or len(sid) > MAX_SESSION_ID or not sid.isprintable():
         raise invalid(f"session_id must be 1..{MAX_SESSION_ID} printable characters")
@@ -204,7 +211,7 @@ def opened_reply(session_id: str, max_length: int, kept: Sequence[int] = ()) -> 
 
 def error_to_proto(code: grpc.StatusCode, message: str, *, address: str, node_id: str, step_id: int = 0) -> swarm_pb2.Error:
     return swarm_pb2.Error(
-        code=code.value[0], message=message, node_address=address, node_id=node_id, step_id=step_id
+        code=wire_code(code), message=message, node_address=address, node_id=node_id, step_id=step_id
     )
 
 
@@ -257,6 +264,7 @@ def node_info_to_proto(
         active_sessions=active_sessions,
         max_length=config.max_length,
         version=version,
+        protocol_version=PROTOCOL_VERSION,
         hidden_size=args.hidden_size,
         vocab_size=args.vocab_size,
         address=address,

@@ -80,7 +80,7 @@ class _Live(Collector):
                 "start": str(model.start),
                 "end": str(model.end),
                 "device": str(model.device),
-                "dtype": cfg.dtype,
+                "dtype": cfg.resolved_dtype,
                 "address": server.address,
             },
         )

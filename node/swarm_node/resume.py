@@ -92,9 +92,6 @@ class ParkingLot:
             del self._held[sid]
         return len(gone)
 
-    def clear(self) -> None:
-        self._held.clear()
-
 
 def new_outputs(session: NodeSession, hidden_size: int) -> None:
     """Give a fresh resumable non-tail session its buffer of sent-on activations."""

@@ -15,7 +15,6 @@ and tell which hop to report. A bad message ends only its own session.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,21 +31,11 @@ from swarm_node.engine.loading import model_bytes
 from swarm_node.engine.model import ModelSlice
 from swarm_node.scheduler import Scheduler
 from swarm_node.session import Failed, NodeSession
-from swarm_proto import swarm_pb2, swarm_pb2_grpc, wire
+from swarm_proto import swarm_pb2, swarm_pb2_grpc, version, wire
 from swarm_proto.transport import ChannelPool, call_metadata
 from swarm_proto.weight_format import describe
 
 log = logging.getLogger(__name__)
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("llama-swarm")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-VERSION = _version()
 
 
 class NodeService(swarm_pb2_grpc.NodeServicer):
@@ -64,6 +53,9 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.on_session_end: Callable[[str], None] | None = None  # metrics hook: the reason
         self._views: dict[tuple[int, int], ModelSlice] = {}
         self._opening: set[str] = set()  # sessions admitted, their KV cache being allocated
+        self._steps_running = 0  # steps between submit and sent on (what a drain waits for)
+        self._no_steps = asyncio.Event()
+        self._no_steps.set()
         self.parking = resume.ParkingLot(config.park_timeout, config.max_sessions)  # failed resumable sessions
 
     # --- Info -----------------------------------------------------------------------
@@ -73,7 +65,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             self.config,
             self.model.args,
             address=self.address,
-            version=VERSION,
+            version=version(),
             active_sessions=len(self.sessions),
             stats=self.scheduler.stats,
             queued=self.scheduler.queued,
@@ -269,6 +261,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             return
         job = session.job(step)
         session.busy = True
+        self._steps_running += 1
+        self._no_steps.clear()
         try:
             out = await self.scheduler.submit(job)
             resume.confirm(session, step, out.hidden)
@@ -292,6 +286,9 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         finally:
             session.busy = False
             session.last_active = time.monotonic()
+            self._steps_running -= 1
+            if not self._steps_running:
+                self._no_steps.set()
 
     async def _skip(self, session: NodeSession, step: convert.StepIn) -> None:
         """A replay step this node already holds: send on the activations it kept."""
@@ -489,11 +486,11 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
                 )
 
     async def wait_steps_done(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while any(s.busy for s in self.sessions.values()) or self.scheduler.queued:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.01)
+        """Wait until no step is computing or being sent on (a drain); False on timeout."""
+        try:
+            await asyncio.wait_for(self._no_steps.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
         return True
 
     def fail_all(self, code: grpc.StatusCode, message: str) -> None:

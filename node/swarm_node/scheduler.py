@@ -116,8 +116,6 @@ class Scheduler:
         self.stats = BatchStats()
         self._queue: deque[Job] = deque()
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-forward")
         self._calls = 0  # `call`s queued or running on the worker
         self._task: asyncio.Task[None] | None = None
@@ -147,14 +145,6 @@ class Scheduler:
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
-    async def drain(self, timeout: float) -> bool:
-        """Wait until nothing is queued or running; False on timeout."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the forward thread, between two forward passes."""
         self._calls += 1
@@ -170,7 +160,6 @@ class Scheduler:
         t0 = time.perf_counter()
         self._recent[id(job.cache)] = time.monotonic()
         self._queue.append(job)
-        self._idle.clear()
         self._wake.set()
         out = await job.future
         if self.on_step is not None:
@@ -185,8 +174,6 @@ class Scheduler:
             batch = self._take()
             if not batch:
                 self._wake.clear()
-                if not self._queue:
-                    self._idle.set()
                 continue
             t0 = time.perf_counter()
             try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from types import TracebackType
 
 import grpc
 import torch
@@ -16,12 +15,13 @@ from swarm_node.engine.model import ModelSlice
 from swarm_node.rpc import NodeService
 from swarm_node.scheduler import Scheduler
 from swarm_proto import swarm_pb2_grpc
+from swarm_proto.daemon import Service
 from swarm_proto.transport import TokenInterceptor, server_options
 
 log = logging.getLogger(__name__)
 
 
-class NodeServer:
+class NodeServer(Service):
     """``start()`` loads and binds, ``stop()`` drains in-flight steps then closes.
 
     Usable as ``async with NodeServer(config) as node: ...``; ``node.address`` is the
@@ -110,11 +110,5 @@ class NodeServer:
             await asyncio.sleep(period)
             self.service.expire_idle()
 
-    async def __aenter__(self) -> NodeServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop(drain_timeout=5.0)

@@ -16,11 +16,12 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar, Union
+from typing import Union
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
+from swarm_proto.daemon import Service
 from swarm_proto.presence import (
     DEFAULT_PORT,
     Assign,
@@ -37,7 +38,6 @@ from swarm_proto.presence import (
 
 log = logging.getLogger(__name__)
 
-_Client = TypeVar("_Client", bound="ReconnectingClient")
 
 __all__ = ["AssignHandler", "Backoff", "BrokerAddress", "LoadSource", "PresenceClient", "ReconnectingClient"]
 
@@ -81,7 +81,7 @@ class Backoff:
         return random.uniform(cap / 2, cap)
 
 
-class ReconnectingClient:
+class ReconnectingClient(Service):
     """An MQTT connection that comes back after the broker goes away.
 
     Subclasses set the Last Will with :meth:`will`, (re)announce themselves in
@@ -155,13 +155,6 @@ class ReconnectingClient:
 
     async def before_disconnect(self, client: aiomqtt.Client) -> None:
         """Last words before a clean disconnect."""
-
-    async def __aenter__(self: _Client) -> _Client:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> bool:
         """Publish now if connected; ``False`` if not (re-announcing is on_connect's job)."""

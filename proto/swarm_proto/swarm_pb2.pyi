@@ -109,7 +109,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model", "start", "end", "num_layers", "device", "dtype", "max_sessions", "active_sessions", "max_length", "version", "hidden_size", "vocab_size", "address", "stats", "weight_format", "weight_bytes")
+    __slots__ = ("node_id", "model", "start", "end", "num_layers", "device", "dtype", "max_sessions", "active_sessions", "max_length", "version", "hidden_size", "vocab_size", "address", "stats", "protocol_version", "weight_format", "weight_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class NodeInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
@@ -142,9 +143,10 @@ class NodeInfo(_message.Message):
     vocab_size: int
     address: str
     stats: NodeStats
+    protocol_version: int
     weight_format: str
     weight_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., address: _Optional[str] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., weight_format: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., address: _Optional[str] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., protocol_version: _Optional[int] = ..., weight_format: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeStats(_message.Message):
     __slots__ = ("steps", "tokens", "batches", "batched_steps", "max_batch", "queued_steps", "sessions_opened", "sessions_refused")
@@ -167,7 +169,7 @@ class NodeStats(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., queued_steps: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_refused: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "max_length", "downstream", "sampling", "wire_dtype", "prompt_length", "start", "end", "resumable", "resume")
+    __slots__ = ("session_id", "max_length", "downstream", "sampling", "wire_dtype", "prompt_length", "start", "end", "resumable", "resume", "protocol_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +180,7 @@ class OpenSession(_message.Message):
     END_FIELD_NUMBER: _ClassVar[int]
     RESUMABLE_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_length: int
     downstream: _containers.RepeatedCompositeFieldContainer[Hop]
@@ -188,7 +191,8 @@ class OpenSession(_message.Message):
     end: int
     resumable: bool
     resume: bool
-    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., wire_dtype: _Optional[str] = ..., prompt_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., resumable: _Optional[bool] = ..., resume: _Optional[bool] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., wire_dtype: _Optional[str] = ..., prompt_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., resumable: _Optional[bool] = ..., resume: _Optional[bool] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step_id", "start_pos", "tokens", "hidden", "sample", "return_logits", "replay")
@@ -232,21 +236,13 @@ class Opened(_message.Message):
     kept: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., kept: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class StepAck(_message.Message):
-    __slots__ = ("step_id",)
-    STEP_ID_FIELD_NUMBER: _ClassVar[int]
-    step_id: int
-    def __init__(self, step_id: _Optional[int] = ...) -> None: ...
-
 class SessionReply(_message.Message):
-    __slots__ = ("opened", "ack", "error")
+    __slots__ = ("opened", "error")
     OPENED_FIELD_NUMBER: _ClassVar[int]
-    ACK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     opened: Opened
-    ack: StepAck
     error: Error
-    def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., ack: _Optional[_Union[StepAck, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -13,17 +13,19 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from swarm_proto import swarm_pb2
+from swarm_proto import PROTOCOL_VERSION, swarm_pb2
 
 __all__ = [
     "Generation",
     "Hop",
     "OpenSpec",
     "SamplingParams",
+    "code_name",
     "hop_to_proto",
     "open_to_proto",
     "sampling_to_proto",
     "status_code",
+    "wire_code",
 ]
 
 
@@ -41,7 +43,7 @@ class SamplingParams:
         if not self.temperature >= 0.0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0.0:
@@ -114,6 +116,7 @@ def open_to_proto(spec: OpenSpec, downstream: Sequence[Hop]) -> swarm_pb2.OpenSe
         end=first.end,
         resumable=spec.resumable,
         resume=spec.resume,
+        protocol_version=PROTOCOL_VERSION,
     )
 
 
@@ -121,9 +124,25 @@ def hop_to_proto(hop: Hop) -> swarm_pb2.Hop:
     return swarm_pb2.Hop(address=hop.address, start=hop.start, end=hop.end, node_id=hop.node_id)
 
 
-def status_code(error: swarm_pb2.Error) -> grpc.StatusCode:
-    """The gRPC status of an in-band Error (UNKNOWN for codes we do not know)."""
-    for status in grpc.StatusCode:
-        if status.value[0] == error.code and status is not grpc.StatusCode.OK:
-            return status
-    return grpc.StatusCode.UNKNOWN
+# The one mapping between gRPC statuses and the numbers the wire carries (ErrorCode in
+# swarm.proto mirrors grpc.StatusCode; tests/proto/test_stubs.py checks it).
+_STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def status_code(code: int | swarm_pb2.Error) -> grpc.StatusCode:
+    """The gRPC status of a wire code or an in-band Error (UNKNOWN for OK and for codes
+    we do not know: an error always names a failure)."""
+    number = code.code if isinstance(code, swarm_pb2.Error) else code
+    status = _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.UNKNOWN if status is grpc.StatusCode.OK else status
+
+
+def wire_code(status: grpc.StatusCode) -> int:
+    """The number ``status`` travels as (``Error.code``, ``FailureReport.code``)."""
+    return int(status.value[0])
+
+
+def code_name(code: int) -> str:
+    """A wire code for a log line: the status's name, or the number when it is not one."""
+    status = _STATUS_BY_NUMBER.get(code)
+    return status.name if status is not None else str(code)

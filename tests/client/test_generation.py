@@ -30,27 +30,24 @@ def tok() -> Tokenizer:
     return Tokenizer(ByteHF(), source="bytes")  # type: ignore[arg-type]
 
 
-class ScriptedSource:
+class ScriptedSource(TokenSource):
     """A backend that 'samples' a fixed script, recording what it was asked."""
+
+    # Plain attributes where the protocol has read-only properties (class attributes
+    # shadow the protocol's, so the instance can set its own).
+    max_context: int = 4096
+    eos_token_ids: tuple[int, ...] = (EOS,)
 
     def __init__(
         self, script: Sequence[int], max_context: int = 4096, eos: tuple[int, ...] = (EOS,), delay: float = 0.0
     ) -> None:
         self.script = list(script)
         self.delay = delay
-        self._max_context = max_context
-        self._eos = eos
+        self.max_context = max_context
+        self.eos_token_ids = eos
         self.calls: list[tuple[tuple[int, ...], SamplingParams, int]] = []
         self.closed = 0
         self.yielded = 0
-
-    @property
-    def max_context(self) -> int:
-        return self._max_context
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self._eos
 
     def tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[SampledToken]:
         self.calls.append((tuple(prompt_ids), params, max_new_tokens))
@@ -271,7 +268,8 @@ async def test_async_stream_raises_errors() -> None:
     await asyncio.sleep(0)
 
 
-class AsyncScriptedSource(ScriptedSource):
+class AsyncScriptedSource(ScriptedSource, AsyncTokenSource):  # type: ignore[misc]
+    is_async = True
     async def tokens(  # type: ignore[override]
         self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int
     ) -> AsyncIterator[SampledToken]:
@@ -289,7 +287,7 @@ async def test_async_backend_runs_on_the_loop() -> None:
     src = AsyncScriptedSource(text_ids("Paris is big.") + [EOS])
     assert isinstance(src, AsyncTokenSource)
     ac = AsyncSwarmClient(src, tok(), defaults=SamplingOptions(seed=5))
-    assert ac._async
+    assert ac.backend.is_async and not ScriptedSource([]).is_async
     r = await ac.generate("x")
     assert r.text == "Paris is big." and r.seed == 5 and src.closed == 1
     events = [e async for e in ac.stream("x", stop=[" is"])]

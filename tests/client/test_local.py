@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +64,20 @@ def test_logprobs_and_limits(tiny: tuple[LocalBackend, Any]) -> None:
     assert backend.max_context == 512 and backend.eos_token_ids == (2,)
 
 
-def test_early_close(tiny: tuple[LocalBackend, Any]) -> None:
+def test_early_close_frees_the_session(tiny: tuple[LocalBackend, Any]) -> None:
     backend, _ = tiny
-    gen: Iterator[Any] = backend.tokens(PROMPT, SamplingParams(), 100)
-    next(gen)
-    gen.close()  # type: ignore[attr-defined]
+    pool = backend.model.new_cache(1).pool  # the slice's KV pool (that probe cache is freed at once)
+    assert pool.live == 0
+    gen = backend.tokens(PROMPT, SamplingParams(), 100)
+    first = next(gen)
+    assert pool.live == 1  # the generation holds its KV cache while it runs
+    gen.close()
+    assert pool.live == 0  # closing it early frees the cache, without running the other 99 steps
+    with pytest.raises(StopIteration):
+        next(gen)
+    again = list(backend.tokens(PROMPT, SamplingParams(), 3))  # run to its end: freed too
+    assert again[0] == first
+    assert pool.live == 0
 
 
 def test_needs_the_whole_model(tiny_models: dict[str, Path]) -> None:

@@ -1,7 +1,9 @@
 """Control-plane pieces without a network: planning decisions, failure backoff, config,
-the node's speed measurement and size parsing."""
+the node's speed measurement and size parsing, the daemons' flags."""
 
 from __future__ import annotations
+
+import argparse
 
 import pytest
 
@@ -12,6 +14,7 @@ from swarm_coordinator.rpc import FailureBook
 from swarm_coordinator.state import Assignment, LayerRange, NodeState, NodeStatus, NodeView, SwarmState
 from swarm_node.agent import _broker
 from swarm_node.engine.speed import measure, parse_bytes
+from swarm_proto.flags import env_name
 from swarm_proto.model_args import ModelArgs, layer_bytes, model_id
 from swarm_proto.presence import Assign
 
@@ -100,3 +103,27 @@ def test_speed_measurement_is_sane() -> None:
     assert layer_bytes(args, "float32") == 4 * (64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64)
     s = measure(args, budget_s=0.05)
     assert s.decode > 0 and s.prefill > s.decode  # a chunk of prompt uses the hardware better than one token
+
+
+def _daemon_parsers() -> dict[str, argparse.ArgumentParser]:
+    from swarm_coordinator.cli import build_parser as coordinator
+    from swarm_coordinator.http.__main__ import build_parser as gateway
+    from swarm_node.cli import build_parser as node
+
+    return {"swarm-node": node(), "swarm-coordinator": coordinator(), "gateway": gateway()}
+
+
+def test_every_daemon_flag_reads_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's rule, checked: each flag falls back to SWARM_<FLAG> (the standalone
+    gateway's choice of source, a required either/or, is the one exception)."""
+    sources = {"--local", "--route", "--coordinator"}
+    for prog, parser in _daemon_parsers().items():
+        for action in parser._actions:
+            flags = [f for f in action.option_strings if f.startswith("--")]
+            if not flags or flags[0] == "--help" or (prog == "gateway" and flags[0] in sources):
+                continue
+            assert f"(env {env_name(flags[0])})" in (action.help or ""), f"{prog} {flags[0]}"
+    monkeypatch.setenv("SWARM_API_KEY", "k1,k2")
+    monkeypatch.setenv("SWARM_RATE_LIMIT_RPM", "7")
+    ns = _daemon_parsers()["swarm-coordinator"].parse_args([])
+    assert ns.api_key == ["k1", "k2"] and ns.rate_limit_rpm == 7

@@ -19,7 +19,7 @@ from helpers import ByteHF
 
 from swarm_client import SwarmClient
 from swarm_client.tokenizer import Tokenizer
-from swarm_client.types import SampledToken
+from swarm_client.types import SampledToken, TokenSource
 from swarm_coordinator.http import GatewayConfig, create_app
 from swarm_coordinator.http.auth import ApiKeys, Caller, KeyLimits, RateLimiter, extract_key, parse_keys_file
 from swarm_coordinator.http.schema import parse_chat, parse_completion
@@ -29,7 +29,7 @@ BOS, EOS, OFFSET = 1, 2, 3
 REPLY = "Paris is the capital. It is big."
 
 
-class Script:
+class Script(TokenSource):
     """Answers every prompt with REPLY then EOS; records what it was asked."""
 
     max_context = 4096

@@ -63,7 +63,7 @@ class Daemon:
         assert self.proc is not None
         return self.proc.pid
 
-    def line(self, timeout: float = 60.0) -> str:
+    def line(self, timeout: float = 90.0) -> str:
         deadline = time.monotonic() + timeout
         while not self.lines:
             if not self.alive or time.monotonic() > deadline:

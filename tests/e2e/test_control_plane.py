@@ -5,23 +5,29 @@ One swarm is shared by the module and the tests run in order, each leaving the s
 as the next expects: join and assignment, generation equal to ``--local``, a joiner
 that does not reshuffle, a broker restart, a coordinator restart during a generation,
 a node killed with SIGKILL. ``swarm up`` (embedded broker) is tested on its own.
+
+The coordinator runs with torch hidden (``tests/without_torch.py``), as after
+``pip install llama-swarm``; so does one client, which also imports every module of
+the client and coordinator packages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from e2e.chaos import Daemon
 
 from swarm_client.api import AsyncSwarmClient, SwarmClient
 from swarm_coordinator.assignment import propose
@@ -42,69 +48,23 @@ SWARM = "e2e"
 KEEPALIVE = 5  # the nodes' MQTT keepalive (swarm_node.agent.NodeAgent default)
 MB = 1 << 20
 PROMPT = "The capital of France is"
-
-
-@dataclass
-class Proc:
-    name: str
-    argv: list[str]
-    log: Path
-    proc: subprocess.Popen[str] | None = None
-    first_line: list[str] = field(default_factory=list)
-    _reader: threading.Thread | None = None
-
-    def start(self) -> Proc:
-        self.first_line.clear()
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if not self.first_line:
-                self.first_line.append(line.strip())
-
-    def line(self, timeout: float = 90.0) -> str:
-        deadline = time.monotonic() + timeout
-        while not self.first_line:
-            assert self.proc is not None
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        return self.first_line[0]
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+WITHOUT_TORCH = str(Path(__file__).resolve().parents[1] / "without_torch.py")
 
 
 @dataclass
 class Swarm:
     model: Path
     broker: MosquittoBroker
-    coordinator: Proc
-    nodes: dict[str, Proc]
+    coordinator: Daemon
+    nodes: dict[str, Daemon]
     address: str
     tmp: Path
 
-    def node(self, name: str, speed: float, budget_mb: int) -> Proc:
+    def node(self, name: str, speed: float, budget_mb: int) -> Daemon:
         argv = [sys.executable, "-m", "swarm_node.cli", "--coordinator", self.address, "--model", str(self.model),
                 "--port", "0", "--node-id", name, "--threads", "1", "--speed", str(speed),
                 "--memory-budget", f"{budget_mb}M", "--max-length", "512"]
-        proc = Proc(name, argv, self.tmp / f"{name}.log").start()
+        proc = Daemon(name, argv, self.tmp / f"{name}.log").start()
         self.nodes[name] = proc
         return proc
 
@@ -161,10 +121,10 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interva
     raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
-def coordinator_proc(model: Path, port: int, broker: str, tmp: Path) -> Proc:
-    argv = [sys.executable, "-m", "swarm_coordinator.cli", "--model", str(model), "--port", str(port),
+def coordinator_proc(model: Path, port: int, broker: str, tmp: Path) -> Daemon:
+    argv = [sys.executable, WITHOUT_TORCH, "-m", "swarm_coordinator.cli", "--model", str(model), "--port", str(port),
             "--http-port", "0", "--mqtt", broker, "--swarm-id", SWARM, "--settle", "3"]
-    return Proc("coordinator", argv, tmp / "coordinator.log")
+    return Daemon("coordinator", argv, tmp / "coordinator.log")
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +181,48 @@ def test_generation_through_the_coordinator_equals_local(swarm: Swarm) -> None:
     assert "Paris" in want
 
 
+_WITHOUT_TORCH_CLIENT = """
+import importlib, json, pkgutil, sys
+import swarm_client, swarm_coordinator
+from swarm_client import SwarmClient
+from swarm_client.cli import main
+
+address, model, prompt = sys.argv[1:]
+modules = [m.name for p in (swarm_client, swarm_coordinator) for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")]
+for name in modules:
+    importlib.import_module(name)
+with SwarmClient.remote(coordinator=address, model=model) as client:
+    text = client.generate(prompt, max_tokens=12).text
+status = main(["generate", "--coordinator", address, "--model", model, prompt, "--max-tokens", "12"])
+torch = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
+print(json.dumps({"modules": modules, "text": text, "cli": status, "torch": torch}))
+"""
+
+
+def test_client_and_coordinator_run_without_torch(swarm: Swarm, tmp_path: Path) -> None:
+    """The coordinator of this swarm runs with torch hidden; so does this client, with
+    an empty model cache (its tokenizer is converted from the GGUF without torch)."""
+    import json
+    import os
+
+    env = {**os.environ, "SWARM_CACHE": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, WITHOUT_TORCH, "-c", _WITHOUT_TORCH_CLIENT, swarm.address, str(swarm.model), PROMPT],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    cli_text, report_line = out.stdout.rsplit("\n", 2)[-3:-1]
+    report = json.loads(report_line)
+    assert report["torch"] == []
+    assert "PyTorch was not found" not in out.stderr  # transformers' advice, beside the point for a client
+    assert {"swarm_client.cli", "swarm_client.remote", "swarm_coordinator.server", "swarm_coordinator.http.app"} <= set(report["modules"])
+    with SwarmClient.local(swarm.model) as local:
+        want = local.generate(PROMPT, max_tokens=12).text
+    assert report["text"] == want and report["cli"] == 0 and cli_text == want
+    assert (tmp_path / "tokenizers").is_dir()  # converted here, without torch
+    assert "No module named 'torch'" not in swarm.coordinator.log.read_text()
+
+
 def test_a_joiner_does_not_reshuffle_a_covered_swarm(swarm: Swarm) -> None:
     before = swarm.list_nodes()
     swarm.node("late", 50, 100)
@@ -260,7 +262,7 @@ def test_coordinator_restart_leaves_a_running_generation_alone(swarm: Swarm) -> 
     worker = threading.Thread(target=lambda: result.append(asyncio.run(generate())))
     worker.start()
     time.sleep(1.5)  # the session is open and decoding
-    swarm.coordinator.kill(signal.SIGKILL)
+    swarm.coordinator.kill()
     swarm.coordinator.start().line()
     t0 = time.monotonic()
     nodes = wait_for("the registry back from retained messages", lambda: len(swarm.list_nodes()) == len(swarm.nodes), 10)
@@ -273,7 +275,7 @@ def test_coordinator_restart_leaves_a_running_generation_alone(swarm: Swarm) -> 
 def test_a_killed_node_goes_offline_and_its_layers_are_covered_again(swarm: Swarm) -> None:
     victim = "slow"
     lost = swarm.list_nodes()[victim]
-    swarm.nodes[victim].kill(signal.SIGKILL)
+    swarm.nodes[victim].kill()
     t0 = time.monotonic()
     swarm.observe(lambda s: victim in s.nodes and not s.nodes[victim].online, KEEPALIVE * 1.5 + 1)
     assert time.monotonic() - t0 <= KEEPALIVE * 1.5 + 1  # the Last Will, well within the keepalive interval
@@ -317,7 +319,10 @@ def test_swarm_up_starts_covers_and_stops(default_model: Path, tmp_path: Path) -
             up.kill()
             up.wait()
     assert up.returncode == 0, text
-    assert "the model is covered" in text and "node " in text and "stopping the swarm" in text
+    assert "the model is covered" in text and "stopping the swarm" in text
+    # the default budgets split the model: 15 of the 30 layers on each node, printed
+    split = sorted(re.findall(r"^node .* layers \[(\d+), (\d+)\)", text, re.MULTILINE))
+    assert split == [("0", "15"), ("15", "30")], text
     assert not ready.exists()
     for log in (tmp_path / "logs").glob("node-*.log"):
         assert "stopped after draining" in log.read_text()

@@ -35,7 +35,7 @@ from e2e.gateway_helpers import Proc, local_cli, scrape, script, total
 from swarm_client.api import AsyncSwarmClient, SwarmClient
 from swarm_client.errors import GenerationError
 from swarm_client.remote import Hop, RouteError, RouteSession
-from swarm_proto import codec, swarm_pb2, swarm_pb2_grpc
+from swarm_proto import PROTOCOL_VERSION, codec, swarm_pb2, swarm_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -225,7 +225,9 @@ async def _raw(address: str, messages: Sequence[bytes]) -> grpc.aio.AioRpcError:
 
 def _open(sid: str, start: int, end: int, max_length: int = 64) -> bytes:
     return swarm_pb2.SessionRequest(
-        open=swarm_pb2.OpenSession(session_id=sid, max_length=max_length, start=start, end=end)
+        open=swarm_pb2.OpenSession(
+            session_id=sid, max_length=max_length, start=start, end=end, protocol_version=PROTOCOL_VERSION
+        )
     ).SerializeToString()
 
 

@@ -14,13 +14,14 @@ from swarm_node.convert import (
     sampling_from_proto,
     step_from_proto,
 )
-from swarm_proto import codec, swarm_pb2
-from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, sampling_to_proto, status_code
+from swarm_proto import PROTOCOL_VERSION, codec, swarm_pb2
+from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, sampling_to_proto
 
 
 def _open(**kw: object) -> swarm_pb2.OpenSession:
     base: dict[str, object] = dict(
-        session_id="s", max_length=64, start=0, end=2, downstream=[swarm_pb2.Hop(address="b:1", start=2, end=4)]
+        session_id="s", max_length=64, start=0, end=2, downstream=[swarm_pb2.Hop(address="b:1", start=2, end=4)],
+        protocol_version=PROTOCOL_VERSION,
     )
     base.update(kw)
     return swarm_pb2.OpenSession(**base)  # type: ignore[arg-type]
@@ -46,6 +47,7 @@ def test_open_roundtrip_strips_the_next_hop() -> None:
     assert (nxt.start, nxt.end, [h.address for h in nxt.downstream]) == (2, 3, ["c:1"])
     assert nxt.sampling.temperature == 0.7  # a double on the wire: exact
     assert nxt.wire_dtype == "bf16" and nxt.prompt_length == 9
+    assert nxt.protocol_version == PROTOCOL_VERSION  # every sender says which protocol it speaks
 
 
 def test_sampling_zero_means_off() -> None:
@@ -58,6 +60,8 @@ def test_sampling_zero_means_off() -> None:
 @pytest.mark.parametrize(
     "kw,code,match",
     [
+        (dict(protocol_version=PROTOCOL_VERSION + 1), grpc.StatusCode.FAILED_PRECONDITION,
+         f"wire protocol {PROTOCOL_VERSION + 1}, this node speaks wire protocol {PROTOCOL_VERSION}"),
         (dict(session_id=""), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
         (dict(session_id="x" * 200), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
         (dict(session_id="a\nb"), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
@@ -98,11 +102,6 @@ def test_result_keeps_token_zero_distinct_from_no_token() -> None:
     without = result_to_proto(StepResult("s", 1, 5, logits=torch.zeros(1, 4)))
     assert with_zero.HasField("token") and not without.HasField("token")
     assert codec.decode(without.logits).shape == (1, 4)
-
-
-def test_status_code_mapping() -> None:
-    assert status_code(swarm_pb2.Error(code=swarm_pb2.RESOURCE_EXHAUSTED)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert status_code(swarm_pb2.Error(code=99)) == grpc.StatusCode.UNKNOWN
 
 
 def test_spec_is_frozen() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -123,15 +124,6 @@ def test_top_k_matches_hf(k: int) -> None:
     assert torch.equal(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)])
 
 
-def test_top_k_per_row() -> None:
-    logits = _logits(3, 64, seed=8)
-    ours = apply_top_k(logits, torch.tensor([0, 3, 10]))
-    assert torch.equal(ours[0], logits[0])
-    for row, k in ((1, 3), (2, 10)):
-        ref = hf.TopKLogitsWarper(top_k=k)(torch.zeros(1, 1, dtype=torch.long), logits[row : row + 1].clone())
-        assert torch.equal(torch.isfinite(ours[row]), torch.isfinite(ref[0]))
-
-
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.8, 0.95, 0.999])
 def test_top_p_matches_hf(p: float) -> None:
     logits = _logits(6, 256, seed=int(p * 1000))
@@ -140,13 +132,22 @@ def test_top_p_matches_hf(p: float) -> None:
     assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
 
 
-def test_top_p_per_row() -> None:
-    logits = _logits(3, 64, seed=9)
-    ours = apply_top_p(logits, torch.tensor([1.0, 0.5, 0.9]))
-    assert torch.equal(ours[0], logits[0])
-    for row, p in ((1, 0.5), (2, 0.9)):
-        ref = hf.TopPLogitsWarper(top_p=p)(torch.zeros(1, 1, dtype=torch.long), logits[row : row + 1].clone())
-        assert torch.equal(torch.isfinite(ours[row]), torch.isfinite(ref[0]))
+@pytest.mark.parametrize(
+    ("ours", "hf_warper", "values"),
+    [
+        (apply_top_k, lambda k: hf.TopKLogitsWarper(top_k=k), [0, 3, 10]),
+        (apply_top_p, lambda p: hf.TopPLogitsWarper(top_p=p), [1.0, 0.5, 0.9]),
+    ],
+    ids=["top_k", "top_p"],
+)
+def test_filters_per_row(ours: Any, hf_warper: Any, values: list[float]) -> None:
+    """A value per row; row 0's is "off" and leaves it untouched."""
+    logits = _logits(3, 64, seed=8)
+    out = ours(logits, torch.tensor(values))
+    assert torch.equal(out[0], logits[0])
+    for row in (1, 2):
+        ref = hf_warper(values[row])(torch.zeros(1, 1, dtype=torch.long), logits[row : row + 1].clone())
+        assert torch.equal(torch.isfinite(out[row]), torch.isfinite(ref[0]))
 
 
 @pytest.mark.parametrize("penalty", [0.8, 1.3, 2.0])

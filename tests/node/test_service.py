@@ -22,7 +22,7 @@ from swarm_node.engine.loading import load_slice
 from swarm_node.engine.model import ModelSlice, SeqChunk
 from swarm_node.engine.sampler import sample
 from swarm_node.server import NodeServer
-from swarm_proto import codec, swarm_pb2, swarm_pb2_grpc
+from swarm_proto import PROTOCOL_VERSION, codec, swarm_pb2, swarm_pb2_grpc
 from swarm_proto.wire import SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
@@ -116,6 +116,7 @@ async def test_concurrent_sessions_are_batched_and_unchanged(route: Route, tiny_
         info = await swarm_pb2_grpc.NodeStub(ch).Info(swarm_pb2.InfoRequest())
     assert info.stats.max_batch == stats.max_batch and info.stats.steps == stats.steps
     assert info.active_sessions == 0 and info.stats.sessions_opened == 6
+    assert info.protocol_version == PROTOCOL_VERSION
 
 
 async def test_stop_token_and_max_new_tokens_flag_finished(route: Route) -> None:
@@ -266,6 +267,7 @@ async def _raw_session(address: str, requests: list[swarm_pb2.SessionRequest]) -
 
 
 def _open(start: int, end: int, sid: str = "raw", **kw: Any) -> swarm_pb2.SessionRequest:
+    kw.setdefault("protocol_version", PROTOCOL_VERSION)
     return swarm_pb2.SessionRequest(open=swarm_pb2.OpenSession(session_id=sid, max_length=16, start=start, end=end, **kw))
 
 
@@ -319,6 +321,11 @@ async def test_bad_steps_get_a_clear_status_and_spare_other_sessions(
         (_open(3, 6, sampling=swarm_pb2.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
         (_open(3, 6, sampling=swarm_pb2.SamplingParams(top_logprobs=99)), grpc.StatusCode.INVALID_ARGUMENT, "top_logprobs"),
         (_open(0, 6), grpc.StatusCode.FAILED_PRECONDITION, "hosts \\[3, 6\\)"),
+        # A peer of another release: refused up front, both versions named.
+        (_open(3, 6, protocol_version=PROTOCOL_VERSION + 1), grpc.StatusCode.FAILED_PRECONDITION,
+         f"sender speaks wire protocol {PROTOCOL_VERSION + 1}, this node speaks wire protocol {PROTOCOL_VERSION}"),
+        (_open(3, 6, protocol_version=0), grpc.StatusCode.FAILED_PRECONDITION,
+         f"unversioned wire protocol \\(0\\), this node speaks wire protocol {PROTOCOL_VERSION}"),
     ],
 )
 async def test_bad_opens(route: Route, first: swarm_pb2.SessionRequest, code: grpc.StatusCode, match: str) -> None:

@@ -9,10 +9,11 @@ import torch
 
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.codec import decode, encode
+from swarm_proto.wire import code_name, status_code, wire_code
 
 
 class _EchoNode(swarm_pb2_grpc.NodeServicer):
-    """Answers Opened, acknowledges each step, then pushes a Result per sampled step."""
+    """Answers Opened, then answers each step with an in-band error naming it."""
 
     async def Info(self, request: swarm_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.NodeInfo:
         return swarm_pb2.NodeInfo(node_id="n1", start=0, end=4, num_layers=8)
@@ -26,7 +27,8 @@ class _EchoNode(swarm_pb2_grpc.NodeServicer):
                 yield swarm_pb2.SessionReply(opened=swarm_pb2.Opened(session_id=req.open.session_id))
             elif kind == "step":
                 hidden = decode(req.step.hidden, torch.float32, shape=(len(req.step.tokens), None))
-                yield swarm_pb2.SessionReply(ack=swarm_pb2.StepAck(step_id=req.step.step_id + int(hidden.sum())))
+                error = swarm_pb2.Error(code=swarm_pb2.ABORTED, step_id=req.step.step_id + int(hidden.sum()))
+                yield swarm_pb2.SessionReply(error=error)
             else:
                 return
 
@@ -59,7 +61,7 @@ async def test_session_stream_roundtrip() -> None:
             step = swarm_pb2.Step(step_id=1, start_pos=0, tokens=[5, 6], hidden=encode(torch.ones(2, 3)), sample=True)
             await call.write(swarm_pb2.SessionRequest(step=step))
             reply = await call.read()
-            assert reply.ack.step_id == 1 + 6
+            assert reply.error.step_id == 1 + 6
             await call.write(swarm_pb2.SessionRequest(close=swarm_pb2.Close()))
             await call.done_writing()
             assert await call.read() == grpc.aio.EOF
@@ -80,3 +82,16 @@ def test_error_codes_mirror_grpc_status_codes() -> None:
             continue
         code, _ = status.value
         assert swarm_pb2.ErrorCode.Name(code) == status.name
+
+
+def test_status_mapping_round_trips() -> None:
+    for status in grpc.StatusCode:
+        if status is grpc.StatusCode.OK:
+            continue
+        assert status_code(wire_code(status)) is status
+        assert code_name(wire_code(status)) == status.name
+    assert status_code(swarm_pb2.Error(code=swarm_pb2.RESOURCE_EXHAUSTED)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # An error always names a failure: OK and numbers no status has read as UNKNOWN.
+    assert status_code(swarm_pb2.Error(code=99)) == grpc.StatusCode.UNKNOWN
+    assert status_code(0) == grpc.StatusCode.UNKNOWN
+    assert code_name(99) == "99"

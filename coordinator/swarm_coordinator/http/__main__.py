@@ -5,16 +5,15 @@
     python -m swarm_coordinator.http --coordinator HOST:PORT         routes from a coordinator
 
 Same API, dashboard (without the swarm panels: there is no registry here) and metrics
-as ``swarm-coordinator --http-port``; the gateway flags (``--api-key``, ...) apply.
+as ``swarm-coordinator --http-port``; the gateway flags (``--api-key``, ...) apply. Every
+flag but the choice of source (``--local`` / ``--route`` / ``--coordinator``) falls back
+to ``SWARM_<FLAG>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +21,8 @@ from swarm_client.errors import SwarmError
 from swarm_coordinator.http.app import create_app
 from swarm_coordinator.http.mount import add_gateway_flags, gateway_config_from_args
 from swarm_coordinator.http.serving import HttpServer
+from swarm_proto import daemon
+from swarm_proto.flags import flag_adder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,11 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--local", action="store_true", help="run the whole model in this process")
     src.add_argument("--route", metavar="HOPS", help="a fixed route: HOST:PORT=START:END,... (no failover)")
     src.add_argument("--coordinator", metavar="HOST:PORT", help="ask this coordinator for routes")
-    p.add_argument("--model", default=None, help="model file/folder or name (default: the default model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--token", default=os.environ.get("SWARM_TOKEN", ""), help="swarm token of the nodes and coordinator (default: $SWARM_TOKEN)")
+    add = flag_adder(p)
+    add("--model", str, None, "model file/folder or name (default: the default model)")
+    add("--host", str, "127.0.0.1", "address to bind")
+    add("--port", int, 8000, "port to bind; 0 picks a free one")
+    add("--token", str, "", "swarm token of the nodes and coordinator; prefer the env var, flags show in ps")
+    daemon.add_log_level(add)
     add_gateway_flags(p)
     return p
 
@@ -47,46 +49,22 @@ def _backend(ns: argparse.Namespace) -> object:
         from swarm_client.api import SwarmClient
 
         return SwarmClient.local(model)
-    if ns.coordinator:
-        from swarm_coordinator.http.mount import swarm_client
-
-        return swarm_client(ns.coordinator, model, ns.token)
     from swarm_client.api import AsyncSwarmClient
-    from swarm_client.routed import RoutedBackend, StaticRoutes, parse_route
-    from swarm_client.tokenizer import load_tokenizer
-    from swarm_proto.model_args import read_args
 
-    args = read_args(model)
-    backend = RoutedBackend(
-        StaticRoutes(parse_route(ns.route), token=ns.token),
-        max_context=args.max_position_embeddings,
-        eos_token_ids=args.eos_token_ids,
-        token=ns.token,
-    )
-    return AsyncSwarmClient(backend, load_tokenizer(model))
+    return AsyncSwarmClient.remote(coordinator=ns.coordinator, route=ns.route, model=model, token=ns.token)
 
 
-async def _serve(ns: argparse.Namespace) -> None:
+async def _serve(_: object, ns: argparse.Namespace) -> None:
     backend = await asyncio.to_thread(_backend, ns)  # fail here, before serving, if the model is missing
     app = create_app(backend, None, gateway_config_from_args(ns))  # type: ignore[arg-type]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = daemon.stop_event()
     async with HttpServer(app, ns.host, ns.port) as server:
-        sys.stdout.write(f"gateway listening on {server.url}\n")
-        sys.stdout.flush()
+        daemon.announce(f"gateway listening on {server.url}")
         await stop.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(ns.log_level).upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        asyncio.run(_serve(ns))
-    except (OSError, ValueError, SwarmError) as exc:
-        raise SystemExit(f"gateway: {exc}") from exc
-    return 0
+    return daemon.main("gateway", build_parser(), argv, lambda ns: None, _serve, (OSError, ValueError, SwarmError))
 
 
 if __name__ == "__main__":

@@ -86,10 +86,7 @@ def model_id_for(model: str) -> str:
 def _async_client(backend: SwarmClient | AsyncSwarmClient) -> AsyncSwarmClient:
     if isinstance(backend, AsyncSwarmClient):
         return backend
-    from_client = getattr(AsyncSwarmClient, "from_client", None)
-    if from_client is not None:
-        return from_client(backend)  # type: ignore[no-any-return]
-    return AsyncSwarmClient(backend)  # type: ignore[call-arg,arg-type]
+    return AsyncSwarmClient.from_client(backend)
 
 
 Backend = SwarmClient | AsyncSwarmClient
@@ -144,9 +141,8 @@ class Gateway:
 
     def _set_client(self, backend: Backend) -> None:
         self._client = client = _async_client(backend)
-        self._name_models(getattr(client.tokenizer, "source", ""))
-        if isinstance(getattr(client.backend, "failovers", None), int):  # the swarm's RoutedBackend
-            self.metrics.watch_client_failovers(lambda: int(getattr(client.backend, "failovers", 0)))
+        self._name_models(client.tokenizer.source)
+        self.metrics.watch_client_failovers(lambda: client.backend.failovers)
 
     def _name_models(self, source: str) -> None:
         view, config = self.view, self.config
@@ -231,7 +227,7 @@ class Gateway:
             status = "error"
             raise
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
             m.active.dec()
             m.generations.labels(endpoint, status).inc()
             if status != "error":
@@ -278,12 +274,9 @@ class Gateway:
 
     async def watch(self) -> None:
         """Follow the registry: count its events and wake the dashboard feeds."""
-        changes = getattr(self.view, "changes", None)
-        if changes is None:
-            while True:
-                await asyncio.sleep(self.config.feed_interval_s)
-                self.sync_events()
-        async for _ in changes():
+        if self.view is None:
+            return
+        async for _ in self.view.changes():
             self.sync_events()
             self.poke()
 

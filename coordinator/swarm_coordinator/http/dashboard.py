@@ -1,8 +1,11 @@
 """The dashboard's data: what the gateway is doing, what the swarm looks like, as JSON.
 
 :class:`Activity` follows the gateway's generations (active sessions, recent ones,
-per-second throughput and latency). :func:`snapshot` joins it with the registry's
-state and events into one JSON-ready dict; ``/dashboard/feed`` pushes a snapshot as
+per-second throughput and latency). :func:`swarm_sessions` lists every session the
+swarm serves -- from the gateway, the CLI or the library alike -- out of the sessions
+each node lists in its load (``swarm_proto.presence.SessionLoad``, at most
+``MAX_LOAD_SESSIONS`` per node), one entry per session id with its hops.
+:func:`snapshot` joins them with the registry's state and events into one JSON-ready dict; ``/dashboard/feed`` pushes a snapshot as
 a server-sent event every second and at once whenever the registry changes, and the
 page (``static/``) redraws from it.
 
@@ -17,14 +20,14 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from swarm_coordinator.state import NodeView, SwarmState
+from swarm_coordinator.state import NodeView, SwarmState, runs
 from swarm_proto.presence import Event
 
-__all__ = ["Activity", "SessionInfo", "StaticView", "SwarmView", "snapshot"]
+__all__ = ["Activity", "SessionInfo", "StaticView", "SwarmView", "snapshot", "swarm_sessions"]
 
 SERIES_SECONDS = 180  # how much history the charts get
 MAX_EVENTS = 200
@@ -40,6 +43,11 @@ class SwarmView(Protocol):
     @property
     def events(self) -> Iterable[Event]: ...
 
+    def changes(self) -> AsyncIterator[SwarmState]:
+        """The state after each change; a view that cannot tell when it changes ends at
+        once (its readers look when they read)."""
+        ...
+
 
 @dataclass
 class StaticView:
@@ -47,6 +55,10 @@ class StaticView:
 
     state: SwarmState
     events: deque[Event] = field(default_factory=lambda: deque(maxlen=500))
+
+    async def changes(self) -> AsyncIterator[SwarmState]:
+        return  # changed by hand: nothing to announce
+        yield self.state  # (makes this an async generator)
 
 
 @dataclass
@@ -207,24 +219,49 @@ def _node(view: NodeView, now_mono: float) -> dict[str, Any]:
 
 def coverage(state: SwarmState) -> list[int]:
     """How many ready nodes serve each layer."""
-    counts = [0] * state.num_layers
+    return list(state.serving().coverage(state.num_layers))
+
+
+def swarm_sessions(state: SwarmState) -> list[dict[str, Any]]:
+    """Every session the online nodes report, merged by id: its hops in layer order, the
+    longest position (the tail's: tokens so far), the client's prompt and budget; the
+    longest-running first."""
+    merged: dict[str, dict[str, Any]] = {}
     for view in state.nodes.values():
-        r = view.serving
-        if r is not None and state.serves_model(view):
-            for layer in range(r.start, min(r.end, state.num_layers)):
-                counts[layer] += 1
-    return counts
+        if not view.online or view.load is None:
+            continue
+        for x in view.load.sessions:
+            entry = merged.setdefault(
+                x.session_id,
+                {"id": x.session_id, "hops": [], "position": 0, "prompt_tokens": 0, "max_new_tokens": 0,
+                 "age_s": 0.0, "idle_s": math.inf},
+            )
+            entry["hops"].append({"node": view.node_id, "layers": [x.start, x.end]})
+            entry["position"] = max(entry["position"], x.position)
+            entry["prompt_tokens"] = max(entry["prompt_tokens"], x.prompt_tokens)
+            entry["max_new_tokens"] = max(entry["max_new_tokens"], x.max_new_tokens)
+            entry["age_s"] = round(max(entry["age_s"], x.age_s), 1)
+            entry["idle_s"] = round(min(entry["idle_s"], x.idle_s), 1)
+    out = sorted(merged.values(), key=lambda e: (-e["age_s"], e["id"]))
+    for entry in out:
+        entry["hops"].sort(key=lambda h: (h["layers"][0], h["node"]))
+        entry["covers"] = _chain_end(entry["hops"])
+        entry["generated"] = max(0, entry["position"] - entry["prompt_tokens"]) if entry["prompt_tokens"] else None
+    return out
+
+
+def _chain_end(hops: Sequence[dict[str, Any]]) -> int:
+    """How far the hops run end to end from layer 0 (the whole model when it is L)."""
+    end = 0
+    for hop in hops:
+        start, stop = hop["layers"]
+        if start <= end:
+            end = max(end, stop)
+    return end
 
 
 def _runs_of_zero(counts: Sequence[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for i, c in enumerate(counts):
-        if c == 0:
-            if out and out[-1][1] == i:
-                out[-1][1] = i + 1
-            else:
-                out.append([i, i + 1])
-    return out
+    return [[r.start, r.end] for r in runs(c == 0 for c in counts)]
 
 
 def snapshot(
@@ -238,6 +275,7 @@ def snapshot(
     counts = coverage(state) if state is not None else []
     events = list(view.events)[-MAX_EVENTS:] if view is not None else []
     reported = sum(n["load"]["tokens_per_s"] for n in nodes if n["online"] and n["load"]) if nodes else 0.0
+    in_swarm = swarm_sessions(state) if state is not None else []
     return {
         "time": time.time(),
         "model": model_id,
@@ -252,11 +290,13 @@ def snapshot(
         ],
         "sessions": [s.as_json(now_perf) for s in activity.active.values()],
         "recent": [s.as_json(now_perf) for s in activity.recent],
+        "swarm_sessions": in_swarm,
         "series": activity.series(),
         "totals": {
             "requests": activity.total_requests,
             "tokens": activity.total_tokens,
             "active": len(activity.active),
+            "swarm_sessions": len(in_swarm),
             "nodes_online": sum(1 for n in nodes if n["online"]),
             "nodes": len(nodes),
             "reported_tokens_per_s": round(reported, 2),

@@ -8,10 +8,11 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+
+from swarm_proto.daemon import Service
 
 if TYPE_CHECKING:
     from swarm_coordinator.http.app import Gateway
@@ -42,7 +43,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class HttpServer:
+class HttpServer(Service):
     """uvicorn serving ``app`` inside the running event loop; ``port=0`` picks one."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning") -> None:
@@ -91,14 +92,6 @@ class HttpServer:
             await self._task
         self._server = self._task = None
 
-    async def __aenter__(self) -> HttpServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
 
 class ThreadedHttpServer:
