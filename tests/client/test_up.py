@@ -36,10 +36,14 @@ def test_config_checks() -> None:
 
 def test_default_budget_splits_the_default_model(default_model: Path) -> None:
     from swarm_proto.model_args import layer_bytes, read_args
+    from swarm_proto.weight_format import format_layer_bytes
 
-    per_layer = layer_bytes(read_args(default_model), "float32")
+    # the nodes' default keeps the GGUF quantized: a layer costs what it holds that way
+    per_layer = format_layer_bytes(read_args(default_model), "bfloat16", "gguf", default_model)
     assert LocalSwarm(UpConfig(nodes=3, model=str(default_model))).node_budget() == 10 * per_layer
     assert LocalSwarm(UpConfig(nodes=4, replicas=2, model=str(default_model))).node_budget() == 15 * per_layer
+    per_layer = layer_bytes(read_args(default_model), "float32")
+    assert LocalSwarm(UpConfig(nodes=3, model=str(default_model), dtype="float32")).node_budget() == 10 * per_layer
 
 
 def test_a_missing_model_fails_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
