@@ -166,13 +166,16 @@ def file_tensor_bytes(path: Path) -> int:
     return sum(t.n_bytes for t in index(path).tensors.values())
 
 
-def bench_model(name: str, path: Path, threads: list[int], runs: int, with_llama: bool) -> list[dict[str, Any]]:
+def bench_model(
+    name: str, path: Path, threads: list[int], runs: int, with_llama: bool, variants: list[str]
+) -> list[dict[str, Any]]:
     from swarm_node.engine.loading import model_bytes
 
     results = []
     engines: dict[str, dict[str, Callable[[], float]]] = {}
     held: dict[str, int] = {}
-    for variant, (dtype, weights, kdtype) in VARIANTS.items():
+    for variant in variants:
+        dtype, weights, kdtype = VARIANTS[variant]
         model, fns = ours(path, dtype, weights, kdtype)
         engines[variant] = fns  # type: ignore[assignment]
         held[variant] = model_bytes(model)
@@ -220,6 +223,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--models", default="smollm2,1b-q4_0,1b-q8_0")
     ap.add_argument("--no-llama", action="store_true", help="our engine only (no llama-bench binary)")
+    ap.add_argument("--engines", default=",".join(VARIANTS), help="our variants to run (float32,bfloat16,quantized)")
     ap.add_argument("--out", default="bench/results/quant.json")
     args = ap.parse_args()
 
@@ -233,7 +237,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for name in args.models.split(","):
         path = smol if name == "smollm2" else write_1b(name.split("-")[1].upper(), smol)
-        results += bench_model(name, path, threads, args.runs, with_llama)
+        results += bench_model(name, path, threads, args.runs, with_llama, args.engines.split(","))
         print_table(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"results": results, "torch": torch.__version__}, indent=1))
