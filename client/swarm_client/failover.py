@@ -6,8 +6,10 @@
   itself, then its own measurements (a step of ``T`` positions is expected to take
   ``step_s + (T-1) * position_s``); the timeout is a multiple of that, never under a
   floor.
-- :class:`Avoidance`: nodes this client saw fail, avoided for a backoff that doubles
-  with each repeated failure of the same node.
+- avoidance: nodes this client saw fail, avoided for a backoff that doubles with each
+  repeated failure of the same node (:class:`swarm_proto.backoff.Backoff`, the same
+  mechanism as the coordinator's); a node that refused for capacity ("busy") is never
+  avoided.
 - :func:`blame`: which hops a failure points at (the in-band error names one; a
   silent route is probed, and the hops that do not answer ``Info`` are the culprits).
 - :func:`patch_route`: the old route with only the failed hops replaced, so that the
@@ -21,7 +23,6 @@ See docs/failover.md for the protocol and the measurements.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -35,7 +36,7 @@ from swarm_proto import swarm_pb2, swarm_pb2_grpc
 if TYPE_CHECKING:
     from swarm_client.routed import NodeSummary
 
-__all__ = ["Avoidance", "FailoverPolicy", "FailoverRecord", "StepClock", "blame", "patch_route", "probe"]
+__all__ = ["FailoverPolicy", "FailoverRecord", "StepClock", "blame", "patch_route", "probe"]
 
 
 @dataclass(frozen=True)
@@ -96,29 +97,6 @@ class StepClock:
         if expected is None:
             return p.step_timeout_max
         return min(p.step_timeout_max, max(p.step_timeout_floor, p.step_timeout_factor * expected) * self.stretch)
-
-
-class Avoidance:
-    """Nodes (by address) to leave out of routes, for a while."""
-
-    def __init__(self, initial: float = 2.0, maximum: float = 60.0, forget_after: float = 300.0) -> None:
-        self.initial, self.maximum, self.forget_after = initial, maximum, forget_after
-        self._entries: dict[str, tuple[int, float, float]] = {}  # key -> (count, last, until)
-
-    def record(self, key: str, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        count, last, _ = self._entries.get(key, (0, now, now))
-        count = 1 if now - last > self.forget_after else count + 1
-        backoff = min(self.maximum, self.initial * 2.0 ** (count - 1))
-        self._entries[key] = (count, now, now + backoff)
-        return backoff
-
-    def avoided(self, now: float | None = None) -> set[str]:
-        now = time.monotonic() if now is None else now
-        return {k for k, (_, _, until) in self._entries.items() if until > now}
-
-    def count(self, key: str) -> int:
-        return self._entries.get(key, (0, 0.0, 0.0))[0]
 
 
 def hop_key(hop: Hop) -> str:

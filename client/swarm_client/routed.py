@@ -31,12 +31,13 @@ from typing import Any, Protocol
 import grpc
 
 from swarm_client.errors import GenerationError
-from swarm_client.failover import Avoidance, FailoverPolicy, FailoverRecord, StepClock, blame, hop_key, patch_route
+from swarm_client.failover import FailoverPolicy, FailoverRecord, StepClock, blame, hop_key, patch_route
 from swarm_client.remote import Hop, RouteError, RouteSession
 from swarm_client.types import SampledToken
 from swarm_node.sampler import SamplingParams
 from swarm_node.transport import Metadata, call_metadata
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ class RoutedBackend:
         self._max_context = max_context
         self._eos = tuple(eos_token_ids)
         self.clock = StepClock(self.policy)
-        self.avoid = Avoidance(self.policy.backoff_initial, self.policy.backoff_max)
+        self.avoid = Backoff(self.policy.backoff_initial, self.policy.backoff_max)  # addresses seen failing
         self.failovers = 0  # sessions reopened after a failure (tests, stats)
         self.records: deque[FailoverRecord] = deque(maxlen=1000)  # the recovered ones, newest last
         self.last_route: Route | None = None
