@@ -52,10 +52,16 @@ class FailoverPolicy:
     backoff_initial: float = 2.0  # a failed node is avoided this long, doubling per repeated failure
     backoff_max: float = 60.0
     retry_delay: float = 0.2  # between attempts to get a route
+    busy_wait: float = 300.0  # how long a generation waits in all for room when routes are busy (the caller's timeout)
+    busy_at_start: str = "wait"  # "raise": BusyError before the first token, for a caller that queues (the gateway)
 
     def __post_init__(self) -> None:
         if self.replay not in ("span", "full"):
             raise ValueError(f"replay must be 'span' or 'full', got {self.replay!r}")
+        if self.busy_at_start not in ("wait", "raise"):
+            raise ValueError(f"busy_at_start must be 'wait' or 'raise', got {self.busy_at_start!r}")
+        if self.busy_wait < 0:
+            raise ValueError("busy_wait must be >= 0")
 
 
 class StepClock:
