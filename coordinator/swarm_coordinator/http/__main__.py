@@ -52,6 +52,7 @@ def _backend(ns: argparse.Namespace) -> object:
 
         return swarm_client(ns.coordinator, model, ns.token)
     from swarm_client.api import AsyncSwarmClient
+    from swarm_client.failover import FailoverPolicy
     from swarm_client.routed import RoutedBackend, StaticRoutes, parse_route
     from swarm_client.tokenizer import load_tokenizer
     from swarm_node.loading import read_args
@@ -62,6 +63,7 @@ def _backend(ns: argparse.Namespace) -> object:
         max_context=args.max_position_embeddings,
         eos_token_ids=args.eos_token_ids,
         token=ns.token,
+        policy=FailoverPolicy(busy_at_start="raise"),  # the gateway's line orders the waiting
     )
     return AsyncSwarmClient(backend, load_tokenizer(model))
 

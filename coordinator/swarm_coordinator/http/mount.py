@@ -52,6 +52,14 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         help="tokens (prompt + completion) per minute per key, 0 = unlimited (env SWARM_RATE_LIMIT_TPM)",
     )
     g.add_argument(
+        "--queue-size", type=int, default=int(env("SWARM_QUEUE_SIZE", "64")), metavar="N",
+        help="requests that may wait for room while the swarm is busy; one more gets 429 (env SWARM_QUEUE_SIZE)",
+    )
+    g.add_argument(
+        "--queue-timeout", type=float, default=float(env("SWARM_QUEUE_TIMEOUT", "60")), metavar="SECONDS",
+        help="the longest a request waits for room before 429 (env SWARM_QUEUE_TIMEOUT)",
+    )
+    g.add_argument(
         "--model-id", default=env("SWARM_MODEL_ID"), metavar="NAME",
         help="the model id /v1/models lists (default: the model file's name) (env SWARM_MODEL_ID)",
     )
@@ -64,6 +72,8 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
         api_keys_file=getattr(ns, "api_keys_file", None) or None,
         requests_per_minute=getattr(ns, "rate_limit_rpm", 0) or 0,
         tokens_per_minute=getattr(ns, "rate_limit_tpm", 0) or 0,
+        queue_size=getattr(ns, "queue_size", 64),
+        queue_timeout_s=getattr(ns, "queue_timeout", 60.0),
     )
 
 
@@ -71,6 +81,7 @@ def swarm_client(coordinator_address: str, model: str, token: str = "") -> Async
     """A client generating over the swarm of the coordinator at ``coordinator_address``
     (blocking: it reads the model's shape and loads its tokenizer); ``token``: the swarm's."""
     from swarm_client.api import AsyncSwarmClient
+    from swarm_client.failover import FailoverPolicy
     from swarm_client.routed import CoordinatorRoutes, RoutedBackend
     from swarm_client.tokenizer import load_tokenizer
     from swarm_node.loading import read_args
@@ -81,6 +92,7 @@ def swarm_client(coordinator_address: str, model: str, token: str = "") -> Async
         max_context=args.max_position_embeddings,
         eos_token_ids=args.eos_token_ids,
         token=token,
+        policy=FailoverPolicy(busy_at_start="raise"),  # the gateway's line orders the waiting
     )
     return AsyncSwarmClient(backend, load_tokenizer(model))
 
