@@ -156,6 +156,15 @@ class CoordinatorMetrics:
     def watch_client_failovers(self, count: Callable[[], int]) -> None:
         self.registry.register(_ClientFailovers(count))
 
+    def watch_client_avoidance(self, avoided: Callable[[], int]) -> None:
+        """Nodes the gateway's client avoids now (it saw them fail; busy ones never count)."""
+        gauge = Gauge(
+            "swarm_gateway_avoided_nodes",
+            "Nodes the gateway's client library avoids now after seeing them fail",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: float(avoided()))
+
     def count_events(self, kinds: Iterable[str]) -> None:
         for kind in kinds:
             self.events.labels(kind).inc()

@@ -173,6 +173,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             raise ProtocolError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
         if refusal is not None:
             self.refused += 1
+            log.info("session %s refused, %s; retry in %.2f s", spec.session_id, refusal.message, refusal.retry_after_s)
             raise convert.busy(refusal.message, refusal.retry_after_s)
         self.admission.reserve(spec.session_id, nbytes)  # opening: waiting for its cache
         try:

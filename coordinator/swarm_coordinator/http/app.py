@@ -154,6 +154,9 @@ class Gateway:
         self._name_models(getattr(client.tokenizer, "source", ""))
         if isinstance(getattr(client.backend, "failovers", None), int):  # the swarm's RoutedBackend
             self.metrics.watch_client_failovers(lambda: int(getattr(client.backend, "failovers", 0)))
+            avoid = getattr(client.backend, "avoid", None)
+            if avoid is not None:
+                self.metrics.watch_client_avoidance(lambda: len(avoid.avoided()))
 
     def _name_models(self, source: str) -> None:
         view, config = self.view, self.config
