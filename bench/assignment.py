@@ -55,10 +55,9 @@ import torch
 from swarm_client.remote import RouteError
 from swarm_client.routed import CoordinatorRoutes, RoutedBackend
 from swarm_coordinator.broker import free_port
-from swarm_node.loading import read_args
-from swarm_node.sampler import SamplingParams
-from swarm_node.speed import layer_bytes
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.model_args import layer_bytes, read_args
+from swarm_proto.wire import SamplingParams
 
 
 def random_model(directory: Path, hidden: int, intermediate: int, layers: int) -> Path:
@@ -85,7 +84,7 @@ class CpuQuota:
     v1's CFS quota), with a short period so that a forward of a few milliseconds is
     slowed evenly rather than run at full speed and then stopped."""
 
-    PERIOD_US = 10_000  # 10 ms: the node measures its speed over 50 ms blocks (swarm_node.speed)
+    PERIOD_US = 10_000  # 10 ms: the node measures its speed over 50 ms blocks (swarm_node.engine.speed)
     V2, V1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu")
 
     def __init__(self, name: str, cores: float) -> None:
@@ -242,14 +241,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         h, i, n = (int(x) for x in args.random.split(","))
         model = random_model(work, h, i, n)
     else:
-        from swarm_node.store import resolve_model
+        from swarm_proto.store import resolve_model
 
         model = resolve_model(args.model)
     vocab = read_args(model).vocab_size
     args_ = read_args(model)
     # Room for a bit more than half the model per node: no node can serve it alone, so the
     # swarm must split it into a pipeline (the case where the split matters).
-    budget = int(layer_bytes(args_, torch.float32) * (args_.num_layers * args.memory_fraction + 0.5))
+    budget = int(layer_bytes(args_, "float32") * (args_.num_layers * args.memory_fraction + 0.5))
     auto = Swarm("auto", model, threads, pinned=False, logs=work, budget=budget, cores=cores)
     equal = Swarm("equal", model, threads, pinned=True, logs=work, budget=budget, cores=cores)
     results: dict[str, list[float]] = {"auto": [], "equal": []}

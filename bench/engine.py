@@ -25,7 +25,7 @@ def no_sync() -> None:
 
 def ours_runner(model: Any, sync: Callable[[], None] = no_sync) -> dict[str, Callable[[torch.Tensor, int], float]]:
     """Timed prefill and greedy decode through our engine; `sync` waits for the device."""
-    from swarm_node.model import SeqChunk
+    from swarm_node.engine.model import SeqChunk
 
     def prefill(ids: torch.Tensor, _: int) -> float:
         cache = model.new_cache(ids.shape[1])
@@ -112,9 +112,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/engine.json")
     args = ap.parse_args()
 
-    from swarm_node.loading import load_slice, read_args
-    from swarm_node.store import resolve_model
     from transformers import AutoModelForCausalLM
+
+    from swarm_node.engine.loading import load_slice
+    from swarm_proto.model_args import read_args
+    from swarm_proto.store import resolve_model
 
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)

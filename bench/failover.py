@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/results/failover.json"))
     args = ap.parse_args()
 
-    from swarm_node.store import default_model_path, is_present, pull
+    from swarm_proto.store import default_model_path, is_present, pull
 
     if not is_present(verify=False):
         pull()

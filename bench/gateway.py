@@ -285,7 +285,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gateway.json")
     args = p.parse_args()
 
-    from swarm_node.store import resolve_model
+    from swarm_proto.store import resolve_model
 
     model = str(resolve_model(args.model))
     logs = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -293,13 +293,11 @@ def main() -> None:
     if not args.replicas:
         # Each node gets room for a little more than its share of the layers, so that a
         # route runs through every node (a pipeline) instead of one full replica.
-        import torch
 
-        from swarm_node.loading import read_args
-        from swarm_node.speed import layer_bytes
+        from swarm_proto.model_args import layer_bytes, read_args
 
         shape = read_args(model)
-        budget = (-(-shape.num_layers // args.nodes) + 1) * layer_bytes(shape, torch.float32)
+        budget = (-(-shape.num_layers // args.nodes) + 1) * layer_bytes(shape, "float32")
     print(f"starting a swarm of {args.nodes} nodes ({model}); logs in {logs}", file=sys.stderr)
     swarm = Swarm(model, args.nodes, args.threads, logs, budget)
     try:

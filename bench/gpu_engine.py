@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import Row, compare, hf_runner, ours_runner, print_table  # noqa: E402
 
-from swarm_node.config import ModelArgs  # noqa: E402
-from swarm_node.loading import build_slice  # noqa: E402
-from swarm_node.model import ModelSlice, SeqChunk  # noqa: E402
+from swarm_node.engine.loading import build_slice  # noqa: E402
+from swarm_node.engine.model import ModelSlice, SeqChunk  # noqa: E402
+from swarm_proto.model_args import ModelArgs  # noqa: E402
 
 LLAMA2_7B = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -134,7 +134,7 @@ class LocalDecoder:
 
     def __init__(self, model: Any, prompt: list[int], tokens: int) -> None:
         from swarm_client.local import LocalBackend
-        from swarm_node.sampler import SamplingParams
+        from swarm_proto.wire import SamplingParams
 
         self._tokens = LocalBackend(model).tokens(prompt, SamplingParams(), tokens + 1)
         next(self._tokens)  # the prefill and the first token
@@ -320,8 +320,8 @@ def median_of(runs: int, measure: Callable[[], float]) -> tuple[float, list[floa
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from swarm_client.tokenizer import load_tokenizer
-    from swarm_node.loading import load_slice
-    from swarm_node.store import resolve_model
+    from swarm_node.engine.loading import load_slice
+    from swarm_proto.store import resolve_model
 
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)

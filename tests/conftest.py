@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from helpers import make_tiny_model, reference_model
 
 torch.set_num_threads(2)
@@ -16,7 +15,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     """The SmolLM2 GGUF in the user cache (`make test` pulls it first)."""
-    from swarm_node import store
+    from swarm_proto import store
 
     if not store.is_present(verify=False):
         store.pull()

@@ -334,8 +334,8 @@ def _remote_backend(
 ) -> tuple[AsyncTokenSource, Tokenizer]:
     from swarm_client.failover import FailoverPolicy
     from swarm_client.routed import CoordinatorRoutes, RoutedBackend, RouteProvider, StaticRoutes, parse_route
-    from swarm_node.loading import read_args
-    from swarm_node.store import resolve_model
+    from swarm_proto.model_args import read_args
+    from swarm_proto.store import resolve_model
 
     if (coordinator is None) == (route is None):
         raise InvalidRequestError("give exactly one of coordinator and route")

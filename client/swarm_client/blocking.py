@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from swarm_client.types import AsyncTokenSource, SampledToken
-from swarm_node.sampler import SamplingParams
+from swarm_proto.wire import SamplingParams
 
 T = TypeVar("T")
 

@@ -113,7 +113,7 @@ class _Progress:
 
 
 def _cmd_model_pull(args: argparse.Namespace) -> int:
-    from swarm_node import store
+    from swarm_proto import store
 
     progress = _Progress(sys.stderr)
     try:
@@ -125,7 +125,7 @@ def _cmd_model_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_path(args: argparse.Namespace) -> int:
-    from swarm_node import store
+    from swarm_proto import store
 
     print(store.resolve_model(args.model))
     return 0
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
     from swarm_client.errors import SwarmError
-    from swarm_node.errors import SwarmNodeError
+    from swarm_proto.errors import SwarmProtoError
 
     handlers = {
         ("model", "pull"): _cmd_model_pull,
@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (SwarmError, SwarmNodeError, OSError, ValueError) as exc:
+    except (SwarmError, SwarmProtoError, OSError, ValueError) as exc:
         sys.stderr.write(f"swarm: error: {exc}\n")
         return 1
 

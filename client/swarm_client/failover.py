@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 import grpc
 
 from swarm_client.remote import Hop, RouteError
-from swarm_node.transport import Metadata, channel_options
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.transport import Metadata, channel_options
 
 if TYPE_CHECKING:
     from swarm_client.routed import NodeSummary

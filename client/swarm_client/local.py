@@ -19,14 +19,12 @@ from swarm_client.types import SampledToken
 if TYPE_CHECKING:
     import torch
 
-    from swarm_node.model import ModelSlice
-    from swarm_node.sampler import SamplingParams
+    from swarm_node.engine.model import ModelSlice
+    from swarm_proto.wire import SamplingParams
 
-__all__ = ["LocalBackend", "DTYPES"]
+__all__ = ["LocalBackend"]
 
 logger = logging.getLogger(__name__)
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class LocalBackend:
@@ -49,19 +47,21 @@ class LocalBackend:
         """Load every layer of ``model`` (a path, a known name, or None for the default)."""
         import torch
 
+        from swarm_node.engine.loading import load_slice
         from swarm_node.errors import SwarmNodeError
-        from swarm_node.loading import load_slice, read_args
-        from swarm_node.store import resolve_model
+        from swarm_proto.errors import SwarmProtoError
+        from swarm_proto.model_args import DTYPE_BYTES, read_args
+        from swarm_proto.store import resolve_model
 
-        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        torch_dtype = getattr(torch, dtype) if dtype in DTYPE_BYTES else dtype
         if not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+            raise ValueError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPE_BYTES)})")
         try:
             path = resolve_model(None if model is None else os.fspath(model))
             args = read_args(path)
             logger.info("loading %s (%d layers) as %s on %s", path, args.num_layers, torch_dtype, device)
             model_slice = load_slice(path, 0, args.num_layers, dtype=torch_dtype, device=device)
-        except (SwarmNodeError, OSError) as exc:
+        except (SwarmNodeError, SwarmProtoError, OSError) as exc:
             raise ModelUnavailableError(str(exc)) from exc
         return cls(model_slice, source=str(path))
 
@@ -78,8 +78,8 @@ class LocalBackend:
     ) -> Iterator[SampledToken]:
         import torch
 
-        from swarm_node.model import SeqChunk
-        from swarm_node.sampler import sample
+        from swarm_node.engine.model import SeqChunk
+        from swarm_node.engine.sampler import sample
 
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")

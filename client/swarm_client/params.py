@@ -1,7 +1,7 @@
 """What a caller asks of one generation: sampling and stopping options.
 
 ``SamplingOptions`` is the client-facing, backend-neutral request. The node's
-``swarm_node.sampler.SamplingParams`` (what the tail needs per step) is derived
+``swarm_proto.wire.SamplingParams`` (what the tail needs per step) is derived
 from it with ``to_sampling_params()`` once the seed is fixed; a request without a
 seed gets a random one at the start of generation, and the result reports it, so
 any run can be replayed exactly.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from swarm_client.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from swarm_node.sampler import SamplingParams
+    from swarm_proto.wire import SamplingParams
 
 __all__ = ["SamplingOptions", "DEFAULT_MAX_TOKENS", "random_seed"]
 
@@ -88,7 +88,7 @@ class SamplingOptions:
 
     def to_sampling_params(self) -> SamplingParams:
         """The per-step parameters the tail's sampler takes (the seed must be fixed)."""
-        from swarm_node.sampler import SamplingParams  # lazy: pulls in torch
+        from swarm_proto.wire import SamplingParams
 
         if self.seed is None:
             raise InvalidRequestError("fix the seed first (SamplingOptions.with_seed())")

@@ -26,15 +26,17 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import grpc
-import torch
 
 from swarm_client.errors import GenerationError
-from swarm_node.convert import Generation, Hop, OpenSpec, open_to_proto
-from swarm_node.sampler import SamplingParams
-from swarm_node.transport import ChannelPool, call_metadata
-from swarm_proto import codec, swarm_pb2, swarm_pb2_grpc
+from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.transport import ChannelPool, call_metadata
+from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, status_code
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Hop", "RouteError", "RouteSession", "StepOutput"]
 
@@ -68,9 +70,8 @@ class RouteError(GenerationError):
 
     @classmethod
     def from_proto(cls, error: swarm_pb2.Error) -> RouteError:
-        code = next((s for s in grpc.StatusCode if s.value[0] == error.code), grpc.StatusCode.UNKNOWN)
         return cls(
-            code,
+            status_code(error),
             error.message,
             address=error.node_address,
             node_id=error.node_id,
@@ -185,6 +186,8 @@ class RouteSession:
         outs = [await self._wait(f, timeout) for f in futures if f is not None]
         final = outs[-1]
         if return_logits:
+            import torch  # logits are tensors: only a caller asking for them needs torch
+
             logits = torch.cat([o.logits for o in outs if o.logits is not None])
             final = StepOutput(final.step_id, final.position, final.token, final.logprob, final.top, final.finished, logits)
         return final
@@ -325,7 +328,7 @@ class RouteSession:
                 future = self._pending.pop(result.step_id, None)
                 if future is None or future.done():
                     continue
-                logits = codec.decode(result.logits, torch.float32) if result.HasField("logits") else None
+                logits = _decode_logits(result.logits) if result.HasField("logits") else None
                 future.set_result(
                     StepOutput(
                         step_id=result.step_id,
@@ -368,3 +371,11 @@ async def _wait_event(event: asyncio.Event, timeout: float) -> None:
 def _retrieve(future: asyncio.Future[StepOutput]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _decode_logits(msg: swarm_pb2.Tensor) -> torch.Tensor:
+    import torch  # logits are tensors: only a caller asking for them needs torch
+
+    from swarm_proto import codec
+
+    return codec.decode(msg, torch.float32)

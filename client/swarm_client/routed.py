@@ -41,10 +41,10 @@ from swarm_client.errors import BusyError, GenerationError
 from swarm_client.failover import FailoverPolicy, FailoverRecord, StepClock, blame, hop_key, patch_route
 from swarm_client.remote import Hop, RouteError, RouteSession
 from swarm_client.types import SampledToken
-from swarm_node.sampler import SamplingParams
-from swarm_node.transport import Metadata, call_metadata
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
+from swarm_proto.transport import Metadata, call_metadata
+from swarm_proto.wire import SamplingParams
 
 logger = logging.getLogger(__name__)
 

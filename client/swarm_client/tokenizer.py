@@ -141,7 +141,7 @@ class IncrementalDetokenizer:
 
 def _source_key(source: str | os.PathLike[str] | None) -> tuple[str, Path]:
     """(cache key, resolved path) for a tokenizer source."""
-    from swarm_node.store import resolve_model  # lazy: the node package pulls in torch
+    from swarm_proto.store import resolve_model  # lazy: the node package pulls in torch
 
     try:
         path = resolve_model(None if source is None else os.fspath(source)).resolve()
@@ -151,7 +151,7 @@ def _source_key(source: str | os.PathLike[str] | None) -> tuple[str, Path]:
 
 
 def _disk_cache_dir(gguf: Path) -> Path:
-    from swarm_node.store import cache_dir
+    from swarm_proto.store import cache_dir
 
     st = gguf.stat()
     digest = hashlib.sha256(f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from swarm_node.sampler import SamplingParams
+    from swarm_proto.wire import SamplingParams
 
 __all__ = [
     "FinishReason",

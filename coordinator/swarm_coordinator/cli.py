@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from swarm_coordinator.config import CoordinatorConfig
-from swarm_node.flags import flag_adder
+from swarm_proto.flags import flag_adder
 
 log = logging.getLogger("swarm_coordinator")
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(ns: argparse.Namespace) -> CoordinatorConfig:
-    from swarm_node.store import resolve_model
+    from swarm_proto.store import resolve_model
 
     return CoordinatorConfig(
         model=str(resolve_model(ns.model)),
@@ -96,15 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from swarm_coordinator.errors import CoordinatorError
-    from swarm_node.errors import SwarmNodeError
+    from swarm_proto.errors import SwarmProtoError
 
     try:
         config = config_from_args(ns)
-    except (ValueError, SwarmNodeError) as exc:
+    except (ValueError, SwarmProtoError) as exc:
         raise SystemExit(f"swarm-coordinator: {exc}") from exc
     try:
         asyncio.run(_run(config, ns))
-    except (CoordinatorError, SwarmNodeError, OSError) as exc:
+    except (CoordinatorError, SwarmProtoError, OSError) as exc:
         raise SystemExit(f"swarm-coordinator: {exc}") from exc
     return 0
 

@@ -29,12 +29,13 @@ from swarm_coordinator.config import CoordinatorConfig
 from swarm_coordinator.errors import BrokerError
 from swarm_coordinator.planner import Planner
 from swarm_coordinator.registry import Registry, RegistryConfig
-from swarm_coordinator.service import CoordinatorService
+from swarm_coordinator.rpc import CoordinatorService
 from swarm_coordinator.state import SwarmState
-from swarm_node.transport import TokenInterceptor
 from swarm_proto import swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
+from swarm_proto.model_args import layer_bytes, model_id, read_args
 from swarm_proto.presence import PresenceError
+from swarm_proto.transport import TokenInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,6 @@ class CoordinatorServer:
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> str:
-        from swarm_node.agent import model_id  # the node's naming rule, shared by both sides
-        from swarm_node.loading import read_args
-        from swarm_node.node_config import DTYPES
-        from swarm_node.speed import layer_bytes
-
         cfg = self.config
         args = await asyncio.to_thread(read_args, cfg.model)
         if cfg.embedded:
@@ -104,7 +100,7 @@ class CoordinatorServer:
                 swarm_id=cfg.swarm_id,
                 model=model_id(cfg.model),
                 num_layers=args.num_layers,
-                bytes_per_layer=layer_bytes(args, DTYPES[cfg.dtype]),
+                bytes_per_layer=layer_bytes(args, cfg.dtype),
                 node_timeout_s=cfg.node_timeout,
                 keepalive=cfg.keepalive,
             )

@@ -26,8 +26,8 @@ from typing import IO
 
 import grpc
 
-from swarm_node.transport import Metadata, call_metadata
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.transport import Metadata, call_metadata
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``swarm-node --coordinator HOST:PORT`` runs a :class:`NodeAgent`:
 
-1. measure this node's speed (:mod:`swarm_node.speed`) and memory budget;
+1. measure this node's speed (:mod:`swarm_node.engine.speed`) and memory budget;
 2. ask the coordinator (``GetSwarmInfo``) for the swarm id and the MQTT broker, and
    check that both serve the same model;
 3. announce itself over MQTT (retained status with an offline Last Will, load every
@@ -31,14 +31,13 @@ from pathlib import Path
 import grpc
 import torch
 
-from swarm_node.config import ModelArgs
+from swarm_node.config import NodeConfig
+from swarm_node.engine.speed import Speed, default_memory_budget, measure
 from swarm_node.errors import SwarmNodeError
-from swarm_node.loading import read_args
-from swarm_node.node_config import NodeConfig
 from swarm_node.server import NodeServer
-from swarm_node.speed import Speed, default_memory_budget, layer_bytes, measure
-from swarm_node.transport import Metadata, call_metadata
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.errors import SwarmProtoError
+from swarm_proto.model_args import ModelArgs, layer_bytes, model_id, read_args
 from swarm_proto.presence import (
     Assign,
     Event,
@@ -50,20 +49,15 @@ from swarm_proto.presence import (
     PresenceError,
 )
 from swarm_proto.presence_client import BrokerAddress, PresenceClient
+from swarm_proto.transport import Metadata, call_metadata
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AgentError", "NodeAgent", "SwarmInfo", "fetch_swarm_info", "model_id"]
+__all__ = ["AgentError", "NodeAgent", "SwarmInfo", "fetch_swarm_info"]
 
 
 class AgentError(SwarmNodeError):
     """The node could not join the swarm (coordinator unreachable, other model)."""
-
-
-def model_id(source: str | Path) -> str:
-    """How the swarm names a model: its file or folder name (the same on every machine
-    that shares the model volume, unlike absolute paths)."""
-    return Path(str(source).rstrip("/")).name
 
 
 @dataclass(frozen=True)
@@ -173,7 +167,7 @@ class NodeAgent:
         else:
             self.speed = await asyncio.to_thread(_measure_alone, args, device, cfg.torch_dtype)
         budget = self.memory_budget or default_memory_budget(device)
-        per_layer = layer_bytes(args, cfg.torch_dtype)
+        per_layer = layer_bytes(args, cfg.dtype)
         log.info(
             "memory budget %.1f MB: room for %d of %d layers (%.1f MB each)",
             budget / 1e6, budget // per_layer, args.num_layers, per_layer / 1e6,
@@ -249,7 +243,7 @@ class NodeAgent:
                 continue
             try:
                 await self._apply(assign)
-            except (SwarmNodeError, OSError, RuntimeError, ValueError) as exc:
+            except (SwarmNodeError, SwarmProtoError, OSError, RuntimeError, ValueError) as exc:
                 log.error("could not host %s: %s", assign.layers, exc)
                 await self._publish_event(EventKind.REASSIGN, f"failed to load {assign.layers}: {exc}")
             self.applied.set()

@@ -14,8 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from swarm_node.flags import flag_adder
-from swarm_node.node_config import DEVICES, DTYPES, NodeConfig, parse_layers
+from swarm_node.config import DEVICES, NodeConfig, parse_layers
+from swarm_proto.flags import flag_adder
+from swarm_proto.model_args import DTYPE_BYTES
 
 log = logging.getLogger("swarm_node")
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", str, defaults["host"].default, "address to bind")
     add("--port", int, defaults["port"].default, "port to bind; 0 picks a free one")
     add("--device", str, defaults["device"].default, f"one of {', '.join(DEVICES)} (or cuda:N)")
-    add("--dtype", str, defaults["dtype"].default, "compute dtype", choices=list(DTYPES))
+    add("--dtype", str, defaults["dtype"].default, "compute dtype", choices=list(DTYPE_BYTES))
     add("--threads", int, defaults["threads"].default, "torch CPU threads (0: torch's default)")
     add("--max-sessions", int, defaults["max_sessions"].default, "sessions held at once, at most (the capacity follows from --kv-budget)")
     add("--kv-budget", str, None, "bytes of KV cache for sessions, e.g. 256M (default: 16 sessions of --max-length)")
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bytes(text: str | None) -> int:
-    from swarm_node.speed import parse_bytes
+    from swarm_node.engine.speed import parse_bytes
 
     if not text:
         return 0
@@ -63,7 +64,7 @@ def _bytes(text: str | None) -> int:
 
 def config_from_args(ns: argparse.Namespace) -> NodeConfig:
     if not ns.model and ns.coordinator:
-        from swarm_node.store import resolve_model
+        from swarm_proto.store import resolve_model
 
         ns.model = str(resolve_model(None))  # the default model, as the coordinator's
     if not ns.model:
@@ -71,7 +72,7 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
     if ns.layers:
         start, end = parse_layers(ns.layers)
     else:
-        from swarm_node.loading import read_args
+        from swarm_proto.model_args import read_args
 
         start, end = 0, read_args(ns.model).num_layers
     extra = {"node_id": ns.node_id} if ns.node_id else {}
@@ -141,7 +142,7 @@ def _stop_metrics(metrics: tuple[Any, asyncio.Task[None]] | None) -> None:
 
 async def _run_agent(config: NodeConfig, ns: argparse.Namespace) -> None:
     from swarm_node.agent import NodeAgent
-    from swarm_node.speed import parse_bytes
+    from swarm_node.engine.speed import parse_bytes
 
     agent = NodeAgent(
         config,
@@ -176,10 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(f"swarm-node: {exc}") from exc
     from swarm_node.errors import SwarmNodeError
+    from swarm_proto.errors import SwarmProtoError
 
     try:
         asyncio.run(_run(config, ns))
-    except (SwarmNodeError, OSError) as exc:
+    except (SwarmNodeError, SwarmProtoError, OSError) as exc:
         raise SystemExit(f"swarm-node: {exc}") from exc
     return 0
 

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
-from swarm_node.config import ModelArgs
-from swarm_node.node_config import NodeConfig
-from swarm_node.sampler import SamplingParams
-from swarm_node.scheduler import BatchStats
+from swarm_node.config import NodeConfig
 from swarm_proto import codec, swarm_pb2
 from swarm_proto.errors import WireError
+from swarm_proto.model_args import ModelArgs
+from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams
+
+if TYPE_CHECKING:
+    from swarm_node.scheduler import BatchStats
 
 MAX_SESSION_ID = 128
 
@@ -42,40 +45,6 @@ def busy(message: str, retry_after_s: float) -> ProtocolError:
 
 def invalid(message: str) -> ProtocolError:
     return ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-@dataclass(frozen=True)
-class Hop:
-    address: str
-    start: int
-    end: int
-    node_id: str = ""
-
-
-@dataclass(frozen=True)
-class Generation:
-    """Session-wide sampling settings the tail needs beyond the sampler's own."""
-
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_token_ids: tuple[int, ...] = ()
-    max_new_tokens: int = 0  # 0 = unlimited
-    top_logprobs: int = 0
-    prompt_length: int = 0
-
-
-@dataclass(frozen=True)
-class OpenSpec:
-    """An OpenSession, validated."""
-
-    session_id: str
-    max_length: int
-    start: int
-    end: int
-    downstream: tuple[Hop, ...]
-    generation: Generation
-    wire_codec: str  # one of swarm_proto.codec.CODECS
-    resumable: bool = False  # park the cache after a failure (docs/failover.md)
-    resume: bool = False  # adopt the cache held under session_id
 
 
 @dataclass(frozen=True)
@@ -140,20 +109,6 @@ def sampling_from_proto(msg: swarm_pb2.SamplingParams) -> Generation:
     )
 
 
-def sampling_to_proto(gen: Generation) -> swarm_pb2.SamplingParams:
-    p = gen.sampling
-    return swarm_pb2.SamplingParams(
-        temperature=p.temperature,
-        top_k=p.top_k,
-        top_p=p.top_p,
-        repetition_penalty=p.repetition_penalty,
-        seed=p.seed,
-        stop_token_ids=gen.stop_token_ids,
-        max_new_tokens=gen.max_new_tokens,
-        top_logprobs=gen.top_logprobs,
-    )
-
-
 # --- open ---------------------------------------------------------------------------
 
 
@@ -194,27 +149,6 @@ def open_from_proto(msg: swarm_pb2.OpenSession, *, start: int, end: int, num_lay
         raise invalid("prompt_length must be >= 0")
     gen = Generation(gen.sampling, gen.stop_token_ids, gen.max_new_tokens, gen.top_logprobs, msg.prompt_length)
     return OpenSpec(sid, msg.max_length, msg.start, msg.end, hops, gen, wire, msg.resumable, msg.resume)
-
-
-def open_to_proto(spec: OpenSpec, downstream: Sequence[Hop]) -> swarm_pb2.OpenSession:
-    """The OpenSession this node sends to its successor ``downstream[0]``."""
-    first = downstream[0]
-    return swarm_pb2.OpenSession(
-        session_id=spec.session_id,
-        max_length=spec.max_length,
-        downstream=[hop_to_proto(h) for h in downstream[1:]],
-        sampling=sampling_to_proto(spec.generation),
-        wire_dtype=spec.wire_codec,
-        prompt_length=spec.generation.prompt_length,
-        start=first.start,
-        end=first.end,
-        resumable=spec.resumable,
-        resume=spec.resume,
-    )
-
-
-def hop_to_proto(hop: Hop) -> swarm_pb2.Hop:
-    return swarm_pb2.Hop(address=hop.address, start=hop.start, end=hop.end, node_id=hop.node_id)
 
 
 # --- steps --------------------------------------------------------------------------
@@ -285,14 +219,6 @@ def error_to_proto(
         step_id=step_id,
         retry_after_ms=max(0, math.ceil(retry_after_s * 1000)) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else 0,
     )
-
-
-def status_code(error: swarm_pb2.Error) -> grpc.StatusCode:
-    """The gRPC status of an in-band Error (UNKNOWN for codes we do not know)."""
-    for status in grpc.StatusCode:
-        if status.value[0] == error.code and status is not grpc.StatusCode.OK:
-            return status
-    return grpc.StatusCode.UNKNOWN
 
 
 def result_to_proto(r: StepResult) -> swarm_pb2.Result:

@@ -1,22 +1,23 @@
 """Errors raised by the node package.
 
     SwarmNodeError
-    ├── ModelFormatError      the model files cannot be used (unknown architecture,
-    │                         missing tensor, truncated or corrupt file)
     ├── SliceRangeError       a layer range outside [0, num_layers) or empty
     ├── CacheOverflowError    positions past the KV cache's max length
     └── PositionError         positions out of order (a gap in the cache)
+
+A model whose files cannot be used raises ``swarm_proto.errors.ModelFormatError``
+(re-exported here): reading a model's shape is shared by every package.
 """
 
 from __future__ import annotations
 
+from swarm_proto.errors import ModelFormatError
+
+__all__ = ["CacheOverflowError", "ModelFormatError", "PositionError", "SliceRangeError", "SwarmNodeError"]
+
 
 class SwarmNodeError(Exception):
     """Base class of every error the node package raises on purpose."""
-
-
-class ModelFormatError(SwarmNodeError):
-    """The model's files or metadata cannot be turned into a model slice."""
 
 
 class SliceRangeError(SwarmNodeError, ValueError):

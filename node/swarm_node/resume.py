@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm_node.convert import StepIn
-from swarm_node.kv_cache import KVCache
+from swarm_node.engine.kv_cache import KVCache
 from swarm_node.session import NodeSession
 
 __all__ = ["Held", "ParkingLot", "can_skip", "confirm", "new_outputs"]

@@ -39,9 +39,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from swarm_node.kv_cache import KVCache
-from swarm_node.model import ModelSlice, SeqChunk
-from swarm_node.sampler import SamplingParams, sample
+from swarm_node.engine.kv_cache import KVCache
+from swarm_node.engine.model import ModelSlice, SeqChunk
+from swarm_node.engine.sampler import sample
+from swarm_proto.wire import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -10,13 +10,13 @@ from types import TracebackType
 import grpc
 import torch
 
-from swarm_node.loading import load_slice
-from swarm_node.model import ModelSlice
-from swarm_node.node_config import NodeConfig
+from swarm_node.config import NodeConfig
+from swarm_node.engine.loading import load_slice
+from swarm_node.engine.model import ModelSlice
+from swarm_node.rpc import NodeService
 from swarm_node.scheduler import Scheduler
-from swarm_node.service import NodeService
-from swarm_node.transport import TokenInterceptor, server_options
 from swarm_proto import swarm_pb2_grpc
+from swarm_proto.transport import TokenInterceptor, server_options
 
 log = logging.getLogger(__name__)
 

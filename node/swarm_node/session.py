@@ -11,11 +11,12 @@ import grpc
 import torch
 
 from swarm_node import convert
-from swarm_node.convert import OpenSpec, StepIn, StepResult
-from swarm_node.kv_cache import KVCache
-from swarm_node.model import ModelSlice
+from swarm_node.convert import StepIn, StepResult
+from swarm_node.engine.kv_cache import KVCache
+from swarm_node.engine.model import ModelSlice
 from swarm_node.scheduler import Job, JobOutput, SampleRequest
 from swarm_proto import swarm_pb2
+from swarm_proto.wire import OpenSpec
 
 
 class Failed(Exception):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from swarm_client import cli
-from swarm_node import store
+from swarm_proto import store
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import pytest
+from helpers import ByteHF
 
 from swarm_client import (
     AsyncSwarmClient,
@@ -20,9 +21,7 @@ from swarm_client import (
 from swarm_client.api import StreamAssembler, _held_back, arun_stream, run_stream
 from swarm_client.tokenizer import Tokenizer
 from swarm_client.types import AsyncTokenSource, SampledToken, StreamEvent
-from swarm_node.sampler import SamplingParams
-
-from helpers import ByteHF
+from swarm_proto.wire import SamplingParams
 
 BOS, EOS, OFFSET = 1, 2, 3
 

@@ -11,8 +11,9 @@ import torch
 
 from swarm_client import ModelUnavailableError, SamplingOptions, SwarmClient
 from swarm_client.local import LocalBackend
-from swarm_node.loading import load_slice
-from swarm_node.sampler import SamplingParams, sample
+from swarm_node.engine.loading import load_slice
+from swarm_node.engine.sampler import sample
+from swarm_proto.wire import SamplingParams
 
 PROMPT = [1, 17, 42, 99, 7, 250, 3]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from swarm_client import InvalidRequestError, SamplingOptions
-from swarm_node.sampler import SamplingParams
+from swarm_proto.wire import SamplingParams
 
 
 def test_defaults_are_greedy() -> None:

@@ -4,15 +4,14 @@ the node's speed measurement and size parsing."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from swarm_coordinator.assignment import AssignmentPolicy, plan
 from swarm_coordinator.config import CoordinatorConfig
 from swarm_coordinator.planner import decide
 from swarm_coordinator.state import Assignment, LayerRange, NodeState, NodeStatus, NodeView, SwarmState
-from swarm_node.agent import _broker, model_id
-from swarm_node.config import ModelArgs
-from swarm_node.speed import layer_bytes, measure, parse_bytes
+from swarm_node.agent import _broker
+from swarm_node.engine.speed import measure, parse_bytes
+from swarm_proto.model_args import ModelArgs, layer_bytes, model_id
 from swarm_proto.presence import Assign
 
 MB = 1 << 20
@@ -86,6 +85,6 @@ def test_sizes_and_names() -> None:
 def test_speed_measurement_is_sane() -> None:
     args = ModelArgs(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                      head_dim=16)
-    assert layer_bytes(args, torch.float32) == 4 * (64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64)
+    assert layer_bytes(args, "float32") == 4 * (64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64)
     s = measure(args, budget_s=0.05)
     assert s.decode > 0 and s.prefill > s.decode  # a chunk of prompt uses the hardware better than one token

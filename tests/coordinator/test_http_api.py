@@ -15,6 +15,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+from helpers import ByteHF
 
 from swarm_client import SwarmClient
 from swarm_client.tokenizer import Tokenizer
@@ -22,9 +23,7 @@ from swarm_client.types import SampledToken
 from swarm_coordinator.http import GatewayConfig, create_app
 from swarm_coordinator.http.auth import ApiKeys, Caller, KeyLimits, RateLimiter, extract_key, parse_keys_file
 from swarm_coordinator.http.schema import parse_chat, parse_completion
-from swarm_node.sampler import SamplingParams
-
-from helpers import ByteHF
+from swarm_proto.wire import SamplingParams
 
 BOS, EOS, OFFSET = 1, 2, 3
 REPLY = "Paris is the capital. It is big."

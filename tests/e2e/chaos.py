@@ -25,10 +25,10 @@ from pathlib import Path
 import grpc
 
 from swarm_client.failover import FailoverPolicy
-from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_client.routed import CoordinatorRoutes, RoutedBackend
-from swarm_node.sampler import SamplingParams
+from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.wire import SamplingParams
 
 GREEDY = SamplingParams(repetition_penalty=1.3)  # greedy; the penalty keeps a random model from looping
 SEEDED = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=1234)

@@ -10,7 +10,6 @@ a node killed with SIGKILL. ``swarm up`` (embedded broker) is tested on its own.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys

@@ -18,7 +18,6 @@ from typing import Any
 
 import openai
 import pytest
-
 from e2e.gateway_helpers import CHROMIUM, CHROMIUM_ARGS, Swarm, scrape, start_swarm, value
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -30,14 +29,12 @@ MAX_TOKENS = 72
 
 @pytest.fixture(scope="module")
 def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    import torch
 
-    from swarm_node.loading import read_args
-    from swarm_node.speed import layer_bytes
+    from swarm_proto.model_args import layer_bytes, read_args
 
     # Room for 16 of the 30 layers per node: one node cannot hold the model, so routes
     # span nodes, and any two can still cover it once the third is gone.
-    budget = 16 * layer_bytes(read_args(default_model), torch.float32)
+    budget = 16 * layer_bytes(read_args(default_model), "float32")
     swarm = start_swarm(
         default_model, 3, tmp_path_factory.mktemp("dashboard-swarm"), node_args=["--memory-budget", str(budget)]
     )

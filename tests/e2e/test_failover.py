@@ -23,13 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from e2e.chaos import GREEDY, SEEDED, ChaosSwarm, NodeSpec, add_tokenizer, generate, prompts
 from helpers import make_tiny_model
+
 from swarm_client.errors import GenerationError
 from swarm_client.failover import FailoverPolicy
 from swarm_client.routed import RoutedBackend
-from swarm_node.sampler import SamplingParams
+from swarm_proto.wire import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -14,11 +14,9 @@ from typing import Any
 
 import openai
 import pytest
-import torch
-
 from e2e.gateway_helpers import Swarm, local_cli, scrape, start_swarm, total, value
-from swarm_node.loading import read_args
-from swarm_node.speed import layer_bytes
+
+from swarm_proto.model_args import layer_bytes, read_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -35,7 +33,7 @@ def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     keys = logs / "keys"
     keys.write_text(f"# test keys\n{KEY}\n{LIMITED} rpm=2\n")
     # Room for 16 of the 30 layers per node: every route runs through both nodes.
-    budget = 16 * layer_bytes(read_args(default_model), torch.float32)
+    budget = 16 * layer_bytes(read_args(default_model), "float32")
     swarm = start_swarm(
         default_model, 2, logs, coordinator_args=["--api-keys-file", str(keys)], node_args=["--memory-budget", str(budget)]
     )

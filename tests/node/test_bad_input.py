@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from swarm_node.engine.loading import load_slice
+from swarm_node.engine.model import SeqChunk
 from swarm_node.errors import CacheOverflowError, ModelFormatError, PositionError, SliceRangeError
-from swarm_node.loading import load_slice, read_args
-from swarm_node.model import SeqChunk
+from swarm_proto.model_args import read_args
 
 
 def copy_model(src: Path, dst: Path) -> Path:

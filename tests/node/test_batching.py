@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from helpers import relative_error
-from swarm_node.loading import load_slice
-from swarm_node.model import SeqChunk
+
+from swarm_node.engine.loading import load_slice
+from swarm_node.engine.model import SeqChunk
 
 
 def test_batched_decode_matches_single(tiny_models: dict[str, Path]) -> None:

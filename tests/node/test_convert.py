@@ -7,21 +7,15 @@ import pytest
 import torch
 
 from swarm_node.convert import (
-    Generation,
-    Hop,
-    OpenSpec,
     ProtocolError,
     StepResult,
     open_from_proto,
-    open_to_proto,
     result_to_proto,
     sampling_from_proto,
-    sampling_to_proto,
-    status_code,
     step_from_proto,
 )
-from swarm_node.sampler import SamplingParams
 from swarm_proto import codec, swarm_pb2
+from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, sampling_to_proto, status_code
 
 
 def _open(**kw: object) -> swarm_pb2.OpenSession:

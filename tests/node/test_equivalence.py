@@ -7,10 +7,10 @@ from typing import Any, Sequence
 
 import pytest
 import torch
-
 from helpers import reference_model, relative_error
-from swarm_node.loading import load_slice
-from swarm_node.model import ModelSlice, SeqChunk
+
+from swarm_node.engine.loading import load_slice
+from swarm_node.engine.model import ModelSlice, SeqChunk, inv_freq
 
 PROMPTS = [
     "The capital of France is",
@@ -103,7 +103,7 @@ def test_rope_scaling_is_applied(tiny_models: dict[str, Path]) -> None:
     model = load_slice(tiny_models["llama3"], 0, 6)
     ids = torch.randint(3, 320, (150,), generator=torch.Generator().manual_seed(2))
     scaled = run_chain([model], ids)
-    model.rotary.inv_freq = replace(model.args, rope_scaling=None).inv_freq()
+    model.rotary.inv_freq = inv_freq(replace(model.args, rope_scaling=None))
     assert relative_error(run_chain([model], ids), scaled) > 1e-3
 
 

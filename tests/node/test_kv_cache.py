@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import relative_error
-from swarm_node import kv_cache
-from swarm_node.kv_cache import KVCache, KVPool
-from swarm_node.loading import load_slice
-from swarm_node.model import SeqChunk
+
+from swarm_node.engine import kv_cache
+from swarm_node.engine.kv_cache import KVCache, KVPool
+from swarm_node.engine.loading import load_slice
+from swarm_node.engine.model import SeqChunk
 
 
 def _fill(cache: KVCache, value: float, n: int) -> None:

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from helpers import make_tiny_model, tiny_config
+from helpers import tiny_config
 
 PROBE = r"""
 import json, sys, torch
-from swarm_node.loading import load_slice, model_bytes
+from swarm_node.engine.loading import load_slice, model_bytes
 
 def rss():
     with open("/proc/self/statm") as f:

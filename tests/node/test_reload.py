@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from swarm_client.remote import Hop, RouteError, RouteSession
-from swarm_node import reslice
-from swarm_node.loading import load_slice
-from swarm_node.model import SeqChunk
-from swarm_node.node_config import NodeConfig
+from swarm_node.config import NodeConfig
+from swarm_node.engine import reslice
+from swarm_node.engine.loading import load_slice
+from swarm_node.engine.model import SeqChunk
 from swarm_node.server import NodeServer
 
 pytestmark = pytest.mark.timeout(120)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from swarm_node.convert import StepIn
-from swarm_node.kv_cache import KVCache
+from swarm_node.engine.kv_cache import KVCache
 from swarm_node.resume import ParkingLot, can_skip, confirm
 
 

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from swarm_node.sampler import (
-    SamplingParams,
+from swarm_node.engine.sampler import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
     sample,
     uniform,
 )
+from swarm_proto.wire import SamplingParams
 
 hf = pytest.importorskip("transformers.generation.logits_process")
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from swarm_node.engine.loading import load_slice
+from swarm_node.engine.model import ModelSlice, SeqChunk
+from swarm_node.engine.sampler import sample
 from swarm_node.errors import PositionError
-from swarm_node.loading import load_slice
-from swarm_node.model import ModelSlice, SeqChunk
-from swarm_node.sampler import SamplingParams, sample
 from swarm_node.scheduler import Job, SampleRequest, Scheduler
+from swarm_proto.wire import SamplingParams
 
 pytestmark = pytest.mark.timeout(60)
 

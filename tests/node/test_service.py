@@ -12,17 +12,18 @@ from typing import Any
 import grpc
 import pytest
 import torch
-
 from helpers import relative_error
+
 from swarm_client.errors import GenerationError
 from swarm_client.remote import Hop, RouteError, RouteSession
 from swarm_client.routed import RoutedBackend, StaticRoutes, parse_route
-from swarm_node.loading import load_slice
-from swarm_node.model import ModelSlice, SeqChunk
-from swarm_node.node_config import NodeConfig
-from swarm_node.sampler import SamplingParams, sample
+from swarm_node.config import NodeConfig
+from swarm_node.engine.loading import load_slice
+from swarm_node.engine.model import ModelSlice, SeqChunk
+from swarm_node.engine.sampler import sample
 from swarm_node.server import NodeServer
 from swarm_proto import codec, swarm_pb2, swarm_pb2_grpc
+from swarm_proto.wire import SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,17 +11,17 @@ as ``swarm-coordinator --http-port``; the gateway flags (``--api-key``, ...) app
 from __future__ import annotations
 
 import argparse
-import os
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from swarm_client.errors import SwarmError
 from swarm_coordinator.http.app import create_app
-from swarm_coordinator.http.serving import HttpServer
 from swarm_coordinator.http.mount import add_gateway_flags, gateway_config_from_args
+from swarm_coordinator.http.serving import HttpServer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _backend(ns: argparse.Namespace) -> object:
-    from swarm_node.store import resolve_model
+    from swarm_proto.store import resolve_model
 
     model = str(resolve_model(ns.model))
     if ns.local:
@@ -55,7 +55,7 @@ def _backend(ns: argparse.Namespace) -> object:
     from swarm_client.failover import FailoverPolicy
     from swarm_client.routed import RoutedBackend, StaticRoutes, parse_route
     from swarm_client.tokenizer import load_tokenizer
-    from swarm_node.loading import read_args
+    from swarm_proto.model_args import read_args
 
     args = read_args(model)
     backend = RoutedBackend(

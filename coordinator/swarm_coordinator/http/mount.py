@@ -84,7 +84,7 @@ def swarm_client(coordinator_address: str, model: str, token: str = "") -> Async
     from swarm_client.failover import FailoverPolicy
     from swarm_client.routed import CoordinatorRoutes, RoutedBackend
     from swarm_client.tokenizer import load_tokenizer
-    from swarm_node.loading import read_args
+    from swarm_proto.model_args import read_args
 
     args = read_args(model)
     backend = RoutedBackend(

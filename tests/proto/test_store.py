@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from swarm_node import store
-from swarm_node.store import (
+from swarm_proto import store
+from swarm_proto.store import (
     DEFAULT_MODEL,
     ChecksumError,
     DownloadError,

@@ -15,8 +15,8 @@ from swarm_proto.presence import (
     NodeStatus,
     PayloadError,
     PresenceError,
-    Topics,
     TopicKind,
+    Topics,
     decode,
     encode,
 )

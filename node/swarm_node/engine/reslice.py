@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swarm_node.loading import load_slice
-from swarm_node.model import ModelSlice, check_range
+from swarm_node.engine.loading import load_slice
+from swarm_node.engine.model import ModelSlice, check_range
 
 log = logging.getLogger(__name__)
 

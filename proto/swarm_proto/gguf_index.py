@@ -1,9 +1,5 @@
-"""Read a GGUF file: hyperparameters from its metadata, tensors dequantized.
-
-The file is memory-mapped, so only the tensors a slice asks for are touched.
-llama.cpp's converter permutes the rows of Q and K for the llama architecture
-(interleaved rotary pairs); reading undoes that, so the weights match the
-Hugging Face layout the model code expects.
+"""A GGUF file's scalar metadata and tensor table, and the model hyperparameters they
+describe; no torch, so every side of the swarm can read a model's shape.
 
 `gguf.GGUFReader` parses every metadata field, the tokenizer's vocabulary and
 merges included: seconds for a 50k-token vocabulary, at every node start. What
@@ -25,31 +21,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import torch
 
-from swarm_node.config import ModelArgs, RopeScaling
-from swarm_node.errors import ModelFormatError
+from swarm_proto.errors import ModelFormatError
+from swarm_proto.model_args import ModelArgs, RopeScaling
 
 # GGUF architecture -> (our arch name, are Q/K rows permuted by the converter)
-_ARCHS = {"llama": ("llama", True), "mistral": ("mistral", True), "qwen2": ("qwen2", False)}
-
-_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-
+ARCHS = {"llama": ("llama", True), "mistral": ("mistral", True), "qwen2": ("qwen2", False)}
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +114,7 @@ def _plain(value: Any) -> Any:
 
 def _index_file(path: Path, size: int, mtime_ns: int) -> Path:
     """Where the index of this version of the file is kept."""
-    from swarm_node.store import cache_dir
+    from swarm_proto.store import cache_dir
 
     key = hashlib.sha256(f"{path}\0{size}\0{mtime_ns}".encode()).hexdigest()[:32]
     return cache_dir() / "gguf-index" / f"{path.stem}-{key}.json"
@@ -166,8 +143,8 @@ def _field(r: GGUFIndex, key: str, default: Any = None) -> Any:
 def read_args(path: Path) -> ModelArgs:
     r = index(path)
     arch_key = _field(r, "general.architecture")
-    if arch_key not in _ARCHS:
-        raise ModelFormatError(f"{path}: unknown architecture {arch_key!r}: supported are {', '.join(_ARCHS)}")
+    if arch_key not in ARCHS:
+        raise ModelFormatError(f"{path}: unknown architecture {arch_key!r}: supported are {', '.join(ARCHS)}")
     a = arch_key
 
     def need(key: str) -> Any:
@@ -194,7 +171,7 @@ def read_args(path: Path) -> ModelArgs:
     eos = _field(r, "tokenizer.ggml.eos_token_id")
     bos = _field(r, "tokenizer.ggml.bos_token_id")
     return ModelArgs(
-        arch=_ARCHS[a][0],
+        arch=ARCHS[a][0],
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
@@ -207,56 +184,9 @@ def read_args(path: Path) -> ModelArgs:
         rope_scaling=scaling,
         max_position_embeddings=int(_field(r, f"{a}.context_length", 4096)),
         tie_word_embeddings="output.weight" not in tensors,
-        attention_bias=f"blk.0.attn_q.bias" in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
         name=str(_field(r, "general.name", path.stem)),
         rope_freq_divisors=divisors,
     )
-
-
-def gguf_name(hf_name: str) -> str:
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    parts = hf_name.split(".")  # model.layers.{i}.{module...}.{weight|bias}
-    if parts[:2] != ["model", "layers"]:
-        raise KeyError(hf_name)
-    module = ".".join(parts[3:-1])
-    return f"blk.{parts[2]}.{_LAYER_NAMES[module]}.{parts[-1]}"
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's rotary row permutation of a Q or K weight (or bias)."""
-    shape = w.shape
-    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-
-
-def read_tensors(path: Path, args: ModelArgs, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    r = index(path)
-    tensors = r.tensors
-    permuted = _ARCHS.get(args.arch, ("", False))[1]
-    out: dict[str, torch.Tensor] = {}
-    for name in names:
-        t = tensors.get(gguf_name(name))
-        if t is None:
-            continue
-        kind = GGMLQuantizationType(t.tensor_type)
-        try:
-            raw = r.data(t)
-            if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                data = np.array(raw, dtype=np.float32)
-            else:
-                data = dequantize(raw, kind)
-        except (ValueError, NotImplementedError, TypeError) as exc:
-            raise ModelFormatError(f"{path}: cannot dequantize {t.name} ({kind.name}): {exc}") from exc
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        data = data.reshape(shape)
-        if permuted and ".self_attn.q_proj." in name:
-            data = _unpermute(data, args.num_heads)
-        elif permuted and ".self_attn.k_proj." in name:
-            data = _unpermute(data, args.num_kv_heads)
-        out[name] = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-    return out

@@ -9,7 +9,7 @@ pull of a file that is already there and verifies is a no-op.
 
 Cache directory: ``$SWARM_CACHE`` if set, else ``~/.cache/llama-swarm``.
 
-Errors (under ``swarm_node.errors.SwarmNodeError``)::
+Errors (under ``swarm_proto.errors.SwarmProtoError``)::
 
     StoreError
      +-- ModelNotFoundError   (also a FileNotFoundError) unknown name / missing file
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarm_node.errors import SwarmNodeError
+from swarm_proto.errors import SwarmProtoError
 
 __all__ = [
     "ModelSpec",
@@ -57,7 +57,7 @@ ProgressFn = Callable[[str, int, int], None]
 _CHUNK = 1 << 20
 
 
-class StoreError(SwarmNodeError):
+class StoreError(SwarmProtoError):
     """Base class of model store errors."""
 
 

@@ -11,6 +11,7 @@ of single decode steps, once over all the sequences' slots of the KV pool.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swarm_node.config import ModelArgs
+from swarm_node.engine.kv_cache import KVCache, KVPool
 from swarm_node.errors import SliceRangeError
-from swarm_node.kv_cache import KVCache, KVPool
+from swarm_proto.model_args import ModelArgs
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -64,6 +65,29 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim // 2], float32, as transformers computes them."""
+    dim = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if args.rope_freq_divisors is not None:
+        return inv / torch.tensor(args.rope_freq_divisors, dtype=torch.float32)
+    s = args.rope_scaling
+    if s is None:
+        return inv
+    if s.kind == "linear":
+        return inv / s.factor
+    # llama3
+    old = s.original_max_position_embeddings
+    low_wavelen = old / s.low_freq_factor
+    high_wavelen = old / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -74,7 +98,7 @@ class Rotary(nn.Module):
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", args.inv_freq(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq(args), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
@@ -261,7 +285,7 @@ class ModelSlice(nn.Module):
         return next(self.parameters()).dtype
 
     def new_cache(self, max_length: int) -> KVCache:
-        """A KV cache for one sequence, in this slice's pool (see swarm_node.kv_cache)."""
+        """A KV cache for one sequence, in this slice's pool (see swarm_node.engine.kv_cache)."""
         if self._pool is None:
             a = self.args
             self._pool = KVPool(self.num_layers, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)

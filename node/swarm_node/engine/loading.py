@@ -13,22 +13,14 @@ from typing import Callable, Iterable
 
 import torch
 
-from swarm_node import gguf_loader, hf_loader
-from swarm_node.config import ModelArgs
+from swarm_node.engine import gguf_loader, hf_loader
+from swarm_node.engine.model import ModelSlice, check_range, inv_freq
 from swarm_node.errors import ModelFormatError
-from swarm_node.model import ModelSlice, check_range
+from swarm_proto.model_args import ModelArgs, is_gguf, read_args
 
 log = logging.getLogger(__name__)
 
 TensorReader = Callable[[Iterable[str]], dict[str, torch.Tensor]]
-
-
-def read_args(source: str | Path) -> ModelArgs:
-    """The hyperparameters of the model at `source`, without reading any weights."""
-    path = Path(source)
-    if _is_gguf(path):
-        return gguf_loader.read_args(path)
-    return hf_loader.read_args(path)
 
 
 def load_slice(
@@ -45,7 +37,7 @@ def load_slice(
     check_range(args, start, end)
     names = slice_tensor_names(args, start, end)
     reader: TensorReader = (
-        (lambda n: gguf_loader.read_tensors(path, args, n)) if _is_gguf(path) else (lambda n: hf_loader.read_tensors(path, n))
+        (lambda n: gguf_loader.read_tensors(path, args, n)) if is_gguf(path) else (lambda n: hf_loader.read_tensors(path, n))
     )
     tensors = reader(names)
     missing = [n for n in names if n not in tensors]
@@ -75,7 +67,7 @@ def build_slice(
         model = ModelSlice(args, start, end)
     state = _fuse(args, start, end, tensors, dtype)
     model.load_state_dict(state, assign=True, strict=True)
-    model.rotary.inv_freq = args.inv_freq()
+    model.rotary.inv_freq = inv_freq(args)
     model.eval()
     return model.to(device)  # keeps the column-major strides
 
@@ -90,15 +82,6 @@ def model_bytes(model: torch.nn.Module) -> int:
             seen.add(ptr)
             total += p.untyped_storage().nbytes()
     return total
-
-
-def _is_gguf(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() == ".gguf" or (path.is_file() and _has_gguf_magic(path))
-
-
-def _has_gguf_magic(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def slice_tensor_names(args: ModelArgs, start: int, end: int) -> list[str]:

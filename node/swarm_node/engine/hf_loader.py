@@ -9,19 +9,7 @@ from typing import Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from swarm_node.config import ModelArgs
 from swarm_node.errors import ModelFormatError
-
-
-def read_args(folder: Path) -> ModelArgs:
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise ModelFormatError(f"{folder}: no config.json (nor is it a GGUF file)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{cfg_path}: not valid JSON ({exc})") from exc
-    return ModelArgs.from_hf_config(cfg)
 
 
 def _weight_map(folder: Path) -> dict[str, str]:

@@ -25,15 +25,16 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from swarm_node import convert, reslice, resume
+from swarm_node import convert, resume
 from swarm_node.admission import Admission, kv_bytes
+from swarm_node.config import NodeConfig
 from swarm_node.convert import ProtocolError
-from swarm_node.model import ModelSlice
-from swarm_node.node_config import NodeConfig
+from swarm_node.engine import reslice
+from swarm_node.engine.model import ModelSlice
 from swarm_node.scheduler import Scheduler
 from swarm_node.session import Failed, NodeSession
-from swarm_node.transport import ChannelPool, call_metadata
-from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto import swarm_pb2, swarm_pb2_grpc, wire
+from swarm_proto.transport import ChannelPool, call_metadata
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         try:
             call = stub.Session(metadata=call_metadata(self.config.token))
             session.downstream = call
-            await call.write(swarm_pb2.SessionRequest(open=convert.open_to_proto(session.spec, session.spec.downstream)))
+            await call.write(swarm_pb2.SessionRequest(open=wire.open_to_proto(session.spec, session.spec.downstream)))
             reply = await asyncio.wait_for(call.read(), self.config.open_timeout)
         except asyncio.TimeoutError:
             raise Failed(self._error(grpc.StatusCode.DEADLINE_EXCEEDED, "timed out opening the session", at=hop)) from None
@@ -388,7 +389,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             await context.write(swarm_pb2.SessionReply(error=error))
         except (grpc.aio.AioRpcError, RuntimeError) as exc:  # upstream already gone
             log.debug("could not report error upstream: %s", exc)
-        await context.abort(convert.status_code(error), f"{error.message} (at {where})")
+        await context.abort(wire.status_code(error), f"{error.message} (at {where})")
 
     async def _release(self, session: NodeSession, reason: str) -> None:
         if self.sessions.get(session.sid) is session:
@@ -544,7 +545,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         code: grpc.StatusCode,
         message: str,
         *,
-        at: convert.Hop | None = None,
+        at: wire.Hop | None = None,
         step_id: int = 0,
         retry_after_s: float = 0.0,
     ) -> swarm_pb2.Error:
@@ -553,7 +554,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             code, message, address=address, node_id=node_id, step_id=step_id, retry_after_s=retry_after_s
         )
 
-    def _rpc_error(self, exc: grpc.aio.AioRpcError, hop: convert.Hop) -> swarm_pb2.Error:
+    def _rpc_error(self, exc: grpc.aio.AioRpcError, hop: wire.Hop) -> swarm_pb2.Error:
         return self._error(exc.code(), f"successor {hop.address}: {exc.details()}", at=hop)
 
 

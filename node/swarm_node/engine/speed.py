@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm_node.config import ModelArgs
-from swarm_node.model import ModelSlice, SeqChunk
+from swarm_node.engine.model import ModelSlice, SeqChunk, inv_freq
+from swarm_proto.model_args import ModelArgs, layer_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Speed", "default_memory_budget", "layer_bytes", "measure", "parse_bytes"]
+__all__ = ["Speed", "default_memory_budget", "measure", "parse_bytes"]
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,6 @@ class Speed:
     @property
     def prefill_ms_per_layer_token(self) -> float:
         return 1e3 / self.prefill
-
-
-def layer_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
-    """Bytes of one decoder layer's weights in ``dtype``."""
-    c = args.hidden_size
-    params = c * (args.q_size + 2 * args.kv_size) + args.q_size * c + 3 * c * args.intermediate_size + 2 * c
-    if args.attention_bias:
-        params += args.q_size + 2 * args.kv_size
-    return params * torch.empty((), dtype=dtype).element_size()
 
 
 def _timed(
@@ -105,13 +96,13 @@ def measure(
 ) -> Speed:
     """Time decoder blocks of ``args``' shape on ``device`` (random weights)."""
     device = torch.device(device)
-    n = 1 if layer_bytes(args, dtype) > (256 << 20) else 2
+    n = 1 if layer_bytes(args, "float32") // 4 * dtype.itemsize > (256 << 20) else 2
     mid = min(1, args.num_layers - n)  # not the head nor (if possible) the tail: blocks only
     with torch.device("meta"):
         model = ModelSlice(args, mid, mid + n)
     model.embed_tokens = model.norm = model.lm_head = None
     model = model.to_empty(device=device).to(dtype)
-    model.rotary.inv_freq = args.inv_freq().to(device)
+    model.rotary.inv_freq = inv_freq(args).to(device)
     for p in model.parameters():
         p.normal_(0.0, 0.02)
     g = torch.Generator(device="cpu").manual_seed(0)

@@ -22,13 +22,13 @@ logprobs usually wants to see.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple, cast, overload
 
 import torch
 
+from swarm_proto.wire import SamplingParams
+
 __all__ = [
-    "SamplingParams",
     "Sample",
     "BatchSample",
     "sample",
@@ -39,31 +39,6 @@ __all__ = [
 ]
 
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the tail picks the next token. The defaults are greedy decoding."""
-
-    temperature: float = 0.0  # 0 -> greedy
-    top_k: int = 0  # 0 -> off
-    top_p: float = 1.0  # 1.0 -> off
-    repetition_penalty: float = 1.0  # 1.0 -> off
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 class Sample(NamedTuple):

@@ -1,0 +1,129 @@
+"""Wire types both ends of a session share, and their protobuf form: a route's hops,
+the sampling settings a generation carries, the OpenSession a sender builds, and the
+gRPC status an in-band error names. No torch: the client builds these too.
+
+The node's side of the conversion (validating what it receives) is
+``swarm_node.convert``; this module only builds what a sender sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from swarm_proto import swarm_pb2
+
+__all__ = [
+    "Generation",
+    "Hop",
+    "OpenSpec",
+    "SamplingParams",
+    "hop_to_proto",
+    "open_to_proto",
+    "sampling_to_proto",
+    "status_code",
+]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the tail picks the next token. The defaults are greedy decoding."""
+
+    temperature: float = 0.0  # 0 -> greedy
+    top_k: int = 0  # 0 -> off
+    top_p: float = 1.0  # 1.0 -> off
+    repetition_penalty: float = 1.0  # 1.0 -> off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Hop:
+    address: str
+    start: int
+    end: int
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Session-wide sampling settings the tail needs beyond the sampler's own."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: tuple[int, ...] = ()
+    max_new_tokens: int = 0  # 0 = unlimited
+    top_logprobs: int = 0
+    prompt_length: int = 0
+
+
+@dataclass(frozen=True)
+class OpenSpec:
+    """An OpenSession, validated."""
+
+    session_id: str
+    max_length: int
+    start: int
+    end: int
+    downstream: tuple[Hop, ...]
+    generation: Generation
+    wire_codec: str  # one of swarm_proto.codec.CODECS
+    resumable: bool = False  # park the cache after a failure (docs/failover.md)
+    resume: bool = False  # adopt the cache held under session_id
+
+
+def sampling_to_proto(gen: Generation) -> swarm_pb2.SamplingParams:
+    p = gen.sampling
+    return swarm_pb2.SamplingParams(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        repetition_penalty=p.repetition_penalty,
+        seed=p.seed,
+        stop_token_ids=gen.stop_token_ids,
+        max_new_tokens=gen.max_new_tokens,
+        top_logprobs=gen.top_logprobs,
+    )
+
+
+def open_to_proto(spec: OpenSpec, downstream: Sequence[Hop]) -> swarm_pb2.OpenSession:
+    """The OpenSession this node sends to its successor ``downstream[0]``."""
+    first = downstream[0]
+    return swarm_pb2.OpenSession(
+        session_id=spec.session_id,
+        max_length=spec.max_length,
+        downstream=[hop_to_proto(h) for h in downstream[1:]],
+        sampling=sampling_to_proto(spec.generation),
+        wire_dtype=spec.wire_codec,
+        prompt_length=spec.generation.prompt_length,
+        start=first.start,
+        end=first.end,
+        resumable=spec.resumable,
+        resume=spec.resume,
+    )
+
+
+def hop_to_proto(hop: Hop) -> swarm_pb2.Hop:
+    return swarm_pb2.Hop(address=hop.address, start=hop.start, end=hop.end, node_id=hop.node_id)
+
+
+def status_code(error: swarm_pb2.Error) -> grpc.StatusCode:
+    """The gRPC status of an in-band Error (UNKNOWN for codes we do not know)."""
+    for status in grpc.StatusCode:
+        if status.value[0] == error.code and status is not grpc.StatusCode.OK:
+            return status
+    return grpc.StatusCode.UNKNOWN
