@@ -106,3 +106,14 @@ async def test_a_cancelled_turn_is_passed_on() -> None:
     await asyncio.gather(a, return_exceptions=True)
     await asyncio.wait_for(b, 5)
     assert len(q) == 0
+
+
+async def test_a_refused_generation_is_bounded_too() -> None:
+    q, _ = await _full_queue(max_waiting=1, probe_s=60.0)
+    waiting = asyncio.create_task(q.enter("a"))
+    await _settle()
+    with pytest.raises(QueueFull):
+        await q.again(Ticket("b", 99, 0.0, 1e12), retry_after_s=2.0)
+    assert len(q) == 1 and q.retry_after_s() == 2.0
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)

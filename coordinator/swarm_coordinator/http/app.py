@@ -239,8 +239,8 @@ class Gateway:
                     await events.aclose()  # type: ignore[attr-defined]
                     try:
                         await self.queue.again(ticket, exc.retry_after)
-                    except QueueBusy:
-                        m.busy.labels("queue_timeout").inc()
+                    except QueueBusy as busy:
+                        m.busy.labels("queue_full" if isinstance(busy, QueueFull) else "queue_timeout").inc()
                         raise
                     finally:
                         self.poke()

@@ -13,8 +13,8 @@ the next one try too (there may be more room); and the head of the line tries by
 itself after the swarm's retry hint (at most ``probe_s``), since room can also come
 from clients this gateway does not see.
 
-Bounds: at most ``max_waiting`` new arrivals wait (one more is refused at once with
-:class:`QueueFull`), and none waits longer than ``max_wait_s`` from its arrival
+Bounds: at most ``max_waiting`` generations wait (one more, new or refused, is
+refused at once with :class:`QueueFull`), and none waits longer than ``max_wait_s`` from its arrival
 (:class:`QueueTimeout`); the gateway answers both with HTTP 429 and ``Retry-After``.
 
 Invariants: a waiter is in the line until it is granted, gives up or is cancelled;
@@ -131,9 +131,13 @@ class FairQueue:
         return ticket
 
     async def again(self, ticket: Ticket, retry_after_s: float) -> None:
-        """``ticket``'s generation was refused busy: wait at its place for another turn."""
+        """``ticket``'s generation was refused busy: wait at its place for another turn
+        (within the same bounds as a new arrival: the line never holds more)."""
         self.full = True
         self.hint_s = max(0.05, retry_after_s)
+        if len(self) >= self.max_waiting:
+            self.refused += 1
+            raise QueueFull(f"the swarm is busy and {len(self)} requests are waiting already; retry later", self.retry_after_s())
         await self._wait(ticket)
 
     def started(self, ticket: Ticket) -> None:
