@@ -37,12 +37,12 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway import Swarm  # noqa: E402  (bench/gateway.py: the swarm of processes)
+from gateway import Swarm
 
 QUESTIONS = [
     "Name a planet and say one thing about it.",
@@ -187,16 +187,19 @@ async def run(args: argparse.Namespace, url: str, model: str) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     cap = result["capacity"]
     idle = result["idle"]
-    lines = [
+    head = (
         f"Capacity {cap['rps']:.2f} requests/s = {cap['tok_s']:.1f} tokens/s; idle first token "
-        f"{idle['ttft_s'] * 1000:.0f} ms; load average {result['loadavg_before']} -> {result['loadavg_after']}",
+        f"{idle['ttft_s'] * 1000:.0f} ms; load average {result['loadavg_before']} -> {result['loadavg_after']}"
+    )
+    lines = [
+        head,
         "",
         "| load | offered req/s | requests | outcomes | goodput tok/s (% of capacity) | TTFT p50 / p99 s | latency p50 / p99 s |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["levels"]:
         share = 100 * r["goodput_tok_s"] / cap["tok_s"] if cap["tok_s"] else 0
-        f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        f = lambda v: "-" if v is None else f"{v:.2f}"
         lines.append(
             f"| {r['factor']:g}x | {r['offered_rps']:.2f} | {r['requests']} | "
             + ", ".join(f"{k}: {v}" for k, v in sorted(r["outcomes"].items()))

@@ -21,8 +21,8 @@ from typing import Any
 
 import openai
 import pytest
-
 from e2e.gateway_helpers import Proc, Swarm, get_json, scrape, start_swarm, total, value
+
 from swarm_node.admission import slot_length
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

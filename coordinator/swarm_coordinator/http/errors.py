@@ -13,7 +13,14 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from swarm_client.errors import BusyError, GenerationError, InvalidRequestError, ModelUnavailableError, SwarmError, TokenizerError
+from swarm_client.errors import (
+    BusyError,
+    GenerationError,
+    InvalidRequestError,
+    ModelUnavailableError,
+    SwarmError,
+    TokenizerError,
+)
 from swarm_coordinator.errors import CoordinatorError
 from swarm_coordinator.http.queue import QueueBusy
 
