@@ -166,12 +166,14 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         model = self.view(spec.start, spec.end)
         held = self.parking.take(spec.session_id, spec.start, spec.end, spec.max_length) if spec.resume else None
         nbytes = self.session_bytes(spec.end - spec.start, spec.max_length)
-        try:
-            refusal = self.admission.refusal(nbytes, self.parking.nbytes)
-            while refusal is not None and self.parking.drop_oldest():  # parked caches give way to live sessions
+        refusal = None
+        if held is None:  # a resumed cache was counted while parked: it needs no new room
+            try:
                 refusal = self.admission.refusal(nbytes, self.parking.nbytes)
-        except ValueError as exc:  # can never fit here: not busy, the request is too big
-            raise ProtocolError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
+                while refusal is not None and self.parking.drop_oldest():  # parked caches give way to live sessions
+                    refusal = self.admission.refusal(nbytes, self.parking.nbytes)
+            except ValueError as exc:  # can never fit here: not busy, the request is too big
+                raise ProtocolError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
         if refusal is not None:
             self.refused += 1
             log.info("session %s refused, %s; retry in %.2f s", spec.session_id, refusal.message, refusal.retry_after_s)
