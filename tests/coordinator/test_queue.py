@@ -117,3 +117,15 @@ async def test_a_refused_generation_is_bounded_too() -> None:
     assert len(q) == 1 and q.retry_after_s() == 2.0
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
+
+
+async def test_a_refusal_right_after_a_granted_turn_retries_soon() -> None:
+    q, running = await _full_queue(probe_s=60.0, settle_s=0.01)
+    t = asyncio.create_task(q.enter("a"))
+    await _settle()
+    q.finished(running)  # room freed: a's turn
+    ticket = await asyncio.wait_for(t, 5)
+    assert ticket.granted
+    # refused anyway (the room was still being freed): a quick retry, without waiting for a grant
+    await asyncio.wait_for(q.again(ticket, retry_after_s=30.0), 5)
+    assert not ticket.granted

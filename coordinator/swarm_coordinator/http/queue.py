@@ -11,7 +11,9 @@ Turns are handed out when room is likely: a started generation that ends
 (:meth:`finished`) lets the next one try; a waiter that got in (:meth:`started`) lets
 the next one try too (there may be more room); and the head of the line tries by
 itself after the swarm's retry hint (at most ``probe_s``), since room can also come
-from clients this gateway does not see.
+from clients this gateway does not see. A generation refused right after it was
+given a turn tries once more after ``settle_s`` (a few hundredths of a second): the
+room it was given is usually being freed along the route at that moment.
 
 Bounds: at most ``max_waiting`` generations wait (one more, new or refused, is
 refused at once with :class:`QueueFull`), and none waits longer than ``max_wait_s`` from its arrival
@@ -72,6 +74,7 @@ class Ticket:
     arrived: float
     deadline: float
     waited_s: float = 0.0
+    granted: bool = False  # its last turn came from room freed (not from a head's try)
 
 
 class FairQueue:
@@ -83,6 +86,7 @@ class FairQueue:
         max_wait_s: float = 60.0,
         *,
         probe_s: float = 1.0,
+        settle_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_waiting < 0 or max_wait_s <= 0 or probe_s <= 0:
@@ -90,6 +94,7 @@ class FairQueue:
         self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s
         self.probe_s = probe_s
+        self.settle_s = settle_s
         self._clock = clock
         self._lines: OrderedDict[str, list[_Waiter]] = OrderedDict()  # key -> its waiters by arrival
         self._seq = itertools.count()
@@ -138,7 +143,8 @@ class FairQueue:
         if len(self) >= self.max_waiting:
             self.refused += 1
             raise QueueFull(f"the swarm is busy and {len(self)} requests are waiting already; retry later", self.retry_after_s())
-        await self._wait(ticket)
+        quick, ticket.granted = ticket.granted, False
+        await self._wait(ticket, first_s=self.settle_s if quick else None)
 
     def started(self, ticket: Ticket) -> None:
         """``ticket``'s generation got room: the next in line may try too."""
@@ -186,7 +192,7 @@ class FairQueue:
             if not line:
                 del self._lines[waiter.key]
 
-    async def _wait(self, ticket: Ticket) -> None:
+    async def _wait(self, ticket: Ticket, first_s: float | None = None) -> None:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(ticket.seq, ticket.key, loop.create_future())
         line = self._lines.get(ticket.key)
@@ -206,8 +212,11 @@ class FairQueue:
                     raise QueueTimeout(
                         f"the swarm is busy: no room within {self.max_wait_s:g} s; retry later", self.retry_after_s()
                     )
+                timeout = min(left, self.hint_s, self.probe_s) if first_s is None else min(left, first_s)
+                first_s = None
                 try:
-                    await asyncio.wait_for(asyncio.shield(waiter.future), min(left, self.hint_s, self.probe_s))
+                    await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+                    ticket.granted = True
                     return
                 except asyncio.TimeoutError:
                     if self._clock() < ticket.deadline and self._head() is waiter:
