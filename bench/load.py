@@ -12,6 +12,7 @@ each generating exactly ``--tokens`` tokens (``ignore_eos``).
 3. Levels: for each factor of ``--levels`` (default 0.5 1 1.5 2), Poisson arrivals at
    that multiple of the capacity for ``--duration`` seconds (open loop: arrivals do
    not wait for answers); then the stragglers are awaited.
+4. After: ``--idle`` requests one after another again (served at the idle speed?).
 
 Per level: goodput (tokens of completed requests / the level's wall time, from its
 first arrival to its last answer), time to first
@@ -183,6 +184,15 @@ async def run(args: argparse.Namespace, url: str, model: str) -> dict[str, Any]:
         levels.append(row)
         print(json.dumps(row), flush=True)
     result["levels"] = levels
+
+    # after the overload: one request at a time again, as at idle
+    after = [await one_request(api, model, QUESTIONS[i % len(QUESTIONS)], args.tokens, t0) for i in range(args.idle)]
+    result["after"] = {
+        "statuses": [o.status for o in after],
+        "ttft_s": statistics.median(o.ttft_s for o in after if o.ttft_s is not None),
+        "latency_s": statistics.median(o.latency_s for o in after if o.latency_s is not None),
+    }
+    print(f"after the overload: first token {result['after']['ttft_s'] * 1000:.0f} ms, request {result['after']['latency_s']:.2f} s", flush=True)
     await api.close()
     return result
 
@@ -194,6 +204,12 @@ def table(result: dict[str, Any]) -> str:
         f"Capacity {cap['rps']:.2f} requests/s = {cap['tok_s']:.1f} tokens/s; idle first token "
         f"{idle['ttft_s'] * 1000:.0f} ms; load average {result['loadavg_before']} -> {result['loadavg_after']}"
     )
+    after = result.get("after")
+    if after:
+        head += (
+            f"; after the overload, one at a time: first token {after['ttft_s'] * 1000:.0f} ms, request "
+            f"{after['latency_s']:.2f} s (idle {idle['latency_s']:.2f} s)"
+        )
     lines = [
         head,
         "",
