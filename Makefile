@@ -11,11 +11,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# torch is pinned to the CPU build found on local disk when none is present; an
-# unpinned torch could pull a multi-GB CUDA build.
+# The node extra brings torch; it is pinned to the CPU build first when none is
+# present, as an unpinned torch could pull a multi-GB CUDA build.
 install: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[node,dev]"
 
 # Debian packages the integration tests need (a real MQTT broker, a real browser).
 deps-system:
@@ -42,7 +42,8 @@ bench: install model
 	$(PY) bench/engine.py
 	$(PY) bench/assignment.py
 
-# `swarm up` in the background (a coordinator with its embedded broker and 3 nodes),
+# `swarm up` in the background (a coordinator with its embedded broker and 3 nodes, the
+# model split over them; it prints the split),
 # one streamed answer through its coordinator, then Ctrl-C for the swarm.
 demo: install model
 	@rm -f .swarm-demo; \

@@ -5,7 +5,8 @@
     swarm generate PROMPT --local [options]    stream a completion, model in-process
     swarm generate PROMPT --coordinator H:P    stream a completion over the swarm (with failover)
     swarm generate PROMPT --route HOPS         ... along fixed hops host:port=0:10,host:port=10:30
-    swarm up [--nodes N] [--model M]           a coordinator and N nodes on this machine, until Ctrl-C
+    swarm up [--nodes N] [--replicas R]        a coordinator and N nodes on this machine, the model split
+                                               across them (each layer R times), until Ctrl-C
 
 Text goes to stdout; progress, statistics and errors go to stderr. Exit status:
 0 success, 1 a failed request (message on stderr), 2 bad usage, 130 interrupted.
@@ -69,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mqtt-port", type=int, default=0, help="embedded MQTT broker port (default: a free one)")
     up.add_argument("--swarm-id", default="local", help="swarm name (default: local)")
     up.add_argument("--threads", type=int, default=0, help="torch threads per node (default: cores / nodes)")
-    up.add_argument("--memory-budget", default="", help="weights each node may hold, e.g. 1G (default: 80%% of free memory)")
+    up.add_argument("--memory-budget", default="", help="weights each node may hold, e.g. 1G (default: room for its share of the layers, so the model is split across the nodes)")
     up.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    up.add_argument("--replicas", type=int, default=1, help="copies of each layer wanted")
+    up.add_argument("--replicas", type=int, default=1, help="copies of each layer, at most --nodes (default 1: each layer on one node)")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait until the model is covered")
     up.add_argument("--log-dir", default="", help="where the daemons' logs go (default: a temporary folder)")
     up.add_argument("--ready-file", default="", help="write the coordinator's HOST:PORT here once the model is covered")
@@ -206,10 +207,7 @@ def _print_event(event: Any, args: argparse.Namespace) -> None:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    # The one place the client reaches above itself (proto <- node <- client <- coordinator):
-    # `swarm up` only starts the coordinator as a process, and the import stays lazy so
-    # `import swarm_client` never loads the coordinator package.
-    from swarm_coordinator.up import UpConfig, run
+    from swarm_client.up import UpConfig, run
 
     config = UpConfig(
         nodes=args.nodes,

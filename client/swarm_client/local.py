@@ -45,10 +45,15 @@ class LocalBackend:
         device: str = "cpu",
     ) -> LocalBackend:
         """Load every layer of ``model`` (a path, a known name, or None for the default)."""
-        import torch
+        try:
+            import torch
 
-        from swarm_node.engine.loading import load_slice
-        from swarm_node.errors import SwarmNodeError
+            from swarm_node.engine.loading import load_slice
+            from swarm_node.errors import SwarmNodeError
+        except ImportError as exc:
+            raise ModelUnavailableError(
+                f'running the model in this process needs the engine: pip install "llama-swarm[node]" ({exc})'
+            ) from exc
         from swarm_proto.errors import SwarmProtoError
         from swarm_proto.model_args import DTYPE_BYTES, read_args
         from swarm_proto.store import resolve_model

@@ -7,6 +7,11 @@ saved once under ``<cache>/tokenizers/`` (keyed by the file's path, size and
 mtime) and reloaded from there in well under a second; within a process each
 source is loaded once. ``transformers`` is imported only when a tokenizer is
 loaded, so ``import swarm_client`` stays light.
+
+Nothing here needs torch. transformers loads a saved tokenizer without it, but its
+GGUF reader imports torch; without torch the GGUF's vocabulary is read with the
+``gguf`` package (numpy only) and handed to the same transformers converter, which
+gives the same ``tokenizer.json`` (a test compares the two).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -141,7 +147,7 @@ class IncrementalDetokenizer:
 
 def _source_key(source: str | os.PathLike[str] | None) -> tuple[str, Path]:
     """(cache key, resolved path) for a tokenizer source."""
-    from swarm_proto.store import resolve_model  # lazy: the node package pulls in torch
+    from swarm_proto.store import resolve_model
 
     try:
         path = resolve_model(None if source is None else os.fspath(source)).resolve()
@@ -158,7 +164,31 @@ def _disk_cache_dir(gguf: Path) -> Path:
     return cache_dir() / "tokenizers" / f"{gguf.stem}-{digest}"
 
 
+class _Drop(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _import_transformers() -> None:
+    """Import transformers without its warning that, torch missing, "models won't be
+    available": true, and beside the point for a tokenizer."""
+    if "transformers" in sys.modules:
+        return
+    hush = _Drop("PyTorch was not found")
+    root = logging.getLogger("transformers")
+    root.addFilter(hush)
+    try:
+        import transformers  # noqa: F401
+    finally:
+        root.removeFilter(hush)
+
+
 def _load_hf(path: Path) -> PreTrainedTokenizerBase:
+    _import_transformers()
     from transformers import AutoTokenizer
 
     if path.is_dir():
@@ -170,7 +200,7 @@ def _load_hf(path: Path) -> PreTrainedTokenizerBase:
         except (OSError, ValueError) as exc:
             logger.warning("ignoring the unreadable tokenizer cache %s: %s", saved, exc)
     logger.info("building the tokenizer from %s (once; cached in %s)", path, saved)
-    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf = _from_gguf(path)
     tmp = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")
     try:
         hf.save_pretrained(str(tmp))
@@ -179,6 +209,54 @@ def _load_hf(path: Path) -> PreTrainedTokenizerBase:
         logger.debug("could not cache the tokenizer in %s: %s", saved, exc)
         shutil.rmtree(tmp, ignore_errors=True)
     return hf
+
+
+def _from_gguf(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a GGUF file describes, as ``AutoTokenizer`` builds it."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return _from_gguf_without_torch(path)
+
+
+def _from_gguf_without_torch(path: Path) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(gguf_file=...)`` minus transformers' torch-bound
+    GGUF reader: the metadata comes from ``gguf.GGUFReader`` and goes through the
+    converter transformers itself uses."""
+    try:
+        from gguf import GGUFReader
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            _SPECIAL_TOKENS,
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError as exc:
+        raise TokenizerError(
+            f"this transformers cannot convert a GGUF tokenizer without torch ({exc}); "
+            'install transformers>=5.24 or "llama-swarm[node]"'
+        ) from exc
+    reader = GGUFReader(str(path))
+    meta = {
+        key: field.contents()
+        for key, field in reader.fields.items()
+        if key.startswith("tokenizer.") or key == "general.architecture"
+    }
+    grouped = {
+        group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    spec, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if spec.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # as transformers: llama.cpp adds BOS to such vocabularies
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = spec["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(str(meta["general.architecture"]), spec)
+    return cast("PreTrainedTokenizerBase", TokenizersBackend(tokenizer_object=backend, **config, **extra))
 
 
 def load_tokenizer(source: str | os.PathLike[str] | None = None) -> Tokenizer:

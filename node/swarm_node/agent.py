@@ -39,6 +39,7 @@ from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.errors import SwarmProtoError
 from swarm_proto.model_args import ModelArgs, layer_bytes, model_id, read_args
 from swarm_proto.presence import (
+    MAX_LOAD_SESSIONS,
     Assign,
     Event,
     EventKind,
@@ -47,6 +48,7 @@ from swarm_proto.presence import (
     NodeState,
     NodeStatus,
     PresenceError,
+    SessionLoad,
 )
 from swarm_proto.presence_client import BrokerAddress, PresenceClient
 from swarm_proto.transport import Metadata, call_metadata
@@ -298,6 +300,14 @@ class NodeAgent:
         if now - t_prev >= 0.5:
             self._tokens_per_s = (tokens - tok_prev) / (now - t_prev)
             self._tokens_seen = (now, tokens)
+        recent = sorted(service.sessions.values(), key=lambda x: x.last_active, reverse=True)[:MAX_LOAD_SESSIONS]
+        sessions = tuple(
+            SessionLoad(
+                x.sid, x.spec.start, x.spec.end, len(x.history), x.spec.generation.prompt_length,
+                x.spec.generation.max_new_tokens, max(0.0, now - x.opened_at), max(0.0, now - x.last_active),
+            )
+            for x in recent
+        )
         return NodeLoad(
             active_sessions=active,
             queued_steps=server.scheduler.queued,
@@ -306,6 +316,7 @@ class NodeAgent:
             kv_tokens=service.kv_tokens(),
             free_sessions=service.admission.free_sessions,
             opening_sessions=service.admission.opening,
+            sessions=sessions,
         )
 
     async def _publish_event(self, kind: EventKind, detail: str) -> None:

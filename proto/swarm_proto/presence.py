@@ -183,6 +183,34 @@ class NodeStatus:
         return replace(self, state=NodeState.OFFLINE)
 
 
+MAX_LOAD_SESSIONS: Final = 32  # sessions one load lists: the most recently active
+MAX_SESSION_ID: Final = 128  # as a node accepts in OpenSession
+
+
+@dataclass(frozen=True)
+class SessionLoad:
+    """One session open on a node, as its load lists it: what a dashboard shows of the
+    sessions the swarm serves (every hop of a session reports it under the same id)."""
+
+    session_id: str
+    start: int  # the layers this node runs for it, [start, end)
+    end: int
+    position: int  # tokens in its cache here
+    prompt_tokens: int  # 0 when the client did not say
+    max_new_tokens: int  # 0 when unbounded
+    age_s: float  # since it opened on this node
+    idle_s: float  # since its last step
+
+    def __post_init__(self) -> None:
+        sid = self.session_id
+        if not isinstance(sid, str) or not 0 < len(sid) <= MAX_SESSION_ID or not sid.isprintable():
+            raise PayloadError(f"bad session id {sid!r}: 1..{MAX_SESSION_ID} printable characters")
+        if min(self.start, self.position, self.prompt_tokens, self.max_new_tokens) < 0 or self.end <= self.start:
+            raise PayloadError(f"session {sid!r}: bad counters or layers [{self.start}, {self.end})")
+        if not all(math.isfinite(t) and t >= 0 for t in (self.age_s, self.idle_s)):
+            raise PayloadError(f"session {sid!r}: bad times {self.age_s!r}, {self.idle_s!r}")
+
+
 @dataclass(frozen=True)
 class NodeLoad:
     """Current load of a node; published every ~2 s, also serves as a heartbeat."""
@@ -194,6 +222,7 @@ class NodeLoad:
     kv_tokens: int = 0  # token positions its KV budget holds in all (0: not reported)
     free_sessions: int = 0  # sessions it can still open (its count cap; KV room is free_kv_tokens)
     opening_sessions: int = 0  # admitted, waiting for their KV cache (counted in active_sessions' room)
+    sessions: tuple[SessionLoad, ...] = ()  # at most MAX_LOAD_SESSIONS, most recently active first
 
     def __post_init__(self) -> None:
         counters = (self.active_sessions, self.queued_steps, self.free_kv_tokens)
@@ -201,6 +230,8 @@ class NodeLoad:
             raise PayloadError("negative load counter")
         if not math.isfinite(self.tokens_per_s) or self.tokens_per_s < 0:
             raise PayloadError(f"bad tokens_per_s {self.tokens_per_s!r}")
+        if len(self.sessions) > MAX_LOAD_SESSIONS:
+            raise PayloadError(f"{len(self.sessions)} sessions in one load; at most {MAX_LOAD_SESSIONS}")
 
 
 @dataclass(frozen=True)
@@ -275,6 +306,12 @@ def encode(payload: Payload) -> bytes:
                 "kv_tokens": payload.kv_tokens,
                 "free_sessions": payload.free_sessions,
                 "opening_sessions": payload.opening_sessions,
+                # one list per session, in SessionLoad's field order
+                "sessions": [
+                    [x.session_id, x.start, x.end, x.position, x.prompt_tokens, x.max_new_tokens,
+                     float(x.age_s), float(x.idle_s)]
+                    for x in payload.sessions
+                ],
             }
         )
     if isinstance(payload, Assign):
@@ -384,7 +421,25 @@ def decode_load(node_id: str, data: bytes) -> NodeLoad:
         kv_tokens=f.get("kv_tokens", int, 0),
         free_sessions=f.get("free_sessions", int, 0),
         opening_sessions=f.get("opening_sessions", int, 0),
+        sessions=_sessions(f),
     )
+
+
+def _sessions(f: _Fields) -> tuple[SessionLoad, ...]:
+    items = f.get("sessions", list, [])  # absent from older nodes
+    if len(items) > MAX_LOAD_SESSIONS:
+        raise PayloadError(f"{f.what}: {len(items)} sessions; at most {MAX_LOAD_SESSIONS}")
+    out = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 8):
+            raise PayloadError(f"{f.what}: a session is not an 8-item list: {item!r:.200}")
+        sid, start, end, position, prompt, max_new, age, idle = item
+        if not isinstance(sid, str) or not all(type(c) is int for c in (start, end, position, prompt, max_new)):
+            raise PayloadError(f"{f.what}: a session has bad fields: {item!r:.200}")
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (age, idle)):
+            raise PayloadError(f"{f.what}: a session has bad times: {item!r:.200}")
+        out.append(SessionLoad(sid, start, end, position, prompt, max_new, float(age), float(idle)))
+    return tuple(out)
 
 
 def decode_assign(node_id: str, data: bytes) -> Assign:

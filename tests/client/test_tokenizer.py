@@ -119,3 +119,15 @@ def test_no_chat_template(tok: Tokenizer) -> None:
 
     with pytest.raises(TokenizerError, match="chat template"):
         Tokenizer(NoTemplate(), "x").apply_chat([{"role": "user", "content": "hi"}])  # type: ignore[arg-type]
+
+
+def test_gguf_conversion_without_torch_matches_transformers(default_model: Path, default_tokenizer: Any) -> None:
+    """The torch-free conversion (what a client without torch uses) builds the very
+    tokenizer AutoTokenizer builds from the GGUF; tests/e2e/test_without_torch.py runs
+    it with torch's import blocked."""
+    ours = tokmod._from_gguf_without_torch(default_model)
+    assert ours.backend_tokenizer.to_str() == default_tokenizer.backend_tokenizer.to_str()  # type: ignore[attr-defined]
+    assert ours.chat_template == default_tokenizer.chat_template
+    assert ours.special_tokens_map == default_tokenizer.special_tokens_map
+    for text in TEXTS:
+        assert ours.encode(text) == default_tokenizer.encode(text)

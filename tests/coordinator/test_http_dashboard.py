@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import httpx2
@@ -18,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from swarm_client import SwarmClient
 from swarm_client.tokenizer import Tokenizer
 from swarm_coordinator.http import GatewayConfig, StaticView, ThreadedHttpServer, create_app
-from swarm_coordinator.http.dashboard import Activity, coverage, snapshot
+from swarm_coordinator.http.dashboard import Activity, coverage, snapshot, swarm_sessions
 from swarm_coordinator.state import NodeView, SwarmState
-from swarm_proto.presence import Assign, Event, EventKind, LayerRange, NodeLoad, NodeState, NodeStatus
+from swarm_proto.presence import Assign, Event, EventKind, LayerRange, NodeLoad, NodeState, NodeStatus, SessionLoad
 from coordinator.test_http_api import REPLY, ByteHF, Script
 
 MODEL = "tiny"
@@ -52,6 +53,34 @@ def test_snapshot_shows_nodes_coverage_and_events() -> None:
     assert [e["kind"] for e in snap["events"]] == ["leave", "join"]  # newest first
     assert snap["totals"]["nodes_online"] == 2 and snap["totals"]["nodes"] == 3
     json.dumps(snap)  # JSON-ready
+
+
+def test_sessions_of_the_swarm_merge_what_each_hop_reports() -> None:
+    """A session from the library or the CLI never passes the gateway: the nodes list
+    it in their loads, and the dashboard shows it once, with its route."""
+
+    def with_sessions(view: NodeView, *sessions: SessionLoad, online: bool = True) -> NodeView:
+        load = NodeLoad(len(sessions), 0, 4096, 1.0, sessions)
+        status = view.status if online else replace(view.status, state=NodeState.OFFLINE)
+        return NodeView(status, load, view.assign, view.last_seen)
+
+    lib = "5f2c0e8a9b7d4c1e8f3a2b6c9d0e1f2a"
+    views = [
+        with_sessions(node("a", 0, 4), SessionLoad(lib, 0, 4, 20, 12, 32, 4.0, 0.1), SessionLoad("cli", 0, 4, 7, 7, 0, 1.0, 0.5)),
+        with_sessions(node("b", 4, 8), SessionLoad(lib, 4, 8, 21, 12, 32, 3.9, 0.05)),
+        with_sessions(node("c", 0, 8), SessionLoad("gone", 0, 8, 9, 3, 16, 9.0, 0.0), online=False),
+    ]
+    state = SwarmState.of(MODEL, 8, 1, views)
+    listed = swarm_sessions(state)
+    assert [s["id"] for s in listed] == [lib, "cli"]  # longest-running first; an offline node's are gone
+    first = listed[0]
+    assert first["hops"] == [{"node": "a", "layers": [0, 4]}, {"node": "b", "layers": [4, 8]}]
+    assert first["covers"] == 8 and first["position"] == 21 and first["generated"] == 9
+    assert first["max_new_tokens"] == 32 and first["age_s"] == 4.0 and first["idle_s"] == 0.1
+    assert listed[1]["covers"] == 4  # its tail has not reported yet
+    snap = snapshot(StaticView(state), Activity(), model_id="m", auth_required=False)
+    assert snap["swarm_sessions"] == listed and snap["totals"]["swarm_sessions"] == 2 and snap["totals"]["active"] == 0
+    json.dumps(snap)
 
 
 def test_coverage_counts_replicas_and_ignores_loading_nodes() -> None:

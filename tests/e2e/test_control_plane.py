@@ -5,11 +5,16 @@ One swarm is shared by the module and the tests run in order, each leaving the s
 as the next expects: join and assignment, generation equal to ``--local``, a joiner
 that does not reshuffle, a broker restart, a coordinator restart during a generation,
 a node killed with SIGKILL. ``swarm up`` (embedded broker) is tested on its own.
+
+The coordinator runs with torch hidden (``tests/without_torch.py``), as after
+``pip install llama-swarm``; so does one client, which also imports every module of
+the client and coordinator packages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +47,7 @@ SWARM = "e2e"
 KEEPALIVE = 5  # the nodes' MQTT keepalive (swarm_node.agent.NodeAgent default)
 MB = 1 << 20
 PROMPT = "The capital of France is"
+WITHOUT_TORCH = str(Path(__file__).resolve().parents[1] / "without_torch.py")
 
 
 @dataclass
@@ -162,7 +168,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interva
 
 
 def coordinator_proc(model: Path, port: int, broker: str, tmp: Path) -> Proc:
-    argv = [sys.executable, "-m", "swarm_coordinator.cli", "--model", str(model), "--port", str(port),
+    argv = [sys.executable, WITHOUT_TORCH, "-m", "swarm_coordinator.cli", "--model", str(model), "--port", str(port),
             "--http-port", "0", "--mqtt", broker, "--swarm-id", SWARM, "--settle", "3"]
     return Proc("coordinator", argv, tmp / "coordinator.log")
 
@@ -219,6 +225,48 @@ def test_generation_through_the_coordinator_equals_local(swarm: Swarm) -> None:
         want = local.generate(PROMPT, max_tokens=12).text
     assert out.stdout == want + "\n"
     assert "Paris" in want
+
+
+_WITHOUT_TORCH_CLIENT = """
+import importlib, json, pkgutil, sys
+import swarm_client, swarm_coordinator
+from swarm_client import SwarmClient
+from swarm_client.cli import main
+
+address, model, prompt = sys.argv[1:]
+modules = [m.name for p in (swarm_client, swarm_coordinator) for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")]
+for name in modules:
+    importlib.import_module(name)
+with SwarmClient.remote(coordinator=address, model=model) as client:
+    text = client.generate(prompt, max_tokens=12).text
+status = main(["generate", "--coordinator", address, "--model", model, prompt, "--max-tokens", "12"])
+torch = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
+print(json.dumps({"modules": modules, "text": text, "cli": status, "torch": torch}))
+"""
+
+
+def test_client_and_coordinator_run_without_torch(swarm: Swarm, tmp_path: Path) -> None:
+    """The coordinator of this swarm runs with torch hidden; so does this client, with
+    an empty model cache (its tokenizer is converted from the GGUF without torch)."""
+    import json
+    import os
+
+    env = {**os.environ, "SWARM_CACHE": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, WITHOUT_TORCH, "-c", _WITHOUT_TORCH_CLIENT, swarm.address, str(swarm.model), PROMPT],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    cli_text, report_line = out.stdout.rsplit("\n", 2)[-3:-1]
+    report = json.loads(report_line)
+    assert report["torch"] == []
+    assert "PyTorch was not found" not in out.stderr  # transformers' advice, beside the point for a client
+    assert {"swarm_client.cli", "swarm_client.remote", "swarm_coordinator.server", "swarm_coordinator.http.app"} <= set(report["modules"])
+    with SwarmClient.local(swarm.model) as local:
+        want = local.generate(PROMPT, max_tokens=12).text
+    assert report["text"] == want and report["cli"] == 0 and cli_text == want
+    assert (tmp_path / "tokenizers").is_dir()  # converted here, without torch
+    assert "No module named 'torch'" not in swarm.coordinator.log.read_text()
 
 
 def test_a_joiner_does_not_reshuffle_a_covered_swarm(swarm: Swarm) -> None:
@@ -314,7 +362,10 @@ def test_swarm_up_starts_covers_and_stops(default_model: Path, tmp_path: Path) -
             up.kill()
             up.wait()
     assert up.returncode == 0, text
-    assert "the model is covered" in text and "node " in text and "stopping the swarm" in text
+    assert "the model is covered" in text and "stopping the swarm" in text
+    # the default budgets split the model: 15 of the 30 layers on each node, printed
+    split = sorted(re.findall(r"^node .* layers \[(\d+), (\d+)\)", text, re.MULTILINE))
+    assert split == [("0", "15"), ("15", "30")], text
     assert not ready.exists()
     for log in (tmp_path / "logs").glob("node-*.log"):
         assert "stopped after draining" in log.read_text()

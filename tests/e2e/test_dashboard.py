@@ -1,7 +1,8 @@
 """The dashboard in a real browser (Debian's headless chromium, driven by Playwright).
 
 A coordinator and three nodes run as processes. The page must show the three nodes
-and full coverage; when a node is killed in the middle of a streamed generation it
+and full coverage, and a generation of the client library (which never passes the
+gateway) among the sessions in the swarm, with its route; when a node is killed in the middle of a streamed generation it
 must show the node offline, the events (leave, failover, reassignment) and coverage
 restored, all without a reload, while the generation finishes with the same text
 as without the failure; a prompt typed in the box must stream an answer. The test
@@ -19,6 +20,8 @@ from typing import Any
 import openai
 import pytest
 from e2e.gateway_helpers import CHROMIUM, CHROMIUM_ARGS, Swarm, scrape, start_swarm, value
+
+from swarm_client import SwarmClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -51,7 +54,7 @@ def _victim(swarm: Swarm) -> str:
     return sorted(busy)[-1]
 
 
-def test_dashboard_follows_the_swarm_live(swarm: Swarm, tmp_path: Path) -> None:
+def test_dashboard_follows_the_swarm_live(swarm: Swarm, default_model: Path, tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (make deps-system)")
     from playwright.sync_api import expect, sync_playwright
@@ -77,6 +80,21 @@ def test_dashboard_follows_the_swarm_live(swarm: Swarm, tmp_path: Path) -> None:
         expect(page.locator("#t-nodes")).to_have_text("3 / 3")
         expect(page.locator("#conn")).to_have_attribute("data-state", "live")
         page.evaluate("window.__sameDocument = true")
+
+        # A session of the client library, held open after its first token: the nodes
+        # list it in their loads, so the page shows it, with a route over two nodes or
+        # more (one cannot hold the model), though the gateway has no request running.
+        expect(page.locator("#swarm-sessions tbody tr")).to_have_count(0)
+        with SwarmClient.remote(coordinator=swarm.address, model=default_model) as library:
+            events = library.stream(STORY, max_tokens=200, ignore_eos=True)
+            assert next(events).token_ids
+            row = page.locator("#swarm-sessions tbody tr")
+            expect(row).to_have_count(1, timeout=30_000)
+            expect(row).to_have_attribute("data-whole", "yes", timeout=30_000)  # every hop has reported it
+            assert int(row.get_attribute("data-hops") or 0) >= 2
+            expect(page.locator("#sessions tbody tr:not(.recent)")).to_have_count(0)
+            events.close()  # type: ignore[attr-defined]
+        expect(page.locator("#swarm-sessions tbody tr")).to_have_count(0, timeout=30_000)
 
         # Kill a node of the route while a generation streams through the gateway.
         streamed: list[str] = []

@@ -6,6 +6,7 @@ import msgpack
 import pytest
 
 from swarm_proto.presence import (
+    MAX_LOAD_SESSIONS,
     Assign,
     Event,
     EventKind,
@@ -15,6 +16,7 @@ from swarm_proto.presence import (
     NodeStatus,
     PayloadError,
     PresenceError,
+    SessionLoad,
     TopicKind,
     Topics,
     decode,
@@ -137,3 +139,43 @@ def test_client_classes_are_reachable_from_presence_too() -> None:
     assert presence.PresenceClient is presence_client.PresenceClient
     with pytest.raises(AttributeError):
         presence.NoSuchThing  # noqa: B018
+
+
+def test_load_lists_sessions_round_trip() -> None:
+    sessions = tuple(SessionLoad(f"s{i}", 0, 15, 40 + i, 12, 64, 3.5, 0.25) for i in range(3))
+    load = NodeLoad(3, 1, 2048, 9.5, sessions)
+    assert decode(T, T.load("n1"), encode(load)) == (TopicKind.LOAD, "n1", load)
+    # an older node's load, without the field, has no sessions
+    old = msgpack.packb({"v": 1, "active_sessions": 1, "queued_steps": 0, "free_kv_tokens": 0, "tokens_per_s": 0.0})
+    assert decode(T, T.load("n1"), old)[2] == NodeLoad(1, 0, 0, 0.0)
+
+
+def _load_with(sessions: object) -> bytes:
+    fields = {"v": 1, "active_sessions": 1, "queued_steps": 0, "free_kv_tokens": 0, "tokens_per_s": 0.0}
+    return bytes(msgpack.packb({**fields, "sessions": sessions}))
+
+
+@pytest.mark.parametrize(
+    "sessions",
+    [
+        "s1",  # not a list
+        [["s1", 0, 15, 4, 2, 8, 1.0]],  # 7 items
+        [["", 0, 15, 4, 2, 8, 1.0, 0.0]],  # empty id
+        [["x" * 129, 0, 15, 4, 2, 8, 1.0, 0.0]],  # id too long
+        [["s\n1", 0, 15, 4, 2, 8, 1.0, 0.0]],  # unprintable id
+        [["s1", 15, 15, 4, 2, 8, 1.0, 0.0]],  # empty layer range
+        [["s1", 0, 15, -1, 2, 8, 1.0, 0.0]],  # negative position
+        [["s1", 0, 15, 4.5, 2, 8, 1.0, 0.0]],  # float counter
+        [["s1", 0, 15, 4, 2, 8, float("nan"), 0.0]],  # NaN age
+        [["s1", 0, 15, 4, 2, 8, True, 0.0]],  # bool time
+        [[f"s{i}", 0, 15, 4, 2, 8, 1.0, 0.0] for i in range(MAX_LOAD_SESSIONS + 1)],  # unbounded
+    ],
+)
+def test_bad_session_lists_are_payload_errors(sessions: object) -> None:
+    with pytest.raises(PayloadError):
+        decode(T, T.load("n1"), _load_with(sessions))
+
+
+def test_a_node_cannot_list_more_sessions_than_the_bound() -> None:
+    with pytest.raises(PayloadError, match="at most"):
+        NodeLoad(sessions=tuple(SessionLoad(f"s{i}", 0, 1, 0, 0, 0, 0.0, 0.0) for i in range(MAX_LOAD_SESSIONS + 1)))

@@ -1,8 +1,11 @@
 """The dashboard's data: what the gateway is doing, what the swarm looks like, as JSON.
 
 :class:`Activity` follows the gateway's generations (active sessions, recent ones,
-per-second throughput and latency). :func:`snapshot` joins it with the registry's
-state and events into one JSON-ready dict; ``/dashboard/feed`` pushes a snapshot as
+per-second throughput and latency). :func:`swarm_sessions` lists every session the
+swarm serves -- from the gateway, the CLI or the library alike -- out of the sessions
+each node lists in its load (``swarm_proto.presence.SessionLoad``, at most
+``MAX_LOAD_SESSIONS`` per node), one entry per session id with its hops.
+:func:`snapshot` joins them with the registry's state and events into one JSON-ready dict; ``/dashboard/feed`` pushes a snapshot as
 a server-sent event every second and at once whenever the registry changes, and the
 page (``static/``) redraws from it.
 
@@ -25,7 +28,7 @@ from swarm_coordinator.http.queue import FairQueue
 from swarm_coordinator.state import NodeView, SwarmState
 from swarm_proto.presence import Event
 
-__all__ = ["Activity", "SessionInfo", "StaticView", "SwarmView", "snapshot"]
+__all__ = ["Activity", "SessionInfo", "StaticView", "SwarmView", "snapshot", "swarm_sessions"]
 
 SERIES_SECONDS = 180  # how much history the charts get
 MAX_EVENTS = 200
@@ -218,6 +221,44 @@ def coverage(state: SwarmState) -> list[int]:
     return counts
 
 
+def swarm_sessions(state: SwarmState) -> list[dict[str, Any]]:
+    """Every session the online nodes report, merged by id: its hops in layer order, the
+    longest position (the tail's: tokens so far), the client's prompt and budget; the
+    longest-running first."""
+    merged: dict[str, dict[str, Any]] = {}
+    for view in state.nodes.values():
+        if not view.online or view.load is None:
+            continue
+        for x in view.load.sessions:
+            entry = merged.setdefault(
+                x.session_id,
+                {"id": x.session_id, "hops": [], "position": 0, "prompt_tokens": 0, "max_new_tokens": 0,
+                 "age_s": 0.0, "idle_s": math.inf},
+            )
+            entry["hops"].append({"node": view.node_id, "layers": [x.start, x.end]})
+            entry["position"] = max(entry["position"], x.position)
+            entry["prompt_tokens"] = max(entry["prompt_tokens"], x.prompt_tokens)
+            entry["max_new_tokens"] = max(entry["max_new_tokens"], x.max_new_tokens)
+            entry["age_s"] = round(max(entry["age_s"], x.age_s), 1)
+            entry["idle_s"] = round(min(entry["idle_s"], x.idle_s), 1)
+    out = sorted(merged.values(), key=lambda e: (-e["age_s"], e["id"]))
+    for entry in out:
+        entry["hops"].sort(key=lambda h: (h["layers"][0], h["node"]))
+        entry["covers"] = _chain_end(entry["hops"])
+        entry["generated"] = max(0, entry["position"] - entry["prompt_tokens"]) if entry["prompt_tokens"] else None
+    return out
+
+
+def _chain_end(hops: Sequence[dict[str, Any]]) -> int:
+    """How far the hops run end to end from layer 0 (the whole model when it is L)."""
+    end = 0
+    for hop in hops:
+        start, stop = hop["layers"]
+        if start <= end:
+            end = max(end, stop)
+    return end
+
+
 def _runs_of_zero(counts: Sequence[int]) -> list[list[int]]:
     out: list[list[int]] = []
     for i, c in enumerate(counts):
@@ -246,6 +287,7 @@ def snapshot(
     counts = coverage(state) if state is not None else []
     events = list(view.events)[-MAX_EVENTS:] if view is not None else []
     reported = sum(n["load"]["tokens_per_s"] for n in nodes if n["online"] and n["load"]) if nodes else 0.0
+    in_swarm = swarm_sessions(state) if state is not None else []
     return {
         "time": time.time(),
         "model": model_id,
@@ -260,6 +302,7 @@ def snapshot(
         ],
         "sessions": [s.as_json(now_perf) for s in activity.active.values()],
         "recent": [s.as_json(now_perf) for s in activity.recent],
+        "swarm_sessions": in_swarm,
         "series": activity.series(),
         "queue": None
         if queue is None
@@ -275,6 +318,7 @@ def snapshot(
             "requests": activity.total_requests,
             "tokens": activity.total_tokens,
             "active": len(activity.active),
+            "swarm_sessions": len(in_swarm),
             "nodes_online": sum(1 for n in nodes if n["online"]),
             "nodes": len(nodes),
             "reported_tokens_per_s": round(reported, 2),

@@ -78,8 +78,8 @@ function renderTiles(s) {
   const ttft = mean(recent.map((p) => p.ttft_ms));
   $("t-itl").textContent = fmtMs(itl);
   $("t-itl-sub").textContent = ttft !== null ? `first token ${fmtMs(ttft)}` : "";
-  $("t-sessions").textContent = String(t.active);
-  $("t-sessions-sub").textContent = `${fmtInt(t.requests)} requests`;
+  $("t-sessions").textContent = String(t.swarm_sessions);
+  $("t-sessions-sub").textContent = `${t.active} via the gateway · ${fmtInt(t.requests)} requests`;
   const q = s.queue;
   $("t-queue").textContent = q ? String(q.waiting) : "–";
   $("t-queue").className = "v" + (q && q.waiting ? " bad" : "");
@@ -203,6 +203,29 @@ function renderSessions(s) {
   }
   $("sessions-empty").hidden = rows.length > 0;
   $("sessions-hint").textContent = `${s.sessions.length} active`;
+}
+
+function renderSwarmSessions(s) {
+  const body = $("swarm-sessions").tBodies[0];
+  body.replaceChildren();
+  for (const x of s.swarm_sessions) {
+    const route = x.hops.map((h) => `${h.node} [${h.layers[0]}, ${h.layers[1]})`).join(" → ");
+    const whole = s.swarm && x.covers >= s.swarm.num_layers;
+    const budget = x.max_new_tokens ? ` / ${x.max_new_tokens}` : "";
+    body.append(
+      el(
+        "tr",
+        { "data-session": x.id, "data-hops": String(x.hops.length), "data-whole": whole ? "yes" : "no" },
+        el("td", { class: "id", title: x.id }, x.id.length > 12 ? x.id.slice(0, 12) + "…" : x.id),
+        el("td", { title: whole ? "" : "the hops reported so far do not cover the model" }, route + (whole ? "" : " …")),
+        el("td", { class: "num", text: x.prompt_tokens ? String(x.prompt_tokens) : "–" }),
+        el("td", { class: "num", text: x.generated === null ? `${x.position} in cache` : `${x.generated}${budget}` }),
+        el("td", { class: "num", text: fmtSecs(x.age_s) }),
+        el("td", { class: "num", text: fmtSecs(x.idle_s) }),
+      ),
+    );
+  }
+  $("swarm-sessions-empty").hidden = s.swarm_sessions.length > 0;
 }
 
 // ---------------------------------------------------------------- events
@@ -360,6 +383,7 @@ function render(s) {
   renderNodes(s);
   renderCoverage(s);
   renderSessions(s);
+  renderSwarmSessions(s);
   renderEvents(s);
   renderCharts(s);
 }

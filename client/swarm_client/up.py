@@ -2,16 +2,25 @@
 
 It starts a coordinator (with its embedded MQTT broker) and ``N`` nodes that join it
 with ``--coordinator``, waits until the model is covered (the coordinator hands out
-a route), prints the endpoints and waits. Ctrl-C (or SIGTERM) stops the nodes (they
-drain), then the coordinator. If the coordinator dies, everything stops.
+a route), prints the endpoints and the split (which node hosts which layers) and
+waits. Ctrl-C (or SIGTERM) stops the nodes (they drain), then the coordinator. If the
+coordinator dies, everything stops.
+
+Unless ``--memory-budget`` says otherwise, each node's budget is room for
+``ceil(replicas * L / N)`` of the model's ``L`` layers (:func:`split_budget`), so the
+model is split across the nodes, each layer held ``replicas`` times: one machine
+shows what a swarm of machines does.
 
 The daemons are the same ``swarm-coordinator`` and ``swarm-node`` programs one runs
-by hand (started as ``python -m``, so the same interpreter); their logs go to files in
-``--log-dir`` (a temporary folder by default).
+by hand, started as ``python -m`` with the same interpreter: this module imports
+neither package (the client sits below the coordinator, and the node package needs
+torch), only ``swarm_proto``. Their logs go to files in ``--log-dir`` (a temporary
+folder by default).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -27,11 +36,13 @@ from typing import IO
 import grpc
 
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.model_args import DTYPE_BYTES, layer_bytes, read_args
+from swarm_proto.store import resolve_model
 from swarm_proto.transport import Metadata, call_metadata
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalSwarm", "UpConfig", "run"]
+__all__ = ["LocalSwarm", "UpConfig", "run", "split_budget"]
 
 
 @dataclass(frozen=True)
@@ -44,9 +55,9 @@ class UpConfig:
     mqtt_port: int = 0
     swarm_id: str = "local"
     threads: int = 0  # torch threads per node; 0 = cores / nodes
-    memory_budget: str = ""  # per node, e.g. 1G; "" = each node's default
+    memory_budget: str = ""  # per node, e.g. 1G; "" = split_budget(): the model split across the nodes
     dtype: str = "float32"
-    replicas: int = 1
+    replicas: int = 1  # copies of each layer
     timeout: float = 300.0  # seconds to wait for the model to be covered
     log_dir: str = ""
     ready_file: str = ""  # written with the coordinator's HOST:PORT once covered
@@ -55,6 +66,18 @@ class UpConfig:
     def __post_init__(self) -> None:
         if self.nodes < 1:
             raise ValueError("--nodes must be at least 1")
+        if not 1 <= self.replicas <= self.nodes:
+            raise ValueError(f"--replicas must be between 1 and --nodes ({self.nodes}), not {self.replicas}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"unknown dtype {self.dtype!r} (one of {', '.join(DTYPE_BYTES)})")
+
+
+def split_budget(num_layers: int, per_layer: int, nodes: int, replicas: int = 1) -> int:
+    """Bytes of weights per node such that ``nodes`` nodes hold each of ``num_layers``
+    layers ``replicas`` times and no fewer nodes can: room for
+    ``ceil(replicas * num_layers / nodes)`` layers (at least one)."""
+    layers = max(1, -(-replicas * num_layers // nodes))
+    return layers * per_layer
 
 
 class _Proc:
@@ -128,8 +151,11 @@ class LocalSwarm:
 
     def start(self) -> None:
         cfg = self.config
+        if importlib.util.find_spec("torch") is None:
+            raise RuntimeError('the nodes need torch, which the base install leaves out: pip install "llama-swarm[node]"')
         py = sys.executable
         model = ["--model", cfg.model] if cfg.model else []
+        budget = ["--memory-budget", cfg.memory_budget or str(self.node_budget())]
         self.coordinator = _Proc(
             "coordinator",
             [py, "-m", "swarm_coordinator.cli", *model, "--host", cfg.host, "--port", str(cfg.port),
@@ -144,7 +170,6 @@ class LocalSwarm:
         self.mqtt_url = words[4].removeprefix("mqtt=")
         self.http = words[5].removeprefix("http=")
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.nodes)
-        budget = ["--memory-budget", cfg.memory_budget] if cfg.memory_budget else []
         for i in range(cfg.nodes):
             self.nodes.append(
                 _Proc(
@@ -158,6 +183,12 @@ class LocalSwarm:
         self._wait_covered(cfg.timeout)
         if cfg.ready_file:
             Path(cfg.ready_file).write_text(self.address + "\n")
+
+    def node_budget(self) -> int:
+        """Each node's memory budget when none is given: the model split across them."""
+        cfg = self.config
+        args = read_args(resolve_model(cfg.model or None))
+        return split_budget(args.num_layers, layer_bytes(args, cfg.dtype), cfg.nodes, cfg.replicas)
 
     def _wait_covered(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -192,7 +223,9 @@ class LocalSwarm:
             f"mqtt broker  {self.mqtt_url}",
             f"http         {'http://' + self.http if self.http != 'off' else 'off'}",
         ]
-        for n in sorted(self.list_nodes(), key=lambda n: (n.start, n.node_id)):
+        nodes = sorted(self.list_nodes(), key=lambda n: (n.start, n.end, n.node_id))
+        lines.append(f"split        the model's layers over {len(nodes)} node(s):")
+        for n in nodes:
             lines.append(f"node         {n.address or '(loading)':<17} layers [{n.start}, {n.end})   {n.node_id} on {n.device}")
         lines.append(f"logs         {self.log_dir}")
         return "\n".join(lines)
