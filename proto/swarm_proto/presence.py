@@ -219,10 +219,10 @@ class NodeLoad:
     queued_steps: int = 0
     free_kv_tokens: int = 0  # token positions its KV cache can still take (its layers)
     tokens_per_s: float = 0.0
+    sessions: tuple[SessionLoad, ...] = ()  # at most MAX_LOAD_SESSIONS, most recently active first
     kv_tokens: int = 0  # token positions its KV budget holds in all (0: not reported)
     free_sessions: int = 0  # sessions it can still open (its count cap; KV room is free_kv_tokens)
     opening_sessions: int = 0  # admitted, waiting for their KV cache (counted in active_sessions' room)
-    sessions: tuple[SessionLoad, ...] = ()  # at most MAX_LOAD_SESSIONS, most recently active first
 
     def __post_init__(self) -> None:
         counters = (self.active_sessions, self.queued_steps, self.free_kv_tokens)
