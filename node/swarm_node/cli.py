@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", str, defaults["device"].default, f"one of {', '.join(DEVICES)} (or cuda:N)")
     add("--dtype", str, defaults["dtype"].default, "compute dtype", choices=list(DTYPE_BYTES))
     add("--threads", int, defaults["threads"].default, "torch CPU threads (0: torch's default)")
-    add("--max-sessions", int, defaults["max_sessions"].default, "sessions held at once")
+    add("--max-sessions", int, defaults["max_sessions"].default, "sessions held at once, at most (the capacity follows from --kv-budget)")
+    add("--kv-budget", str, None, "bytes of KV cache for sessions, e.g. 256M (default: 16 sessions of --max-length)")
     add("--max-length", int, defaults["max_length"].default, "longest session in positions")
     add("--idle-timeout", float, defaults["idle_timeout"].default, "seconds before an idle session is freed")
     add("--drain-timeout", float, defaults["drain_timeout"].default, "seconds SIGTERM waits for in-flight steps")
@@ -52,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--metrics-port", int, None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a port; default: off)")
     daemon.add_log_level(add)
     return p
+
+
+def _bytes(text: str | None) -> int:
+    from swarm_node.engine.speed import parse_bytes
+
+    if not text:
+        return 0
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise SystemExit(f"swarm-node: {exc}") from None
 
 
 def config_from_args(ns: argparse.Namespace) -> NodeConfig:
@@ -79,6 +91,7 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
         threads=ns.threads,
         max_sessions=ns.max_sessions,
         max_length=ns.max_length,
+        kv_budget=_bytes(ns.kv_budget),
         idle_timeout=ns.idle_timeout,
         drain_timeout=ns.drain_timeout,
         park_timeout=ns.park_timeout,
