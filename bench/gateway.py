@@ -58,11 +58,21 @@ def _wait_line(proc: subprocess.Popen[str], marker: str, timeout: float = 180.0)
 
 
 class Swarm:
-    def __init__(self, model: str, nodes: int, threads: int, logs: Path, budget: int = 0) -> None:
+    def __init__(
+        self,
+        model: str,
+        nodes: int,
+        threads: int,
+        logs: Path,
+        budget: int = 0,
+        node_args: list[str] | None = None,
+        coordinator_args: list[str] | None = None,
+    ) -> None:
         self.procs: list[subprocess.Popen[str]] = []
         self.node_metrics: list[str] = []
         coord = self._start(
-            _script("swarm-coordinator") + ["--model", model, "--port", "0", "--http-port", "0", "--mqtt-port", "0"],
+            _script("swarm-coordinator")
+            + ["--model", model, "--port", "0", "--http-port", "0", "--mqtt-port", "0", *(coordinator_args or [])],
             logs / "coordinator.log",
         )
         line = _wait_line(coord, "swarm-coordinator listening on")
@@ -74,7 +84,8 @@ class Swarm:
                 _script("swarm-node")
                 + ["--coordinator", self.address, "--model", model, "--port", "0", "--threads", str(threads)]
                 + ["--node-id", f"bench-{i}", "--metrics-port", "0"]
-                + (["--memory-budget", str(budget)] if budget else []),
+                + (["--memory-budget", str(budget)] if budget else [])
+                + list(node_args or []),
                 logs / f"node-{i}.log",
             )
             self.node_metrics.append(_wait_line(node, "metrics on"))

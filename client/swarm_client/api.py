@@ -17,10 +17,12 @@ import asyncio
 import os
 import threading
 import time
+from dataclasses import replace
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from swarm_client.errors import InvalidRequestError
+from swarm_client.failover import FailoverPolicy
 from swarm_client.params import SamplingOptions
 from swarm_client.tokenizer import Tokenizer, load_tokenizer
 from swarm_client.types import (
@@ -286,11 +288,13 @@ class SwarmClient(_Base):
         model: str | os.PathLike[str] | None = None,
         defaults: SamplingOptions | None = None,
         token: str | None = None,
+        timeout: float | None = None,
+        policy: FailoverPolicy | None = None,
     ) -> SwarmClient:
         """The blocking face of ``AsyncSwarmClient.remote`` (same arguments)."""
         from swarm_client.blocking import BlockingTokenSource
 
-        backend, tokenizer = _remote_backend(coordinator, route, model, token)
+        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy)
         return cls(BlockingTokenSource(backend), tokenizer, defaults=defaults)
 
     def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> Iterator[StreamEvent]:
@@ -320,7 +324,12 @@ class SwarmClient(_Base):
 
 
 def _remote_backend(
-    coordinator: str | None, route: str | None, model: str | os.PathLike[str] | None, token: str | None
+    coordinator: str | None,
+    route: str | None,
+    model: str | os.PathLike[str] | None,
+    token: str | None,
+    timeout: float | None = None,
+    policy: FailoverPolicy | None = None,
 ) -> tuple[AsyncTokenSource, Tokenizer]:
     from swarm_client.routed import CoordinatorRoutes, RoutedBackend, RouteProvider, StaticRoutes, parse_route
     from swarm_proto.model_args import read_args
@@ -334,7 +343,12 @@ def _remote_backend(
     routes: RouteProvider = (
         CoordinatorRoutes(coordinator, token=token) if coordinator else StaticRoutes(parse_route(route or ""), token=token)
     )
-    backend = RoutedBackend(routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids, token=token)
+    policy = policy or FailoverPolicy()
+    if timeout is not None:
+        policy = replace(policy, busy_wait=timeout)
+    backend = RoutedBackend(
+        routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids, token=token, policy=policy
+    )
     return backend, load_tokenizer(path)
 
 
@@ -376,14 +390,19 @@ class AsyncSwarmClient(_Base):
         model: str | os.PathLike[str] | None = None,
         defaults: SamplingOptions | None = None,
         token: str | None = None,
+        timeout: float | None = None,
+        policy: FailoverPolicy | None = None,
     ) -> AsyncSwarmClient:
         """A client generating over the swarm: routes from the coordinator at
         ``HOST:PORT`` (with failover), or along a fixed ``route``
         (``"host:port,host:port"`` or ``"host:port=0:10,host:port=10:30"``). ``model``
         (path or name, default: the default model) gives the tokenizer and the model's
         limits; no weights are read. ``token``: the swarm token the coordinator and
-        the nodes ask for (default: ``$SWARM_TOKEN``, none when unset)."""
-        backend, tokenizer = _remote_backend(coordinator, route, model, token)
+        the nodes ask for (default: ``$SWARM_TOKEN``, none when unset). ``timeout``:
+        how long a generation waits in all for room while the swarm is busy (full, not
+        failing) before it raises ``BusyError`` (default: 300 s). ``policy``: failover and
+        busy-wait settings (``FailoverPolicy``; ``timeout`` overrides its ``busy_wait``)."""
+        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy)
         return cls(backend, tokenizer, defaults=defaults)
 
     def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncGenerator[StreamEvent, None]:

@@ -35,6 +35,9 @@ class BlockingTokenSource(TokenSource):
     def failovers(self) -> int:
         return self.source.failovers
 
+    def avoided_nodes(self) -> int:
+        return self.source.avoided_nodes()
+
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--local weights, as swarm-node --quantize")
     gen.add_argument("--device", default="cpu", help="torch device for --local (cpu, cuda, mps)")
     gen.add_argument("--stats", action="store_true", help="print timing and the finish reason to stderr")
+    gen.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for room while the swarm is busy (default 300)")
     gen.add_argument("--token", default=None, help="swarm token for --route/--coordinator (default: $SWARM_TOKEN; the env var keeps it out of ps)")
 
     up = sub.add_parser("up", help="start a coordinator and N nodes on this machine; Ctrl-C stops them")
@@ -176,12 +177,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 async def _generate_over_swarm(args: argparse.Namespace, prompt: str, messages: Any, options: Any) -> int:
     from swarm_client.api import AsyncSwarmClient
+    from swarm_client.routed import RoutedBackend
 
-    client = AsyncSwarmClient.remote(coordinator=args.coordinator, route=args.route, model=args.model, token=args.token)
+    client = AsyncSwarmClient.remote(
+        coordinator=args.coordinator, route=args.route, model=args.model, token=args.token, timeout=args.timeout
+    )
     async with client:
         events = client.stream_chat(messages, options) if args.chat else client.stream(prompt, options)
         async for event in events:
             _print_event(event, args)
+        backend = client.backend
+        if args.stats and isinstance(backend, RoutedBackend):
+            sys.stderr.write(
+                f"busy: {backend.busy_refusals} refusal(s) for capacity, waited {backend.busy_wait_s:.2f} s for room; "
+                f"failovers: {backend.failovers}\n"
+            )
     return 0
 
 

@@ -5,6 +5,7 @@
     ├── ModelUnavailableError the model cannot be found or loaded (run `swarm model pull`)
     ├── TokenizerError        no tokenizer for the source, or no chat template
     └── GenerationError       generation failed while running
+        └── BusyError         the swarm had no room within the caller's wait (retry later)
 
 Errors from the node package (model files, KV cache) and from transports are
 translated at the boundary: ``raise ModelUnavailableError(...) from exc``.
@@ -18,6 +19,7 @@ __all__ = [
     "ModelUnavailableError",
     "TokenizerError",
     "GenerationError",
+    "BusyError",
 ]
 
 
@@ -39,3 +41,13 @@ class TokenizerError(SwarmError):
 
 class GenerationError(SwarmError):
     """Generation failed after it started."""
+
+
+class BusyError(GenerationError):
+    """No room for the generation in time: every route was busy (full, not failed).
+
+    ``retry_after`` is the swarm's hint of when room is expected, in seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

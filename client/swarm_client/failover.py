@@ -7,8 +7,10 @@
   then its own measurements (a step of ``T`` positions is expected to take
   ``step_s + (T-1) * position_s``); the timeout is a multiple of that, never under a
   floor.
-- :class:`Avoidance`: nodes this client saw fail, avoided for a backoff that doubles
-  with each repeated failure of the same node.
+- avoidance: nodes this client saw fail, avoided for a backoff that doubles with each
+  repeated failure of the same node (:class:`swarm_proto.backoff.Backoff`, the same
+  mechanism as the coordinator's); a node that refused for capacity ("busy") is never
+  avoided.
 - :func:`blame`: which hops a failure points at (the in-band error names one; a
   silent route is probed, and the hops that do not answer ``Info`` are the culprits).
 - :func:`patch_route`: the old route with only the failed hops replaced, so that the
@@ -22,7 +24,6 @@ See docs/failover.md for the protocol and the measurements.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,7 +37,7 @@ from swarm_proto.transport import Metadata, channel_options
 if TYPE_CHECKING:
     from swarm_client.routed import NodeSummary
 
-__all__ = ["Avoidance", "FailoverPolicy", "FailoverRecord", "StepClock", "blame", "patch_route", "probe"]
+__all__ = ["FailoverPolicy", "FailoverRecord", "StepClock", "blame", "patch_route", "probe"]
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,16 @@ class FailoverPolicy:
     backoff_initial: float = 2.0  # a failed node is avoided this long, doubling per repeated failure
     backoff_max: float = 60.0
     retry_delay: float = 0.2  # between attempts to get a route
+    busy_wait: float = 300.0  # how long a generation waits in all for room when routes are busy (the caller's timeout)
+    busy_at_start: str = "wait"  # "raise": BusyError before the first token, for a caller that queues (the gateway)
 
     def __post_init__(self) -> None:
         if self.replay not in ("span", "full"):
             raise ValueError(f"replay must be 'span' or 'full', got {self.replay!r}")
+        if self.busy_at_start not in ("wait", "raise"):
+            raise ValueError(f"busy_at_start must be 'wait' or 'raise', got {self.busy_at_start!r}")
+        if self.busy_wait < 0:
+            raise ValueError("busy_wait must be >= 0")
 
 
 class StepClock:
@@ -99,29 +106,6 @@ class StepClock:
         if expected is None:
             return p.step_timeout_max
         return min(p.step_timeout_max, max(p.step_timeout_floor, p.step_timeout_factor * expected) * self.stretch)
-
-
-class Avoidance:
-    """Nodes (by address) to leave out of routes, for a while."""
-
-    def __init__(self, initial: float = 2.0, maximum: float = 60.0, forget_after: float = 300.0) -> None:
-        self.initial, self.maximum, self.forget_after = initial, maximum, forget_after
-        self._entries: dict[str, tuple[int, float, float]] = {}  # key -> (count, last, until)
-
-    def record(self, key: str, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        count, last, _ = self._entries.get(key, (0, now, now))
-        count = 1 if now - last > self.forget_after else count + 1
-        backoff = min(self.maximum, self.initial * 2.0 ** (count - 1))
-        self._entries[key] = (count, now, now + backoff)
-        return backoff
-
-    def avoided(self, now: float | None = None) -> set[str]:
-        now = time.monotonic() if now is None else now
-        return {k for k, (_, _, until) in self._entries.items() if until > now}
-
-    def count(self, key: str) -> int:
-        return self._entries.get(key, (0, 0.0, 0.0))[0]
 
 
 def hop_key(hop: Hop) -> str:

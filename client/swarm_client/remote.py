@@ -14,7 +14,9 @@ the failure happened, which is what failover needs: report that node, get a new
 route, open the session again and replay the history -- under a new session id
 (:meth:`RouteSession.prefill`, every node recomputes it), or under the same id with
 ``resume=True`` (:meth:`RouteSession.replay`, only nodes without the session's cache
-recompute it; see docs/failover.md).
+recompute it; see docs/failover.md). A node that refuses for capacity answers
+RESOURCE_EXHAUSTED with a retry hint (``Error.retry_after_ms``): ``RouteError.busy``,
+which is not a failure of that node.
 """
 
 from __future__ import annotations
@@ -43,17 +45,39 @@ __all__ = ["Hop", "RouteError", "RouteSession", "StepOutput"]
 class RouteError(GenerationError):
     """A hop of the route failed: ``code`` is the gRPC status, ``address`` the node."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, *, address: str = "", node_id: str = "", step_id: int = 0) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        address: str = "",
+        node_id: str = "",
+        step_id: int = 0,
+        retry_after: float = 0.0,
+    ) -> None:
         super().__init__(f"{code.name}: {message}" + (f" (at {address})" if address else ""))
         self.code = code
         self.message = message
         self.address = address
         self.node_id = node_id
         self.step_id = step_id
+        self.retry_after = retry_after  # seconds; > 0 only for a busy refusal
+
+    @property
+    def busy(self) -> bool:
+        """A refusal for capacity (the node is healthy and full), not a failure."""
+        return self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.retry_after > 0
 
     @classmethod
     def from_proto(cls, error: swarm_pb2.Error) -> RouteError:
-        return cls(status_code(error), error.message, address=error.node_address, node_id=error.node_id, step_id=error.step_id)
+        return cls(
+            status_code(error),
+            error.message,
+            address=error.node_address,
+            node_id=error.node_id,
+            step_id=error.step_id,
+            retry_after=error.retry_after_ms / 1000.0,
+        )
 
     @classmethod
     def from_rpc(cls, exc: grpc.aio.AioRpcError, address: str) -> RouteError:

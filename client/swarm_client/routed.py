@@ -15,6 +15,13 @@ hop, gets a route that avoids it, reopens the session and replays the history
 the session is reopened under the same id on the old route with only the failed hop
 replaced, and the survivors keep their caches ("span" replay); the pieces live in
 :mod:`swarm_client.failover`, the protocol in docs/failover.md.
+
+A hop that refuses for capacity ("busy": RESOURCE_EXHAUSTED with a retry hint) has
+not failed: it is neither blamed, avoided nor reported. The generation waits for the
+hint and asks for a route again (the coordinator sends new sessions where there is
+room), within ``FailoverPolicy.busy_wait`` in all, then raises :class:`BusyError`; with
+``busy_at_start="raise"`` a refusal before the first token raises at once, for a
+caller that keeps its own line (the gateway's queue).
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ from typing import Any, Protocol
 
 import grpc
 
-from swarm_client.errors import GenerationError
-from swarm_client.failover import Avoidance, FailoverPolicy, FailoverRecord, StepClock, blame, hop_key, patch_route
+from swarm_client.errors import BusyError, GenerationError
+from swarm_client.failover import FailoverPolicy, FailoverRecord, StepClock, blame, hop_key, patch_route
 from swarm_client.remote import Hop, RouteError, RouteSession
 from swarm_client.types import AsyncTokenSource, SampledToken
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.backoff import Backoff
 from swarm_proto.transport import Metadata, call_metadata
 from swarm_proto.wire import SamplingParams, wire_code
 
@@ -267,8 +275,10 @@ class RoutedBackend(AsyncTokenSource):
         self.routes = routes
         self._max_context = max_context
         self._eos = tuple(eos_token_ids)
-        self.avoid = Avoidance(self.policy.backoff_initial, self.policy.backoff_max)
-        self.failovers = 0
+        self.avoid = Backoff(self.policy.backoff_initial, self.policy.backoff_max)  # addresses seen failing
+        self.failovers = 0  # sessions reopened after a failure (tests, stats)
+        self.busy_refusals = 0  # routes that refused for capacity (waited for, never blamed)
+        self.busy_wait_s = 0.0  # time spent waiting for room, over all generations
         self.records: deque[FailoverRecord] = deque(maxlen=1000)  # the recovered ones, newest last
         self.last_route: Route | None = None
         self._reports: set[asyncio.Task[None]] = set()
@@ -276,6 +286,9 @@ class RoutedBackend(AsyncTokenSource):
     @property
     def max_context(self) -> int:
         return self._max_context
+
+    def avoided_nodes(self) -> int:
+        return len(self.avoid.avoided())
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -296,6 +309,7 @@ class RoutedBackend(AsyncTokenSource):
         pending: FailoverRecord | None = None  # a failover not yet followed by a token
         failures = 0
         clock = StepClock(policy)  # this session's: its timeouts follow its own routes' speed
+        busy_deadline = time.monotonic() + policy.busy_wait
         while generated < max_new_tokens:
             self.last_route = route
             clock.prior(route.expected_step_s)
@@ -341,6 +355,25 @@ class RoutedBackend(AsyncTokenSource):
                         out = await session.decode(out.token, timeout=clock.timeout(1))
                         clock.observe(1, time.monotonic() - sent)
             except RouteError as err:
+                if err.busy:
+                    # Full, not failed: no blame, no avoidance, no report; wait and ask again.
+                    self.busy_refusals += 1
+                    at_start = generated == 0 and pending is None
+                    if at_start and policy.busy_at_start == "raise":
+                        raise BusyError(f"the swarm is busy: {err.message}", err.retry_after) from err
+                    wait = min(err.retry_after, busy_deadline - time.monotonic())
+                    if wait <= 0:
+                        raise BusyError(
+                            f"no room in the swarm within {policy.busy_wait:g} s: {err.message}", err.retry_after
+                        ) from err
+                    logger.info("hop %s is busy (%s); retrying in %.2f s", err.address, err.message, wait)
+                    t0 = time.monotonic()
+                    await asyncio.sleep(wait)
+                    self.busy_wait_s += time.monotonic() - t0
+                    route = await self._route(max_length)
+                    if not span or pending is None:  # a fresh session (the refused open left nothing)
+                        session_id = route.session_id or uuid.uuid4().hex
+                    continue
                 failures += 1
                 if err.code not in _RETRYABLE or failures > policy.max_failovers:
                     raise GenerationError(f"generation failed after {failures} failure(s): {err}") from err

@@ -123,7 +123,8 @@ class TokenSource(Protocol):
 
     Optional capabilities have no-op defaults here, which a backend inherits by
     subclassing the protocol: ``failovers`` (sessions reopened after a failure; 0 for
-    a backend that never fails over) and ``close()``. ``is_async`` tells this contract
+    a backend that never fails over), ``avoided_nodes()`` (nodes avoided after
+    failures) and ``close()``. ``is_async`` tells this contract
     from ``AsyncTokenSource``'s.
     """
 
@@ -141,6 +142,10 @@ class TokenSource(Protocol):
 
     @property
     def failovers(self) -> int:
+        return 0
+
+    def avoided_nodes(self) -> int:
+        """Nodes this backend avoids after failures (never for being busy); 0 without routes."""
         return 0
 
     def close(self) -> None:
@@ -168,6 +173,10 @@ class AsyncTokenSource(Protocol):
 
     @property
     def failovers(self) -> int:
+        return 0
+
+    def avoided_nodes(self) -> int:
+        """Nodes this backend avoids after failures (never for being busy); 0 without routes."""
         return 0
 
     async def aclose(self) -> None:

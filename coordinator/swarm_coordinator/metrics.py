@@ -128,6 +128,21 @@ class CoordinatorMetrics:
             "swarm_gateway_rate_limited", "Requests refused with 429, by limit", ["limit"], registry=r
         )
         self.auth_failures = Counter("swarm_gateway_auth_failures", "Requests refused with 401", registry=r)
+        self.queue_length = Gauge(
+            "swarm_gateway_queue_length", "Generations waiting in line for room in the swarm", registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "swarm_gateway_queue_wait_seconds",
+            "Time a generation waited in line for room (0 when the swarm had room)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.busy = Counter(
+            "swarm_gateway_busy",
+            "Busy answers: 'refused' by the swarm (waited on, never a failure), 'queue_full' and 'queue_timeout' (HTTP 429)",
+            ["kind"],
+            registry=r,
+        )
         self.events = Counter("swarm_events", "Swarm events seen (joins, leaves, failovers, ...)", ["kind"], registry=r)
         self.failovers = Counter("swarm_failovers", "Failovers reported in the swarm", registry=r)
         if state is not None:
@@ -135,6 +150,15 @@ class CoordinatorMetrics:
 
     def watch_client_failovers(self, count: Callable[[], int]) -> None:
         self.registry.register(_ClientFailovers(count))
+
+    def watch_client_avoidance(self, avoided: Callable[[], int]) -> None:
+        """Nodes the gateway's client avoids now (it saw them fail; busy ones never count)."""
+        gauge = Gauge(
+            "swarm_gateway_avoided_nodes",
+            "Nodes the gateway's client library avoids now after seeing them fail",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: float(avoided()))
 
     def count_events(self, kinds: Iterable[str]) -> None:
         for kind in kinds:

@@ -7,8 +7,11 @@ plus ``layers * seconds_per_layer`` on its node, where a node's seconds per laye
 this coordinator routed through it recently (load reports lag by a couple of seconds,
 so the recent count is what spreads a burst of sessions over replicas).
 
-Only nodes that are ready, serve the state's model, are not in ``exclude`` and have KV
-room for ``max_length`` tokens are used; a span may use part of a node's range.
+Only nodes that are ready, serve the state's model and are not in ``exclude`` are used;
+among them, nodes whose last load report shows KV room for ``max_length`` tokens and a
+free session are preferred: full nodes are used only when no route exists without them
+(their reports lag by a couple of seconds; the node's own admission decides, and a
+full one answers "busy", which clients wait on). A span may use part of a node's range.
 
 The search is a shortest path over layer boundaries. Switching nodes only pays off at
 the start or end of some node's range (cost is linear in the switch point between
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from swarm_coordinator.errors import NoRouteError, format_ranges
 from swarm_coordinator.state import NodeView, SwarmState, runs
 
-__all__ = ["RecentRoutes", "RoutingPolicy", "Span", "find_route", "route_latency", "seconds_per_layer"]
+__all__ = ["RecentRoutes", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,18 @@ def seconds_per_layer(view: NodeView, recent: int = 0, policy: RoutingPolicy = R
     return base * (1.0 + busy)
 
 
+def has_room(view: NodeView, max_length: int) -> bool:
+    """Whether ``view``'s last load report shows room for a session of ``max_length``."""
+    load = view.load
+    if load is None:
+        return True
+    if load.kv_tokens > 0 and load.free_sessions <= 0:  # reports of nodes that count sessions
+        return False
+    return load.free_kv_tokens >= max_length
+
+
 def _usable(
-    state: SwarmState, exclude: Collection[str], max_length: int
+    state: SwarmState, exclude: Collection[str], max_length: int, need_room: bool = True
 ) -> tuple[list[NodeView], dict[str, list[str]]]:
     usable: list[NodeView] = []
     skipped: dict[str, list[str]] = {"excluded": [], "no KV room": [], "not ready": []}
@@ -66,7 +79,7 @@ def _usable(
             skipped["excluded"].append(view.node_id)
         elif view.serving is None or not state.serves_model(view) or view.serving.end > state.num_layers:
             skipped["not ready"].append(view.node_id)
-        elif view.load is not None and view.load.free_kv_tokens < max_length:
+        elif need_room and not has_room(view, max_length):
             skipped["no KV room"].append(view.node_id)
         else:
             usable.append(view)
@@ -87,9 +100,27 @@ def find_route(
     caller saw fail (backoff is the caller's business); ``recent`` counts sessions
     routed through each node lately (see :class:`RecentRoutes`).
     """
+    try:
+        return _find_route(state, max_length, exclude, recent or {}, policy, need_room=True)
+    except NoRouteError as roomy:
+        # Nothing with room (as last reported): the nodes themselves decide, "busy" or not.
+        try:
+            return _find_route(state, max_length, exclude, recent or {}, policy, need_room=False)
+        except NoRouteError:
+            raise roomy from None  # it names the full nodes too
+
+
+def _find_route(
+    state: SwarmState,
+    max_length: int,
+    exclude: Collection[str],
+    recent: Mapping[str, int],
+    policy: RoutingPolicy,
+    *,
+    need_room: bool,
+) -> tuple[Span, ...]:
     L = state.num_layers
-    recent = recent or {}
-    usable, skipped = _usable(state, exclude, max_length)
+    usable, skipped = _usable(state, exclude, max_length, need_room)
     points = sorted({0, L} | {p for v in usable for p in (v.serving.start, v.serving.end)})  # type: ignore[union-attr]
     cost_per_layer = {v.node_id: seconds_per_layer(v, recent.get(v.node_id, 0), policy) for v in usable}
 

@@ -3,7 +3,8 @@
 Routes come from :func:`swarm_coordinator.routing.find_route` over the registry's
 current state. A node reported as failed is left out of routes for a backoff that
 doubles with every report (2 s, 4 s, ... up to a minute) and is forgotten after a quiet
-spell; when leaving the reported nodes out would leave no route at all, they are used
+spell (:class:`swarm_proto.backoff.Backoff`, the very mechanism clients use; clients
+never report a node that only refused for capacity); when leaving the reported nodes out would leave no route at all, they are used
 anyway (a report may say more about the client's network than about the node).
 
 This is the only module of the coordinator that reads or builds ``swarm_pb2`` messages.
@@ -15,7 +16,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 
 import grpc
 
@@ -24,46 +24,15 @@ from swarm_coordinator.registry import Registry
 from swarm_coordinator.routing import RecentRoutes, RoutingPolicy, Span, find_route, route_latency
 from swarm_coordinator.state import NodeView, SwarmState
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.backoff import Backoff
 from swarm_proto.presence import Event, EventKind
 from swarm_proto.wire import code_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CoordinatorService", "FailureBook"]
+__all__ = ["CoordinatorService"]
 
 MAX_EXCLUDES = 256
-
-
-@dataclass
-class _Failures:
-    count: int
-    last: float
-    until: float
-
-
-class FailureBook:
-    """Nodes reported as failed and until when routes avoid them (``now`` is passed in)."""
-
-    def __init__(self, initial: float = 2.0, maximum: float = 60.0, forget_after: float = 300.0) -> None:
-        self.initial, self.maximum, self.forget_after = initial, maximum, forget_after
-        self._nodes: dict[str, _Failures] = {}
-
-    def record(self, node_id: str, now: float) -> float:
-        """Count a failure of ``node_id``; returns how long routes now avoid it."""
-        entry = self._nodes.get(node_id)
-        count = 1 if entry is None or now - entry.last > self.forget_after else entry.count + 1
-        backoff = min(self.maximum, self.initial * 2.0 ** (count - 1))
-        self._nodes[node_id] = _Failures(count, now, now + backoff)
-        return backoff
-
-    def avoided(self, now: float) -> set[str]:
-        for node_id in [n for n, e in self._nodes.items() if now - e.last > self.forget_after]:
-            del self._nodes[node_id]
-        return {n for n, e in self._nodes.items() if e.until > now}
-
-    def count(self, node_id: str) -> int:
-        entry = self._nodes.get(node_id)
-        return entry.count if entry is not None else 0
 
 
 class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
@@ -73,14 +42,14 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         *,
         mqtt_url: str,
         version: str,
-        failures: FailureBook | None = None,
+        failures: Backoff | None = None,
         policy: RoutingPolicy = RoutingPolicy(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
         self.mqtt_url = mqtt_url
         self.version = version
-        self.failures = failures or FailureBook()
+        self.failures = failures or Backoff()  # node ids reported as failed (the client's schedule)
         self.policy = policy
         self.recent = RecentRoutes()
         self._clock = clock

@@ -28,9 +28,10 @@ from swarm_coordinator.config import CoordinatorConfig
 from swarm_coordinator.errors import BrokerError
 from swarm_coordinator.planner import Planner
 from swarm_coordinator.registry import Registry, RegistryConfig
-from swarm_coordinator.rpc import CoordinatorService, FailureBook
+from swarm_coordinator.rpc import CoordinatorService
 from swarm_coordinator.state import SwarmState
 from swarm_proto import swarm_pb2_grpc, version
+from swarm_proto.backoff import Backoff
 from swarm_proto.daemon import Service
 from swarm_proto.model_args import layer_bytes, model_id, read_args
 from swarm_proto.presence import PresenceError
@@ -104,7 +105,7 @@ class CoordinatorServer(Service):
             self._registry,
             mqtt_url=self.advertised_mqtt_url,
             version=version(),
-            failures=FailureBook(cfg.failure_backoff, cfg.failure_backoff_max),
+            failures=Backoff(cfg.failure_backoff, cfg.failure_backoff_max),
         )
         server = grpc.aio.server(interceptors=[TokenInterceptor(cfg.token)] if cfg.token else [])
         swarm_pb2_grpc.add_CoordinatorServicer_to_server(self.service, server)

@@ -304,7 +304,7 @@ class NodeAgent:
         server = self.server
         if server is None or server.service is None or server.scheduler is None:
             return NodeLoad()
-        service, cfg = server.service, server.service.config
+        service = server.service
         active = len(service.sessions)
         now, tokens = time.monotonic(), server.scheduler.stats.tokens
         t_prev, tok_prev = self._tokens_seen
@@ -322,8 +322,11 @@ class NodeAgent:
         return NodeLoad(
             active_sessions=active,
             queued_steps=server.scheduler.queued,
-            free_kv_tokens=max(0, cfg.max_sessions - active) * cfg.max_length,
+            free_kv_tokens=service.free_kv_tokens(),
             tokens_per_s=max(0.0, self._tokens_per_s),
+            kv_tokens=service.kv_tokens(),
+            free_sessions=service.admission.free_sessions,
+            opening_sessions=service.admission.opening,
             sessions=sessions,
         )
 

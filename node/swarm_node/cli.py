@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", str, defaults["dtype"].default, "compute dtype (auto: bfloat16 on CPU and CUDA; float32 is the exact dequantized path)", choices=list(DTYPE_CHOICES))
     add("--quantize", str, defaults["quantize"].default, "weights: auto keeps a GGUF file quantized (unless float32), none dequantizes, int8/int4 quantize a float checkpoint group-wise", choices=list(QUANTIZE_CHOICES))
     add("--threads", int, defaults["threads"].default, "torch CPU threads (0: torch's default)")
-    add("--max-sessions", int, defaults["max_sessions"].default, "sessions held at once")
+    add("--max-sessions", int, defaults["max_sessions"].default, "sessions held at once, at most (the capacity follows from --kv-budget)")
+    add("--kv-budget", str, None, "bytes of KV cache for sessions, e.g. 256M (default: 16 sessions of --max-length)")
     add("--max-length", int, defaults["max_length"].default, "longest session in positions")
     add("--idle-timeout", float, defaults["idle_timeout"].default, "seconds before an idle session is freed")
     add("--drain-timeout", float, defaults["drain_timeout"].default, "seconds SIGTERM waits for in-flight steps")
@@ -53,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--metrics-port", int, None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a port; default: off)")
     daemon.add_log_level(add)
     return p
+
+
+def _bytes(text: str | None) -> int:
+    from swarm_node.engine.speed import parse_bytes
+
+    if not text:
+        return 0
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise SystemExit(f"swarm-node: {exc}") from None
 
 
 def config_from_args(ns: argparse.Namespace) -> NodeConfig:
@@ -81,6 +93,7 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
         threads=ns.threads,
         max_sessions=ns.max_sessions,
         max_length=ns.max_length,
+        kv_budget=_bytes(ns.kv_budget),
         idle_timeout=ns.idle_timeout,
         drain_timeout=ns.drain_timeout,
         park_timeout=ns.park_timeout,

@@ -30,8 +30,9 @@ class NodeConfig:
     dtype: str = "auto"  # see swarm_proto.weight_format.compute_dtypes; float32: the exact, dequantized path
     quantize: str = "auto"  # weight format, see swarm_proto.weight_format.resolve
     threads: int = 0  # 0: leave torch's default
-    max_sessions: int = 16
+    max_sessions: int = 256  # a bound on streams and tasks; the capacity follows from kv_budget
     max_length: int = 2048
+    kv_budget: int = 0  # bytes of KV cache for sessions (0: room for 16 sessions of max_length on the hosted layers)
     idle_timeout: float = 300.0  # seconds without a step before a session is freed
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight steps
     open_timeout: float = 30.0  # seconds to open the rest of a route
@@ -57,6 +58,8 @@ class NodeConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if self.kv_budget < 0:
+            raise ValueError(f"kv_budget must be >= 0, got {self.kv_budget}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         for name in ("idle_timeout", "drain_timeout", "open_timeout", "park_timeout"):

@@ -31,10 +31,16 @@ MAX_SESSION_ID = 128
 class ProtocolError(Exception):
     """A received message cannot be served; carries the status to answer with."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, retry_after_s: float = 0.0) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # > 0: busy (a refusal for capacity), not a failure
+
+
+def busy(message: str, retry_after_s: float) -> ProtocolError:
+    """A refusal for capacity: RESOURCE_EXHAUSTED with a retry hint (``Error.retry_after_ms``)."""
+    return ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s=max(0.001, retry_after_s))
 
 
 def invalid(message: str) -> ProtocolError:
@@ -209,9 +215,16 @@ def opened_reply(session_id: str, max_length: int, kept: Sequence[int] = ()) -> 
     return swarm_pb2.SessionReply(opened=swarm_pb2.Opened(session_id=session_id, max_length=max_length, kept=list(kept)))
 
 
-def error_to_proto(code: grpc.StatusCode, message: str, *, address: str, node_id: str, step_id: int = 0) -> swarm_pb2.Error:
+def error_to_proto(
+    code: grpc.StatusCode, message: str, *, address: str, node_id: str, step_id: int = 0, retry_after_s: float = 0.0
+) -> swarm_pb2.Error:
     return swarm_pb2.Error(
-        code=wire_code(code), message=message, node_address=address, node_id=node_id, step_id=step_id
+        code=wire_code(code),
+        message=message,
+        node_address=address,
+        node_id=node_id,
+        step_id=step_id,
+        retry_after_ms=max(0, math.ceil(retry_after_s * 1000)) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else 0,
     )
 
 

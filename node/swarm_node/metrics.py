@@ -91,7 +91,7 @@ class _Live(Collector):
         yield GaugeMetricFamily("swarm_node_sessions_max", "Sessions this node holds at most", value=cfg.max_sessions)
         yield CounterMetricFamily("swarm_node_sessions_opened", "Sessions opened on this node", value=service.opened)
         yield CounterMetricFamily(
-            "swarm_node_sessions_refused", "Sessions refused (no room or no memory)", value=service.refused
+            "swarm_node_sessions_refused", "Sessions refused busy (no KV room, no memory, at max sessions)", value=service.refused
         )
         yield GaugeMetricFamily("swarm_node_queued_steps", "Steps waiting for a forward pass", value=scheduler.queued)
         caches = [s.cache for s in sessions]
@@ -108,9 +108,13 @@ class _Live(Collector):
         )
         yield GaugeMetricFamily(
             "swarm_node_kv_free_tokens",
-            "Positions new sessions can still reserve",
-            value=max(0, cfg.max_sessions - len(sessions)) * cfg.max_length,
+            "Positions (over the hosted layers) new sessions can still reserve",
+            value=service.free_kv_tokens(),
         )
+        admission = service.admission
+        yield GaugeMetricFamily("swarm_node_kv_budget_bytes", "KV cache memory sessions may reserve", value=admission.budget_bytes)
+        yield GaugeMetricFamily("swarm_node_kv_reserved_bytes", "KV cache memory reserved by open and opening sessions", value=admission.reserved)
+        yield GaugeMetricFamily("swarm_node_sessions_opening", "Sessions admitted and waiting for their KV cache", value=admission.opening)
         stats = scheduler.stats
         yield CounterMetricFamily("swarm_node_forward_passes", "Merged forward passes run", value=stats.batches)
 

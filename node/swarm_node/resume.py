@@ -85,6 +85,13 @@ class ParkingLot:
             return None
         return held
 
+    def drop_oldest(self) -> bool:
+        """Let go of the oldest held session (to make room for a live one); False if none."""
+        if not self._held:
+            return False
+        del self._held[next(iter(self._held))]
+        return True
+
     def expire(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         gone = [sid for sid, h in self._held.items() if h.until <= now]

@@ -21,9 +21,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import grpc
+import torch
 from google.protobuf.message import DecodeError
 
 from swarm_node import convert, resume
+from swarm_node.admission import Admission, kv_bytes
 from swarm_node.config import NodeConfig
 from swarm_node.convert import ProtocolError
 from swarm_node.engine import reslice
@@ -36,6 +38,9 @@ from swarm_proto.transport import ChannelPool, call_metadata
 from swarm_proto.weight_format import describe
 
 log = logging.getLogger(__name__)
+
+
+AUTO_KV_SESSIONS = 16  # without --kv-budget: the KV memory of this many full-length sessions
 
 
 class NodeService(swarm_pb2_grpc.NodeServicer):
@@ -52,11 +57,30 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self._background: set[asyncio.Task[None]] = set()
         self.on_session_end: Callable[[str], None] | None = None  # metrics hook: the reason
         self._views: dict[tuple[int, int], ModelSlice] = {}
-        self._opening: set[str] = set()  # sessions admitted, their KV cache being allocated
         self._steps_running = 0  # steps between submit and sent on (what a drain waits for)
         self._no_steps = asyncio.Event()
         self._no_steps.set()
         self.parking = resume.ParkingLot(config.park_timeout, config.max_sessions)  # failed resumable sessions
+        self.admission = Admission(self._kv_budget(model), config.max_sessions)  # KV room, open + opening
+
+    def _kv_budget(self, model: ModelSlice) -> int:
+        """The configured KV budget, or room for AUTO_KV_SESSIONS full-length sessions on ``model``'s layers."""
+        return self.config.kv_budget or AUTO_KV_SESSIONS * self.session_bytes(model.end - model.start, self.config.max_length)
+
+    def session_bytes(self, layers: int, max_length: int) -> int:
+        """The KV bytes a session on ``layers`` of this model with ``max_length`` reserves."""
+        a = self.model.args
+        element = torch.empty((), dtype=self.model.dtype).element_size()
+        return kv_bytes(layers, max_length, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, element_size=element)
+
+    def free_kv_tokens(self) -> int:
+        """Full-slice positions a new session could still reserve here (load reports, metrics)."""
+        per_position = self.session_bytes(self.model.end - self.model.start, 1) // 64
+        return self.admission.free_bytes(self.parking.nbytes) // max(1, per_position)
+
+    def kv_tokens(self) -> int:
+        per_position = self.session_bytes(self.model.end - self.model.start, 1) // 64
+        return self.admission.budget_bytes // max(1, per_position)
 
     # --- Info -----------------------------------------------------------------------
 
@@ -106,7 +130,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         except ProtocolError as exc:
             reason = f"refused: {exc.message}"
             step_id = session.current_step if session is not None else 0
-            await self._abort(context, self._error(exc.code, exc.message, step_id=step_id), session)
+            error = self._error(exc.code, exc.message, step_id=step_id, retry_after_s=exc.retry_after_s)
+            await self._abort(context, error, session)
         except Failed as exc:
             reason = f"failed: {exc.error.message}"
             await self._abort(context, exc.error, session)
@@ -134,30 +159,44 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             num_layers=args.num_layers,
             max_length=self.config.max_length,
         )
-        if spec.session_id in self.sessions or spec.session_id in self._opening:
+        if spec.session_id in self.sessions or spec.session_id in self.admission:
             raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"session {spec.session_id!r} is already open here")
-        if len(self.sessions) + len(self._opening) >= self.config.max_sessions:
-            self.refused += 1
-            raise ProtocolError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"no room: {len(self.sessions)}/{self.config.max_sessions} sessions active",
-            )
         model = self.view(spec.start, spec.end)
         held = self.parking.take(spec.session_id, spec.start, spec.end, spec.max_length) if spec.resume else None
-        self._opening.add(spec.session_id)
+        nbytes = self.session_bytes(spec.end - spec.start, spec.max_length)
+        refusal = None
+        if held is None:  # a resumed cache was counted while parked: it needs no new room
+            try:
+                refusal = self.admission.refusal(nbytes, self.parking.nbytes)
+                while refusal is not None and self.parking.drop_oldest():  # parked caches give way to live sessions
+                    refusal = self.admission.refusal(nbytes, self.parking.nbytes)
+            except ValueError as exc:  # can never fit here: not busy, the request is too big
+                raise ProtocolError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
+        if refusal is not None:
+            self.refused += 1
+            log.info("session %s refused, %s; retry in %.2f s", spec.session_id, refusal.message, refusal.retry_after_s)
+            raise convert.busy(refusal.message, refusal.retry_after_s)
+        self.admission.reserve(spec.session_id, nbytes)  # opening: waiting for its cache
         try:
             # On the forward thread: the slice's KV pool may grow, which must not happen mid-forward.
             cache = held.cache if held is not None else await self.scheduler.call(model.new_cache, spec.max_length)
         except (RuntimeError, MemoryError) as exc:  # torch raises RuntimeError/OutOfMemoryError
             self.refused += 1
-            raise ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no memory for the KV cache: {exc}") from exc
-        finally:
-            self._opening.discard(spec.session_id)
+            self.admission.release(spec.session_id)
+            raise convert.busy(f"busy: no memory for the KV cache: {exc}", self.admission.retry_after_s()) from exc
+        except BaseException:
+            self.admission.release(spec.session_id)
+            raise
+        self.admission.opened(spec.session_id)
         session = NodeSession(spec=spec, cache=cache, model=model)
-        if held is not None:
-            held.adopt_into(session)
-        else:
-            resume.new_outputs(session, args.hidden_size)
+        try:
+            if held is not None:
+                held.adopt_into(session)
+            else:
+                resume.new_outputs(session, args.hidden_size)
+        except BaseException:
+            self.admission.release(spec.session_id)
+            raise
         self.sessions[spec.session_id] = session
         self.opened += 1
         return session
@@ -360,6 +399,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
     async def _release(self, session: NodeSession, reason: str) -> None:
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
+            self.admission.release(session.sid, time.monotonic() - session.opened_at)
             hosted = self.model.start <= session.spec.start and session.spec.end <= self.model.end
             if reason != "closed" and hosted and not self.draining and self.parking.park(session):
                 log.info("session %s: %d positions parked for a resume", session.sid, session.valid)
@@ -382,7 +422,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             session.tokens,
             time.monotonic() - session.opened_at,
             len(self.sessions),
-            self.config.max_sessions,
+            self.admission.free_sessions + len(self.sessions),
         )
 
     def _log_open(self, session: NodeSession) -> None:
@@ -457,6 +497,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.model, self._views = new, kept_views
         self.scheduler.model = new
         self.config = replace(self.config, start=start, end=end)
+        self.admission.budget_bytes = self._kv_budget(new)
         dropped = 0
         for session in list(self.sessions.values()):
             if not (start <= session.spec.start and session.spec.end <= end):
@@ -506,11 +547,18 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         await self._channels.close()
 
     def _error(
-        self, code: grpc.StatusCode, message: str, *, at: wire.Hop | None = None, step_id: int = 0
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        at: wire.Hop | None = None,
+        step_id: int = 0,
+        retry_after_s: float = 0.0,
     ) -> swarm_pb2.Error:
-        if at is not None:
-            return convert.error_to_proto(code, message, address=at.address, node_id=at.node_id, step_id=step_id)
-        return convert.error_to_proto(code, message, address=self.address, node_id=self.config.node_id, step_id=step_id)
+        address, node_id = (at.address, at.node_id) if at is not None else (self.address, self.config.node_id)
+        return convert.error_to_proto(
+            code, message, address=address, node_id=node_id, step_id=step_id, retry_after_s=retry_after_s
+        )
 
     def _rpc_error(self, exc: grpc.aio.AioRpcError, hop: wire.Hop) -> swarm_pb2.Error:
         return self._error(exc.code(), f"successor {hop.address}: {exc.details()}", at=hop)

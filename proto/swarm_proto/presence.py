@@ -226,9 +226,13 @@ class NodeLoad:
     free_kv_tokens: int = 0  # token positions its KV cache can still take (its layers)
     tokens_per_s: float = 0.0
     sessions: tuple[SessionLoad, ...] = ()  # at most MAX_LOAD_SESSIONS, most recently active first
+    kv_tokens: int = 0  # token positions its KV budget holds in all (0: not reported)
+    free_sessions: int = 0  # sessions it can still open (its count cap; KV room is free_kv_tokens)
+    opening_sessions: int = 0  # admitted, waiting for their KV cache (counted in active_sessions' room)
 
     def __post_init__(self) -> None:
-        if min(self.active_sessions, self.queued_steps, self.free_kv_tokens) < 0:
+        counters = (self.active_sessions, self.queued_steps, self.free_kv_tokens)
+        if min(*counters, self.kv_tokens, self.free_sessions, self.opening_sessions) < 0:
             raise PayloadError("negative load counter")
         if not math.isfinite(self.tokens_per_s) or self.tokens_per_s < 0:
             raise PayloadError(f"bad tokens_per_s {self.tokens_per_s!r}")
@@ -307,6 +311,9 @@ def encode(payload: Payload) -> bytes:
                 "queued_steps": payload.queued_steps,
                 "free_kv_tokens": payload.free_kv_tokens,
                 "tokens_per_s": float(payload.tokens_per_s),
+                "kv_tokens": payload.kv_tokens,
+                "free_sessions": payload.free_sessions,
+                "opening_sessions": payload.opening_sessions,
                 # one list per session, in SessionLoad's field order
                 "sessions": [
                     [x.session_id, x.start, x.end, x.position, x.prompt_tokens, x.max_new_tokens,
@@ -421,6 +428,9 @@ def decode_load(node_id: str, data: bytes) -> NodeLoad:
         queued_steps=f.get("queued_steps", int),
         free_kv_tokens=f.get("free_kv_tokens", int),
         tokens_per_s=float(f.get("tokens_per_s", (int, float))),
+        kv_tokens=f.get("kv_tokens", int, 0),
+        free_sessions=f.get("free_sessions", int, 0),
+        opening_sessions=f.get("opening_sessions", int, 0),
         sessions=_sessions(f),
     )
 

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from swarm_client.failover import Avoidance, FailoverPolicy, FailoverRecord, StepClock, blame, patch_route
+from swarm_client.failover import FailoverPolicy, FailoverRecord, StepClock, blame, patch_route
 from swarm_client.remote import Hop, RouteError
 from swarm_client.routed import NodeSummary
 
@@ -41,16 +41,6 @@ def test_the_coordinators_estimate_times_the_first_steps() -> None:
     assert clock.timeout(1) == 1.0  # measured beats estimated
     clock.slower()  # a timeout on a route that was only slow
     assert clock.timeout(1) == 2.0
-
-
-def test_avoidance_backoff_doubles_on_repeated_failures_and_expires() -> None:
-    avoid = Avoidance(initial=2.0, maximum=5.0, forget_after=100.0)
-    assert avoid.record("x", now=0.0) == 2.0
-    assert avoid.avoided(now=1.0) == {"x"} and avoid.avoided(now=2.5) == set()
-    assert avoid.record("x", now=3.0) == 4.0
-    assert avoid.record("x", now=4.0) == 5.0  # capped
-    assert avoid.count("x") == 3
-    assert avoid.record("x", now=500.0) == 2.0  # forgotten after a quiet spell
 
 
 def test_patch_route_replaces_only_the_failed_hop() -> None:

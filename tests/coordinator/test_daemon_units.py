@@ -10,7 +10,6 @@ import pytest
 from swarm_coordinator.assignment import AssignmentPolicy, plan
 from swarm_coordinator.config import CoordinatorConfig
 from swarm_coordinator.planner import decide
-from swarm_coordinator.rpc import FailureBook
 from swarm_coordinator.state import Assignment, LayerRange, NodeState, NodeStatus, NodeView, SwarmState
 from swarm_node.agent import _broker
 from swarm_node.engine.speed import measure, parse_bytes
@@ -67,17 +66,6 @@ def test_joining_node_does_not_reshuffle_below_the_threshold() -> None:
     assert Assignment({n: fast[n] for n in "abc" if n in fast}) != Assignment(
         {"a": LayerRange(0, 10), "b": LayerRange(10, 20), "c": LayerRange(20, 30)}
     )
-
-
-def test_failure_backoff_grows_and_is_forgotten() -> None:
-    book = FailureBook(initial=2.0, maximum=10.0, forget_after=100.0)
-    assert book.record("a", 0.0) == 2.0
-    assert book.avoided(1.0) == {"a"} and book.avoided(2.5) == set()
-    assert book.record("a", 3.0) == 4.0
-    assert book.record("a", 4.0) == 8.0
-    assert book.record("a", 5.0) == 10.0
-    assert book.count("a") == 4
-    assert book.record("a", 500.0) == 2.0  # a quiet spell starts over
 
 
 def test_config_checks() -> None:

@@ -86,11 +86,22 @@ def test_load_steers_away_from_a_busy_replica() -> None:
     assert seconds_per_layer(s.nodes["a"]) > seconds_per_layer(s.nodes["b"])
 
 
-def test_skips_nodes_without_kv_room() -> None:
+def test_prefers_nodes_with_kv_room() -> None:
     full = NodeLoad(free_kv_tokens=100)
     s = swarm(node("a", 0, 12, speed=1000, load=full), node("b", 0, 12, speed=10))
     assert chain(find_route(s, max_length=100)) == [("a", 0, 12)]
     assert chain(find_route(s, max_length=2048)) == [("b", 0, 12)]
+    # out of sessions (a node that reports its count) is full too, whatever its KV
+    no_sessions = NodeLoad(free_kv_tokens=10**6, kv_tokens=10**6, free_sessions=0)
+    s = swarm(node("a", 0, 12, speed=1000, load=no_sessions), node("b", 0, 12, speed=10))
+    assert chain(find_route(s, max_length=100)) == [("b", 0, 12)]
+
+
+def test_full_nodes_are_used_when_nothing_has_room() -> None:
+    # reports lag: the node's own admission decides (and answers "busy" if still full)
+    full = NodeLoad(free_kv_tokens=0, kv_tokens=4096, free_sessions=0)
+    s = swarm(node("a", 0, 6, load=full), node("b", 6, 12), node("c", 6, 12, load=full))
+    assert chain(find_route(s, max_length=100)) == [("a", 0, 6), ("b", 6, 12)]
 
 
 def test_exclude_avoids_failed_nodes() -> None:

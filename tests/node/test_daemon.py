@@ -229,3 +229,27 @@ async def test_default_model_over_three_processes(spawn: Any, default_model: Pat
         ref = default_reference.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt) :]
     assert tokens[: len(ref)] == ref.tolist()  # generate() stops early at EOS
     assert default_tokenizer.decode(tokens).startswith(" Paris")
+
+
+async def test_the_cli_waits_for_room_on_a_busy_node_and_says_so(
+    spawn: Any, default_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``swarm generate --route ... --stats`` on a node whose KV budget holds one session,
+    taken: the CLI is refused "busy", waits (within --timeout), and reports the wait."""
+    from swarm_client import cli
+
+    node = spawn(default_model, "0:30", "--kv-budget", "3M")  # 30 layers x 1536 B x 64 positions = 2.9 MB: one session
+    async with RouteSession([node.hop], max_length=16) as held:
+        await held.prefill([1, 2, 3])
+        argv = ["generate", "Hi", "--route", node.address, "--model", str(default_model), "--max-tokens", "3",
+                "--temperature", "0", "--stats", "--timeout", "120"]  # fmt: skip
+        run = asyncio.ensure_future(asyncio.to_thread(cli.main, argv))
+        for _ in range(600):  # until the CLI's open was refused
+            if (await _info(node.address)).stats.sessions_refused >= 1:
+                break
+            await asyncio.sleep(0.05)
+        assert not run.done()
+    assert await run == 0  # room once `held` closed
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("busy: "))
+    assert int(line.split()[1]) >= 1 and "failovers: 0" in line, err

@@ -153,9 +153,36 @@ async def test_no_room_is_resource_exhausted(route: Route) -> None:
             async with RouteSession(hops, max_length=16):
                 pass
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "no room" in err.value.message
+        assert err.value.busy and err.value.retry_after > 0  # busy, with a hint: not a failure
+        assert "busy: 1 open, 0 waiting for their KV cache (at most 1)" in err.value.message
         out = await first.decode(3)  # the first session is untouched
         assert out.token is not None
+
+
+async def test_admission_follows_kv_memory(route: Route) -> None:
+    # tiny llama3 model: KV bytes per position per layer = 2 * kv_heads * head_dim * 4 (float32)
+    servers, hops = await route([(0, 3), (3, 6)])
+    args = servers[0].service.model.args  # type: ignore[union-attr]
+    per_slot = 3 * 2 * args.num_kv_heads * args.head_dim * 4 * 64  # 3 layers, a 64-position slot
+    servers, hops = await route([(0, 3), (3, 6)], kv_budget=2 * per_slot, max_length=256)
+    service = servers[1].service
+    assert service is not None and service.admission.budget_bytes == 2 * per_slot
+    assert service.kv_tokens() == 2 * 64 and service.free_kv_tokens() == 2 * 64
+    async with RouteSession(hops, max_length=40) as a, RouteSession(hops, max_length=64) as b:
+        assert service.admission.reserved == 2 * per_slot and service.free_kv_tokens() == 0
+        with pytest.raises(RouteError) as err:
+            async with RouteSession(hops, max_length=10):
+                pass
+        assert err.value.busy and "KV" in err.value.message
+        await a.prefill(PROMPT[:4])
+        await b.prefill(PROMPT[:4])
+    with pytest.raises(RouteError) as err:  # can never fit: not busy, a clear error
+        async with RouteSession(hops, max_length=200):
+            pass
+    assert err.value.code == grpc.StatusCode.OUT_OF_RANGE and not err.value.busy
+    async with RouteSession(hops, max_length=100) as c:  # two slots' worth, once the others ended
+        await c.prefill(PROMPT[:4])
+    assert service.admission.reserved == 0 and service.admission.sessions == 0
 
 
 async def test_refusal_names_the_hop_that_refused(route: Route) -> None:

@@ -50,8 +50,11 @@ def _backend(ns: argparse.Namespace) -> object:
 
         return SwarmClient.local(model)
     from swarm_client.api import AsyncSwarmClient
+    from swarm_client.failover import FailoverPolicy
 
-    return AsyncSwarmClient.remote(coordinator=ns.coordinator, route=ns.route, model=model, token=ns.token)
+    # busy_at_start="raise": the gateway's line orders the generations waiting for room
+    policy = FailoverPolicy(busy_at_start="raise")
+    return AsyncSwarmClient.remote(coordinator=ns.coordinator, route=ns.route, model=model, token=ns.token, policy=policy)
 
 
 async def _serve(_: object, ns: argparse.Namespace) -> None:

@@ -43,13 +43,14 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from swarm_client.api import AsyncSwarmClient, SwarmClient
-from swarm_client.errors import SwarmError
+from swarm_client.errors import BusyError, SwarmError
 from swarm_client.params import SamplingOptions
 from swarm_client.types import StreamEvent
 from swarm_coordinator.http.auth import ApiKeys, Caller, KeyLimits, RateLimiter, extract_key
 from swarm_coordinator.http.dashboard import Activity, SwarmView, snapshot
 from swarm_coordinator.http.errors import OpenAIError, invalid, translate
 from swarm_coordinator.http.openai_api import SSE_HEADERS, OpenAIRoutes
+from swarm_coordinator.http.queue import FairQueue, QueueBusy, QueueFull, Ticket
 from swarm_coordinator.metrics import CONTENT_TYPE_LATEST, CoordinatorMetrics
 from swarm_proto.presence import Event
 
@@ -70,11 +71,15 @@ class GatewayConfig:
     requests_per_minute: int = 0  # per key; 0 = unlimited (a keys file may set its own)
     tokens_per_minute: int = 0
     feed_interval_s: float = 1.0  # dashboard refresh when nothing changes
+    queue_size: int = 64  # generations that may wait for room in the swarm; one more gets 429
+    queue_timeout_s: float = 60.0  # the longest a generation waits for room before 429
 
     def __post_init__(self) -> None:
         KeyLimits(self.requests_per_minute, self.tokens_per_minute)  # validates
         if self.feed_interval_s <= 0:
             raise ValueError("feed_interval_s must be positive")
+        if self.queue_size < 0 or self.queue_timeout_s <= 0:
+            raise ValueError("queue_size must be >= 0 and queue_timeout_s positive")
 
 
 def model_id_for(model: str) -> str:
@@ -107,7 +112,9 @@ class Gateway:
         default = KeyLimits(config.requests_per_minute, config.tokens_per_minute)
         self.keys = ApiKeys.load(config.api_keys, config.api_keys_file, default=default)
         self.limiter = RateLimiter()
+        self.queue = FairQueue(config.queue_size, config.queue_timeout_s)  # generations waiting for room
         self.metrics = CoordinatorMetrics(state=(lambda: view.state) if view is not None else None)
+        self.metrics.queue_length.set_function(lambda: len(self.queue))
         self.activity = Activity()
         self.created = int(time.time())
         self._factory: BackendFactory | None = None
@@ -143,6 +150,7 @@ class Gateway:
         self._client = client = _async_client(backend)
         self._name_models(client.tokenizer.source)
         self.metrics.watch_client_failovers(lambda: client.backend.failovers)
+        self.metrics.watch_client_avoidance(client.backend.avoided_nodes)
 
     def _name_models(self, source: str) -> None:
         view, config = self.view, self.config
@@ -198,17 +206,43 @@ class Gateway:
     async def generate(
         self, endpoint: str, caller: Caller, prompt_ids: Sequence[int], options: SamplingOptions
     ) -> AsyncGenerator[StreamEvent, None]:
-        """The client's event stream, counted in metrics, activity and the caller's budget."""
+        """The client's event stream, counted in metrics, activity and the caller's budget.
+
+        When the swarm is busy the generation waits in the gateway's line (fair across
+        API keys, bounded in length and time; :mod:`.queue`): a refusal before the first
+        token puts it back in line, and the wait is part of its time to first token."""
         m = self.metrics
+        arrived = time.perf_counter()
+        ticket = await self._enter(caller)
         info = self.activity.start(endpoint, caller.name, len(prompt_ids), options.max_tokens)
+        info.t0 = arrived  # time to first token includes the wait in line
         self.limiter.charge(caller, len(prompt_ids))
         m.active.inc()
         self.poke()
         status, finish = "cancelled", None
         last = 0.0
+        started = False
         events = self.client.stream(list(prompt_ids), options)
         try:
-            async for event in events:
+            while True:
+                try:
+                    first = await events.__anext__()
+                    break
+                except BusyError as exc:  # refused for capacity before the first token: back in line
+                    m.busy.labels("refused").inc()
+                    await events.aclose()  # type: ignore[attr-defined]
+                    try:
+                        await self.queue.again(ticket, exc.retry_after)
+                    except QueueBusy as busy:
+                        m.busy.labels("queue_full" if isinstance(busy, QueueFull) else "queue_timeout").inc()
+                        raise
+                    finally:
+                        self.poke()
+                    events = self.client.stream(list(prompt_ids), options)
+            m.queue_wait_seconds.observe(ticket.waited_s)
+            self.queue.started(ticket)
+            started = True
+            async for event in _prepend(first, events):
                 n = len(event.token_ids)
                 if n:
                     now = time.perf_counter()
@@ -228,6 +262,8 @@ class Gateway:
             raise
         finally:
             await events.aclose()
+            if started:
+                self.queue.finished(ticket)
             m.active.dec()
             m.generations.labels(endpoint, status).inc()
             if status != "error":
@@ -237,6 +273,16 @@ class Gateway:
             m.request_seconds.labels(endpoint).observe(time.perf_counter() - info.t0)
             self.limiter.charge(caller, info.tokens)
             self.activity.end(info, status, finish)
+            self.poke()
+
+    async def _enter(self, caller: Caller) -> Ticket:
+        """A turn in the line (at once when the swarm has room); 429 when the line is full."""
+        try:
+            return await self.queue.enter(caller.name)
+        except QueueBusy as exc:
+            self.metrics.busy.labels("queue_full" if isinstance(exc, QueueFull) else "queue_timeout").inc()
+            raise
+        finally:
             self.poke()
 
     # -- change notification (dashboard feed, event counters) --
@@ -282,7 +328,15 @@ class Gateway:
 
     def snapshot(self) -> dict[str, Any]:
         self.sync_events()
-        return snapshot(self.view, self.activity, model_id=self.model_id, auth_required=self.keys.enabled)
+        return snapshot(
+            self.view, self.activity, model_id=self.model_id, auth_required=self.keys.enabled, queue=self.queue
+        )
+
+
+async def _prepend(first: StreamEvent, events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    yield first
+    async for event in events:
+        yield event
 
 
 def create_app(

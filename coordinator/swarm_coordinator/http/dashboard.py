@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from swarm_coordinator.http.queue import FairQueue
 from swarm_coordinator.state import NodeView, SwarmState, runs
 from swarm_proto.presence import Event
 
@@ -212,6 +213,9 @@ def _node(view: NodeView, now_mono: float) -> dict[str, Any]:
             "queued_steps": load.queued_steps,
             "free_kv_tokens": load.free_kv_tokens,
             "tokens_per_s": round(load.tokens_per_s, 2),
+            "kv_tokens": load.kv_tokens,
+            "free_sessions": load.free_sessions,
+            "opening_sessions": load.opening_sessions,
         },
         "last_seen_s": round(now_mono - view.last_seen, 1) if view.last_seen else None,
     }
@@ -265,7 +269,13 @@ def _runs_of_zero(counts: Sequence[int]) -> list[list[int]]:
 
 
 def snapshot(
-    view: SwarmView | None, activity: Activity, *, model_id: str, auth_required: bool, now_mono: float | None = None
+    view: SwarmView | None,
+    activity: Activity,
+    *,
+    model_id: str,
+    auth_required: bool,
+    now_mono: float | None = None,
+    queue: FairQueue | None = None,
 ) -> dict[str, Any]:
     """Everything the dashboard shows, JSON-ready."""
     now_perf = time.perf_counter()
@@ -292,6 +302,16 @@ def snapshot(
         "recent": [s.as_json(now_perf) for s in activity.recent],
         "swarm_sessions": in_swarm,
         "series": activity.series(),
+        "queue": None
+        if queue is None
+        else {
+            "waiting": len(queue),
+            "by_key": queue.waiting_by_key(),
+            "oldest_wait_s": round(queue.oldest_wait_s(), 2),
+            "full": queue.full,
+            "refused": queue.refused,
+            "limit": queue.max_waiting,
+        },
         "totals": {
             "requests": activity.total_requests,
             "tokens": activity.total_tokens,

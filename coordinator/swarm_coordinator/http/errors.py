@@ -7,17 +7,26 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from starlette.responses import JSONResponse
 
-from swarm_client.errors import GenerationError, InvalidRequestError, ModelUnavailableError, SwarmError, TokenizerError
+from swarm_client.errors import (
+    BusyError,
+    GenerationError,
+    InvalidRequestError,
+    ModelUnavailableError,
+    SwarmError,
+    TokenizerError,
+)
 from swarm_coordinator.errors import CoordinatorError
+from swarm_coordinator.http.queue import QueueBusy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OpenAIError", "invalid", "translate"]
+__all__ = ["OpenAIError", "busy", "invalid", "translate"]
 
 
 class OpenAIError(Exception):
@@ -52,6 +61,17 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return OpenAIError(400, message, param=param, code=code)
 
 
+def busy(message: str, retry_after: str) -> OpenAIError:
+    """Overload: 429 with ``Retry-After``, as OpenAI (and vLLM, TGI) answer it; never a 5xx."""
+    return OpenAIError(
+        429,
+        f"{message} (Retry-After {retry_after} s)",
+        type="server_overloaded",
+        code="server_overloaded",
+        headers={"Retry-After": retry_after},
+    )
+
+
 def translate(exc: BaseException) -> OpenAIError:
     """The HTTP answer for an exception raised while generating."""
     if isinstance(exc, OpenAIError):
@@ -61,6 +81,10 @@ def translate(exc: BaseException) -> OpenAIError:
         return invalid(str(exc), code=code)
     if isinstance(exc, TokenizerError):
         return invalid(str(exc))
+    if isinstance(exc, QueueBusy):
+        return busy(str(exc), exc.retry_after_header)
+    if isinstance(exc, BusyError):
+        return busy(f"the swarm is busy: {exc}", str(max(1, math.ceil(exc.retry_after))))
     if isinstance(exc, (ModelUnavailableError, CoordinatorError)):
         return OpenAIError(503, f"the swarm cannot serve this request now: {exc}", type="server_error", code="unavailable")
     if isinstance(exc, (GenerationError, SwarmError)):

@@ -20,6 +20,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from swarm_client.api import AsyncSwarmClient
+from swarm_client.failover import FailoverPolicy
 from swarm_coordinator.http.app import GatewayConfig, create_app
 from swarm_proto.flags import flag_adder
 
@@ -31,7 +32,7 @@ __all__ = ["add_gateway_flags", "coordinator_app", "gateway_config_from_args"]
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     """``--api-key`` (repeatable), ``--api-keys-file``, ``--rate-limit-rpm/-tpm``,
-    ``--model-id``; each falls back to its ``SWARM_<FLAG>`` environment variable
+    ``--queue-size``, ``--queue-timeout``, ``--model-id``; each falls back to its ``SWARM_<FLAG>`` environment variable
     (``SWARM_API_KEY`` holds a comma-separated list)."""
     add = flag_adder(parser.add_argument_group("HTTP gateway"))
     add("--api-key", str, None, "accept this API key on /v1 (repeatable, or comma-separated in the env var; "
@@ -39,6 +40,9 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     add("--api-keys-file", str, None, "file of API keys, one per line, optionally 'KEY rpm=N tpm=N'", metavar="PATH")
     add("--rate-limit-rpm", int, 0, "requests per minute per key, 0 = unlimited", metavar="N")
     add("--rate-limit-tpm", int, 0, "tokens (prompt + completion) per minute per key, 0 = unlimited", metavar="N")
+    add("--queue-size", int, 64, "requests that may wait for room while the swarm is busy; one more gets 429",
+        metavar="N")
+    add("--queue-timeout", float, 60.0, "the longest a request waits for room before 429", metavar="SECONDS")
     add("--model-id", str, None, "the model id /v1/models lists (default: the model file's name)", metavar="NAME")
 
 
@@ -49,6 +53,8 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
         api_keys_file=getattr(ns, "api_keys_file", None) or None,
         requests_per_minute=getattr(ns, "rate_limit_rpm", 0) or 0,
         tokens_per_minute=getattr(ns, "rate_limit_tpm", 0) or 0,
+        queue_size=getattr(ns, "queue_size", 64),
+        queue_timeout_s=getattr(ns, "queue_timeout", 60.0),
     )
 
 
@@ -62,6 +68,9 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
     model, token = str(coordinator.config.model), coordinator.config.token
 
     def client() -> AsyncSwarmClient:
-        return AsyncSwarmClient.remote(coordinator=address, model=model, token=token)
+        # busy_at_start="raise": the gateway's line orders the generations waiting for room
+        return AsyncSwarmClient.remote(
+            coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise")
+        )
 
     return create_app(client, coordinator.registry, config or GatewayConfig())

@@ -12,6 +12,9 @@ error shape (``{"error": {"message", "type", "param", "code"}}``) and status cod
 401   invalid_request_error       missing or wrong API key (code invalid_api_key)
 404   invalid_request_error       unknown model (code model_not_found) or path
 429   requests / tokens           a rate limit; ``Retry-After`` says when to retry
+429   server_overloaded           the swarm is busy (full, not failing) and the line of
+                                  waiting requests is at its bound or the request
+                                  waited its longest; ``Retry-After`` says when
 503   server_error                the swarm cannot serve the model right now
 500   server_error                anything unexpected (logged with its traceback)
 ====  ==========================  ===============================================

@@ -80,6 +80,12 @@ function renderTiles(s) {
   $("t-itl-sub").textContent = ttft !== null ? `first token ${fmtMs(ttft)}` : "";
   $("t-sessions").textContent = String(t.swarm_sessions);
   $("t-sessions-sub").textContent = `${t.active} via the gateway · ${fmtInt(t.requests)} requests`;
+  const q = s.queue;
+  $("t-queue").textContent = q ? String(q.waiting) : "–";
+  $("t-queue").className = "v" + (q && q.waiting ? " bad" : "");
+  $("t-queue-sub").textContent = q
+    ? (q.waiting ? `oldest ${fmtSecs(q.oldest_wait_s)} · ` : "") + `limit ${q.limit}` + (q.refused ? ` · ${fmtInt(q.refused)} refused (429)` : "")
+    : "";
 }
 
 // ---------------------------------------------------------------- nodes
