@@ -1,6 +1,6 @@
 """Busy is not broken: a memory-limited swarm loaded past its capacity through the gateway.
 
-A coordinator and three nodes started with ``--memory-budget 300M`` (the default
+A coordinator and three float32 nodes started with ``--memory-budget 300M`` (the default
 model split over them, one node per span) and a small ``--kv-budget``, so a span holds
 only a few sessions at once. The official ``openai`` client sends twice a span's
 capacity of chat completions at once: every one completes with the text it gets alone,
@@ -49,9 +49,16 @@ def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         3,
         logs,
         coordinator_args=["--queue-size", "32", "--queue-timeout", "120"],
-        node_args=["--memory-budget", "300M", "--kv-budget", KV_BUDGET],
+        # float32: the one path on which a failover's replay is bit-exact (docs/failover.md),
+        # so the kill test can ask for every solo text after the failover too.
+        node_args=["--dtype", "float32", "--memory-budget", "300M", "--kv-budget", KV_BUDGET],
     )
     try:
+        # Two nodes can cover the model before the third is assigned: wait for the layout
+        # with all three, one node per span (a covered swarm is not reshuffled after that).
+        swarm.wait(
+            lambda s: all(n["serving"] for n in s["nodes"]) and set(s["coverage"]) == {1}, what="one node per span"
+        )
         yield swarm
     finally:
         swarm.stop()
