@@ -7,26 +7,130 @@ points it at an external broker instead. :class:`MosquittoBroker` runs Debian's
 
 Neither broker persists retained messages: after a broker restart the nodes and the
 coordinator re-announce themselves (see :class:`swarm_proto.presence.ReconnectingClient`).
+
+Access: with a swarm token the embedded broker refuses anonymous clients. The
+coordinator logs in as ``coordinator`` with a random password made at start (never
+written anywhere); a node logs in with its node id as user name and
+``swarm_proto.trust.mqtt_password(token, swarm id, node id)`` as password, and may
+publish only its own ``node/<id>/status|load`` and ``events``, and subscribe to and
+receive only its own ``assign/<id>``. Without a token the broker stays open (the
+coordinator warns). :class:`MosquittoBroker` takes a password file and an ACL file
+(:func:`mosquitto_password_line`, :data:`MOSQUITTO_ACL`) to apply the same rules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import logging
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
 from swarm_coordinator.errors import BrokerError
 from swarm_proto.daemon import Service
+from swarm_proto.trust import mqtt_password
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmbeddedBroker", "MosquittoBroker", "find_mosquitto", "free_port"]
+__all__ = [
+    "ADMIN_USER",
+    "MOSQUITTO_ACL",
+    "EmbeddedBroker",
+    "MosquittoBroker",
+    "SwarmAuthPlugin",
+    "SwarmTopicPlugin",
+    "find_mosquitto",
+    "free_port",
+    "mosquitto_password_line",
+]
+
+ADMIN_USER = "coordinator"
+
+# mosquitto ACLs with the same rules as the embedded broker (%u: the user name = node id).
+MOSQUITTO_ACL = """\
+user coordinator
+topic readwrite swarm/#
+
+pattern write swarm/+/node/%u/status
+pattern write swarm/+/node/%u/load
+pattern write swarm/+/events
+pattern read swarm/+/assign/%u
+"""
+
+
+def mosquitto_password_line(user: str, password: str, iterations: int = 101) -> str:
+    """One line of a mosquitto 2 password file (``$7$``: PBKDF2-SHA512), made without
+    ``mosquitto_passwd``."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+    b64 = base64.b64encode
+    return f"{user}:$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def _node_may(user: str, swarm_id: str, topic: str, action: Action) -> bool:
+    prefix = f"swarm/{swarm_id}/"
+    if action is Action.PUBLISH:
+        return topic in (f"{prefix}node/{user}/status", f"{prefix}node/{user}/load", f"{prefix}events")
+    return topic == f"{prefix}assign/{user}"  # subscribe / receive: its own assignment only
+
+
+class SwarmAuthPlugin(BaseAuthPlugin):
+    """amqtt authentication: the coordinator's random password, or a node's password
+    derived from the swarm token; anonymous clients only when ``allow_anonymous``."""
+
+    @dataclass
+    class Config:
+        swarm_id: str = "default"
+        token: str = field(default="", repr=False)
+        admin_password: str = field(default="", repr=False)
+        allow_anonymous: bool = False
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        cfg = self.context.config
+        assert isinstance(cfg, SwarmAuthPlugin.Config)
+        user, password = session.username, session.password or ""
+        if not user:
+            return cfg.allow_anonymous
+        if user == ADMIN_USER:
+            return bool(cfg.admin_password) and hmac.compare_digest(password, cfg.admin_password)
+        if not cfg.token or len(user) > 128:
+            return cfg.allow_anonymous
+        return hmac.compare_digest(password, mqtt_password(cfg.token, cfg.swarm_id, user))
+
+
+class SwarmTopicPlugin(BaseTopicPlugin):
+    """amqtt topic rules: a node publishes only under its own id and reads only its own
+    assignment; the coordinator (and anonymous clients of an open swarm) do anything."""
+
+    @dataclass
+    class Config:
+        swarm_id: str = "default"
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool | None:
+        cfg = self.context.config
+        assert isinstance(cfg, SwarmTopicPlugin.Config)
+        if session is None or topic is None or action is None:
+            return False
+        user = session.username
+        if not user or user == ADMIN_USER:
+            return True  # anonymous clients exist only when the swarm is open
+        return _node_may(user, cfg.swarm_id, topic, action)
+
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,24 +157,45 @@ class EmbeddedBroker(Service):
             ...  # connect to broker.url
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        swarm_id: str = "default",
+        token: str = "",
+        tls: tuple[str, str, str] | None = None,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.swarm_id = swarm_id
+        self.token = token
+        self.tls = tls  # (cert, key, ca) files: listen with TLS only
+        self.admin_password = secrets.token_urlsafe(24)  # the coordinator's login; lives in memory only
         self._broker: Any = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
         return self._broker is not None
 
     def _config(self) -> dict[str, Any]:
+        listener: dict[str, Any] = {"type": "tcp", "bind": f"{self.host}:{self.port}"}
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            listener.update(ssl=True, certfile=cert, keyfile=key, cafile=ca)
+        auth = {"swarm_id": self.swarm_id, "token": self.token, "admin_password": self.admin_password,
+                "allow_anonymous": not self.token}
         return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            # only anonymous auth: amqtt's default plugins add $SYS topics and packet logs
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "listeners": {"default": listener},
+            # only our plugins: amqtt's defaults add $SYS topics and packet logs
+            "plugins": {
+                f"{__name__}.SwarmAuthPlugin": auth,
+                f"{__name__}.SwarmTopicPlugin": {"swarm_id": self.swarm_id},
+            },
         }
 
     async def start(self) -> None:
@@ -109,9 +234,19 @@ class MosquittoBroker:
     :meth:`start` may be called again to restart it on the same port.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, executable: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        executable: str | None = None,
+        users: dict[str, str] | None = None,
+    ) -> None:
+        """``users`` (name -> password): refuse anonymous clients and apply
+        :data:`MOSQUITTO_ACL` (the ``coordinator`` user may do anything)."""
         self.host = host
         self.port = port or free_port(host)
+        self.users = users
         self.executable = executable or find_mosquitto()
         self._dir = tempfile.TemporaryDirectory(prefix="swarm-mosquitto-")
         self._proc: subprocess.Popen[bytes] | None = None
@@ -134,10 +269,16 @@ class MosquittoBroker:
         if self.executable is None:
             raise BrokerError("mosquitto is not installed (make deps-system, or apt-get install mosquitto)")
         conf = Path(self._dir.name) / "mosquitto.conf"
+        access = "allow_anonymous true\n"
+        if self.users is not None:
+            passwd, acl = Path(self._dir.name) / "passwd", Path(self._dir.name) / "acl"
+            passwd.write_text("".join(mosquitto_password_line(u, p) + "\n" for u, p in self.users.items()))
+            acl.write_text(MOSQUITTO_ACL)
+            access = f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
         conf.write_text(
             f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
+            + access
+            + "persistence false\n"
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--node-timeout", float, defaults["node_timeout"].default, "seconds of silence before a node counts as offline")
     add("--settle", float, defaults["settle"].default, "seconds changes gather before a plan (a burst of joins: one plan)")
     add("--token", str, "", "swarm token required on every gRPC call and sent to the nodes; prefer the env var, flags show in ps")
+    add("--state-dir", str, "", "directory of the coordinator's presence key (default: <cache>/state)")
+    add("--allow-keys", str, "", "file of node presence keys (hex, one a line) admitted without the token")
     daemon.add_log_level(add)
     from swarm_coordinator.http.mount import add_gateway_flags
 
@@ -65,19 +67,22 @@ def config_from_args(ns: argparse.Namespace) -> CoordinatorConfig:
         node_timeout=ns.node_timeout,
         settle=ns.settle,
         token=ns.token,
+        state_dir=ns.state_dir,
+        allow_keys=ns.allow_keys,
     )
 
 
 async def _run(config: CoordinatorConfig, ns: argparse.Namespace) -> None:
     from swarm_coordinator.http.mount import coordinator_app, gateway_config_from_args
     from swarm_coordinator.server import CoordinatorServer
+    from swarm_proto.presence_client import redact
 
     gateway = gateway_config_from_args(ns)
     server = CoordinatorServer(config, http_app=lambda coordinator: coordinator_app(coordinator, gateway))
     stop = daemon.stop_event()
     async with server:
         daemon.announce(
-            f"swarm-coordinator listening on {server.address} mqtt={server.advertised_mqtt_url}"
+            f"swarm-coordinator listening on {server.address} mqtt={redact(server.advertised_mqtt_url)}"
             f" http={server.http_address or 'off'}"
         )
         await stop.wait()

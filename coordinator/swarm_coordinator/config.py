@@ -35,6 +35,8 @@ class CoordinatorConfig:
     failure_backoff: float = 2.0  # a reported node is avoided this long, doubling per report
     failure_backoff_max: float = 60.0
     token: str = field(default="", repr=False)  # the swarm token: asked of every gRPC caller, sent to the nodes
+    state_dir: str = ""  # where the coordinator's presence key lives ("": <cache>/state)
+    allow_keys: str = ""  # file of node public keys (hex, one a line) admitted without the token's proof
 
     def __post_init__(self) -> None:
         check_id("swarm id", self.swarm_id)
@@ -59,3 +61,9 @@ class CoordinatorConfig:
     @property
     def embedded(self) -> bool:
         return self.mqtt == "embedded"
+
+    @property
+    def exposed(self) -> bool:
+        """Bound to more than loopback with neither TLS nor a token: anyone who can reach
+        the ports can join, read and steer the swarm."""
+        return self.host not in ("127.0.0.1", "localhost", "::1") and not self.token

@@ -85,6 +85,23 @@ class _ClientFailovers(Collector):
         )
 
 
+class _PresenceDrops(Collector):
+    """Control-plane messages the registry refused (swarm_proto.trust), by reason."""
+
+    def __init__(self, dropped: Callable[[], dict[str, int]]) -> None:
+        self._dropped = dropped
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "swarm_presence_dropped",
+            "MQTT messages refused: unsigned, not admitted, key mismatch, replayed, empty, too many nodes...",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self._dropped().items()):
+            family.add_metric([reason], n)
+        yield family
+
+
 class CoordinatorMetrics:
     """The coordinator's metrics; ``exposition()`` renders them for ``/metrics``."""
 
@@ -159,6 +176,9 @@ class CoordinatorMetrics:
             registry=self.registry,
         )
         gauge.set_function(lambda: float(avoided()))
+
+    def watch_presence_drops(self, dropped: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_PresenceDrops(dropped))
 
     def count_events(self, kinds: Iterable[str]) -> None:
         for kind in kinds:

@@ -10,6 +10,13 @@ A node is offline when its status says so (graceful stop, or the broker's Last W
 when its connection dies) or when nothing was heard from it for ``node_timeout_s``
 (its load messages double as heartbeats); a later message brings it back. Malformed
 payloads are logged and ignored. Joins and leaves seen live go out on ``events``.
+
+Every message is sealed (:mod:`swarm_proto.trust`) and passes the registry's
+:class:`~swarm_proto.trust.PresenceGuard` before it changes anything: node messages need
+an admitted key (the swarm token's proof or the allow-list) that owns the node id,
+assignments need the registry's own key, counters must grow, empty retained payloads
+are ignored (only :meth:`Registry.forget` forgets a node), and at most ``max_nodes``
+node ids are tracked. What the guard refuses is counted in :attr:`Registry.dropped`.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiomqtt
 
@@ -33,12 +41,12 @@ from swarm_proto.presence import (
     NodeState,
     NodeStatus,
     PayloadError,
-    Topics,
     TopicKind,
-    decode,
+    Topics,
     encode,
 )
 from swarm_proto.presence_client import Backoff, BrokerAddress, ReconnectingClient
+from swarm_proto.trust import Identity, PresenceGuard, Sealer, decode_sealed, membership_proof
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,10 @@ class RegistryConfig:
     node_timeout_s: float = 10.0  # silence after which a node counts as offline
     keepalive: int = 10
     max_events: int = 500  # recent events kept for the dashboard
+    token: str = field(default="", repr=False)  # proof of membership asked of node keys
+    allowed_keys: frozenset[bytes] = frozenset()  # node keys admitted without the token's proof
+    max_nodes: int = 4096  # node ids tracked at most (a flood of new ids is dropped)
+    coordinator_key: bytes | None = None  # observers: whose assignments to believe (None: first seen)
 
 
 class Registry(ReconnectingClient):
@@ -74,13 +86,31 @@ class Registry(ReconnectingClient):
         *,
         clock: Callable[[], float] = time.monotonic,
         backoff: Backoff = Backoff(),
+        identity: Identity | None = None,
+        broker: BrokerAddress | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``identity``: the coordinator's key; its registry believes assignments sealed by
+        it alone. Without one the registry is an observer (a fresh key; assignments from
+        ``config.coordinator_key`` or the first sealer seen)."""
+        own = identity or Identity.generate()
         super().__init__(
-            BrokerAddress.parse(config.broker_url),
+            broker or BrokerAddress.parse(config.broker_url),
             # unique per process: two coordinators must not take over each other's session
             f"{config.client_id}-{config.swarm_id}-{secrets.token_hex(3)}",
             keepalive=config.keepalive,
             backoff=backoff,
+            sealer=Sealer(own, membership_proof(config.token, config.swarm_id, own.public)),
+            tls_context=tls_context,
+        )
+        self.identity = own
+        self.guard = PresenceGuard(
+            config.swarm_id,
+            token=config.token,
+            allowed_keys=config.allowed_keys,
+            coordinator_key=own.public if identity is not None else config.coordinator_key,
+            own_key=own.public,
+            max_nodes=config.max_nodes,
         )
         self.config = config
         self.topics = Topics(config.swarm_id)
@@ -94,6 +124,11 @@ class Registry(ReconnectingClient):
         self._changed = asyncio.Event()
         self.events: deque[Event] = deque(maxlen=config.max_events)
         self.malformed = 0  # messages ignored because their payload was bad
+
+    @property
+    def dropped(self) -> Counter[str]:
+        """Well-formed messages the guard refused, by reason (unsigned, replayed...)."""
+        return self.guard.dropped
 
     # the view ----------------------------------------------------------------
 
@@ -141,10 +176,12 @@ class Registry(ReconnectingClient):
     def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> None:
         """Apply one MQTT message; malformed ones are logged and counted, never raised."""
         try:
-            kind, node_id, message = decode(self.topics, topic, payload)
+            kind, node_id, message, seal = decode_sealed(self.topics, topic, payload)
         except PayloadError as exc:
             self.malformed += 1
             log.warning("ignoring malformed message on %s: %s", topic, exc)
+            return
+        if not self.guard.check(kind, node_id, message, seal):
             return
         now = self._clock()
         if kind is TopicKind.EVENTS:
@@ -153,9 +190,7 @@ class Registry(ReconnectingClient):
             return
         assert node_id is not None
         if kind is TopicKind.ASSIGN:
-            if message is None:
-                self._assigns.pop(node_id, None)
-            elif isinstance(message, Assign):
+            if isinstance(message, Assign):
                 self._assigns[node_id] = message
         elif kind is TopicKind.STATUS:
             self._on_status(node_id, message if isinstance(message, NodeStatus) else None, now, retained)
@@ -168,8 +203,7 @@ class Registry(ReconnectingClient):
     def _on_status(self, node_id: str, status: NodeStatus | None, now: float, retained: bool) -> None:
         before = self._statuses.get(node_id)
         was_online = before is not None and before.state is not NodeState.OFFLINE and node_id not in self._timed_out
-        if status is None:  # retained status cleared: the node is forgotten
-            self._forget(node_id)
+        if status is None:  # the guard lets no empty status through
             return
         self._statuses[node_id] = status
         self._last_seen[node_id] = now
@@ -189,6 +223,7 @@ class Registry(ReconnectingClient):
         for table in (self._statuses, self._loads, self._last_seen):
             table.pop(node_id, None)
         self._timed_out.discard(node_id)
+        self.guard.forget(node_id)
 
     def sweep(self) -> list[str]:
         """Mark nodes silent for longer than ``node_timeout_s`` offline; returns their ids."""
@@ -210,7 +245,7 @@ class Registry(ReconnectingClient):
     # outgoing ------------------------------------------------------------------
 
     async def publish_event(self, event: Event) -> bool:
-        sent = await self.publish(self.topics.events, encode(event))
+        sent = await self.publish(self.topics.events, self.seal(self.topics.events, encode(event)))
         if not sent:  # nobody will echo it back to us
             self.events.append(event)
         return sent
@@ -226,7 +261,8 @@ class Registry(ReconnectingClient):
         for node_id, layers in changes.items():
             message = Assign(node_id, self.config.model, layers, epoch)
             self._assigns[node_id] = message
-            await self.publish(self.topics.assign(node_id), encode(message), retain=True)
+            topic = self.topics.assign(node_id)
+            await self.publish(topic, self.seal(topic, encode(message)), retain=True)
         summary = ", ".join(f"{n}: {r if r else 'none'}" for n, r in changes.items())
         await self.publish_event(Event(EventKind.REASSIGN, None, summary))
         self._notify()
@@ -250,7 +286,8 @@ class Registry(ReconnectingClient):
     async def on_connect(self, client: aiomqtt.Client) -> None:
         # A broker that restarted lost our retained assignments: say them again.
         for node_id, message in sorted(self._assigns.items()):
-            await client.publish(self.topics.assign(node_id), encode(message), qos=1, retain=True)
+            topic = self.topics.assign(node_id)
+            await client.publish(topic, self.seal(topic, encode(message)), qos=1, retain=True)
         await client.subscribe(self.topics.all, qos=1)
 
     async def on_message(self, message: aiomqtt.Message) -> None:

@@ -45,9 +45,11 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         failures: Backoff | None = None,
         policy: RoutingPolicy = RoutingPolicy(),
         clock: Callable[[], float] = time.monotonic,
+        coordinator_key: bytes = b"",
     ) -> None:
         self.registry = registry
-        self.mqtt_url = mqtt_url
+        self.mqtt_url = mqtt_url  # never with credentials: every caller may read it
+        self.coordinator_key = coordinator_key
         self.version = version
         self.failures = failures or Backoff()  # node ids reported as failed (the client's schedule)
         self.policy = policy
@@ -137,6 +139,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             model=state.model,
             num_layers=state.num_layers,
             version=self.version,
+            coordinator_key=self.coordinator_key,
         )
 
 

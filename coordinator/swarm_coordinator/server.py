@@ -35,7 +35,9 @@ from swarm_proto.backoff import Backoff
 from swarm_proto.daemon import Service
 from swarm_proto.model_args import layer_bytes, model_id, read_args
 from swarm_proto.presence import PresenceError
+from swarm_proto.presence_client import BrokerAddress, redact
 from swarm_proto.transport import TokenInterceptor
+from swarm_proto.trust import Identity, key_path, read_allowed_keys
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,9 @@ class CoordinatorServer(Service):
         self.address = ""  # host:port of the gRPC service once started
         self.http_address = ""  # host:port of the HTTP gateway, "" when none
         self.broker_url = ""  # the broker as this process reaches it
-        self.advertised_mqtt_url = ""  # the broker as nodes should reach it (GetSwarmInfo)
+        self.advertised_mqtt_url = ""  # the broker as nodes should reach it (GetSwarmInfo; no credentials)
+        self.identity: Identity | None = None  # the key that seals assignments
+        self.warnings: list[str] = []  # shown at start and on the dashboard
 
     # --- what the HTTP gateway (and tests) read ------------------------------------------
 
@@ -76,14 +80,30 @@ class CoordinatorServer(Service):
     async def start(self) -> str:
         cfg = self.config
         args = await asyncio.to_thread(read_args, cfg.model)
+        self.identity = await asyncio.to_thread(Identity.load_or_create, key_path(cfg.state_dir, f"coordinator-{cfg.swarm_id}"))
+        allowed = await asyncio.to_thread(read_allowed_keys, cfg.allow_keys)
+        if cfg.exposed:
+            self.warnings.append(
+                f"listening on {cfg.host} with neither TLS nor a swarm token: anyone who can reach these ports "
+                "can join the swarm, read prompts and steer routes (set SWARM_TOKEN)"
+            )
+        for line in self.warnings:
+            log.warning("%s", line)
         if cfg.embedded:
-            self.broker = EmbeddedBroker(cfg.host, cfg.mqtt_port)
+            self.broker = EmbeddedBroker(cfg.host, cfg.mqtt_port, swarm_id=cfg.swarm_id, token=cfg.token)
             await self.broker.start()
             reach = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
             self.broker_url = f"mqtt://{reach}:{self.broker.port}"
             self.advertised_mqtt_url = f"mqtt://{cfg.host}:{self.broker.port}"
+            login = BrokerAddress("", 0, "coordinator", self.broker.admin_password)
         else:
-            self.broker_url = self.advertised_mqtt_url = cfg.mqtt
+            self.broker_url = cfg.mqtt
+            parsed = BrokerAddress.parse(cfg.mqtt)
+            # nodes log in with their own credentials: never hand out the coordinator's
+            self.advertised_mqtt_url = parsed.url
+            login = parsed
+        reach_broker = BrokerAddress.parse(self.broker_url)
+        reach_broker = BrokerAddress(reach_broker.host, reach_broker.port, login.username, login.password, reach_broker.tls)
         self._registry = Registry(
             RegistryConfig(
                 broker_url=self.broker_url,
@@ -93,12 +113,16 @@ class CoordinatorServer(Service):
                 bytes_per_layer=layer_bytes(args, cfg.dtype),
                 node_timeout_s=cfg.node_timeout,
                 keepalive=cfg.keepalive,
-            )
+                token=cfg.token,
+                allowed_keys=allowed,
+            ),
+            identity=self.identity,
+            broker=reach_broker,
         )
         try:
             await self._registry.start(wait=30.0)
         except PresenceError as exc:
-            raise BrokerError(f"no MQTT broker at {self.broker_url}: {exc}") from exc
+            raise BrokerError(f"no MQTT broker at {redact(self.broker_url)}: {exc}") from exc
         self.planner = Planner(self._registry, AssignmentPolicy(cfg.replicas, cfg.min_gain), settle=cfg.settle)
         self.planner.start()
         self.service = CoordinatorService(
@@ -106,6 +130,7 @@ class CoordinatorServer(Service):
             mqtt_url=self.advertised_mqtt_url,
             version=version(),
             failures=Backoff(cfg.failure_backoff, cfg.failure_backoff_max),
+            coordinator_key=self.identity.public,
         )
         server = grpc.aio.server(interceptors=[TokenInterceptor(cfg.token)] if cfg.token else [])
         swarm_pb2_grpc.add_CoordinatorServicer_to_server(self.service, server)

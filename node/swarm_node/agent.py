@@ -16,6 +16,13 @@ announces it, and ignores assignments (the coordinator plans around it).
 
 The coordinator is only needed to join; once the broker is known the node talks only
 to the broker, and sessions never touch either.
+
+Trust (:mod:`swarm_proto.trust`): every presence message is sealed with the node's
+Ed25519 key and carries the swarm token's proof of membership; the node pins the
+coordinator's key from ``GetSwarmInfo`` and believes only assignments sealed by it, and
+even then refuses one for another model, past the model's last layer or beyond its
+memory budget. With a swarm token and a broker URL without credentials, the node logs
+in to the broker as its node id with the password derived from the token.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from swarm_proto.presence import (
 )
 from swarm_proto.presence_client import BrokerAddress, PresenceClient
 from swarm_proto.transport import Metadata, call_metadata
+from swarm_proto.trust import Identity, Sealer, membership_proof, mqtt_password
 from swarm_proto.weight_format import describe, format_layer_bytes
 
 log = logging.getLogger(__name__)
@@ -69,6 +77,7 @@ class SwarmInfo:
     broker: BrokerAddress
     model: str
     num_layers: int
+    coordinator_key: bytes = b""  # empty from an older coordinator: pin the first seen
 
 
 def _broker(url: str, coordinator_host: str) -> BrokerAddress:
@@ -99,7 +108,7 @@ async def fetch_swarm_info(coordinator: str, *, timeout: float = 60.0, metadata:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
     host = coordinator.rsplit(":", 1)[0].strip("[]")
-    return SwarmInfo(info.swarm_id, _broker(info.mqtt_url, host), info.model, info.num_layers)
+    return SwarmInfo(info.swarm_id, _broker(info.mqtt_url, host), info.model, info.num_layers, info.coordinator_key)
 
 
 def _measure_alone(
@@ -139,8 +148,10 @@ class NodeAgent:
         advertise: str = "",
         load_interval: float = 2.0,
         keepalive: int = 5,
+        identity: Identity | None = None,
     ) -> None:
         self.config = config
+        self.identity = identity or Identity.generate()
         self.coordinator = coordinator
         self.memory_budget = memory_budget
         self.speed_override = speed
@@ -158,6 +169,7 @@ class NodeAgent:
         self._tokens_seen = (time.monotonic(), 0)
         self._tokens_per_s = 0.0
         self.hosted: LayerRange | None = None
+        self.budget, self.layer_bytes, self.num_layers = 0, 0, 0  # set by start()
         self.applied = asyncio.Event()  # set whenever an assignment has been applied
 
     # --- lifecycle --------------------------------------------------------------------
@@ -207,14 +219,22 @@ class NodeAgent:
             await self.server.start()
             self.hosted = LayerRange(cfg.start, cfg.end)
             status = replace(status, address=self._address(), hosted=self.hosted, state=NodeState.READY)
+        self.budget, self.layer_bytes, self.num_layers = budget, per_layer, args.num_layers
+        broker = info.broker
+        if cfg.token and broker.username is None:
+            broker = replace(broker, username=cfg.node_id, password=mqtt_password(cfg.token, info.swarm_id, cfg.node_id))
+        proof = membership_proof(cfg.token, info.swarm_id, self.identity.public)
+        log.info("presence key %s", self.identity.public_hex)
         self.presence = PresenceClient(
-            info.broker,
+            broker,
             info.swarm_id,
             status,
             load=self._load,
             on_assign=self._on_assign,
             load_interval=self.load_interval,
             keepalive=self.keepalive,
+            sealer=Sealer(self.identity, proof),
+            coordinator_key=info.coordinator_key or None,
         )
         self._applier = asyncio.get_running_loop().create_task(self._apply_loop(), name="swarm-assign")
         try:
@@ -242,8 +262,27 @@ class NodeAgent:
         if self.pinned:
             log.info("pinned to %s: ignoring the assignment %s", self.hosted, assign.layers)
             return
+        problem = self._refusal(assign)
+        if problem:
+            log.warning("refusing the assignment %s (epoch %d): %s", assign.layers, assign.epoch, problem)
+            return
         self._wanted = assign
         self._wake.set()
+
+    def _refusal(self, assign: Assign) -> str:
+        """Why a (coordinator-sealed) assignment cannot be hosted here, or ""."""
+        mine = model_id(self.config.model)
+        if assign.model != mine:
+            return f"it is for model {assign.model!r}, this node holds {mine!r}"
+        layers = assign.layers
+        if layers is None:
+            return ""
+        if layers.end > self.num_layers:
+            return f"the model has {self.num_layers} layers"
+        need = len(layers) * self.layer_bytes
+        if need > self.budget:
+            return f"{len(layers)} layers need {need / 1e6:.1f} MB, the memory budget is {self.budget / 1e6:.1f} MB"
+        return ""
 
     async def _apply_loop(self) -> None:
         """Apply the newest assignment; one that arrives while loading waits its turn

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-batch-tokens", int, defaults["max_batch_tokens"].default, "positions merged into one forward")
     add("--token", str, "", "swarm token required on every call and sent to successors; prefer the env var, flags show in ps")
     add("--node-id", str, None, "identity reported to the swarm (default: host-pid)")
+    add("--state-dir", str, "", "where a node with a --node-id keeps its presence key (default: <cache>/state)")
     add("--coordinator", str, None, "join the swarm of the coordinator at HOST:PORT and host the layers it assigns")
     add("--memory-budget", str, None, "bytes of weights this node may hold, e.g. 2G (default: 80%% of free memory)")
     add("--speed", float, 0.0, "announce this decode speed (layer-steps/s) instead of measuring it")
@@ -159,7 +160,10 @@ def _stop_metrics(metrics: tuple[Any, asyncio.Task[None]] | None) -> None:
 def _agent(config: NodeConfig, ns: argparse.Namespace) -> NodeAgent:
     from swarm_node.agent import NodeAgent
     from swarm_node.engine.speed import parse_bytes
+    from swarm_proto.trust import Identity, key_path
 
+    # A named node keeps its key (an allow-list can name it); a host-pid id gets a fresh one.
+    identity = Identity.load_or_create(key_path(ns.state_dir, f"node-{config.node_id}")) if ns.node_id else None
     return NodeAgent(
         config,
         coordinator=ns.coordinator,
@@ -167,6 +171,7 @@ def _agent(config: NodeConfig, ns: argparse.Namespace) -> NodeAgent:
         speed=ns.speed,
         pinned=bool(ns.layers),
         advertise=ns.advertise,
+        identity=identity,
     )
 
 

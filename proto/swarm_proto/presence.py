@@ -189,6 +189,7 @@ class NodeStatus:
         return replace(self, state=NodeState.OFFLINE)
 
 
+MAX_EPOCH: Final = 2**53  # assignment epochs; plans use milliseconds since 1970 (~2**41)
 MAX_LOAD_SESSIONS: Final = 32  # sessions one load lists: the most recently active
 MAX_SESSION_ID: Final = 128  # as a node accepts in OpenSession
 
@@ -244,7 +245,9 @@ class NodeLoad:
 class Assign:
     """Coordinator -> node: host ``layers`` of ``model`` (``None``: host nothing).
 
-    ``epoch`` grows with every new assignment plan, so a node can ignore stale ones.
+    ``epoch`` grows with every new assignment plan, so a node can ignore stale ones; it
+    is bounded by :data:`MAX_EPOCH` (milliseconds since 1970 stay far below it), so one
+    poisoned epoch cannot push every later plan past what msgpack can carry.
     """
 
     node_id: str
@@ -254,6 +257,10 @@ class Assign:
 
     def __post_init__(self) -> None:
         check_id("node id", self.node_id)
+        if not (type(self.epoch) is int and 0 <= self.epoch <= MAX_EPOCH):
+            raise PayloadError(f"assignment of {self.node_id}: epoch {self.epoch!r} out of range 0..{MAX_EPOCH}")
+        if len(self.model) > 256:
+            raise PayloadError(f"assignment of {self.node_id}: overlong model name")
 
 
 class EventKind(str, enum.Enum):

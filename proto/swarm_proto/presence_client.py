@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
+import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 from urllib.parse import unquote, urlsplit
 
@@ -32,40 +34,58 @@ from swarm_proto.presence import (
     PresenceError,
     TopicKind,
     Topics,
-    decode,
     encode,
 )
+from swarm_proto.trust import Identity, PresenceGuard, Sealer, decode_sealed
 
 log = logging.getLogger(__name__)
 
 
-__all__ = ["AssignHandler", "Backoff", "BrokerAddress", "LoadSource", "PresenceClient", "ReconnectingClient"]
+__all__ = ["AssignHandler", "Backoff", "BrokerAddress", "LoadSource", "PresenceClient", "ReconnectingClient", "redact"]
 
 
 @dataclass(frozen=True)
 class BrokerAddress:
+    """Where the broker is and how to log in. ``url`` never shows the credentials."""
+
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False  # mqtts://: MQTT over TLS (the CA comes from the process's TLS files)
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """``mqtt://[user[:password]@]host[:port]`` (``host[:port]`` alone works too)."""
+        """``mqtt[s]://[user[:password]@]host[:port]`` (``host[:port]`` alone works too)."""
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-            raise PresenceError(f"bad broker URL {url!r}: expected mqtt://host[:port]")
+        if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
+            raise PresenceError(f"bad broker URL {redact(url)!r}: expected mqtt[s]://host[:port]")
+        tls = parts.scheme in ("mqtts", "ssl")
         try:
-            port = parts.port or DEFAULT_PORT
+            port = parts.port or (DEFAULT_TLS_PORT if tls else DEFAULT_PORT)
         except ValueError as exc:
-            raise PresenceError(f"bad broker URL {url!r}: {exc}") from exc
+            raise PresenceError(f"bad broker URL {redact(url)!r}: {exc}") from exc
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password else None
-        return cls(parts.hostname, port, user, password)
+        return cls(parts.hostname, port, user, password, tls)
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+
+DEFAULT_TLS_PORT = 8883
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for logs, banners and GetSwarmInfo)."""
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
 
 
 @dataclass(frozen=True)
@@ -96,15 +116,27 @@ class ReconnectingClient(Service):
         *,
         keepalive: int = 10,
         backoff: Backoff = Backoff(),
+        sealer: Sealer | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.broker = broker
-        self.client_id = client_id
+        # A random suffix: MQTT lets a client with the same id take over (kick) a session,
+        # so ids must not be guessable from the node id.
+        self.client_id = f"{client_id}-{secrets.token_hex(8)}"
         self.keepalive = keepalive
         self.backoff = backoff
+        self.sealer = sealer
+        self.tls_context = tls_context
+        if broker.tls and tls_context is None:
+            self.tls_context = ssl.create_default_context()
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self.connections = 0  # successful connects so far; tests and metrics read it
+
+    def seal(self, topic: str, body: bytes, *, will: bool = False) -> bytes:
+        """``body`` sealed with this client's key (unchanged when it has none)."""
+        return body if self.sealer is None else self.sealer.seal(topic, body, will=will)
 
     # hooks -----------------------------------------------------------------
 
@@ -172,6 +204,8 @@ class ReconnectingClient(Service):
     async def _run(self) -> None:
         attempt = 0
         while True:
+            if self.sealer is not None:
+                self.sealer.new_connection()  # the Will below is sealed for this connection only
             client = aiomqtt.Client(
                 self.broker.host,
                 self.broker.port,
@@ -182,6 +216,7 @@ class ReconnectingClient(Service):
                 keepalive=self.keepalive,
                 clean_session=True,
                 timeout=10.0,
+                tls_context=self.tls_context,
             )
             try:
                 async with client:
@@ -248,9 +283,17 @@ class PresenceClient(ReconnectingClient):
         load_interval: float = 2.0,
         keepalive: int = 10,
         backoff: Backoff = Backoff(),
+        sealer: Sealer | None = None,
+        coordinator_key: bytes | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(broker, f"node-{swarm_id}-{status.node_id}", keepalive=keepalive, backoff=backoff)
+        super().__init__(
+            broker, f"node-{swarm_id}-{status.node_id}", keepalive=keepalive, backoff=backoff,
+            sealer=sealer or Sealer(Identity.generate()), tls_context=tls_context,
+        )
         self.topics = Topics(swarm_id)
+        # Assignments count only when sealed by the coordinator (pinned, or the first seen).
+        self.guard = PresenceGuard(swarm_id, coordinator_key=coordinator_key)
         self._status = status
         self._load = load or NodeLoad
         self._on_assign = on_assign
@@ -262,42 +305,44 @@ class PresenceClient(ReconnectingClient):
         return self._status
 
     def will(self) -> aiomqtt.Will:
-        return aiomqtt.Will(
-            self.topics.status(self._status.node_id), encode(self._status.offline()), qos=1, retain=True
-        )
+        topic = self.topics.status(self._status.node_id)
+        return aiomqtt.Will(topic, self.seal(topic, encode(self._status.offline()), will=True), qos=1, retain=True)
 
     async def on_connect(self, client: aiomqtt.Client) -> None:
         node_id = self._status.node_id
+        topic = self.topics.status(node_id)
+        await client.publish(topic, self.seal(topic, encode(self._status)), qos=1, retain=True)
         await client.subscribe(self.topics.assign(node_id), qos=1)
-        await client.publish(self.topics.status(node_id), encode(self._status), qos=1, retain=True)
 
     async def set_status(self, status: NodeStatus) -> bool:
         """Publish a new retained status (also re-sent after every reconnect)."""
         if status.node_id != self._status.node_id:
             raise PresenceError("a presence client cannot change its node id")
         self._status = status
-        return await self.publish(self.topics.status(status.node_id), encode(status), retain=True)
+        topic = self.topics.status(status.node_id)
+        return await self.publish(topic, self.seal(topic, encode(status)), retain=True)
 
     async def publish_event(self, event: Event) -> bool:
-        return await self.publish(self.topics.events, encode(event))
+        return await self.publish(self.topics.events, self.seal(self.topics.events, encode(event)))
 
     async def while_connected(self, client: aiomqtt.Client) -> None:
         topic = self.topics.load(self._status.node_id)
         while True:
-            await client.publish(topic, encode(self._load()), qos=0)
+            await client.publish(topic, self.seal(topic, encode(self._load())), qos=0)
             await asyncio.sleep(self.load_interval)
 
     async def on_message(self, message: aiomqtt.Message) -> None:
+        data = message.payload if isinstance(message.payload, (bytes, bytearray)) else b""
         try:
-            kind, node_id, payload = decode(self.topics, message.topic.value, bytes(message.payload))
+            kind, node_id, payload, seal = decode_sealed(self.topics, message.topic.value, bytes(data))
         except PayloadError as exc:
             log.warning("%s: ignoring malformed message on %s: %s", self.client_id, message.topic, exc)
             return
-        if kind is not TopicKind.ASSIGN or not isinstance(payload, Assign):
-            return
-        if node_id != self._status.node_id:
+        if kind is not TopicKind.ASSIGN or node_id != self._status.node_id:
             # amqtt 0.12 sends a connecting client the retained messages of every
             # subscription on the broker, not only of its own: not ours, not for us.
+            return
+        if not self.guard.check(kind, node_id, payload, seal) or not isinstance(payload, Assign):
             return
         if self.assignment is not None and payload.epoch < self.assignment.epoch:
             log.info("%s: ignoring stale assignment epoch %d", self.client_id, payload.epoch)
@@ -312,4 +357,5 @@ class PresenceClient(ReconnectingClient):
 
     async def before_disconnect(self, client: aiomqtt.Client) -> None:
         offline = self._status.offline()
-        await client.publish(self.topics.status(offline.node_id), encode(offline), qos=1, retain=True)
+        topic = self.topics.status(offline.node_id)
+        await client.publish(topic, self.seal(topic, encode(offline)), qos=1, retain=True)

@@ -357,15 +357,17 @@ class SwarmInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SwarmInfo(_message.Message):
-    __slots__ = ("swarm_id", "mqtt_url", "model", "num_layers", "version")
+    __slots__ = ("swarm_id", "mqtt_url", "model", "num_layers", "version", "coordinator_key")
     SWARM_ID_FIELD_NUMBER: _ClassVar[int]
     MQTT_URL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
     swarm_id: str
     mqtt_url: str
     model: str
     num_layers: int
     version: str
-    def __init__(self, swarm_id: _Optional[str] = ..., mqtt_url: _Optional[str] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    coordinator_key: bytes
+    def __init__(self, swarm_id: _Optional[str] = ..., mqtt_url: _Optional[str] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., version: _Optional[str] = ..., coordinator_key: _Optional[bytes] = ...) -> None: ...

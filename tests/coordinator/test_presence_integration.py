@@ -23,6 +23,7 @@ from swarm_coordinator.broker import EmbeddedBroker, MosquittoBroker, find_mosqu
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_coordinator.state import Assignment, LayerRange, SwarmState
 from swarm_proto.presence import Assign, EventKind, NodeLoad, NodeState, NodeStatus, Topics, encode
+from swarm_proto.trust import Identity, Sealer
 from swarm_proto.presence_client import Backoff, BrokerAddress, PresenceClient
 
 SWARM = "itest"
@@ -227,9 +228,11 @@ async def test_malformed_payloads_are_ignored(broker: Broker) -> None:
                 (f"swarm/{SWARM}/node/x/what", b"1"),
             ]:
                 await raw.publish(topic, payload, qos=1)
-            await raw.publish(topics.status("x"), encode(node_status("x")), qos=1)
+            await raw.publish(topics.status("x"), encode(node_status("x")), qos=1)  # well-formed, unsigned
+            sealer = Sealer(Identity.generate())
+            await raw.publish(topics.status("x"), sealer.seal(topics.status("x"), encode(node_status("x"))), qos=1)
         await reg.wait_until(has_node("x"), TIMEOUT)
-        await eventually(lambda: reg.malformed == 7)
+        await eventually(lambda: reg.malformed == 7 and reg.dropped["unsigned"] == 1)
         assert reg.connected and reg.connections == 1
         assert list(reg.state.nodes) == ["x"]
 
@@ -278,7 +281,8 @@ async def test_silent_node_without_a_will_times_out(broker: Broker) -> None:
     topics = Topics(SWARM)
     address = BrokerAddress.parse(broker.url)
     async with aiomqtt.Client(address.host, address.port, identifier="ghost") as raw:
-        await raw.publish(topics.status("ghost"), encode(node_status("ghost")), qos=1, retain=True)
+        sealed = Sealer(Identity.generate()).seal(topics.status("ghost"), encode(node_status("ghost")))
+        await raw.publish(topics.status("ghost"), sealed, qos=1, retain=True)
     async with registry(broker, node_timeout_s=0.5) as reg:
         await reg.wait_until(has_node("ghost"), TIMEOUT)
         await reg.wait_until(has_node("ghost", online=False), TIMEOUT)

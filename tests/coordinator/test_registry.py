@@ -1,4 +1,4 @@
-"""Registry bookkeeping, fed messages directly (no broker): joins, leaves, timeouts."""
+"""Registry bookkeeping, fed sealed messages directly (no broker): joins, leaves, timeouts."""
 
 from __future__ import annotations
 
@@ -18,8 +18,22 @@ from swarm_proto.presence import (
     Topics,
     encode,
 )
+from swarm_proto.trust import Identity, Sealer
 
 T = Topics("lab")
+_SEALERS: dict[str, Sealer] = {}
+
+
+def feed(reg: Registry, topic: str, body: bytes, *, retained: bool = False) -> None:
+    """Hand ``reg`` one message as its node (or, for assignments and events, the registry
+    itself) would have sealed it."""
+    parts = topic.split("/")
+    if parts[2] == "node":
+        sealer = _SEALERS.setdefault(parts[3], Sealer(Identity.generate()))
+        data = sealer.seal(topic, body) if body else body
+    else:
+        data = reg.seal(topic, body)
+    reg.handle(topic, data, retained=retained)
 
 
 class Clock:
@@ -46,9 +60,9 @@ def kinds(registry: Registry) -> list[tuple[EventKind, str | None]]:
 
 def test_status_and_load_build_the_state() -> None:
     reg, _ = make()
-    reg.handle(T.status("a"), status("a", hosted=LayerRange(0, 30)))
-    reg.handle(T.load("a"), encode(NodeLoad(2, 0, 900, 15.0)))
-    reg.handle(T.load("ghost"), encode(NodeLoad()))  # load without status: not a node yet
+    feed(reg, T.status("a"), status("a", hosted=LayerRange(0, 30)))
+    feed(reg, T.load("a"), encode(NodeLoad(2, 0, 900, 15.0)))
+    feed(reg, T.load("ghost"), encode(NodeLoad()))  # load without status: not a node yet
     state = reg.state
     assert list(state.nodes) == ["a"]
     view = state.nodes["a"]
@@ -59,10 +73,10 @@ def test_status_and_load_build_the_state() -> None:
 
 def test_live_join_and_leave_become_events_but_retained_replays_do_not() -> None:
     reg, _ = make()
-    reg.handle(T.status("old"), status("old"), retained=True)  # known before we started
-    reg.handle(T.status("new"), status("new"))
-    reg.handle(T.status("new"), status("new", NodeState.OFFLINE))  # its Last Will
-    reg.handle(T.status("dead"), status("dead", NodeState.OFFLINE), retained=True)
+    feed(reg, T.status("old"), status("old"), retained=True)  # known before we started
+    feed(reg, T.status("new"), status("new"))
+    feed(reg, T.status("new"), status("new", NodeState.OFFLINE))  # its Last Will
+    feed(reg, T.status("dead"), status("dead", NodeState.OFFLINE), retained=True)
     assert kinds(reg) == [(EventKind.JOIN, "new"), (EventKind.LEAVE, "new")]
     state = reg.state
     assert [v.node_id for v in state.online()] == ["old"]
@@ -71,57 +85,59 @@ def test_live_join_and_leave_become_events_but_retained_replays_do_not() -> None
 
 def test_malformed_messages_are_counted_and_ignored() -> None:
     reg, _ = make()
-    reg.handle(T.status("a"), status("a"))
-    reg.handle(T.status("a"), b"\x93garbage")
-    reg.handle(T.status("b"), status("a"))  # payload names another node
-    reg.handle(T.load("a"), encode(NodeStatus("a")))  # a status where a load belongs
-    reg.handle("swarm/lab/node/a/unknown", b"x")
+    feed(reg, T.status("a"), status("a"))
+    feed(reg, T.status("a"), b"\x93garbage")
+    feed(reg, T.status("b"), status("a"))  # payload names another node
+    feed(reg, T.load("a"), encode(NodeStatus("a")))  # a status where a load belongs
+    feed(reg, "swarm/lab/node/a/unknown", b"x")
     assert reg.malformed == 4
     assert list(reg.state.nodes) == ["a"] and reg.state.nodes["a"].online
 
 
 def test_silent_node_times_out_and_comes_back() -> None:
     reg, clock = make()
-    reg.handle(T.status("a"), status("a"))
-    reg.handle(T.status("b"), status("b"))
+    feed(reg, T.status("a"), status("a"))
+    feed(reg, T.status("b"), status("b"))
     clock.now += 8
-    reg.handle(T.load("b"), encode(NodeLoad()))
+    feed(reg, T.load("b"), encode(NodeLoad()))
     clock.now += 5
     assert reg.sweep() == ["a"]
     assert reg.sweep() == []
     assert [v.node_id for v in reg.state.online()] == ["b"]
-    reg.handle(T.load("a"), encode(NodeLoad()))
+    feed(reg, T.load("a"), encode(NodeLoad()))
     assert [v.node_id for v in reg.state.online()] == ["a", "b"]
     assert kinds(reg)[-2:] == [(EventKind.LEAVE, "a"), (EventKind.JOIN, "a")]
 
 
-def test_cleared_retained_status_forgets_the_node() -> None:
+def test_cleared_retained_status_is_ignored_only_forget_forgets() -> None:
     reg, _ = make()
-    reg.handle(T.status("a"), status("a"))
-    reg.handle(T.status("a"), b"")
+    feed(reg, T.status("a"), status("a"))
+    feed(reg, T.status("a"), b"")  # anyone may clear a retained topic: not a reason to forget
+    assert list(reg.state.nodes) == ["a"] and reg.dropped["empty"] == 1
+    asyncio.run(reg.forget("a"))
     assert reg.state.nodes == {}
 
 
 def test_retained_assignments_rebuild_the_current_assignment() -> None:
     reg, _ = make()
-    reg.handle(T.status("a"), status("a", hosted=LayerRange(0, 30)), retained=True)
-    reg.handle(T.status("b"), status("b"), retained=True)
-    reg.handle(T.assign("a"), encode(Assign("a", "m", LayerRange(0, 20), 5)), retained=True)
-    reg.handle(T.assign("b"), encode(Assign("b", "m", LayerRange(20, 30), 5)), retained=True)
+    feed(reg, T.status("a"), status("a", hosted=LayerRange(0, 30)), retained=True)
+    feed(reg, T.status("b"), status("b"), retained=True)
+    feed(reg, T.assign("a"), encode(Assign("a", "m", LayerRange(0, 20), 5)), retained=True)
+    feed(reg, T.assign("b"), encode(Assign("b", "m", LayerRange(20, 30), 5)), retained=True)
     assert reg.state.current_assignment() == Assignment({"a": LayerRange(0, 20), "b": LayerRange(20, 30)})
     assert reg.epoch == 5
 
 
 def test_events_topic_feeds_the_recent_events() -> None:
     reg, _ = make()
-    reg.handle(T.events, encode(Event(EventKind.FAILOVER, "a", "step timeout", 1.0)))
+    feed(reg, T.events, encode(Event(EventKind.FAILOVER, "a", "step timeout", 1.0)))
     assert list(reg.events) == [Event(EventKind.FAILOVER, "a", "step timeout", 1.0)]
 
 
 async def test_publish_assignment_records_changes_even_while_disconnected() -> None:
     reg, _ = make()
-    reg.handle(T.status("a"), status("a"))
-    reg.handle(T.status("b"), status("b"))
+    feed(reg, T.status("a"), status("a"))
+    feed(reg, T.status("b"), status("b"))
     first = Assignment({"a": LayerRange(0, 30)})
     assert await reg.publish_assignment(first) == {"a": LayerRange(0, 30)}
     assert await reg.publish_assignment(first) == {}
@@ -137,7 +153,7 @@ async def test_wait_until_wakes_on_change_and_times_out() -> None:
 
     async def later() -> None:
         await asyncio.sleep(0.05)
-        reg.handle(T.status("a"), status("a"))
+        feed(reg, T.status("a"), status("a"))
 
     task = asyncio.create_task(later())
     state = await reg.wait_until(lambda s: "a" in s.nodes, timeout=2)
@@ -152,7 +168,7 @@ async def test_changes_yields_the_state_after_each_change() -> None:
     stream = reg.changes()
     pending = asyncio.ensure_future(stream.__anext__())
     await asyncio.sleep(0)
-    reg.handle(T.status("a"), status("a"))
+    feed(reg, T.status("a"), status("a"))
     state = await asyncio.wait_for(pending, 2)
     assert "a" in state.nodes
     await stream.aclose()

@@ -12,6 +12,7 @@ models have no tokenizer).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from swarm_client.failover import FailoverPolicy
 from swarm_client.routed import CoordinatorRoutes, RoutedBackend
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.transport import call_metadata
 from swarm_proto.wire import SamplingParams
 
 GREEDY = SamplingParams(repetition_penalty=1.3)  # greedy; the penalty keeps a random model from looping
@@ -41,13 +43,14 @@ class Daemon:
     log: Path
     proc: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None  # the whole environment, when not this process's
 
     def start(self) -> Daemon:
         self.lines = []
         with self.log.open("a") as log:
             log.write(f"\n=== start {time.strftime('%H:%M:%S')} ===\n")
             log.flush()
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True)
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env)
         lines = self.lines
         out = self.proc.stdout
         assert out is not None
@@ -119,7 +122,14 @@ class ChaosSwarm:
         swarm_id: str = "chaos",
         max_length: int = 512,
         settle: float = 0.5,
+        token: str = "",
+        mqtt: str = "",
     ) -> None:
+        """``token``: the swarm token (SWARM_TOKEN of every daemon); ``mqtt``: an external
+        broker for the coordinator (``mqtt://user:pass@host:port``) instead of the embedded one."""
+        self.token = token
+        self.mqtt = mqtt
+        self.env = {**os.environ, "SWARM_TOKEN": token} if token else None
         self.model = model
         self.settle = settle
         self.max_length = max_length
@@ -137,7 +147,9 @@ class ChaosSwarm:
         argv = [sys.executable, "-m", "swarm_coordinator.cli", "--model", str(self.model), "--host", "127.0.0.1",
                 "--port", "0", "--http-port", "0", "--mqtt-port", "0", "--swarm-id", self.swarm_id,
                 "--replicas", str(self.replicas), "--settle", str(self.settle), "--node-timeout", "4", "--log-level", "WARNING"]
-        self.coordinator = Daemon("coordinator", argv, self.tmp / "coordinator.log").start()
+        if self.mqtt:
+            argv += ["--mqtt", self.mqtt]
+        self.coordinator = Daemon("coordinator", argv, self.tmp / "coordinator.log", env=self.env).start()
         words = self.coordinator.line(timeout).split()
         self.address, self.http = words[3], words[5].removeprefix("http=")
         self.mqtt_url = words[4].removeprefix("mqtt=").replace("0.0.0.0", "127.0.0.1")
@@ -155,7 +167,7 @@ class ChaosSwarm:
             argv += ["--layers", spec.layers]
         if spec.budget:
             argv += ["--memory-budget", spec.budget]
-        daemon = Daemon(spec.name, argv, self.tmp / f"{spec.name}.log").start()
+        daemon = Daemon(spec.name, argv, self.tmp / f"{spec.name}.log", env=self.env).start()
         self.daemons[spec.name] = daemon
         return daemon
 
@@ -181,7 +193,8 @@ class ChaosSwarm:
 
     def nodes(self) -> dict[str, swarm_pb2.NodeInfo]:
         with grpc.insecure_channel(self.address) as channel:
-            listed = swarm_pb2_grpc.CoordinatorStub(channel).ListNodes(swarm_pb2.ListNodesRequest(), timeout=5).nodes
+            stub = swarm_pb2_grpc.CoordinatorStub(channel)
+            listed = stub.ListNodes(swarm_pb2.ListNodesRequest(), timeout=5, metadata=call_metadata(self.token)).nodes
         return {n.node_id: n for n in listed}
 
     def wait_nodes(self, names: Sequence[str], timeout: float = 60.0) -> dict[str, swarm_pb2.NodeInfo]:
@@ -203,7 +216,9 @@ class ChaosSwarm:
         """The listed address is the running process's (not a killed one's, retained)."""
         try:
             with grpc.insecure_channel(info.address) as channel:
-                got = swarm_pb2_grpc.NodeStub(channel).Info(swarm_pb2.InfoRequest(), timeout=1)
+                got = swarm_pb2_grpc.NodeStub(channel).Info(
+                    swarm_pb2.InfoRequest(), timeout=1, metadata=call_metadata(self.token)
+                )
             return got.node_id == name
         except grpc.RpcError:
             return False
@@ -228,7 +243,10 @@ class ChaosSwarm:
     # --- generating -------------------------------------------------------------------
 
     def backend(self, policy: FailoverPolicy | None = None) -> RoutedBackend:
-        return RoutedBackend(CoordinatorRoutes(self.address), max_context=self.max_length, eos_token_ids=(), policy=policy)
+        return RoutedBackend(
+            CoordinatorRoutes(self.address, token=self.token), max_context=self.max_length, eos_token_ids=(),
+            policy=policy, token=self.token,
+        )
 
 
 async def generate(

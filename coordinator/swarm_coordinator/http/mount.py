@@ -73,4 +73,7 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
             coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise")
         )
 
-    return create_app(client, coordinator.registry, config or GatewayConfig())
+    app = create_app(client, coordinator.registry, config or GatewayConfig())
+    registry = coordinator.registry
+    app.state.gateway.metrics.watch_presence_drops(lambda: dict(registry.dropped))
+    return app
