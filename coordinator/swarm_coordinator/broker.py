@@ -25,6 +25,8 @@ import base64
 import hashlib
 import hmac
 import logging
+import os
+import pwd
 import secrets
 import shutil
 import socket
@@ -282,6 +284,7 @@ class MosquittoBroker:
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )
+        self._hand_to_mosquitto_user()
         self._proc = subprocess.Popen(
             [self.executable, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -292,6 +295,19 @@ class MosquittoBroker:
                 raise BrokerError(f"mosquitto did not start on {self.host}:{self.port}: {self._log_tail()}")
             time.sleep(0.02)
         log.info("mosquitto (pid %d) listening on %s", self._proc.pid, self.url)
+
+    def _hand_to_mosquitto_user(self) -> None:
+        """Started as root, mosquitto drops to the ``mosquitto`` user: give it its files
+        (the password file above all) instead of making them readable by everyone."""
+        if os.geteuid() != 0:
+            return
+        try:
+            account = pwd.getpwnam("mosquitto")
+        except KeyError:
+            return
+        folder = Path(self._dir.name)
+        for path in (folder, *folder.iterdir()):
+            os.chown(path, account.pw_uid, account.pw_gid)
 
     def _log_tail(self) -> str:
         try:
