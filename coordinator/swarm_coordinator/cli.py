@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--token", str, "", "swarm token required on every gRPC call and sent to the nodes; prefer the env var, flags show in ps")
     add("--state-dir", str, "", "directory of the coordinator's presence key (default: <cache>/state)")
     add("--allow-keys", str, "", "file of node presence keys (hex, one a line) admitted without the token")
+    add("--mqtt-password", str, "", "password of the user 'coordinator' on an external broker (prefer the env var)")
+    add("--write-mqtt-auth", str, "", "write a mosquitto password file and ACL for --mqtt-nodes into this folder, then exit")
+    add("--mqtt-nodes", str, "", "node ids (comma-separated) that --write-mqtt-auth gives a login")
     daemon.add_log_level(add)
     from swarm_coordinator.http.mount import add_gateway_flags
 
@@ -69,6 +72,7 @@ def config_from_args(ns: argparse.Namespace) -> CoordinatorConfig:
         token=ns.token,
         state_dir=ns.state_dir,
         allow_keys=ns.allow_keys,
+        mqtt_password=ns.mqtt_password,
     )
 
 
@@ -89,12 +93,40 @@ async def _run(config: CoordinatorConfig, ns: argparse.Namespace) -> None:
         log.info("signal received: stopping")
 
 
+def write_mqtt_auth(ns: argparse.Namespace) -> None:
+    """``--write-mqtt-auth DIR``: mosquitto's ``passwd`` and ``acl`` for this swarm: the
+    user ``coordinator`` (``--mqtt-password``) and one user per node id, whose password is
+    derived from the swarm token (what ``swarm-node`` logs in with)."""
+    from pathlib import Path
+
+    from swarm_coordinator.broker import ADMIN_USER, MOSQUITTO_ACL, mosquitto_password_line
+    from swarm_proto.trust import mqtt_password
+
+    if not ns.token or not ns.mqtt_password:
+        raise SystemExit("swarm-coordinator: --write-mqtt-auth needs the swarm token and --mqtt-password")
+    nodes = [n.strip() for n in ns.mqtt_nodes.split(",") if n.strip()]
+    folder = Path(ns.write_mqtt_auth)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [mosquitto_password_line(ADMIN_USER, ns.mqtt_password)]
+    lines += [mosquitto_password_line(n, mqtt_password(ns.token, ns.swarm_id, n)) for n in nodes]
+    (folder / "passwd").write_text("".join(line + "\n" for line in lines))
+    (folder / "acl").write_text(MOSQUITTO_ACL)
+    for name in ("passwd", "acl"):  # the broker's container runs as its own user; the hashes are salted
+        (folder / name).chmod(0o644)
+    log.info("wrote %s/passwd (%d users) and %s/acl", folder, len(lines), folder)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from swarm_coordinator.errors import CoordinatorError
     from swarm_proto.errors import SwarmProtoError
 
+    parser = build_parser()
+    ns, _ = parser.parse_known_args(argv)
+    if ns.write_mqtt_auth:
+        write_mqtt_auth(parser.parse_args(argv))
+        return 0
     errors = (CoordinatorError, SwarmProtoError, OSError)
-    return daemon.main("swarm-coordinator", build_parser(), argv, config_from_args, _run, errors)
+    return daemon.main("swarm-coordinator", parser, argv, config_from_args, _run, errors)
 
 
 if __name__ == "__main__":

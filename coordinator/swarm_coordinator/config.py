@@ -37,6 +37,7 @@ class CoordinatorConfig:
     token: str = field(default="", repr=False)  # the swarm token: asked of every gRPC caller, sent to the nodes
     state_dir: str = ""  # where the coordinator's presence key lives ("": <cache>/state)
     allow_keys: str = ""  # file of node public keys (hex, one a line) admitted without the token's proof
+    mqtt_password: str = field(default="", repr=False)  # the user "coordinator" on an external broker
 
     def __post_init__(self) -> None:
         check_id("swarm id", self.swarm_id)

@@ -102,6 +102,8 @@ class CoordinatorServer(Service):
             # nodes log in with their own credentials: never hand out the coordinator's
             self.advertised_mqtt_url = parsed.url
             login = parsed
+            if cfg.mqtt_password and parsed.username is None:
+                login = BrokerAddress(parsed.host, parsed.port, "coordinator", cfg.mqtt_password, parsed.tls)
         reach_broker = BrokerAddress.parse(self.broker_url)
         reach_broker = BrokerAddress(reach_broker.host, reach_broker.port, login.username, login.password, reach_broker.tls)
         self._registry = Registry(

@@ -46,6 +46,9 @@ def test_compose_commands_parse_and_point_at_services() -> None:
         assert ns.advertise == f"{name}:{ns.port}" and ns.node_id == name and not ns.layers
         assert "models:/models" in services[name]["volumes"]
     assert parse(services["model"]["command"]).command == "model"
+    auth = parse(services["mqtt-auth"]["command"])
+    assert auth.write_mqtt_auth and auth.mqtt_nodes.split(",") == nodes and auth.swarm_id == coordinator.swarm_id
+    assert "SWARM_TOKEN" in services["coordinator"]["environment"] and "SWARM_MQTT_PASSWORD" in services["coordinator"]["environment"]
     assert "models:/models" in services["coordinator"]["volumes"]
 
 
@@ -63,3 +66,4 @@ def test_dockerfile_installs_the_declared_packages_and_scripts() -> None:
     assert cmd is not None and cmd.group(1) in scripts
     conf = (DOCKER / "mosquitto.conf").read_text()
     assert "listener 1883" in conf and "persistence false" in conf
+    assert "allow_anonymous false" in conf and "acl_file" in conf and "password_file" in conf

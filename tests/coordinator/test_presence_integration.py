@@ -23,8 +23,8 @@ from swarm_coordinator.broker import EmbeddedBroker, MosquittoBroker, find_mosqu
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_coordinator.state import Assignment, LayerRange, SwarmState
 from swarm_proto.presence import Assign, EventKind, NodeLoad, NodeState, NodeStatus, Topics, encode
-from swarm_proto.trust import Identity, Sealer
 from swarm_proto.presence_client import Backoff, BrokerAddress, PresenceClient
+from swarm_proto.trust import Identity, Sealer
 
 SWARM = "itest"
 FAST = Backoff(initial=0.05, maximum=0.5)

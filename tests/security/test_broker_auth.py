@@ -20,9 +20,9 @@ from typing import Any
 import aiomqtt
 import grpc
 import pytest
-
 from e2e.chaos import Daemon, add_tokenizer
 from helpers import make_tiny_model
+
 from swarm_coordinator.broker import ADMIN_USER, EmbeddedBroker, MosquittoBroker, find_mosquitto
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.trust import mqtt_password

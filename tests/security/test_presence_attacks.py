@@ -29,9 +29,9 @@ import aiomqtt
 import grpc
 import msgpack
 import pytest
-
 from e2e.chaos import GREEDY, ChaosSwarm, NodeSpec, add_tokenizer, generate, prompts
 from helpers import make_tiny_model
+
 from swarm_coordinator.broker import MosquittoBroker, find_mosquitto
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.presence import Assign, LayerRange, NodeState, NodeStatus, Topics, encode
@@ -106,7 +106,7 @@ def _dropped(swarm: ChaosSwarm) -> dict[str, float]:
         text = reply.read().decode()
     return {
         m.group(1): float(m.group(2))
-        for m in re.finditer(r'^swarm_presence_dropped_total\{reason="([^"]+)"\} (\S+)$', text, re.M)
+        for m in re.finditer(r'^swarm_presence_dropped_total\{reason="([^"]+)"\} (\S+)$', text, re.MULTILINE)
     }
 
 
