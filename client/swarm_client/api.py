@@ -25,6 +25,7 @@ from swarm_client.errors import InvalidRequestError
 from swarm_client.failover import FailoverPolicy
 from swarm_client.params import SamplingOptions
 from swarm_client.tokenizer import Tokenizer, load_tokenizer
+from swarm_proto.tls import TlsFiles
 from swarm_client.types import (
     AsyncTokenSource,
     FinishReason,
@@ -290,11 +291,12 @@ class SwarmClient(_Base):
         token: str | None = None,
         timeout: float | None = None,
         policy: FailoverPolicy | None = None,
+        tls: TlsFiles | None = None,
     ) -> SwarmClient:
         """The blocking face of ``AsyncSwarmClient.remote`` (same arguments)."""
         from swarm_client.blocking import BlockingTokenSource
 
-        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy)
+        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, tls)
         return cls(BlockingTokenSource(backend), tokenizer, defaults=defaults)
 
     def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> Iterator[StreamEvent]:
@@ -330,6 +332,7 @@ def _remote_backend(
     token: str | None,
     timeout: float | None = None,
     policy: FailoverPolicy | None = None,
+    tls: TlsFiles | None = None,
 ) -> tuple[AsyncTokenSource, Tokenizer]:
     from swarm_client.routed import CoordinatorRoutes, RoutedBackend, RouteProvider, StaticRoutes, parse_route
     from swarm_proto.model_args import read_args
@@ -341,13 +344,16 @@ def _remote_backend(
     args = read_args(path)
     token = os.environ.get("SWARM_TOKEN", "") if token is None else token
     routes: RouteProvider = (
-        CoordinatorRoutes(coordinator, token=token) if coordinator else StaticRoutes(parse_route(route or ""), token=token)
+        CoordinatorRoutes(coordinator, token=token, tls=tls)
+        if coordinator
+        else StaticRoutes(parse_route(route or ""), token=token, tls=tls)
     )
     policy = policy or FailoverPolicy()
     if timeout is not None:
         policy = replace(policy, busy_wait=timeout)
     backend = RoutedBackend(
-        routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids, token=token, policy=policy
+        routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids, token=token, policy=policy,
+        tls=tls,
     )
     return backend, load_tokenizer(path)
 
@@ -392,6 +398,7 @@ class AsyncSwarmClient(_Base):
         token: str | None = None,
         timeout: float | None = None,
         policy: FailoverPolicy | None = None,
+        tls: TlsFiles | None = None,
     ) -> AsyncSwarmClient:
         """A client generating over the swarm: routes from the coordinator at
         ``HOST:PORT`` (with failover), or along a fixed ``route``
@@ -402,7 +409,7 @@ class AsyncSwarmClient(_Base):
         how long a generation waits in all for room while the swarm is busy (full, not
         failing) before it raises ``BusyError`` (default: 300 s). ``policy``: failover and
         busy-wait settings (``FailoverPolicy``; ``timeout`` overrides its ``busy_wait``)."""
-        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy)
+        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, tls)
         return cls(backend, tokenizer, defaults=defaults)
 
     def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncGenerator[StreamEvent, None]:

@@ -66,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print timing and the finish reason to stderr")
     gen.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for room while the swarm is busy (default 300)")
     gen.add_argument("--token", default=None, help="swarm token for --route/--coordinator (default: $SWARM_TOKEN; the env var keeps it out of ps)")
+    from swarm_proto.flags import flag_adder
+    from swarm_proto.tls import add_tls_flags
+
+    add_tls_flags(flag_adder(gen))  # --tls-cert/--tls-key/--tls-ca: mutual TLS to the swarm
+
+    certs = sub.add_parser("certs", help="the swarm's certificate authority and certificates (TLS)")
+    certs_sub = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+    init = certs_sub.add_parser("init", help="make a swarm CA (ca.pem, ca.key) in DIR")
+    init.add_argument("dir", nargs="?", default="swarm-certs", type=Path, help="certificate folder (default: swarm-certs)")
+    init.add_argument("--force", action="store_true", help="replace an existing CA (orphans every issued certificate)")
+    issue = certs_sub.add_parser("issue", help="issue NAME.pem/NAME.key signed by the CA in --dir")
+    issue.add_argument("name", help="node id, 'coordinator' or a client name")
+    issue.add_argument("--dir", default="swarm-certs", type=Path, help="certificate folder (default: swarm-certs)")
+    issue.add_argument("--host", action="append", default=[], help="a host name or IP the certificate is for (repeatable; localhost and 127.0.0.1 always)")
 
     up = sub.add_parser("up", help="start a coordinator and N nodes on this machine; Ctrl-C stops them")
     up.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
@@ -178,9 +192,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 async def _generate_over_swarm(args: argparse.Namespace, prompt: str, messages: Any, options: Any) -> int:
     from swarm_client.api import AsyncSwarmClient
     from swarm_client.routed import RoutedBackend
+    from swarm_proto.tls import tls_from_args
 
     client = AsyncSwarmClient.remote(
-        coordinator=args.coordinator, route=args.route, model=args.model, token=args.token, timeout=args.timeout
+        coordinator=args.coordinator, route=args.route, model=args.model, token=args.token, timeout=args.timeout,
+        tls=tls_from_args(args),
     )
     async with client:
         events = client.stream_chat(messages, options) if args.chat else client.stream(prompt, options)
@@ -240,6 +256,21 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_certs_init(args: argparse.Namespace) -> int:
+    from swarm_proto.certs import init_ca
+
+    print(init_ca(args.dir, force=args.force))
+    return 0
+
+
+def _cmd_certs_issue(args: argparse.Namespace) -> int:
+    from swarm_proto.certs import issue
+
+    issued = issue(args.dir, args.name, args.host)
+    print(f"--tls-cert {issued.cert} --tls-key {issued.key} --tls-ca {issued.ca}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -254,8 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("model", "path"): _cmd_model_path,
         ("generate", None): _cmd_generate,
         ("up", None): _cmd_up,
+        ("certs", "init"): _cmd_certs_init,
+        ("certs", "issue"): _cmd_certs_issue,
     }
-    handler = handlers[(args.command, getattr(args, "model_command", None))]
+    handler = handlers[(args.command, getattr(args, "model_command", None) or getattr(args, "certs_command", None))]
     try:
         return handler(args)
     except KeyboardInterrupt:

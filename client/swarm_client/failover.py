@@ -33,6 +33,7 @@ import grpc
 from swarm_client.remote import Hop, RouteError
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.transport import Metadata, channel_options
+from swarm_proto.tls import TlsFiles, secure_aio_channel
 
 if TYPE_CHECKING:
     from swarm_client.routed import NodeSummary
@@ -150,11 +151,11 @@ class FailoverRecord:
         )
 
 
-async def probe(hops: Sequence[Hop], timeout: float, metadata: Metadata = None) -> list[Hop]:
+async def probe(hops: Sequence[Hop], timeout: float, metadata: Metadata = None, tls: TlsFiles | None = None) -> list[Hop]:
     """The hops that do not answer ``Info`` within ``timeout`` (frozen, gone)."""
 
     async def silent(hop: Hop) -> bool:
-        channel = grpc.aio.insecure_channel(hop.address, options=channel_options())
+        channel = secure_aio_channel(hop.address, tls, channel_options())
         try:
             await swarm_pb2_grpc.NodeStub(channel).Info(swarm_pb2.InfoRequest(), timeout=timeout, metadata=metadata)
             return False
@@ -167,7 +168,9 @@ async def probe(hops: Sequence[Hop], timeout: float, metadata: Metadata = None) 
     return [h for h, bad in zip(hops, answers) if bad]
 
 
-async def blame(error: RouteError, hops: Sequence[Hop], probe_timeout: float, metadata: Metadata = None) -> list[Hop]:
+async def blame(
+    error: RouteError, hops: Sequence[Hop], probe_timeout: float, metadata: Metadata = None, tls: TlsFiles | None = None
+) -> list[Hop]:
     """The hops of ``hops`` that ``error`` points at.
 
     An in-band error names the hop where the route broke. A step timeout names nobody:
@@ -176,7 +179,7 @@ async def blame(error: RouteError, hops: Sequence[Hop], probe_timeout: float, me
     named = [h for h in hops if (error.node_id and h.node_id == error.node_id) or (error.address and h.address == error.address)]
     if named and error.code != grpc.StatusCode.DEADLINE_EXCEEDED:
         return named[:1]
-    silent = await probe(hops, probe_timeout, metadata)
+    silent = await probe(hops, probe_timeout, metadata, tls)
     return silent or named[:1]
 
 

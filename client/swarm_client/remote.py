@@ -33,6 +33,7 @@ from swarm_client.errors import GenerationError
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.daemon import Service
 from swarm_proto.transport import ChannelPool, call_metadata
+from swarm_proto.tls import TlsFiles
 from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, status_code
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ class RouteSession(Service):
         token: str = "",
         resumable: bool = False,
         resume: bool = False,
+        tls: TlsFiles | None = None,
     ) -> None:
         if not hops:
             raise ValueError("a route needs at least one hop")
@@ -136,7 +138,7 @@ class RouteSession(Service):
         self.kept: tuple[int, ...] = ()  # per hop: positions adopted from a held cache (Opened.kept)
         self.position = 0  # positions sent so far
         self._step_id = 0
-        self._channels = ChannelPool()
+        self._channels = ChannelPool(tls)
         self._head: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
         self._results: grpc.aio.UnaryStreamCall | None = None  # type: ignore[type-arg]
         self._pending: dict[int, asyncio.Future[StepOutput]] = {}

@@ -44,6 +44,7 @@ from swarm_client.types import AsyncTokenSource, SampledToken
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
 from swarm_proto.transport import Metadata, call_metadata
+from swarm_proto.tls import TlsFiles, secure_aio_channel
 from swarm_proto.wire import SamplingParams, wire_code
 
 logger = logging.getLogger(__name__)
@@ -117,8 +118,8 @@ def parse_route(text: str) -> tuple[Hop, ...]:
     return tuple(hops)
 
 
-async def _hosted_range(address: str, metadata: Metadata, timeout: float = 10.0) -> tuple[int, int]:
-    channel = grpc.aio.insecure_channel(address)
+async def _hosted_range(address: str, metadata: Metadata, timeout: float = 10.0, tls: TlsFiles | None = None) -> tuple[int, int]:
+    channel = secure_aio_channel(address, tls)
     try:
         info = await swarm_pb2_grpc.NodeStub(channel).Info(swarm_pb2.InfoRequest(), timeout=timeout, metadata=metadata)
     except grpc.aio.AioRpcError as exc:
@@ -131,9 +132,10 @@ async def _hosted_range(address: str, metadata: Metadata, timeout: float = 10.0)
 class StaticRoutes(RouteProvider):
     """Always the same chain (no failover: there is nowhere else to go)."""
 
-    def __init__(self, hops: Sequence[Hop], *, token: str = "") -> None:
+    def __init__(self, hops: Sequence[Hop], *, token: str = "", tls: TlsFiles | None = None) -> None:
         self.hops = tuple(hops)
         self._metadata = call_metadata(token)
+        self.tls = tls
 
     async def route(
         self, *, max_length: int, exclude_node_ids: Collection[str] = (), exclude_addresses: Collection[str] = ()
@@ -142,7 +144,7 @@ class StaticRoutes(RouteProvider):
         if bad:
             raise GenerationError(f"the static route's hop {bad[0].address} failed and there is no other route")
         if any(h.start < 0 for h in self.hops):
-            ranges = await asyncio.gather(*(_hosted_range(h.address, self._metadata) for h in self.hops))
+            ranges = await asyncio.gather(*(_hosted_range(h.address, self._metadata, tls=self.tls) for h in self.hops))
             self.hops = tuple(replace(h, start=a, end=b) for h, (a, b) in zip(self.hops, ranges))
             for prev, nxt in zip(self.hops, self.hops[1:]):
                 if prev.end != nxt.start:
@@ -158,8 +160,11 @@ class CoordinatorRoutes(RouteProvider):
     The channel is made on first use, in the event loop that uses it.
     """
 
-    def __init__(self, address: str, *, model: str = "", timeout: float = 10.0, token: str = "") -> None:
+    def __init__(
+        self, address: str, *, model: str = "", timeout: float = 10.0, token: str = "", tls: TlsFiles | None = None
+    ) -> None:
         self.address = address
+        self.tls = tls
         self.model = model
         self.timeout = timeout
         self._metadata = call_metadata(token)  # the swarm token, when the coordinator wants one
@@ -169,7 +174,7 @@ class CoordinatorRoutes(RouteProvider):
     def _stub(self) -> swarm_pb2_grpc.CoordinatorStub:
         loop = asyncio.get_running_loop()
         if self._channel is None or self._loop is not loop:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            self._channel = secure_aio_channel(self.address, self.tls)
             self._loop = loop
         return swarm_pb2_grpc.CoordinatorStub(self._channel)
 
@@ -269,8 +274,10 @@ class RoutedBackend(AsyncTokenSource):
         eos_token_ids: Sequence[int],
         policy: FailoverPolicy | None = None,
         token: str = "",
+        tls: TlsFiles | None = None,
     ) -> None:
         self.token = token  # the swarm token, sent to every node of every route
+        self.tls = tls  # mutual TLS to every node (None: in clear)
         self.policy = policy or FailoverPolicy()
         self.routes = routes
         self._max_context = max_context
@@ -323,6 +330,7 @@ class RoutedBackend(AsyncTokenSource):
                 resumable=span,
                 resume=span and pending is not None,
                 token=self.token,
+                tls=self.tls,
             )
             sent = time.monotonic()  # when the step now awaited was sent
             try:
@@ -378,7 +386,7 @@ class RoutedBackend(AsyncTokenSource):
                 if err.code not in _RETRYABLE or failures > policy.max_failovers:
                     raise GenerationError(f"generation failed after {failures} failure(s): {err}") from err
                 detected = time.monotonic()
-                culprits = await blame(err, route.hops, policy.probe_timeout, call_metadata(self.token))
+                culprits = await blame(err, route.hops, policy.probe_timeout, call_metadata(self.token), self.tls)
                 if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and not culprits:
                     clock.slower()  # every hop answers: the route is slow, not dead
                 for hop in culprits:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from swarm_coordinator.config import CoordinatorConfig
 from swarm_proto import daemon
 from swarm_proto.flags import flag_adder
+from swarm_proto.tls import add_tls_flags, tls_from_args
 from swarm_proto.model_args import DTYPE_BYTES
 
 log = logging.getLogger("swarm_coordinator")
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mqtt-password", str, "", "password of the user 'coordinator' on an external broker (prefer the env var)")
     add("--write-mqtt-auth", str, "", "write a mosquitto password file and ACL for --mqtt-nodes into this folder, then exit")
     add("--mqtt-nodes", str, "", "node ids (comma-separated) that --write-mqtt-auth gives a login")
+    add_tls_flags(add)
     daemon.add_log_level(add)
     from swarm_coordinator.http.mount import add_gateway_flags
 
@@ -73,6 +75,7 @@ def config_from_args(ns: argparse.Namespace) -> CoordinatorConfig:
         state_dir=ns.state_dir,
         allow_keys=ns.allow_keys,
         mqtt_password=ns.mqtt_password,
+        tls=tls_from_args(ns),
     )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from swarm_proto.model_args import DTYPE_BYTES
 from swarm_proto.presence import check_id
+from swarm_proto.tls import TlsFiles
 
 __all__ = ["CoordinatorConfig", "DEFAULT_GRPC_PORT", "DEFAULT_HTTP_PORT", "DEFAULT_MQTT_PORT"]
 
@@ -38,6 +39,7 @@ class CoordinatorConfig:
     state_dir: str = ""  # where the coordinator's presence key lives ("": <cache>/state)
     allow_keys: str = ""  # file of node public keys (hex, one a line) admitted without the token's proof
     mqtt_password: str = field(default="", repr=False)  # the user "coordinator" on an external broker
+    tls: TlsFiles | None = None  # mutual TLS on gRPC, TLS on the embedded broker, HTTPS (None: in clear)
 
     def __post_init__(self) -> None:
         check_id("swarm id", self.swarm_id)
@@ -67,4 +69,4 @@ class CoordinatorConfig:
     def exposed(self) -> bool:
         """Bound to more than loopback with neither TLS nor a token: anyone who can reach
         the ports can join, read and steer the swarm."""
-        return self.host not in ("127.0.0.1", "localhost", "::1") and not self.token
+        return self.host not in ("127.0.0.1", "localhost", "::1") and not self.token and self.tls is None

@@ -90,11 +90,13 @@ class CoordinatorServer(Service):
         for line in self.warnings:
             log.warning("%s", line)
         if cfg.embedded:
-            self.broker = EmbeddedBroker(cfg.host, cfg.mqtt_port, swarm_id=cfg.swarm_id, token=cfg.token)
+            tls = (cfg.tls.cert, cfg.tls.key, cfg.tls.ca) if cfg.tls else None
+            self.broker = EmbeddedBroker(cfg.host, cfg.mqtt_port, swarm_id=cfg.swarm_id, token=cfg.token, tls=tls)
             await self.broker.start()
             reach = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-            self.broker_url = f"mqtt://{reach}:{self.broker.port}"
-            self.advertised_mqtt_url = f"mqtt://{cfg.host}:{self.broker.port}"
+            scheme = "mqtts" if tls else "mqtt"
+            self.broker_url = f"{scheme}://{reach}:{self.broker.port}"
+            self.advertised_mqtt_url = f"{scheme}://{cfg.host}:{self.broker.port}"
             login = BrokerAddress("", 0, "coordinator", self.broker.admin_password)
         else:
             self.broker_url = cfg.mqtt
@@ -120,6 +122,7 @@ class CoordinatorServer(Service):
             ),
             identity=self.identity,
             broker=reach_broker,
+            tls_context=cfg.tls.client_context() if cfg.tls and reach_broker.tls else None,
         )
         try:
             await self._registry.start(wait=30.0)
@@ -136,7 +139,8 @@ class CoordinatorServer(Service):
         )
         server = grpc.aio.server(interceptors=[TokenInterceptor(cfg.token)] if cfg.token else [])
         swarm_pb2_grpc.add_CoordinatorServicer_to_server(self.service, server)
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        bind = f"{cfg.host}:{cfg.port}"
+        port = server.add_secure_port(bind, cfg.tls.server_credentials()) if cfg.tls else server.add_insecure_port(bind)
         if port == 0:
             raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
         await server.start()
@@ -156,7 +160,7 @@ class CoordinatorServer(Service):
             return
         from swarm_coordinator.http import HttpServer
 
-        self._http = HttpServer(self._http_app(self), self.config.host, self.config.http_port)
+        self._http = HttpServer(self._http_app(self), self.config.host, self.config.http_port, tls=self.config.tls)
         await self._http.start()
         self.http_address = f"{self.config.host}:{self._http.port}"
 

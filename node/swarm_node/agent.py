@@ -58,6 +58,7 @@ from swarm_proto.presence import (
     SessionLoad,
 )
 from swarm_proto.presence_client import BrokerAddress, PresenceClient
+from swarm_proto.tls import TlsFiles, secure_aio_channel
 from swarm_proto.transport import Metadata, call_metadata
 from swarm_proto.trust import Identity, Sealer, membership_proof, mqtt_password
 from swarm_proto.weight_format import describe, format_layer_bytes
@@ -88,12 +89,14 @@ def _broker(url: str, coordinator_host: str) -> BrokerAddress:
     return addr
 
 
-async def fetch_swarm_info(coordinator: str, *, timeout: float = 60.0, metadata: Metadata = None) -> SwarmInfo:
+async def fetch_swarm_info(
+    coordinator: str, *, timeout: float = 60.0, metadata: Metadata = None, tls: TlsFiles | None = None
+) -> SwarmInfo:
     """Ask the coordinator at ``HOST:PORT`` for the swarm's id and broker; retries while
     it starts (``timeout`` seconds in all)."""
     deadline = time.monotonic() + timeout
     delay = 0.2
-    async with grpc.aio.insecure_channel(coordinator) as channel:
+    async with secure_aio_channel(coordinator, tls) as channel:
         stub = swarm_pb2_grpc.CoordinatorStub(channel)
         while True:
             try:
@@ -195,7 +198,7 @@ class NodeAgent:
             "memory budget %.1f MB: room for %d of %d layers (%.1f MB each, weights %s)",
             budget / 1e6, budget // per_layer, args.num_layers, per_layer / 1e6, weight_format,
         )
-        self.info = info = await fetch_swarm_info(self.coordinator, metadata=call_metadata(cfg.token))
+        self.info = info = await fetch_swarm_info(self.coordinator, metadata=call_metadata(cfg.token), tls=cfg.tls)
         mine = model_id(cfg.model)
         if info.model != mine or info.num_layers != args.num_layers:
             raise AgentError(
@@ -235,6 +238,7 @@ class NodeAgent:
             keepalive=self.keepalive,
             sealer=Sealer(self.identity, proof),
             coordinator_key=info.coordinator_key or None,
+            tls_context=cfg.tls.client_context() if cfg.tls and broker.tls else None,
         )
         self._applier = asyncio.get_running_loop().create_task(self._apply_loop(), name="swarm-assign")
         try:

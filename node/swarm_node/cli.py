@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from swarm_node.config import DEVICES, DTYPE_CHOICES, NodeConfig, parse_layers
 from swarm_proto import daemon
 from swarm_proto.flags import flag_adder
+from swarm_proto.tls import add_tls_flags, tls_from_args
 from swarm_proto.weight_format import QUANTIZE_CHOICES
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--speed", float, 0.0, "announce this decode speed (layer-steps/s) instead of measuring it")
     add("--advertise", str, "", "HOST[:PORT] other nodes and clients reach this node at (default: the bound address)")
     add("--metrics-port", int, None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a port; default: off)")
+    add_tls_flags(add)
     daemon.add_log_level(add)
     return p
 
@@ -101,6 +103,7 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
         max_batch_tokens=ns.max_batch_tokens,
         token=ns.token,
         metrics_port=ns.metrics_port,
+        tls=tls_from_args(ns),
         **extra,
     )
     config.weight_format  # refuses --quantize int4 on a GGUF file, say, before anything starts

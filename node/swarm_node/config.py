@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm_proto.model_args import DTYPE_BYTES
+from swarm_proto.tls import TlsFiles
 from swarm_proto.weight_format import QUANTIZE_CHOICES, compute_dtypes, resolve
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -40,6 +41,7 @@ class NodeConfig:
     max_batch_tokens: int = 2048  # positions merged into one forward pass
     token: str = field(default="", repr=False)  # swarm token required on every call; "" = none
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: pick one; None: off)
+    tls: TlsFiles | None = None  # mutual TLS on the gRPC server and every outgoing channel (None: in clear)
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     def __post_init__(self) -> None:

@@ -53,7 +53,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.sessions: dict[str, NodeSession] = {}
         self.opened = 0
         self.refused = 0
-        self._channels = ChannelPool()
+        self._channels = ChannelPool(config.tls)
         self._background: set[asyncio.Task[None]] = set()
         self.on_session_end: Callable[[str], None] | None = None  # metrics hook: the reason
         self._views: dict[tuple[int, int], ModelSlice] = {}

@@ -59,7 +59,8 @@ class NodeServer(Service):
         max_receive = max(4 << 20, cfg.max_length * (model.args.hidden_size * 4 + 8) + (1 << 20))
         interceptors = [TokenInterceptor(cfg.token)] if cfg.token else []
         server = grpc.aio.server(options=server_options(max_receive), interceptors=interceptors)
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        bind = f"{cfg.host}:{cfg.port}"
+        port = server.add_secure_port(bind, cfg.tls.server_credentials()) if cfg.tls else server.add_insecure_port(bind)
         if port == 0:
             raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
         self.address = f"{cfg.host}:{port}"

@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 
+from swarm_proto.tls import TlsFiles, secure_aio_channel
+
 __all__ = ["ChannelPool", "Metadata", "TokenInterceptor", "call_metadata", "channel_options", "server_options"]
 
 Metadata = tuple[tuple[str, str], ...] | None  # what gRPC calls take as ``metadata``
@@ -55,15 +57,17 @@ def channel_options() -> list[tuple[str, Any]]:
 
 
 class ChannelPool:
-    """One long-lived channel per node address, shared by every call to that node."""
+    """One long-lived channel per node address, shared by every call to that node;
+    mutual TLS with ``tls`` (swarm_proto.tls), in clear without."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsFiles | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.tls = tls
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=channel_options())
+            channel = secure_aio_channel(address, self.tls, channel_options())
             self._channels[address] = channel
         return channel
 

@@ -29,6 +29,7 @@ from swarm_client.failover import FailoverPolicy
 from swarm_client.routed import CoordinatorRoutes, RoutedBackend
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.tls import TlsFiles
 from swarm_proto.transport import call_metadata
 from swarm_proto.wire import SamplingParams
 
@@ -124,11 +125,23 @@ class ChaosSwarm:
         settle: float = 0.5,
         token: str = "",
         mqtt: str = "",
+        tls: bool = False,
     ) -> None:
         """``token``: the swarm token (SWARM_TOKEN of every daemon); ``mqtt``: an external
-        broker for the coordinator (``mqtt://user:pass@host:port``) instead of the embedded one."""
+        broker for the coordinator (``mqtt://user:pass@host:port``) instead of the embedded one;
+        ``tls``: a swarm CA in ``tmp/certs`` and a certificate for every daemon and the client
+        (mutual TLS on gRPC, MQTT over TLS, HTTPS)."""
         self.token = token
         self.mqtt = mqtt
+        self.certs: Path | None = None
+        self.client_tls: TlsFiles | None = None
+        if tls:
+            from swarm_proto.certs import init_ca, issue
+
+            self.certs = tmp / "certs"
+            init_ca(self.certs)
+            got = issue(self.certs, "client")
+            self.client_tls = TlsFiles(str(got.cert), str(got.key), str(got.ca))
         self.env = {**os.environ, "SWARM_TOKEN": token} if token else None
         self.model = model
         self.settle = settle
@@ -149,6 +162,7 @@ class ChaosSwarm:
                 "--replicas", str(self.replicas), "--settle", str(self.settle), "--node-timeout", "4", "--log-level", "WARNING"]
         if self.mqtt:
             argv += ["--mqtt", self.mqtt]
+        argv += self._tls_flags("coordinator")
         self.coordinator = Daemon("coordinator", argv, self.tmp / "coordinator.log", env=self.env).start()
         words = self.coordinator.line(timeout).split()
         self.address, self.http = words[3], words[5].removeprefix("http=")
@@ -167,9 +181,24 @@ class ChaosSwarm:
             argv += ["--layers", spec.layers]
         if spec.budget:
             argv += ["--memory-budget", spec.budget]
+        argv += self._tls_flags(spec.name)
         daemon = Daemon(spec.name, argv, self.tmp / f"{spec.name}.log", env=self.env).start()
         self.daemons[spec.name] = daemon
         return daemon
+
+    def _tls_flags(self, name: str) -> list[str]:
+        if self.certs is None:
+            return []
+        from swarm_proto.certs import issue
+
+        got = issue(self.certs, name)
+        return ["--tls-cert", str(got.cert), "--tls-key", str(got.key), "--tls-ca", str(got.ca)]
+
+    def channel(self, address: str) -> grpc.Channel:
+        """A blocking channel to a daemon of this swarm (mutual TLS when the swarm has it)."""
+        if self.client_tls is None:
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, self.client_tls.channel_credentials())
 
     # --- chaos ------------------------------------------------------------------------
 
@@ -192,7 +221,7 @@ class ChaosSwarm:
     # --- what the coordinator sees ------------------------------------------------------
 
     def nodes(self) -> dict[str, swarm_pb2.NodeInfo]:
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel(self.address) as channel:
             stub = swarm_pb2_grpc.CoordinatorStub(channel)
             listed = stub.ListNodes(swarm_pb2.ListNodesRequest(), timeout=5, metadata=call_metadata(self.token)).nodes
         return {n.node_id: n for n in listed}
@@ -215,7 +244,7 @@ class ChaosSwarm:
     def _current(self, name: str, info: swarm_pb2.NodeInfo) -> bool:
         """The listed address is the running process's (not a killed one's, retained)."""
         try:
-            with grpc.insecure_channel(info.address) as channel:
+            with self.channel(info.address) as channel:
                 got = swarm_pb2_grpc.NodeStub(channel).Info(
                     swarm_pb2.InfoRequest(), timeout=1, metadata=call_metadata(self.token)
                 )
@@ -244,8 +273,8 @@ class ChaosSwarm:
 
     def backend(self, policy: FailoverPolicy | None = None) -> RoutedBackend:
         return RoutedBackend(
-            CoordinatorRoutes(self.address, token=self.token), max_context=self.max_length, eos_token_ids=(),
-            policy=policy, token=self.token,
+            CoordinatorRoutes(self.address, token=self.token, tls=self.client_tls), max_context=self.max_length,
+            eos_token_ids=(), policy=policy, token=self.token, tls=self.client_tls,
         )
 
 

@@ -70,7 +70,8 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
     def client() -> AsyncSwarmClient:
         # busy_at_start="raise": the gateway's line orders the generations waiting for room
         return AsyncSwarmClient.remote(
-            coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise")
+            coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise"),
+            tls=coordinator.config.tls,
         )
 
     app = create_app(client, coordinator.registry, config or GatewayConfig())

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from swarm_proto.daemon import Service
+from swarm_proto.tls import TlsFiles
 
 if TYPE_CHECKING:
     from swarm_coordinator.http.app import Gateway
@@ -46,18 +47,23 @@ def _bind(host: str, port: int) -> socket.socket:
 class HttpServer(Service):
     """uvicorn serving ``app`` inside the running event loop; ``port=0`` picks one."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning") -> None:
+    def __init__(
+        self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning", tls: TlsFiles | None = None
+    ) -> None:
+        """``tls``: serve HTTPS with that certificate (browsers and API callers are not
+        asked for one of theirs: they authenticate with API keys)."""
         self.app = app
         self.host = host
         self.port = port
         self.log_level = log_level
+        self.tls = tls
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def start(self) -> str:
         sock = _bind(self.host, self.port)
@@ -69,6 +75,8 @@ class HttpServer(Service):
             access_log=False,
             timeout_graceful_shutdown=2,
             timeout_keep_alive=30,
+            ssl_certfile=self.tls.cert if self.tls else None,
+            ssl_keyfile=self.tls.key if self.tls else None,
         )
         self._server = _Server(config)
         self._task = asyncio.get_running_loop().create_task(self._server._serve(sockets=[sock]), name="http-server")
