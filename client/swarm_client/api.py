@@ -17,15 +17,14 @@ import asyncio
 import os
 import threading
 import time
-from dataclasses import replace
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 from swarm_client.errors import InvalidRequestError
 from swarm_client.failover import FailoverPolicy
 from swarm_client.params import SamplingOptions
 from swarm_client.tokenizer import Tokenizer, load_tokenizer
-from swarm_proto.tls import TlsFiles
 from swarm_client.types import (
     AsyncTokenSource,
     FinishReason,
@@ -35,6 +34,7 @@ from swarm_client.types import (
     Timing,
     TokenSource,
 )
+from swarm_proto.tls import TlsFiles
 
 __all__ = ["SwarmClient", "AsyncSwarmClient", "StreamAssembler", "run_stream", "arun_stream", "Prompt", "Messages"]
 

@@ -32,8 +32,8 @@ import grpc
 
 from swarm_client.remote import Hop, RouteError
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
-from swarm_proto.transport import Metadata, channel_options
 from swarm_proto.tls import TlsFiles, secure_aio_channel
+from swarm_proto.transport import Metadata, channel_options
 
 if TYPE_CHECKING:
     from swarm_client.routed import NodeSummary

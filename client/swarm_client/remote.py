@@ -32,8 +32,8 @@ import grpc
 from swarm_client.errors import GenerationError
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.daemon import Service
-from swarm_proto.transport import ChannelPool, call_metadata
 from swarm_proto.tls import TlsFiles
+from swarm_proto.transport import ChannelPool, call_metadata
 from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, status_code
 
 if TYPE_CHECKING:

@@ -43,8 +43,8 @@ from swarm_client.remote import Hop, RouteError, RouteSession
 from swarm_client.types import AsyncTokenSource, SampledToken
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
-from swarm_proto.transport import Metadata, call_metadata
 from swarm_proto.tls import TlsFiles, secure_aio_channel
+from swarm_proto.transport import Metadata, call_metadata
 from swarm_proto.wire import SamplingParams, wire_code
 
 logger = logging.getLogger(__name__)

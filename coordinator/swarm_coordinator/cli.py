@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from swarm_coordinator.config import CoordinatorConfig
 from swarm_proto import daemon
 from swarm_proto.flags import flag_adder
-from swarm_proto.tls import add_tls_flags, tls_from_args
 from swarm_proto.model_args import DTYPE_BYTES
+from swarm_proto.tls import add_tls_flags, tls_from_args
 
 log = logging.getLogger("swarm_coordinator")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import aiomqtt
 import grpc
 import pytest
-
 from e2e.chaos import ChaosSwarm, NodeSpec, add_tokenizer, generate, prompts
 from helpers import make_tiny_model
+
 from swarm_client.local import LocalBackend
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.certs import init_ca, issue
