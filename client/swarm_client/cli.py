@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait until the model is covered")
     up.add_argument("--log-dir", default="", help="where the daemons' logs go (default: a temporary folder)")
     up.add_argument("--ready-file", default="", help="write the coordinator's HOST:PORT here once the model is covered")
+    up.add_argument("--tls", action="store_true", help="mutual TLS everywhere with a swarm CA and certificates made in <log dir>/certs, and a swarm token")
     return parser
 
 
@@ -248,6 +249,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         log_dir=args.log_dir,
         ready_file=args.ready_file,
+        tls=args.tls,
     )
     try:
         return run(config)

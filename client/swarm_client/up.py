@@ -11,6 +11,11 @@ Unless ``--memory-budget`` says otherwise, each node's budget is room for
 model is split across the nodes, each layer held ``replicas`` times: one machine
 shows what a swarm of machines does.
 
+``--tls`` makes a swarm CA and a certificate for the coordinator, each node and a
+client in ``<log dir>/certs`` (:mod:`swarm_proto.certs`), and a swarm token (kept from
+``$SWARM_TOKEN``, or made and written to ``certs/token``, mode 0600): mutual TLS on
+gRPC, MQTT over TLS, HTTPS, and signed presence admitted by the token.
+
 The daemons are the same ``swarm-coordinator`` and ``swarm-node`` programs one runs
 by hand, started as ``python -m`` with the same interpreter: this module imports
 neither package (the client sits below the coordinator, and the node package needs
@@ -23,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,7 +44,8 @@ import grpc
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.model_args import DTYPE_BYTES, read_args
 from swarm_proto.store import resolve_model
-from swarm_proto.transport import Metadata, call_metadata
+from swarm_proto.tls import TlsFiles
+from swarm_proto.transport import call_metadata
 from swarm_proto.weight_format import compute_dtypes, format_layer_bytes, resolve
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,7 @@ class UpConfig:
     log_dir: str = ""
     ready_file: str = ""  # written with the coordinator's HOST:PORT once covered
     extra_node_args: tuple[str, ...] = field(default_factory=tuple)
+    tls: bool = False  # a swarm CA, certificates and a token for everything started here
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -82,12 +90,12 @@ def split_budget(num_layers: int, per_layer: int, nodes: int, replicas: int = 1)
 
 
 class _Proc:
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log_path = log_path
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True
+            argv, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True, env=env
         )
         self.first_line = ""
         self._ready = threading.Event()
@@ -149,20 +157,55 @@ class LocalSwarm:
         self.mqtt_url = ""
         self.http = ""
         self.cancel = threading.Event()  # set by Ctrl-C: stop waiting, start() raises
+        self.certs: Path | None = None  # with --tls: the CA and certificates
+        self.client_tls: TlsFiles | None = None
+        self.token = os.environ.get("SWARM_TOKEN", "")
+        self._env: dict[str, str] | None = None  # the daemons' environment when it differs from ours
+
+    def _setup_tls(self) -> None:
+        from swarm_proto.certs import init_ca, issue
+
+        self.certs = self.log_dir / "certs"
+        init_ca(self.certs)
+        got = issue(self.certs, "client")
+        self.client_tls = TlsFiles(str(got.cert), str(got.key), str(got.ca))
+        if not self.token:
+            self.token = secrets.token_urlsafe(24)
+            path = self.certs / "token"
+            path.touch(mode=0o600)
+            path.write_text(self.token + "\n")
+        self._env = {**os.environ, "SWARM_TOKEN": self.token}
+
+    def _tls_args(self, name: str) -> list[str]:
+        if self.certs is None:
+            return []
+        from swarm_proto.certs import issue
+
+        got = issue(self.certs, name)
+        return ["--tls-cert", str(got.cert), "--tls-key", str(got.key), "--tls-ca", str(got.ca)]
+
+    def _channel(self) -> grpc.Channel:
+        if self.client_tls is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.client_tls.channel_credentials())
 
     def start(self) -> None:
         cfg = self.config
         if importlib.util.find_spec("torch") is None:
             raise RuntimeError('the nodes need torch, which the base install leaves out: pip install "llama-swarm[node]"')
         py = sys.executable
+        if cfg.tls:
+            self._setup_tls()
         model = ["--model", cfg.model] if cfg.model else []
         budget = ["--memory-budget", cfg.memory_budget or str(self.node_budget())]
         self.coordinator = _Proc(
             "coordinator",
             [py, "-m", "swarm_coordinator.cli", *model, "--host", cfg.host, "--port", str(cfg.port),
              "--http-port", str(cfg.http_port), "--mqtt-port", str(cfg.mqtt_port), "--swarm-id", cfg.swarm_id,
-             "--replicas", str(cfg.replicas), "--dtype", "bfloat16" if cfg.dtype == "auto" else cfg.dtype],
+             "--replicas", str(cfg.replicas), "--dtype", "bfloat16" if cfg.dtype == "auto" else cfg.dtype,
+             *self._tls_args("coordinator")],
             self.log_dir / "coordinator.log",
+            self._env,
         )
         line = self.coordinator.wait_line(60)
         # "swarm-coordinator listening on HOST:PORT mqtt=URL http=ADDR|off"
@@ -177,8 +220,9 @@ class LocalSwarm:
                     f"node-{i}",
                     [py, "-m", "swarm_node.cli", "--coordinator", self.address, *model, "--host", cfg.host,
                      "--port", "0", "--node-id", f"{cfg.swarm_id}-node-{i}", "--threads", str(threads),
-                     "--dtype", cfg.dtype, *budget, *cfg.extra_node_args],
+                     "--dtype", cfg.dtype, *budget, *cfg.extra_node_args, *self._tls_args(f"{cfg.swarm_id}-node-{i}")],
                     self.log_dir / f"node-{i}.log",
+                    self._env,
                 )
             )
         self._wait_covered(cfg.timeout)
@@ -197,14 +241,14 @@ class LocalSwarm:
 
     def _wait_covered(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with self._channel() as channel:
             stub = swarm_pb2_grpc.CoordinatorStub(channel)
             while True:
                 self._check_alive()
                 if self.cancel.is_set():
                     raise KeyboardInterrupt
                 try:
-                    stub.GetRoute(swarm_pb2.RouteRequest(max_length=1), timeout=5, metadata=_token_metadata())
+                    stub.GetRoute(swarm_pb2.RouteRequest(max_length=1), timeout=5, metadata=call_metadata(self.token))
                     return
                 except grpc.RpcError as exc:
                     if time.monotonic() > deadline:
@@ -218,16 +262,22 @@ class LocalSwarm:
                 raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}; log {proc.log_path}:\n{proc.tail()}")
 
     def list_nodes(self) -> list[swarm_pb2.NodeInfo]:
-        with grpc.insecure_channel(self.address) as channel:
+        with self._channel() as channel:
             stub = swarm_pb2_grpc.CoordinatorStub(channel)
-            return list(stub.ListNodes(swarm_pb2.ListNodesRequest(), timeout=5, metadata=_token_metadata()).nodes)
+            return list(stub.ListNodes(swarm_pb2.ListNodesRequest(), timeout=5, metadata=call_metadata(self.token)).nodes)
 
     def describe(self) -> str:
         lines = [
             f"coordinator  {self.address}   (swarm generate --coordinator {self.address} \"...\")",
             f"mqtt broker  {self.mqtt_url}",
-            f"http         {'http://' + self.http if self.http != 'off' else 'off'}",
+            f"http         {('https://' if self.certs else 'http://') + self.http if self.http != 'off' else 'off'}",
         ]
+        if self.certs is not None and self.client_tls is not None:
+            token = f"SWARM_TOKEN=$(cat {self.certs / 'token'})" if (self.certs / "token").exists() else "SWARM_TOKEN=..."
+            lines.append(
+                f"tls          {token} swarm generate --coordinator {self.address} --tls-cert {self.client_tls.cert}"
+                f" --tls-key {self.client_tls.key} --tls-ca {self.client_tls.ca} \"...\""
+            )
         nodes = sorted(self.list_nodes(), key=lambda n: (n.start, n.end, n.node_id))
         lines.append(f"split        the model's layers over {len(nodes)} node(s):")
         for n in nodes:
@@ -286,7 +336,3 @@ def run(config: UpConfig, out: IO[str] = sys.stdout) -> int:
             Path(config.ready_file).unlink(missing_ok=True)
 
 
-def _token_metadata() -> Metadata:
-    """The swarm token of ``$SWARM_TOKEN``, which the coordinator and nodes started here
-    inherit (and then ask for)."""
-    return call_metadata(os.environ.get("SWARM_TOKEN", ""))
