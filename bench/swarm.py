@@ -19,11 +19,17 @@ machine noise hits them alike):
 - aggregate decode tokens/s of 1, 4 and 16 concurrent sessions on 2 nodes;
 - time to first token of a 512-token prompt on 1 vs 3 nodes (chunked, pipelined prefill).
 
+``--security``: instead of the rows above, the cost of the trust layer, side by side in
+one run: per-token decode latency on a 3-node route and 16-session throughput, plain
+(no token, in clear) vs secure (mutual TLS + swarm token), the two swarms' steps
+interleaved; and what sealing and checking one presence message costs (presence goes
+out every ~2 s per node, never on the token path). Writes bench/results/swarm_security.json.
+
 Every process computes with the same number of torch threads (--threads, default 1:
 each node gets ``--threads 1`` and the local run ``torch.set_num_threads(1)``).
 Writes bench/results/swarm.json and bench/results/swarm.png and prints a table.
 
-    .venv/bin/python bench/swarm.py [--model PATH] [--runs 5] [--tokens 32] [--threads 1]
+    .venv/bin/python bench/swarm.py [--model PATH] [--runs 5] [--tokens 32] [--threads 1] [--security]
 """
 
 from __future__ import annotations
@@ -62,13 +68,16 @@ TEXT = (
 class Node:
     """A ``swarm-node`` process; ``address`` once it listens."""
 
-    def __init__(self, model: Path, layers: tuple[int, int], threads: int, log: Path) -> None:
+    def __init__(
+        self, model: Path, layers: tuple[int, int], threads: int, log: Path, extra: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         exe = Path(sys.executable).parent / "swarm-node"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "swarm_node.cli"]
         cmd += ["--model", str(model), "--layers", f"{layers[0]}:{layers[1]}", "--port", "0"]
-        cmd += ["--threads", str(threads), "--log-level", "WARNING", "--metrics-port", "0"]
+        cmd += ["--threads", str(threads), "--log-level", "WARNING", "--metrics-port", "0", *extra]
         self.layers = layers
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
         self._address: list[str] = []
         self.metrics = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -420,6 +429,151 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def security(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain vs mutual TLS + token on the same 3-node split, interleaved; and the seal cost."""
+    import secrets
+    import tempfile
+
+    from swarm_client.tokenizer import load_tokenizer
+    from swarm_proto.certs import init_ca, issue
+    from swarm_proto.presence import NodeLoad, SessionLoad, Topics, encode
+    from swarm_proto.store import resolve_model
+    from swarm_proto.tls import TlsFiles
+    from swarm_proto.trust import Identity, PresenceGuard, Sealer, decode_sealed, membership_proof
+
+    path = resolve_model(args.model)
+    logs = Path(args.out).parent / "swarm-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    certs = Path(tempfile.mkdtemp(prefix="bench-certs-"))
+    init_ca(certs)
+    token = secrets.token_urlsafe(16)
+    env = {**os.environ, "SWARM_TOKEN": token}
+
+    def tls_args(name: str) -> list[str]:
+        got = issue(certs, name)
+        return ["--tls-cert", str(got.cert), "--tls-key", str(got.key), "--tls-ca", str(got.ca)]
+
+    spans = ROUTES[3]
+    plain = [Node(path, s, args.threads, logs / f"plain-{i}.log") for i, s in enumerate(spans)]
+    secure = [Node(path, s, args.threads, logs / f"secure-{i}.log", tls_args(f"n{i}"), env) for i, s in enumerate(spans)]
+    client = issue(certs, "client")
+    tls = TlsFiles(str(client.cert), str(client.key), str(client.ca))
+    kinds = {"plain": ([n.hop() for n in plain], {}), "secure": ([n.hop() for n in secure], {"tls": tls, "token": token})}
+    tok = load_tokenizer(path)
+    prompt = tok.encode("The capital of France is")
+    lat: dict[str, list[float]] = {"plain": [], "secure": []}
+    tput: dict[str, list[float]] = {"plain": [], "secure": []}
+    try:
+        print(f"6 nodes up; {args.runs} runs of {args.tokens} tokens, plain and secure interleaved ...", file=sys.stderr)
+        for run_index in range(args.runs + 1):  # run 0 warms up
+            sessions = {k: RouteSession(h, max_length=len(prompt) + args.tokens + 1, **kw) for k, (h, kw) in kinds.items()}
+            steps: dict[str, list[float]] = {"plain": [], "secure": []}
+            last = {}
+            for k, s in sessions.items():
+                await s.open()
+                last[k] = (await s.prefill(prompt)).token
+            for _ in range(args.tokens):
+                for k, s in sessions.items():
+                    t0 = time.perf_counter()
+                    last[k] = (await s.decode(last[k])).token  # type: ignore[arg-type]
+                    steps[k].append(time.perf_counter() - t0)
+            for s in sessions.values():
+                await s.close()
+            if run_index:
+                for k in lat:
+                    lat[k].append(statistics.median(steps[k]))
+            order = ("plain", "secure") if run_index % 2 else ("secure", "plain")
+            prompts = [tok.encode(f"{TEXT[: 40 + 7 * i]}") for i in range(16)]
+            for k in order:
+                hops, kw = kinds[k]
+                value = await throughput_with(hops, prompts, args.tokens, kw)
+                if run_index:
+                    tput[k].append(value)
+    finally:
+        for n in [*plain, *secure]:
+            n.stop()
+
+    # One load message with 32 sessions (the largest a node sends), sealed and checked.
+    topics = Topics("bench")
+    identity = Identity.generate()
+    sealer = Sealer(identity, membership_proof(token, "bench", identity.public))
+    guard = PresenceGuard("bench", token=token)
+    status_topic = topics.status("n")
+    from swarm_proto.presence import NodeStatus
+
+    kind, node_id, payload, seal = decode_sealed(topics, status_topic, sealer.seal(status_topic, encode(NodeStatus("n"))))
+    guard.check(kind, node_id, payload, seal)
+    load = encode(NodeLoad(sessions=tuple(SessionLoad(f"s{i}", 0, 10, 100, 20, 50, 1.0, 0.1) for i in range(32))))
+    n = 2000
+    t0 = time.perf_counter()
+    sealed = [sealer.seal(topics.load("n"), load) for _ in range(n)]
+    seal_us = (time.perf_counter() - t0) / n * 1e6
+    t0 = time.perf_counter()
+    for data in sealed:
+        kind, node_id, payload, seal = decode_sealed(topics, topics.load("n"), data)
+        guard.check(kind, node_id, payload, seal)
+    check_us = (time.perf_counter() - t0) / n * 1e6
+
+    med = statistics.median
+    lat_ms = {k: med(v) * 1e3 for k, v in lat.items()}
+    tput_med = {k: med(v) for k, v in tput.items()}
+    cost = lat_ms["secure"] / lat_ms["plain"] - 1
+    return {
+        "model": str(path),
+        "threads": args.threads,
+        "runs": args.runs,
+        "decode_tokens": args.tokens,
+        "decode_latency_3_nodes_ms": lat_ms,
+        "tokens_per_s_16_sessions_3_nodes": tput_med,
+        "latency_cost": cost,
+        "throughput_cost": 1 - tput_med["secure"] / tput_med["plain"],
+        "seal_us": seal_us,
+        "open_and_check_us": check_us,
+        "load_bytes": len(load),
+        "sealed_load_bytes": len(sealed[0]),
+        "targets": {"TLS + signing <= 5% per token": cost <= 0.05},
+        "samples": {"decode_latency_s": lat, "tokens_per_s": tput},
+    }
+
+
+async def throughput_with(hops: Sequence[Hop], prompts: Sequence[list[int]], tokens: int, kw: dict[str, Any]) -> float:
+    """:func:`throughput` with RouteSession options (TLS, token)."""
+    ready = 0
+    go = asyncio.Event()
+    ends: list[float] = []
+
+    async def one(prompt: list[int]) -> None:
+        nonlocal ready
+        async with RouteSession(hops, max_length=len(prompt) + tokens + 1, **kw) as s:
+            out = await s.prefill(prompt)
+            ready += 1
+            if ready == len(prompts):
+                go.set()
+            await go.wait()
+            for _ in range(tokens):
+                out = await s.decode(out.token)  # type: ignore[arg-type]
+            ends.append(time.perf_counter())
+
+    tasks = [asyncio.ensure_future(one(p)) for p in prompts]
+    await go.wait()
+    t0 = time.perf_counter()
+    await asyncio.gather(*tasks)
+    return len(prompts) * tokens / (max(ends) - t0)
+
+
+def print_security(r: dict[str, Any]) -> None:
+    lat, t = r["decode_latency_3_nodes_ms"], r["tokens_per_s_16_sessions_3_nodes"]
+    print(f"trust layer on a 3-node route ({r['threads']} thread(s) per node, median of {r['runs']} runs x {r['decode_tokens']} tokens)")
+    print(f"  decode ms/token:     plain {lat['plain']:.2f}   TLS+token {lat['secure']:.2f}   cost {r['latency_cost'] * 100:+.1f}%")
+    print(f"  16 sessions tok/s:   plain {t['plain']:.1f}   TLS+token {t['secure']:.1f}   cost {r['throughput_cost'] * 100:+.1f}%")
+    print(
+        f"  presence seal {r['seal_us']:.0f} us, open+check {r['open_and_check_us']:.0f} us per message"
+        f" ({r['load_bytes']} B load -> {r['sealed_load_bytes']} B sealed; one per node every ~2 s)"
+    )
+    for name, ok in r["targets"].items():
+        print(f"  target {name}: {'met' if ok else 'MISSED'}")
+
+
 def print_table(r: dict[str, Any]) -> None:
     lat, per = r["decode_latency_ms"], r["added_per_traversal_ms"]
     print(f"decode latency per token (batch 1, {r['threads']} thread(s) per process, median of {r['runs']} x {r['decode_tokens']} tokens)")
@@ -453,7 +607,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens per run")
     ap.add_argument("--out", default="bench/results/swarm.json")
+    ap.add_argument("--security", action="store_true", help="only plain vs TLS + token (and the presence seal cost)")
     args = ap.parse_args()
+    if args.security:
+        if args.out == ap.get_default("out"):
+            args.out = "bench/results/swarm_security.json"
+        sec = asyncio.run(security(args))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(sec, indent=2))
+        print_security(sec)
+        print(f"(JSON in {args.out})")
+        return
     report = asyncio.run(run(args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

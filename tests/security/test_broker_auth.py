@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import grpc
 import pytest
-from e2e.chaos import Daemon, add_tokenizer
-from helpers import make_tiny_model
 
 from swarm_coordinator.broker import ADMIN_USER, EmbeddedBroker, MosquittoBroker, find_mosquitto
-from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_coordinator.config import CoordinatorConfig
+from swarm_proto.presence_client import BrokerAddress, redact
 from swarm_proto.trust import mqtt_password
 
 TOKEN = "broker-token"
@@ -79,9 +75,11 @@ async def test_anonymous_and_wrong_passwords_are_refused(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["embedded", "mosquitto"])
 async def test_a_node_publishes_only_under_its_own_id(kind: str) -> None:
     prefix = f"swarm/{SWARM}/"
-    async with _broker(kind) as (host, port, admin_password):
-        async with _client(host, port, ADMIN_USER, admin_password) as coordinator, \
-                _client(host, port, "a", mqtt_password(TOKEN, SWARM, "a")) as node_a:
+
+    async def exchange(host: str, port: int, admin_password: str) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+        coordinator = _client(host, port, ADMIN_USER, admin_password)
+        node_a = _client(host, port, "a", mqtt_password(TOKEN, SWARM, "a"))
+        async with coordinator, node_a:
             await coordinator.subscribe(f"{prefix}#", qos=1)
             await node_a.subscribe(f"{prefix}#", qos=1)  # refused (or reduced to nothing)
             await node_a.publish(f"{prefix}node/b/status", b"forged", qos=1)
@@ -89,8 +87,10 @@ async def test_a_node_publishes_only_under_its_own_id(kind: str) -> None:
             await node_a.publish(f"{prefix}node/a/status", b"mine", qos=1)
             await coordinator.publish(f"{prefix}assign/b", b"for b", qos=1)
             await coordinator.publish(f"{prefix}assign/a", b"for a", qos=1)
-            seen = await _receive(coordinator, 1.5)
-            seen_by_a = await _receive(node_a, 0.5)
+            return await _receive(coordinator, 1.5), await _receive(node_a, 0.5)
+
+    async with _broker(kind) as (host, port, admin_password):
+        seen, seen_by_a = await exchange(host, port, admin_password)
     topics = {t for t, _ in seen}
     assert f"{prefix}node/a/status" in topics
     assert f"{prefix}node/b/status" not in topics, "a node published under another node's id"
@@ -99,28 +99,12 @@ async def test_a_node_publishes_only_under_its_own_id(kind: str) -> None:
     assert {t for t, _ in seen_by_a} <= {f"{prefix}assign/a"}
 
 
-@pytest.mark.slow
-def test_broker_password_is_never_shown_and_an_exposed_coordinator_warns(tmp_path: Path) -> None:
-    """``--mqtt mqtt://coordinator:PASSWORD@...``: not in the banner, the log or
-    GetSwarmInfo (which any caller may read); binding 0.0.0.0 without a token warns."""
-    assert find_mosquitto(), "mosquitto is not installed: make deps-system"
-    model = add_tokenizer(make_tiny_model(tmp_path, "llama3"))
-    secret = "Very-Secret-Broker-Password"
-    with MosquittoBroker(users={ADMIN_USER: secret}) as mosquitto:
-        url = f"mqtt://{ADMIN_USER}:{secret}@127.0.0.1:{mosquitto.port}"
-        argv = [sys.executable, "-m", "swarm_coordinator.cli", "--model", str(model), "--host", "0.0.0.0",
-                "--port", "0", "--http-port", "0", "--mqtt", url, "--swarm-id", SWARM,
-                "--state-dir", str(tmp_path / "state")]
-        daemon = Daemon("coordinator", argv, tmp_path / "coordinator.log").start()
-        try:
-            banner = daemon.line(60)
-            port = banner.split()[3].rsplit(":", 1)[1]
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                info = swarm_pb2_grpc.CoordinatorStub(channel).GetSwarmInfo(swarm_pb2.SwarmInfoRequest(), timeout=10)
-        finally:
-            daemon.stop()
-    log = (tmp_path / "coordinator.log").read_text()
-    assert info.mqtt_url == f"mqtt://127.0.0.1:{mosquitto.port}" and len(info.coordinator_key) == 32
-    assert secret not in banner and secret not in log and secret not in info.mqtt_url
-    assert "neither TLS nor a swarm token" in log
-    assert (tmp_path / "state" / f"coordinator-{SWARM}.key").exists()
+def test_urls_are_redacted_and_an_exposed_coordinator_is_recognised() -> None:
+    assert redact("mqtt://coordinator:Very-Secret@10.0.0.1:1883") == "mqtt://coordinator:***@10.0.0.1:1883"
+    assert "Very-Secret" not in repr(BrokerAddress.parse("mqtt://u:Very-Secret@h"))
+    assert BrokerAddress.parse("mqtt://u:Very-Secret@h").url == "mqtt://h:1883"
+    assert BrokerAddress.parse("mqtts://h").url == "mqtts://h:8883"
+    model = "m.gguf"
+    assert CoordinatorConfig(model, host="0.0.0.0").exposed
+    assert not CoordinatorConfig(model, host="0.0.0.0", token="t").exposed
+    assert not CoordinatorConfig(model, host="127.0.0.1").exposed

@@ -44,6 +44,7 @@ TOKEN = "s3cret-swarm-token"
 SWARM = "attacked"
 NODES = [NodeSpec("a", None, 100, budget="1G"), NodeSpec("b", "0:6", 40)]
 FLOOD = 300
+BROKER_PASSWORD = "Very-Secret-Broker-Password"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,9 @@ def shared_broker() -> Iterator[MosquittoBroker]:
 
 @pytest.fixture(scope="module")
 def swarm(tiny: Path, shared_broker: MosquittoBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosSwarm]:
-    s = ChaosSwarm(tiny, tmp_path_factory.mktemp("attacked-swarm"), swarm_id=SWARM, token=TOKEN, mqtt=shared_broker.url)
+    # the coordinator logs in with a password that must show nowhere (banner, log, GetSwarmInfo)
+    url = f"mqtt://coordinator:{BROKER_PASSWORD}@{shared_broker.host}:{shared_broker.port}"
+    s = ChaosSwarm(tiny, tmp_path_factory.mktemp("attacked-swarm"), swarm_id=SWARM, token=TOKEN, mqtt=url)
     try:
         s.start(NODES, timeout=180)
         yield s
@@ -175,3 +178,13 @@ def test_forged_presence_on_a_shared_broker_is_harmless(swarm: ChaosSwarm, share
         assert "epoch 18446744073709551615 out of range" in log_a
     finally:
         bait.close()
+
+
+def test_the_broker_password_is_never_shown(swarm: ChaosSwarm, shared_broker: MosquittoBroker) -> None:
+    with grpc.insecure_channel(swarm.address) as channel:
+        stub = swarm_pb2_grpc.CoordinatorStub(channel)
+        info = stub.GetSwarmInfo(swarm_pb2.SwarmInfoRequest(), timeout=5, metadata=call_metadata(TOKEN))
+    assert info.mqtt_url == f"mqtt://{shared_broker.host}:{shared_broker.port}" and len(info.coordinator_key) == 32
+    assert swarm.coordinator is not None
+    shown = "\n".join(swarm.coordinator.lines) + (swarm.tmp / "coordinator.log").read_text()
+    assert BROKER_PASSWORD not in shown
