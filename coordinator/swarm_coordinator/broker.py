@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from amqtt.contexts import Action
-from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
 from swarm_coordinator.errors import BrokerError
@@ -53,7 +53,6 @@ __all__ = [
     "EmbeddedBroker",
     "MosquittoBroker",
     "SwarmAuthPlugin",
-    "SwarmTopicPlugin",
     "find_mosquitto",
     "free_port",
     "mosquitto_password_line",
@@ -113,26 +112,26 @@ class SwarmAuthPlugin(BaseAuthPlugin):
         return hmac.compare_digest(password, mqtt_password(cfg.token, cfg.swarm_id, user))
 
 
-class SwarmTopicPlugin(BaseTopicPlugin):
-    """amqtt topic rules: a node publishes only under its own id and reads only its own
-    assignment; the coordinator (and anonymous clients of an open swarm) do anything."""
+def _swarm_broker_class() -> type[Any]:
+    """amqtt's Broker with the topic rules applied inline.
 
-    @dataclass
-    class Config:
-        swarm_id: str = "default"
+    Not as an amqtt topic plugin: amqtt awaits plugins through ``asyncio.gather`` while
+    it iterates its subscriptions to deliver a message, so a client subscribing at that
+    moment breaks delivery for good ("dictionary changed size during iteration"). The
+    rule below is decided without suspending, as amqtt does when no plugin is loaded."""
+    from amqtt.broker import Broker
 
-    async def topic_filtering(
-        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
-    ) -> bool | None:
-        cfg = self.context.config
-        assert isinstance(cfg, SwarmTopicPlugin.Config)
-        if session is None or topic is None or action is None:
-            return False
-        user = session.username
-        if not user or user == ADMIN_USER:
-            return True  # anonymous clients exist only when the swarm is open
-        return _node_may(user, cfg.swarm_id, topic, action)
+    class SwarmBroker(Broker):  # type: ignore[misc]
+        swarm_id = "default"
+        restricted = False  # a token is set: nodes keep to their own topics
 
+        async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+            user = session.username if session is not None else None
+            if not self.restricted or not user or user == ADMIN_USER:
+                return True  # anonymous clients exist only when the swarm is open
+            return _node_may(user, self.swarm_id, topic, action)
+
+    return SwarmBroker
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -194,19 +193,16 @@ class EmbeddedBroker(Service):
         return {
             "listeners": {"default": listener},
             # only our plugins: amqtt's defaults add $SYS topics and packet logs
-            "plugins": {
-                f"{__name__}.SwarmAuthPlugin": auth,
-                f"{__name__}.SwarmTopicPlugin": {"swarm_id": self.swarm_id},
-            },
+            "plugins": {f"{__name__}.SwarmAuthPlugin": auth},
         }
 
     async def start(self) -> None:
-        from amqtt.broker import Broker
         from amqtt.errors import AMQTTError
 
         if self._broker is not None:
             return
-        broker = Broker(self._config())
+        broker = _swarm_broker_class()(self._config())
+        broker.swarm_id, broker.restricted = self.swarm_id, bool(self.token)
         try:
             await broker.start()
         except (AMQTTError, OSError) as exc:
