@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections import deque
@@ -306,6 +307,7 @@ class RoutedBackend(AsyncTokenSource):
         generated = 0
         route = await self._route(max_length)
         session_id = route.session_id or uuid.uuid4().hex
+        capability = secrets.token_urlsafe(24)  # the sessions' secret: their Results and resumes need it
         pending: FailoverRecord | None = None  # a failover not yet followed by a token
         failures = 0
         clock = StepClock(policy)  # this session's: its timeouts follow its own routes' speed
@@ -323,6 +325,7 @@ class RoutedBackend(AsyncTokenSource):
                 resumable=span,
                 resume=span and pending is not None,
                 token=self.token,
+                capability=capability,
             )
             sent = time.monotonic()  # when the step now awaited was sent
             try:

@@ -15,7 +15,9 @@ and tell which hop to report. A bad message ends only its own session.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -25,7 +27,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from swarm_node import convert, resume
-from swarm_node.admission import Admission, kv_bytes
+from swarm_node.admission import Admission, Busy, kv_bytes
 from swarm_node.config import NodeConfig
 from swarm_node.convert import ProtocolError
 from swarm_node.engine import reslice
@@ -53,7 +55,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.sessions: dict[str, NodeSession] = {}
         self.opened = 0
         self.refused = 0
-        self._channels = ChannelPool()
+        self._channels = ChannelPool()  # to successors: held per session, idle ones bounded
         self._background: set[asyncio.Task[None]] = set()
         self.on_session_end: Callable[[str], None] | None = None  # metrics hook: the reason
         self._views: dict[tuple[int, int], ModelSlice] = {}
@@ -118,13 +120,13 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         reason = "closed"
         try:
             if first.WhichOneof("kind") == "open" and first.open.resume:
-                await self._supersede(first.open.session_id)
+                await self._supersede(first.open.session_id, first.open.capability)
             session = await self._admit(first)
             session.task = asyncio.current_task()
             if session.spec.downstream:
                 await self._connect(session)
             kept = (session.kept, *session.downstream_kept)
-            await context.write(convert.opened_reply(session.sid, session.spec.max_length, kept))
+            await context.write(convert.opened_reply(session.sid, session.spec.max_length, kept, session.spec.capability))
             self._log_open(session)
             reason = await self._serve(session, requests, context)
         except ProtocolError as exc:
@@ -161,15 +163,21 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         )
         if spec.session_id in self.sessions or spec.session_id in self.admission:
             raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"session {spec.session_id!r} is already open here")
+        if not spec.capability:  # the first node of the route makes the session's secret
+            spec = replace(spec, capability=secrets.token_urlsafe(24))
         model = self.view(spec.start, spec.end)
-        held = self.parking.take(spec.session_id, spec.start, spec.end, spec.max_length) if spec.resume else None
+        held = None
+        if spec.resume:
+            held = self.parking.take(spec.session_id, spec.start, spec.end, spec.max_length, spec.capability)
         nbytes = self.session_bytes(spec.end - spec.start, spec.max_length)
         refusal = None
         if held is None:  # a resumed cache was counted while parked: it needs no new room
             try:
-                refusal = self.admission.refusal(nbytes, self.parking.nbytes)
+                refusal = self._refusal(nbytes)
                 while refusal is not None and self.parking.drop_oldest():  # parked caches give way to live sessions
-                    refusal = self.admission.refusal(nbytes, self.parking.nbytes)
+                    refusal = self._refusal(nbytes)
+                if refusal is not None and await self._evict_idle():  # so do sessions idle for long
+                    refusal = self._refusal(nbytes)
             except ValueError as exc:  # can never fit here: not busy, the request is too big
                 raise ProtocolError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
         if refusal is not None:
@@ -201,10 +209,41 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.opened += 1
         return session
 
+    def _refusal(self, nbytes: int) -> Busy | None:
+        return self.admission.refusal(nbytes, self.parking.nbytes, parked=len(self.parking))
+
+    async def _evict_idle(self) -> bool:
+        """End the sessions idle for more than ``idle_evict_after`` (the longest idle
+        first, as many as the new session may need: all of them), so that a caller that
+        opens sessions and leaves them cannot hold the node for the whole idle timeout.
+        Their clients own the token history and fail over (a replay) if they come back.
+        True when any session ended."""
+        now = time.monotonic()
+        idle = sorted(
+            (s for s in self.sessions.values() if not s.busy and now - s.last_active > self.config.idle_evict_after),
+            key=lambda s: s.last_active,
+        )
+        if not idle:
+            return False
+        for session in idle:
+            session.fail(
+                self._error(
+                    grpc.StatusCode.ABORTED,
+                    f"evicted: idle for {now - session.last_active:.0f} s while the node was full "
+                    f"(--idle-evict-after {self.config.idle_evict_after:g} s)",
+                )
+            )
+        tasks = {s.task for s in idle if s.task is not None and not s.task.done()}
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        log.info("evicted %d idle session(s) to make room", len(idle))
+        return True
+
     async def _connect(self, session: NodeSession) -> None:
         """Open the successor's Session stream and wait until the rest of the route is open."""
         hop = session.spec.downstream[0]
-        stub = swarm_pb2_grpc.NodeStub(self._channels.get(hop.address))
+        stub = swarm_pb2_grpc.NodeStub(self._channels.acquire(hop.address))
+        session.channel_address = hop.address
         try:
             call = stub.Session(metadata=call_metadata(self.config.token))
             session.downstream = call
@@ -295,6 +334,14 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"step {step.step_id} reaches position {step.start_pos + step.length}, past max_length {cache.max_length}",
             )
+        if step.return_logits and session.model.is_tail:
+            logits_bytes = step.length * args.vocab_size * 4
+            if logits_bytes > self.config.max_pending_result_bytes:
+                raise ProtocolError(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"step {step.step_id} asks for {logits_bytes / 1e6:.1f} MB of logits; at most "
+                    f"{self.config.max_pending_result_bytes / 1e6:.1f} MB a step here: ask in shorter steps",
+                )
         if resume.can_skip(session, step):
             await self._skip(session, step)
             return
@@ -310,7 +357,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             if session.model.is_tail:
                 result = session.result(step, out)
                 if result is not None:
-                    session.results.put_nowait(result)
+                    self._publish(session, result)
             else:
                 assert out.hidden is not None and session.downstream is not None
                 request = swarm_pb2.SessionRequest(step=convert.step_to_proto(step, out.hidden, session.spec.wire_codec))
@@ -329,6 +376,21 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             if not self._steps_running:
                 self._no_steps.set()
 
+    def _publish(self, session: NodeSession, result: swarm_pb2.Result) -> None:
+        """Queue a result for the client's Results stream, within the session's bounds: a
+        client that does not read its results ends its session, not the node's memory."""
+        size = result.ByteSize()
+        count, held = session.results.qsize(), session.pending_bytes
+        cfg = self.config
+        if count >= cfg.max_pending_results or (count and held + size > cfg.max_pending_result_bytes):
+            raise ProtocolError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{count} results ({held / 1e6:.1f} MB) wait unread at the tail (at most {cfg.max_pending_results} "
+                f"and {cfg.max_pending_result_bytes / 1e6:.1f} MB): read the session's Results stream",
+            )
+        session.pending_bytes += size
+        session.results.put_nowait(result)
+
     async def _skip(self, session: NodeSession, step: convert.StepIn) -> None:
         """A replay step this node already holds: send on the activations it kept."""
         session.verified = step.start_pos + step.length
@@ -342,12 +404,15 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         except grpc.aio.AioRpcError as exc:
             raise Failed(self._rpc_error(exc, session.spec.downstream[0])) from exc
 
-    async def _supersede(self, session_id: str) -> None:
+    async def _supersede(self, session_id: str, capability: str) -> None:
         """A resume of a session still open here: its upstream gave up on it (a step
-        timed out somewhere). End it -- it parks -- so the resume can adopt its cache."""
+        timed out somewhere). End it -- it parks -- so the resume can adopt its cache.
+        Only its opener can: the resume must carry the session's capability."""
         old = self.sessions.get(session_id)
         if old is None or not old.spec.resumable:
             return
+        if not _same_secret(old.spec.capability, capability):
+            raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED, "a resume must present the session's capability")
         old.fail(self._error(grpc.StatusCode.ABORTED, "superseded by a resume of the session"))
         if old.task is not None and old.task is not asyncio.current_task():
             await asyncio.wait({old.task}, timeout=5.0)
@@ -397,6 +462,9 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         await context.abort(wire.status_code(error), f"{error.message} (at {where})")
 
     async def _release(self, session: NodeSession, reason: str) -> None:
+        if session.channel_address:
+            self._channels.release(session.channel_address)
+            session.channel_address = ""
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
             self.admission.release(session.sid, time.monotonic() - session.opened_at)
@@ -449,7 +517,10 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
     ) -> None:
         session = self.sessions.get(request.session_id)
         if session is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no open session {request.session_id!r} on this node")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no open session {request.session_id[:128]!r} on this node")
+            return
+        if not _same_secret(session.spec.capability, request.capability):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "Results needs the session's capability (Opened.capability)")
             return
         if not session.model.is_tail:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "results come from the tail of the route")
@@ -462,6 +533,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             item = await session.results.get()
             if item is None:
                 return
+            if not item.HasField("error"):
+                session.pending_bytes -= item.ByteSize()
             await context.write(item)
 
     # --- layers ---------------------------------------------------------------------
@@ -520,11 +593,13 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         """Fail every session that has been idle longer than the idle timeout."""
         now = time.monotonic()
         self.parking.expire(now)
+        self._channels.prune()
         for session in list(self.sessions.values()):
-            if not session.busy and now - session.last_active > self.config.idle_timeout:
-                session.fail(
-                    self._error(grpc.StatusCode.DEADLINE_EXCEEDED, f"idle for more than {self.config.idle_timeout:g} s")
-                )
+            # A session that never got a step has a shorter leash: opening is cheap for a
+            # caller and holds the node's KV room until then.
+            limit = self.config.open_idle_timeout if session.last_step_id == 0 else self.config.idle_timeout
+            if not session.busy and now - session.last_active > min(limit, self.config.idle_timeout):
+                session.fail(self._error(grpc.StatusCode.DEADLINE_EXCEEDED, f"idle for more than {limit:g} s"))
 
     async def wait_steps_done(self, timeout: float) -> bool:
         """Wait until no step is computing or being sent on (a drain); False on timeout."""
@@ -562,6 +637,10 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
 
     def _rpc_error(self, exc: grpc.aio.AioRpcError, hop: wire.Hop) -> swarm_pb2.Error:
         return self._error(exc.code(), f"successor {hop.address}: {exc.details()}", at=hop)
+
+
+def _same_secret(expected: str, given: str) -> bool:
+    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 def _uncancel() -> None:
