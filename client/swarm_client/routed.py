@@ -192,8 +192,8 @@ class CoordinatorRoutes(RouteProvider):
 
     async def report_failure(self, error: RouteError, session_id: str) -> None:
         report = swarm_pb2.FailureReport(
-            node_id=error.node_id,
-            address=error.address,
+            node_id=error.node_id[:256],  # named by a peer: cut to what the coordinator takes
+            address=error.address[:256],
             session_id=session_id,
             code=wire_code(error.code),
             message=error.message[:1000],
@@ -206,8 +206,8 @@ class CoordinatorRoutes(RouteProvider):
     async def report_recovery(self, record: FailoverRecord) -> None:
         """The failover's numbers, once the session produced a token again (an event)."""
         report = swarm_pb2.FailureReport(
-            node_id=record.node_id,
-            address=record.address,
+            node_id=record.node_id[:256],
+            address=record.address[:256],
             session_id=record.session_id,
             code=wire_code(grpc.StatusCode[record.code]),
             message=record.message[:1000],

@@ -8,6 +8,7 @@ The node's side of the conversion (validating what it receives) is
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -27,7 +28,9 @@ __all__ = [
     "code_name",
     "hop_to_proto",
     "open_to_proto",
+    "printable",
     "sampling_to_proto",
+    "session_label",
     "status_code",
     "wire_code",
 ]
@@ -124,6 +127,20 @@ def open_to_proto(spec: OpenSpec, downstream: Sequence[Hop]) -> swarm_pb2.OpenSe
         protocol_version=PROTOCOL_VERSION,
         capability=spec.capability,
     )
+
+
+def session_label(session_id: str) -> str:
+    """What the swarm publishes of a session id (load reports, events, the dashboard): a
+    digest, the same on every hop, that names the session without handing out its id."""
+    return "s-" + hashlib.sha256(session_id.encode()).hexdigest()[:12]
+
+
+def printable(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters with every non-printable one replaced: safe to
+    show on a dashboard or write to a log line (peers choose these strings)."""
+    cut = text[:limit]
+    clean = "".join(c if c.isprintable() else "?" for c in cut)
+    return clean + ("..." if len(text) > limit else "")
 
 
 MAX_CAPABILITY = 128  # characters of a session capability
