@@ -188,9 +188,11 @@ def start_swarm(
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(url: str) -> Samples:
-    """Fetch a Prometheus endpoint and parse it with the official text parser."""
-    with urllib.request.urlopen(url, timeout=10) as resp:
+def scrape(url: str, key: str = "") -> Samples:
+    """Fetch a Prometheus endpoint (with an API key when the gateway has keys) and parse
+    it with the official text parser."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(request, timeout=10) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = resp.read().decode()

@@ -88,10 +88,10 @@ def test_errors_keys_and_metrics(swarm: Swarm) -> None:
     assert denied.value.status_code == 401
 
     urls = list(swarm.node_metrics.values())
-    gw_before = scrape(swarm.url + "/metrics")
+    gw_before = scrape(swarm.url + "/metrics", KEY)
     node_before = [scrape(url) for url in urls]
     api.completions.create(model=model, prompt=PROMPT, max_tokens=5)
-    gw_after = scrape(swarm.url + "/metrics")
+    gw_after = scrape(swarm.url + "/metrics", KEY)
     node_after = [scrape(url) for url in urls]
 
     assert value(gw_after, "swarm_gateway_completion_tokens_total") - value(gw_before, "swarm_gateway_completion_tokens_total") == 5
