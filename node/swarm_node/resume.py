@@ -81,6 +81,11 @@ class ParkingLot:
         )
         return True
 
+    def may_take(self, session_id: str, capability: str) -> bool:
+        """False when ``session_id`` is held and ``capability`` is not its own."""
+        held = self._held.get(session_id)
+        return held is None or hmac.compare_digest(held.capability.encode(), capability.encode())
+
     def take(self, session_id: str, start: int, end: int, max_length: int, capability: str = "") -> Held | None:
         """The held state of ``session_id`` if it fits a session on [start, end) and
         ``capability`` is the session's (anyone else gets None and the state stays held)."""

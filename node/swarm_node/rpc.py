@@ -15,6 +15,7 @@ and tell which hop to report. A bad message ends only its own session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import secrets
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 
 AUTO_KV_SESSIONS = 16  # without --kv-budget: the KV memory of this many full-length sessions
+RESULTS_WAIT_S = 5.0  # how long a step waits for its client to read results beyond the bounds
 
 
 class NodeService(swarm_pb2_grpc.NodeServicer):
@@ -168,6 +170,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         model = self.view(spec.start, spec.end)
         held = None
         if spec.resume:
+            if not self.parking.may_take(spec.session_id, spec.capability):
+                raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED, "a resume must present the session's capability")
             held = self.parking.take(spec.session_id, spec.start, spec.end, spec.max_length, spec.capability)
         nbytes = self.session_bytes(spec.end - spec.start, spec.max_length)
         refusal = None
@@ -178,6 +182,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
                     refusal = self._refusal(nbytes)
                 if refusal is not None and await self._evict_idle():  # so do sessions idle for long
                     refusal = self._refusal(nbytes)
+                    while refusal is not None and self.parking.drop_oldest():  # (the evicted may have parked)
+                        refusal = self._refusal(nbytes)
             except ValueError as exc:  # can never fit here: not busy, the request is too big
                 raise ProtocolError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
         if refusal is not None:
@@ -357,7 +363,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             if session.model.is_tail:
                 result = session.result(step, out)
                 if result is not None:
-                    self._publish(session, result)
+                    await self._publish(session, result)
             else:
                 assert out.hidden is not None and session.downstream is not None
                 request = swarm_pb2.SessionRequest(step=convert.step_to_proto(step, out.hidden, session.spec.wire_codec))
@@ -376,18 +382,33 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             if not self._steps_running:
                 self._no_steps.set()
 
-    def _publish(self, session: NodeSession, result: swarm_pb2.Result) -> None:
-        """Queue a result for the client's Results stream, within the session's bounds: a
-        client that does not read its results ends its session, not the node's memory."""
+    async def _publish(self, session: NodeSession, result: swarm_pb2.Result) -> None:
+        """Queue a result for the client's Results stream, within the session's bounds.
+
+        Over them the step waits (backpressure: the upstream's stream is not read
+        meanwhile) up to ``RESULTS_WAIT_S`` for the client to catch up; a client that
+        does not read its results then loses its session, and the node no memory."""
         size = result.ByteSize()
-        count, held = session.results.qsize(), session.pending_bytes
         cfg = self.config
-        if count >= cfg.max_pending_results or (count and held + size > cfg.max_pending_result_bytes):
-            raise ProtocolError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{count} results ({held / 1e6:.1f} MB) wait unread at the tail (at most {cfg.max_pending_results} "
-                f"and {cfg.max_pending_result_bytes / 1e6:.1f} MB): read the session's Results stream",
-            )
+
+        def over() -> bool:
+            count = session.results.qsize()
+            return count >= cfg.max_pending_results or (count > 0 and session.pending_bytes + size > cfg.max_pending_result_bytes)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESULTS_WAIT_S
+        while over():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                count, held = session.results.qsize(), session.pending_bytes
+                raise ProtocolError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{count} results ({held / 1e6:.1f} MB) wait unread at the tail (at most {cfg.max_pending_results} "
+                    f"and {cfg.max_pending_result_bytes / 1e6:.1f} MB): read the session's Results stream",
+                )
+            session.results_taken.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(session.results_taken.wait(), remaining)
         session.pending_bytes += size
         session.results.put_nowait(result)
 
@@ -444,6 +465,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
                 session.reader.cancel()
             if not call.done():
                 call.cancel()
+            self._release_channel(session)  # only now: the pool may close an unused channel
 
     async def _abort(
         self,
@@ -461,10 +483,12 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             log.debug("could not report error upstream: %s", exc)
         await context.abort(wire.status_code(error), f"{error.message} (at {where})")
 
-    async def _release(self, session: NodeSession, reason: str) -> None:
+    def _release_channel(self, session: NodeSession) -> None:
         if session.channel_address:
             self._channels.release(session.channel_address)
             session.channel_address = ""
+
+    async def _release(self, session: NodeSession, reason: str) -> None:
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
             self.admission.release(session.sid, time.monotonic() - session.opened_at)
@@ -478,6 +502,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             task = asyncio.get_running_loop().create_task(self._finish_downstream(session))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        else:
+            self._release_channel(session)
         if session.failure is None and reason == "upstream went away":
             error = self._error(grpc.StatusCode.CANCELLED, "upstream ended the session without closing it")
             session.results.put_nowait(convert.failed_result(session.sid, error))
@@ -535,6 +561,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
                 return
             if not item.HasField("error"):
                 session.pending_bytes -= item.ByteSize()
+                session.results_taken.set()
             await context.write(item)
 
     # --- layers ---------------------------------------------------------------------
@@ -597,8 +624,10 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         for session in list(self.sessions.values()):
             # A session that never got a step has a shorter leash: opening is cheap for a
             # caller and holds the node's KV room until then.
-            limit = self.config.open_idle_timeout if session.last_step_id == 0 else self.config.idle_timeout
-            if not session.busy and now - session.last_active > min(limit, self.config.idle_timeout):
+            limit = self.config.idle_timeout
+            if session.last_step_id == 0:
+                limit = min(limit, self.config.open_idle_timeout)
+            if not session.busy and now - session.last_active > limit:
                 session.fail(self._error(grpc.StatusCode.DEADLINE_EXCEEDED, f"idle for more than {limit:g} s"))
 
     async def wait_steps_done(self, timeout: float) -> bool:

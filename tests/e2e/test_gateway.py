@@ -36,7 +36,8 @@ def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     # Room for 16 of the 30 layers per node: every route runs through both nodes.
     budget = 16 * format_layer_bytes(read_args(default_model), "bfloat16", "gguf", default_model)  # the nodes' default format
     swarm = start_swarm(
-        default_model, 2, logs, coordinator_args=["--api-keys-file", str(keys)], node_args=["--memory-budget", str(budget)]
+        default_model, 2, logs, coordinator_args=["--api-keys-file", str(keys)], node_args=["--memory-budget", str(budget)],
+        key=KEY,
     )
     try:
         yield swarm

@@ -4,13 +4,14 @@ and what the swarm publishes names sessions by a label, never by their id."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from swarm_client.remote import Hop, RouteSession
+from swarm_client.remote import Hop, RouteError, RouteSession
 from swarm_coordinator.rpc import check_report, failover_detail
 from swarm_node.config import NodeConfig
 from swarm_node.server import NodeServer
@@ -77,3 +78,28 @@ def test_published_session_names_are_labels() -> None:
     assert "\x1b" not in detail and "\n" not in detail and len(detail) < 400
     report.node_id = "n" * 300
     assert "node_id" in check_report(report)
+
+
+async def test_a_parked_cache_is_adopted_only_with_its_capability(node: NodeServer) -> None:
+    hop = Hop(node.address, 0, 6, "n0")
+    s = RouteSession([hop], max_length=64, resumable=True)
+    await s.open()
+    await s.prefill(PROMPT)
+    assert s._head is not None
+    s._head.cancel()  # the client vanishes: the node parks the session's cache for a resume
+    await s.close()
+    assert node.service is not None
+    for _ in range(200):
+        if len(node.service.parking):
+            break
+        await asyncio.sleep(0.01)
+    assert len(node.service.parking) == 1
+    with pytest.raises(RouteError) as denied:  # a thief who knows the id
+        async with RouteSession([hop], max_length=64, session_id=s.session_id, resume=True, capability="stolen"):
+            pass
+    assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert len(node.service.parking) == 1  # still held for its owner
+    async with RouteSession([hop], max_length=64, session_id=s.session_id, resume=True, capability=s.capability) as owner:
+        assert owner.kept == (len(PROMPT),)
+        out = await owner.replay(PROMPT)
+        assert out.token is not None
