@@ -177,13 +177,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         refusal = None
         if held is None:  # a resumed cache was counted while parked: it needs no new room
             try:
-                refusal = self._refusal(nbytes)
-                while refusal is not None and self.parking.drop_oldest():  # parked caches give way to live sessions
-                    refusal = self._refusal(nbytes)
-                if refusal is not None and await self._evict_idle():  # so do sessions idle for long
-                    refusal = self._refusal(nbytes)
-                    while refusal is not None and self.parking.drop_oldest():  # (the evicted may have parked)
-                        refusal = self._refusal(nbytes)
+                refusal = await self._make_room(nbytes)
             except ValueError as exc:  # can never fit here: not busy, the request is too big
                 raise ProtocolError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
         if refusal is not None:
@@ -218,32 +212,43 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
     def _refusal(self, nbytes: int) -> Busy | None:
         return self.admission.refusal(nbytes, self.parking.nbytes, parked=len(self.parking))
 
-    async def _evict_idle(self) -> bool:
-        """End the sessions idle for more than ``idle_evict_after`` (the longest idle
-        first, as many as the new session may need: all of them), so that a caller that
-        opens sessions and leaves them cannot hold the node for the whole idle timeout.
-        Their clients own the token history and fail over (a replay) if they come back.
-        True when any session ended."""
+    def _drop_parked(self, nbytes: int) -> Busy | None:
+        """Parked caches give way to a live session, oldest first."""
+        refusal = self._refusal(nbytes)
+        while refusal is not None and self.parking.drop_oldest():
+            refusal = self._refusal(nbytes)
+        return refusal
+
+    async def _make_room(self, nbytes: int) -> Busy | None:
+        """Room for a session of ``nbytes``, or why there is none: parked caches give way
+        first, then sessions idle for more than ``idle_evict_after``, the longest idle
+        first and only as many as needed. So a caller that opens sessions and leaves
+        them cannot hold the node for the whole idle timeout; their clients own the
+        token history and fail over (a replay) if they come back."""
+        refusal = self._drop_parked(nbytes)
+        if refusal is None:
+            return None
         now = time.monotonic()
         idle = sorted(
             (s for s in self.sessions.values() if not s.busy and now - s.last_active > self.config.idle_evict_after),
             key=lambda s: s.last_active,
         )
-        if not idle:
-            return False
         for session in idle:
+            idle_s = now - session.last_active
             session.fail(
                 self._error(
                     grpc.StatusCode.ABORTED,
-                    f"evicted: idle for {now - session.last_active:.0f} s while the node was full "
+                    f"evicted: idle for {idle_s:.0f} s while the node was full "
                     f"(--idle-evict-after {self.config.idle_evict_after:g} s)",
                 )
             )
-        tasks = {s.task for s in idle if s.task is not None and not s.task.done()}
-        if tasks:
-            await asyncio.wait(tasks, timeout=2.0)
-        log.info("evicted %d idle session(s) to make room", len(idle))
-        return True
+            if session.task is not None and not session.task.done():
+                await asyncio.wait({session.task}, timeout=2.0)
+            log.info("session %s evicted after %.0f s idle to make room", session.sid, idle_s)
+            refusal = self._drop_parked(nbytes)  # (an evicted resumable session parks)
+            if refusal is None:
+                break
+        return refusal
 
     async def _connect(self, session: NodeSession) -> None:
         """Open the successor's Session stream and wait until the rest of the route is open."""
