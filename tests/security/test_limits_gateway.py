@@ -197,3 +197,23 @@ def test_a_caller_that_hangs_up_stops_its_generation() -> None:
         conn = http.client.HTTPConnection(host, int(port), timeout=30)  # the gateway still serves others
         conn.request("POST", "/v1/completions", json.dumps(completion()), {"Content-Type": "application/json"})
         assert conn.getresponse().status == 200
+
+
+def test_gateway_flags_fill_the_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from swarm_coordinator.http.mount import add_gateway_flags, gateway_config_from_args
+
+    def parser() -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser()
+        p.add_argument("--host", default="gw.lan")
+        add_gateway_flags(p)
+        return p
+
+    config = gateway_config_from_args(parser().parse_args([]))
+    assert (config.max_body_bytes, config.max_concurrent) == (2 << 20, 256)
+    assert config.allowed_hosts is not None and {"localhost", "gw.lan"} <= set(config.allowed_hosts)
+    monkeypatch.setenv("SWARM_ALLOWED_HOST", "a.example,b.example")  # flags read their variables when added
+    config = gateway_config_from_args(parser().parse_args(["--max-body-bytes", "1000", "--max-concurrent", "3"]))
+    assert (config.max_body_bytes, config.max_concurrent) == (1000, 3)
+    assert config.allowed_hosts is not None and {"a.example", "b.example", "localhost"} <= set(config.allowed_hosts)

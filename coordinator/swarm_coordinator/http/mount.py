@@ -56,6 +56,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
+    """The gateway's config from its flags; ``allowed_hosts`` holds the defaults for the
+    bound ``--host`` (loopback names, the host itself) plus ``--allowed-host``."""
     return GatewayConfig(
         model_id=getattr(ns, "model_id", None) or None,
         api_keys=tuple(getattr(ns, "api_key", None) or ()),
@@ -66,7 +68,7 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
         queue_timeout_s=getattr(ns, "queue_timeout", 60.0),
         max_body_bytes=getattr(ns, "max_body_bytes", 2 << 20),
         max_concurrent=getattr(ns, "max_concurrent", 256),
-        allowed_hosts=tuple(getattr(ns, "allowed_host", None) or ()),
+        allowed_hosts=default_allowed_hosts(getattr(ns, "host", "") or "", getattr(ns, "allowed_host", None) or ()),
     )
 
 
