@@ -236,3 +236,11 @@ async def test_a_client_refuses_oversized_replies_from_a_tail() -> None:
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         await server.stop(None)
+
+
+def test_the_node_counts_evicted_and_unread_sessions() -> None:
+    from swarm_node.metrics import outcome
+
+    assert outcome("failed: evicted: idle for 40 s while the node was full (--idle-evict-after 30 s)") == "evicted"
+    assert outcome("refused: 256 results (1.0 MB) wait unread at the tail (at most 256 and 67.1 MB): read ...") == "unread"
+    assert outcome("refused: step 3 carries no tokens") == "invalid"
