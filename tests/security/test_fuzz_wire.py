@@ -187,3 +187,10 @@ def test_an_oversized_payload_is_refused(topic: str) -> None:
     bomb = msgpack.packb({"v": 1, "node_id": "n1", "sessions": [[0] * 8] * 100_000})
     with pytest.raises(PayloadError):
         presence.decode(TOPICS, topic, bomb)
+
+
+def test_an_empty_tensor_with_huge_dimensions_is_refused() -> None:
+    # found by the fuzzer above: 0 elements, but torch's strides overflow on the rest
+    msg = swarm_pb2.Tensor(dtype="float32", shape=[0, 2**40, 2**40], data=b"")
+    with pytest.raises(WireError, match="dimension"):
+        codec.decode(msg, max_elements=4096)
