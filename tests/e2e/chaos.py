@@ -266,7 +266,14 @@ class ChaosSwarm:
     def observer(self) -> Registry:
         """A second registry on the swarm's broker (async context manager): ``.events``
         holds what is published from then on (events are not retained)."""
-        config = RegistryConfig(self.mqtt_url, self.swarm_id, self.model.name, 1, 1, client_id="chaos-observer")
+        with self.channel(self.address) as channel:  # whose events to believe: the coordinator's key
+            info = swarm_pb2_grpc.CoordinatorStub(channel).GetSwarmInfo(
+                swarm_pb2.SwarmInfoRequest(), timeout=5, metadata=call_metadata(self.token)
+            )
+        config = RegistryConfig(
+            self.mqtt_url, self.swarm_id, self.model.name, 1, 1, client_id="chaos-observer",
+            coordinator_key=info.coordinator_key,
+        )
         return Registry(config)
 
     # --- generating -------------------------------------------------------------------
