@@ -18,6 +18,7 @@ import torch
 
 from swarm_node.config import NodeConfig
 from swarm_proto import PROTOCOL_VERSION, codec, swarm_pb2
+from swarm_proto.commit import MAX_K
 from swarm_proto.errors import WireError
 from swarm_proto.model_args import ModelArgs
 from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, wire_code
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from swarm_node.scheduler import BatchStats
 
 MAX_SESSION_ID = 128
+MAX_COMMITS = 64  # commitments a step may carry: one per hop of the route before this node
 
 
 class ProtocolError(Exception):
@@ -58,6 +60,8 @@ class StepIn:
     sample: bool
     return_logits: bool
     replay: bool = False  # a failover replay: may be skipped where already cached
+    commits: tuple[swarm_pb2.Commitment, ...] = ()  # upstream hops' commitments, relayed
+    sample_all: bool = False  # tail: sample after every position (a verifier's recomputation)
 
     @property
     def length(self) -> int:
@@ -76,6 +80,8 @@ class StepResult:
     top: tuple[tuple[int, float], ...] = ()
     finished: bool = False
     logits: torch.Tensor | None = None  # [T, V] float32
+    commits: tuple[swarm_pb2.Commitment, ...] = ()  # every hop's, head first (spot checks)
+    sampled: tuple[int, ...] = ()  # sample_all: the token after each position
 
 
 # --- sampling -----------------------------------------------------------------------
@@ -192,11 +198,34 @@ def step_from_proto(
             hidden = codec.decode(msg.hidden, dtype, shape=(n, hidden_size), max_elements=n * hidden_size)
         except WireError as exc:
             raise invalid(f"step {msg.step_id}: {exc}") from exc
-    return StepIn(msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay)
+    if len(msg.commits) > MAX_COMMITS:
+        raise invalid(f"step {msg.step_id} carries {len(msg.commits)} commitments; at most {MAX_COMMITS}")
+    for c in msg.commits:
+        if not 0 < c.k <= MAX_K or len(c.indices) != len(c.values) or len(c.indices) > n * c.k:
+            raise invalid(f"step {msg.step_id}: malformed commitment from {c.node_id or c.address or '?'}")
+    return StepIn(
+        msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay,
+        tuple(msg.commits), msg.sample_all,
+    )
 
 
-def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_pb2.Step:
-    """The Step this node forwards: same ids and flags, its own output as hidden."""
+def commitment(step: StepIn, commit: tuple[list[int], list[float]], *, node_id: str, address: str, start: int, end: int) -> swarm_pb2.Commitment | None:
+    """This node's commitment for ``step`` (None when it made none)."""
+    indices, values = commit
+    if not indices:
+        return None
+    k = len(indices) // step.length
+    return swarm_pb2.Commitment(
+        node_id=node_id, address=address, start=start, end=end, start_pos=step.start_pos, k=k,
+        indices=indices, values=values,
+    )
+
+
+def step_to_proto(
+    step: StepIn, hidden: torch.Tensor, wire_codec: str, commit: swarm_pb2.Commitment | None = None
+) -> swarm_pb2.Step:
+    """The Step this node forwards: same ids and flags, its own output as hidden, the
+    upstream commitments with its own appended."""
     return swarm_pb2.Step(
         step_id=step.step_id,
         start_pos=step.start_pos,
@@ -205,6 +234,8 @@ def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_
         sample=step.sample,
         return_logits=step.return_logits,
         replay=step.replay,
+        commits=[*step.commits, *([commit] if commit is not None else [])],
+        sample_all=step.sample_all,
     )
 
 
@@ -241,6 +272,8 @@ def result_to_proto(r: StepResult) -> swarm_pb2.Result:
         msg.token = r.token
     if r.logits is not None:
         msg.logits.CopyFrom(codec.encode(r.logits))
+    msg.commits.extend(r.commits)
+    msg.sampled.extend(r.sampled)
     return msg
 
 

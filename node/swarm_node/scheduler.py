@@ -42,6 +42,7 @@ import torch
 from swarm_node.engine.kv_cache import KVCache
 from swarm_node.engine.model import ModelSlice, SeqChunk
 from swarm_node.engine.sampler import sample
+from swarm_node.verify import Lie, commit_rows
 from swarm_proto.wire import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class Job:
     # opened on before a reload); None: the scheduler's model. Only jobs of the same
     # slice share a forward.
     model: ModelSlice | None = None
+    # Tail only (a verifier's recomputation): also sample after every position, one
+    # request per position of the chunk.
+    sample_all: Sequence[SampleRequest] = ()
 
     @property
     def length(self) -> int:
@@ -83,6 +87,10 @@ class JobOutput:
     token: int | None = None
     logprob: float = 0.0
     top: tuple[tuple[int, float], ...] = ()
+    # The commitment of this chunk's output: row-major [T, k] indices and values
+    # (swarm_node.verify.commit_rows); empty when commitments are off.
+    commit: tuple[list[int], list[float]] = ([], [])
+    sampled: tuple[int, ...] = ()  # sample_all: the token after each position
 
 
 @dataclass
@@ -107,8 +115,12 @@ class BatchStats:
 class Scheduler:
     """Merges submitted jobs into forward passes of ``model`` on one worker thread."""
 
-    def __init__(self, model: ModelSlice, *, max_batch_tokens: int = 2048, linger: float = 0.002) -> None:
+    def __init__(
+        self, model: ModelSlice, *, max_batch_tokens: int = 2048, linger: float = 0.002, commit_k: int = 8
+    ) -> None:
         self.model = model
+        self.commit_k = commit_k  # entries per position in each step's commitment; 0 = none
+        self.lie = Lie.from_env()  # test-only fault injection (swarm_node.verify)
         self.max_batch_tokens = max_batch_tokens
         self.linger = linger
         self._recent: dict[int, float] = {}  # id(cache) -> when it last submitted
@@ -277,10 +289,15 @@ class Scheduler:
         seqs = [SeqChunk(j.cache, j.start_pos, j.length) for j in batch]
         x = torch.cat([j.x for j in batch]).to(device)  # [T] or [T, C]
         all_logits = any(j.return_logits for j in batch)
-        out = model(x, seqs, all_logits=all_logits)
-        if not model.is_tail:
-            hidden = out.to("cpu")  # [T, C]
-            return [JobOutput(hidden=h) for h in hidden.split([j.length for j in batch])]
+        all_logits = all_logits or any(j.sample_all for j in batch)
+        h, out = model.run(x, seqs, all_logits=all_logits)
+        lengths = [j.length for j in batch]
+        if self.lie is not None:
+            h = torch.cat([self.lie.perturb(r, j.start_pos) for r, j in zip(h.split(lengths), batch)])
+        commits = [commit_rows(r, self.commit_k) if self.commit_k else ([], []) for r in h.split(lengths)]
+        if out is None:
+            hidden = h.to("cpu")  # [T, C]
+            return [JobOutput(hidden=r, commit=c) for r, c in zip(hidden.split(lengths), commits)]
 
         # out: [T, V] with all_logits, else [N, V] (each chunk's last position)
         if all_logits:
@@ -302,7 +319,10 @@ class Scheduler:
                 [r.history for r in reqs if r is not None],
             )
             for k, i in enumerate(rows):
-                tokens[i] = (int(picked.tokens[k]), float(picked.logprobs[k]))
+                token = int(picked.tokens[k])
+                if self.lie is not None:
+                    token = self.lie.token(token, batch[i].sample.position, last.shape[-1])  # type: ignore[union-attr]
+                tokens[i] = (token, float(picked.logprobs[k]))
             want = max((r.top_logprobs for r in reqs if r is not None), default=0)
             if want:
                 logprobs = torch.log_softmax(last[rows].float(), dim=-1)  # [n, V]
@@ -314,5 +334,12 @@ class Scheduler:
         for i, job in enumerate(batch):
             token, logprob = tokens.get(i, (None, 0.0))
             logits = per_job[i].to("cpu") if job.return_logits else None
-            outputs.append(JobOutput(logits=logits, token=token, logprob=logprob, top=tops.get(i, ())))
+            sampled: tuple[int, ...] = ()
+            if job.sample_all:
+                reqs = list(job.sample_all)
+                picked = sample(per_job[i], [r.params for r in reqs], [r.position for r in reqs], [r.history for r in reqs])
+                sampled = tuple(int(t) for t in picked.tokens)
+            outputs.append(
+                JobOutput(logits=logits, token=token, logprob=logprob, top=tops.get(i, ()), commit=commits[i], sampled=sampled)
+            )
         return outputs

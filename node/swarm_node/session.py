@@ -81,13 +81,22 @@ class NodeSession:
         if not self.model.is_tail:
             return Job(self.cache, step.start_pos, x, model=self.model)
         request = None
+        gen = self.spec.generation
         if step.sample:
-            gen = self.spec.generation
             position = step.start_pos + step.length
             request = SampleRequest(gen.sampling, position, list(self.history), gen.top_logprobs)
-        return Job(self.cache, step.start_pos, x, sample=request, return_logits=step.return_logits, model=self.model)
+        every: list[SampleRequest] = []
+        if step.sample_all:  # the token after each position, each with its own history
+            for p in range(step.start_pos + 1, step.start_pos + step.length + 1):
+                every.append(SampleRequest(gen.sampling, p, self.history[:p]))
+        return Job(
+            self.cache, step.start_pos, x, sample=request, return_logits=step.return_logits, model=self.model,
+            sample_all=every,
+        )
 
-    def result(self, step: StepIn, out: JobOutput) -> swarm_pb2.Result | None:
+    def result(
+        self, step: StepIn, out: JobOutput, commit: swarm_pb2.Commitment | None = None
+    ) -> swarm_pb2.Result | None:
         """The tail's Result for a computed step (None when the step asked for nothing)."""
         if not (step.sample or step.return_logits):
             return None
@@ -101,5 +110,8 @@ class NodeSession:
                 or (gen.max_new_tokens > 0 and gen.prompt_length > 0 and generated >= gen.max_new_tokens)
                 or position >= self.spec.max_length
             )
-        r = StepResult(self.sid, step.step_id, position, out.token, out.logprob, out.top, finished, out.logits)
+        commits = (*step.commits, *([commit] if commit is not None else []))
+        r = StepResult(
+            self.sid, step.step_id, position, out.token, out.logprob, out.top, finished, out.logits, commits, out.sampled
+        )
         return convert.result_to_proto(r)
