@@ -102,6 +102,7 @@ class StreamAssembler:
         self._pending = 0  # tokens not yet reported in an event
         self._finish: FinishReason | None = None
         self._stop_reason: str | int | None = None
+        self._checked = 0  # positions verified by spot checks (the backend's count)
         self._t0 = self._t_first = self._t_last = time.perf_counter()
 
     @property
@@ -129,6 +130,7 @@ class StreamAssembler:
             self._t_first = self._t_last
         self._ids.append(int(token.token_id))
         self._logprobs.append(float(token.logprob))
+        self._checked = max(self._checked, token.checked)
         self._pending += 1
         if token.token_id in self.stop_token_ids:
             self._end("stop", int(token.token_id))
@@ -171,6 +173,7 @@ class StreamAssembler:
             timing=timing,
             logprobs=tuple(self._logprobs) if self.options.logprobs else None,
             stop_reason=self._stop_reason,
+            checked_steps=self._checked,
         )
         event = self._event(self._text[self._emitted :])
         self._emitted = len(self._text)

@@ -31,6 +31,7 @@ import grpc
 
 from swarm_client.errors import GenerationError
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.commit import Commit, from_proto
 from swarm_proto.daemon import Service
 from swarm_proto.transport import ChannelPool, call_metadata
 from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, status_code
@@ -95,6 +96,8 @@ class StepOutput:
     top: tuple[tuple[int, float], ...] = ()
     finished: bool = False
     logits: torch.Tensor | None = None  # [T, V] when asked for
+    commits: tuple[Commit, ...] = ()  # every hop's commitment for the step's positions, head first
+    sampled: tuple[int, ...] = ()  # recompute(): the token after each position of the chunk
 
 
 class RouteSession(Service):
@@ -210,6 +213,22 @@ class RouteSession(Service):
         assert future is not None
         return await self._wait(future, timeout)
 
+    async def recompute(self, tokens: Sequence[int], *, timeout: float | None = None) -> list[StepOutput]:
+        """A verifier's pass: send ``tokens`` from the current position (chunked) and
+        have the tail sample after every position; one output per chunk, each with the
+        hops' commitments and ``sampled``."""
+        futures = []
+        for i in range(0, len(tokens), self.prefill_chunk):
+            futures.append(await self._send(tokens[i : i + self.prefill_chunk], sample=True, return_logits=False, sample_all=True))
+        return [await self._wait(f, timeout) for f in futures if f is not None]
+
+    def rewind(self, position: int) -> None:
+        """Send the next step from ``position`` (at most the current one): the nodes
+        replace what they hold from there on."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to {position} from {self.position}")
+        self.position = position
+
     async def decode(self, token: int, *, return_logits: bool = False, timeout: float | None = None) -> StepOutput:
         """Feed one token at the next position and return the token sampled after it."""
         future = await self._send([token], sample=True, return_logits=return_logits)
@@ -240,7 +259,7 @@ class RouteSession(Service):
     # --- internals ------------------------------------------------------------------
 
     async def _send(
-        self, tokens: Sequence[int], *, sample: bool, return_logits: bool, replay: bool = False
+        self, tokens: Sequence[int], *, sample: bool, return_logits: bool, replay: bool = False, sample_all: bool = False
     ) -> asyncio.Future[StepOutput] | None:
         if self._failure is not None:
             raise self._failure
@@ -259,6 +278,7 @@ class RouteSession(Service):
             sample=sample,
             return_logits=return_logits,
             replay=replay,
+            sample_all=sample_all,
         )
         try:
             await self._head.write(swarm_pb2.SessionRequest(step=step))
@@ -327,6 +347,8 @@ class RouteSession(Service):
                         top=tuple((t.token, t.logprob) for t in result.top),
                         finished=result.finished,
                         logits=logits,
+                        commits=tuple(from_proto(c) for c in result.commits),
+                        sampled=tuple(result.sampled),
                     )
                 )
         except grpc.aio.AioRpcError as exc:

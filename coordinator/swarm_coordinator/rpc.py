@@ -7,6 +7,11 @@ spell (:class:`swarm_proto.backoff.Backoff`, the very mechanism clients use; cli
 never report a node that only refused for capacity); when leaving the reported nodes out would leave no route at all, they are used
 anyway (a report may say more about the client's network than about the node).
 
+A report with ``evidence`` says a spot check caught the node lying (docs/verification.md):
+the node is quarantined -- left out of every route and of the node list for good (until
+the coordinator restarts), a ``quarantine`` event published with the evidence. Evidence
+needs two witnesses, known nodes other than the accused, that agreed against it.
+
 This is the only module of the coordinator that reads or builds ``swarm_pb2`` messages.
 """
 
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CoordinatorService"]
 
 MAX_EXCLUDES = 256
+MIN_WITNESSES = 2
 
 
 class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
@@ -55,6 +61,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         self._clock = clock
         self.routes_given = 0
         self.failovers = 0  # recovered failovers reported by clients
+        self.quarantined: dict[str, str] = {}  # node id -> the evidence, one line (bounded by the known nodes)
 
     # --- GetRoute ---------------------------------------------------------------------
 
@@ -67,7 +74,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         if len(request.exclude_node_ids) + len(request.exclude_addresses) > MAX_EXCLUDES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_EXCLUDES} exclusions")
         now = self._clock()
-        asked = set(request.exclude_node_ids) | _ids_at(state, request.exclude_addresses)
+        asked = set(request.exclude_node_ids) | _ids_at(state, request.exclude_addresses) | self.quarantined.keys()
         try:
             spans = self._route(state, request.max_length or 1, asked, self.failures.avoided(now), now)
         except NoRouteError as exc:
@@ -113,6 +120,9 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             # Unknown nodes cannot be routed to anyway; acknowledge so clients move on.
             log.info("failure report for an unknown node %r at %r", request.node_id, request.address)
             return swarm_pb2.FailureAck()
+        if request.HasField("evidence"):
+            await self._quarantine(state, node_id, request)
+            return swarm_pb2.FailureAck()
         backoff = self.failures.record(node_id, self._clock())
         log.warning(
             "node %s reported failing (%s: %s, session %s): avoided for %.0f s",
@@ -120,11 +130,30 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         )
         return swarm_pb2.FailureAck()
 
+    async def _quarantine(self, state: SwarmState, node_id: str, request: swarm_pb2.FailureReport) -> None:
+        ev = request.evidence
+        witnesses = {w for w in ev.witnesses if w in state.nodes and w != node_id}
+        if len(witnesses) < MIN_WITNESSES:
+            log.warning("evidence against %s ignored: %d known witnesses, %d needed", node_id, len(witnesses), MIN_WITNESSES)
+            return
+        if node_id in self.quarantined:
+            return
+        detail = (
+            f"layers [{ev.start}, {ev.end}) wrong at position {ev.position}: {ev.detail[:300]}; "
+            f"claimed {_floats(ev.claimed)}, recomputed {_floats(ev.recomputed)}; witnesses {', '.join(sorted(witnesses))}"
+        )
+        self.quarantined[node_id] = detail
+        log.warning("node %s quarantined: %s", node_id, detail)
+        await self.registry.publish_event(Event(EventKind.QUARANTINE, node_id, detail))
+
     # --- ListNodes --------------------------------------------------------------------
 
     async def ListNodes(self, request: swarm_pb2.ListNodesRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.NodeList:  # type: ignore[type-arg]
         state = self.registry.state
-        nodes = [_node_info(state, v) for v in state.online() if not request.model or v.status.model == request.model]
+        nodes = [
+            _node_info(state, v) for v in state.online()
+            if (not request.model or v.status.model == request.model) and v.node_id not in self.quarantined
+        ]
         return swarm_pb2.NodeList(nodes=nodes)
 
     # --- GetSwarmInfo -----------------------------------------------------------------
@@ -138,6 +167,10 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             num_layers=state.num_layers,
             version=self.version,
         )
+
+
+def _floats(values: Collection[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in list(values)[:8]) + "]"
 
 
 def failover_detail(report: swarm_pb2.FailureReport) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from swarm_proto import swarm_pb2
 
-__all__ = ["Commit", "Mismatch", "Tolerance", "compare_at", "from_proto", "to_proto", "DEFAULT_K", "MAX_K"]
+__all__ = ["DEFAULT_K", "MAX_K", "Commit", "Mismatch", "Tolerance", "compare_at", "from_proto", "to_proto"]
 
 DEFAULT_K = 8  # entries per position: 64 bytes on the wire
 MAX_K = 64  # the most a node accepts to relay per position
