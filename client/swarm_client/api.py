@@ -25,6 +25,7 @@ from swarm_client.errors import InvalidRequestError
 from swarm_client.failover import FailoverPolicy
 from swarm_client.params import SamplingOptions
 from swarm_client.tokenizer import Tokenizer, load_tokenizer
+from swarm_client.verify import VerifyPolicy
 from swarm_client.types import (
     AsyncTokenSource,
     FinishReason,
@@ -293,11 +294,12 @@ class SwarmClient(_Base):
         token: str | None = None,
         timeout: float | None = None,
         policy: FailoverPolicy | None = None,
+        verify: VerifyPolicy | None = None,
     ) -> SwarmClient:
         """The blocking face of ``AsyncSwarmClient.remote`` (same arguments)."""
         from swarm_client.blocking import BlockingTokenSource
 
-        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy)
+        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, verify)
         return cls(BlockingTokenSource(backend), tokenizer, defaults=defaults)
 
     def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> Iterator[StreamEvent]:
@@ -333,6 +335,7 @@ def _remote_backend(
     token: str | None,
     timeout: float | None = None,
     policy: FailoverPolicy | None = None,
+    verify: VerifyPolicy | None = None,
 ) -> tuple[AsyncTokenSource, Tokenizer]:
     from swarm_client.routed import CoordinatorRoutes, RoutedBackend, RouteProvider, StaticRoutes, parse_route
     from swarm_proto.model_args import read_args
@@ -350,7 +353,8 @@ def _remote_backend(
     if timeout is not None:
         policy = replace(policy, busy_wait=timeout)
     backend = RoutedBackend(
-        routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids, token=token, policy=policy
+        routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids, token=token, policy=policy,
+        verify=verify,
     )
     return backend, load_tokenizer(path)
 
@@ -395,6 +399,7 @@ class AsyncSwarmClient(_Base):
         token: str | None = None,
         timeout: float | None = None,
         policy: FailoverPolicy | None = None,
+        verify: VerifyPolicy | None = None,
     ) -> AsyncSwarmClient:
         """A client generating over the swarm: routes from the coordinator at
         ``HOST:PORT`` (with failover), or along a fixed ``route``
@@ -404,8 +409,10 @@ class AsyncSwarmClient(_Base):
         the nodes ask for (default: ``$SWARM_TOKEN``, none when unset). ``timeout``:
         how long a generation waits in all for room while the swarm is busy (full, not
         failing) before it raises ``BusyError`` (default: 300 s). ``policy``: failover and
-        busy-wait settings (``FailoverPolicy``; ``timeout`` overrides its ``busy_wait``)."""
-        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy)
+        busy-wait settings (``FailoverPolicy``; ``timeout`` overrides its ``busy_wait``).
+        ``verify``: spot checks of the nodes' results (``VerifyPolicy``, default: a check
+        on 5% of steps; ``rate=0`` turns them off; docs/verification.md)."""
+        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, verify)
         return cls(backend, tokenizer, defaults=defaults)
 
     def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncGenerator[StreamEvent, None]:

@@ -95,6 +95,10 @@ class RouteProvider(Protocol):
         """Tell the route's source that a spot check caught a node lying (advice: never raises)."""
         return  # (an empty body would make it abstract)
 
+    def has_alternatives(self) -> bool:
+        """Whether routes through other nodes may exist (somewhere to spot-check on)."""
+        return True
+
     async def aclose(self) -> None:
         return  # (an empty body would make it abstract)
 
@@ -139,6 +143,9 @@ class StaticRoutes(RouteProvider):
     def __init__(self, hops: Sequence[Hop], *, token: str = "") -> None:
         self.hops = tuple(hops)
         self._metadata = call_metadata(token)
+
+    def has_alternatives(self) -> bool:
+        return False  # one chain: nowhere to check its results
 
     async def route(
         self, *, max_length: int, exclude_node_ids: Collection[str] = (), exclude_addresses: Collection[str] = ()
@@ -504,7 +511,7 @@ class RoutedBackend(AsyncTokenSource):
                 await verifier.aclose()
 
     def _verifier(self, params: SamplingParams, max_length: int, prompt_length: int) -> Verifier | None:
-        if self.verify.rate <= 0:
+        if self.verify.rate <= 0 or not self.routes.has_alternatives():
             return None
         verifier = Verifier(
             self.routes, policy=self.verify, max_length=max_length, sampling=params,

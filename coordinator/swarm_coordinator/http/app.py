@@ -73,6 +73,7 @@ class GatewayConfig:
     feed_interval_s: float = 1.0  # dashboard refresh when nothing changes
     queue_size: int = 64  # generations that may wait for room in the swarm; one more gets 429
     queue_timeout_s: float = 60.0  # the longest a generation waits for room before 429
+    verify_rate: float = 0.05  # share of steps that trigger a spot check (docs/verification.md); 0 = off
 
     def __post_init__(self) -> None:
         KeyLimits(self.requests_per_minute, self.tokens_per_minute)  # validates

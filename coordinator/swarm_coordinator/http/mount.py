@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from swarm_client.api import AsyncSwarmClient
 from swarm_client.failover import FailoverPolicy
+from swarm_client.verify import VerifyPolicy
 from swarm_coordinator.http.app import GatewayConfig, create_app
 from swarm_proto.flags import flag_adder
 
@@ -44,6 +45,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         metavar="N")
     add("--queue-timeout", float, 60.0, "the longest a request waits for room before 429", metavar="SECONDS")
     add("--model-id", str, None, "the model id /v1/models lists (default: the model file's name)", metavar="NAME")
+    add("--verify-rate", float, 0.05, "share of decode steps that trigger a spot check of the nodes' results "
+        "on other nodes (docs/verification.md); 0 = off", metavar="P")
 
 
 def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
@@ -55,6 +58,7 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
         tokens_per_minute=getattr(ns, "rate_limit_tpm", 0) or 0,
         queue_size=getattr(ns, "queue_size", 64),
         queue_timeout_s=getattr(ns, "queue_timeout", 60.0),
+        verify_rate=getattr(ns, "verify_rate", 0.05),
     )
 
 
@@ -66,11 +70,13 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
     if host in ("0.0.0.0", "::", "[::]", ""):
         address = f"127.0.0.1:{port}"
     model, token = str(coordinator.config.model), coordinator.config.token
+    config = config or GatewayConfig()
+    verify = VerifyPolicy(rate=config.verify_rate)
 
     def client() -> AsyncSwarmClient:
         # busy_at_start="raise": the gateway's line orders the generations waiting for room
         return AsyncSwarmClient.remote(
-            coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise")
+            coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise"), verify=verify
         )
 
-    return create_app(client, coordinator.registry, config or GatewayConfig())
+    return create_app(client, coordinator.registry, config)

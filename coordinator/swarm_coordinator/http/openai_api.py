@@ -54,11 +54,13 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # --- responses ---------------------------------------------------------------------------
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, checked_tokens: int = 0) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # an extension: positions recomputed on other nodes and found equal (docs/verification.md)
+        "checked_tokens": checked_tokens,
     }
 
 
@@ -199,7 +201,7 @@ class OpenAIRoutes:
                 "finish_reason": result.finish_reason,
             }
         ]
-        body["usage"] = _usage(len(result.prompt_token_ids), result.num_tokens)
+        body["usage"] = _usage(len(result.prompt_token_ids), result.num_tokens, result.checked_steps)
         return body
 
     def _completion_response(self, req: CompletionRequest, result: GenerationResult) -> dict[str, Any]:
@@ -215,7 +217,7 @@ class OpenAIRoutes:
                 "finish_reason": result.finish_reason,
             }
         ]
-        body["usage"] = _usage(len(result.prompt_token_ids), result.num_tokens)
+        body["usage"] = _usage(len(result.prompt_token_ids), result.num_tokens, result.checked_steps)
         return body
 
     async def _chat_chunks(
@@ -239,7 +241,7 @@ class OpenAIRoutes:
             if event.result is not None:
                 yield chunk({}, event.result.finish_reason)
                 if req.include_usage:
-                    usage = _usage(len(event.result.prompt_token_ids), event.result.num_tokens)
+                    usage = _usage(len(event.result.prompt_token_ids), event.result.num_tokens, event.result.checked_steps)
                     yield _sse({**base, "choices": [], "usage": usage})
         yield SSE_DONE
 
@@ -269,7 +271,7 @@ class OpenAIRoutes:
             if event.text or lp or finish:
                 yield chunk(event.text, finish, lp)
             if event.result is not None and req.include_usage:
-                usage = _usage(len(event.result.prompt_token_ids), event.result.num_tokens)
+                usage = _usage(len(event.result.prompt_token_ids), event.result.num_tokens, event.result.checked_steps)
                 yield _sse({**base, "choices": [], "usage": usage})
         yield SSE_DONE
 
