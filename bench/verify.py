@@ -6,7 +6,8 @@
    nodes has a disjoint route to check on. Generations of --tokens tokens run with
    checks at the default rate (0.05) and with checks off, taking turns, --runs times
    each; per mode: throughput (tokens / generation time, the final check included),
-   time to the first token the caller gets, and decode time per token. All processes
+   time to the first token the caller gets, decode time per token and the longest gap
+   between two tokens the caller gets (checked tokens come in bursts). All processes
    share this machine's cores, so the verifiers' recomputation competes with the
    generation here; on a real swarm it runs on other machines.
 2. Detection time vs rate: a liar is caught at the first check after its first lie
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import statistics
@@ -53,12 +55,18 @@ async def one(swarm: ChaosSwarm, rate: float, tokens: int) -> dict[str, float]:
         t0 = time.perf_counter()
         first = 0.0
         n = 0
+        arrivals = []
         async for _ in backend.tokens(PROMPT, GREEDY, tokens):
             n += 1
+            arrivals.append(time.perf_counter())
             if n == 1:
-                first = time.perf_counter() - t0
+                first = arrivals[0] - t0
         total = time.perf_counter() - t0
-        return {"total_s": total, "ttft_s": first, "tokens": n, "checked": backend.checked_steps}
+        gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
+        return {
+            "total_s": total, "ttft_s": first, "tokens": n, "checked": backend.checked_steps,
+            "max_gap_s": gaps[-1] if gaps else 0.0,
+        }
     finally:
         await backend.aclose()
 
@@ -68,12 +76,16 @@ def cost(model: Path, runs: int, tokens: int) -> dict[str, Any]:
         swarm = ChaosSwarm(model, Path(tmp), max_length=256)
         try:
             swarm.start(FOUR, timeout=300)
-            asyncio.run(one(swarm, 0.0, 8))  # warm up every node
-            asyncio.run(one(swarm, 0.05, 8))
             out: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
-            for _ in range(runs):
-                for mode, rate in (("off", 0.0), ("on", 0.05)):
-                    out[mode].append(asyncio.run(one(swarm, rate, tokens)))
+
+            async def all_runs() -> None:
+                await one(swarm, 0.0, 8)  # warm up every node
+                await one(swarm, 0.05, 8)
+                for _ in range(runs):
+                    for mode, rate in (("off", 0.0), ("on", 0.05)):
+                        out[mode].append(await one(swarm, rate, tokens))
+
+            asyncio.run(all_runs())
         finally:
             swarm.close()
     summary: dict[str, Any] = {}
@@ -83,6 +95,7 @@ def cost(model: Path, runs: int, tokens: int) -> dict[str, Any]:
             "ttft_s": statistics.median(r["ttft_s"] for r in rows),
             "decode_s_per_token": statistics.median((r["total_s"] - r["ttft_s"]) / max(1, r["tokens"] - 1) for r in rows),
             "checked_positions": statistics.median(r["checked"] for r in rows),
+            "max_gap_s": statistics.median(r["max_gap_s"] for r in rows),
             "runs": rows,
         }
     summary["throughput_cost"] = 1 - summary["on"]["throughput_tok_s"] / summary["off"]["throughput_tok_s"]
@@ -128,10 +141,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cost": c, "detection": d, "args": vars(args) | {"model": str(model)}}, indent=2))
     print(f"cost of spot checks, {args.tokens} tokens x {args.runs} runs per mode (medians), default model, 4 nodes on this machine")
-    print(f"{'checks':<8}{'tok/s':>8}{'first token s':>15}{'decode s/token':>16}{'checked':>9}")
+    print(f"{'checks':<8}{'tok/s':>8}{'first token s':>15}{'decode s/token':>16}{'longest gap s':>15}{'checked':>9}")
     for mode in ("off", "on"):
         m = c[mode]
-        print(f"{mode:<8}{m['throughput_tok_s']:>8.2f}{m['ttft_s']:>15.3f}{m['decode_s_per_token']:>16.4f}{m['checked_positions']:>9.0f}")
+        print(f"{mode:<8}{m['throughput_tok_s']:>8.2f}{m['ttft_s']:>15.3f}{m['decode_s_per_token']:>16.4f}"
+              f"{m['max_gap_s']:>15.3f}{m['checked_positions']:>9.0f}")
     print(f"throughput cost: {c['throughput_cost'] * 100:.1f}%")
     print()
     print(f"detection: steps from a lie to the check that catches it, over {args.seeds} seeds")

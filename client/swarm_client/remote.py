@@ -98,6 +98,8 @@ class StepOutput:
     logits: torch.Tensor | None = None  # [T, V] when asked for
     commits: tuple[Commit, ...] = ()  # every hop's commitment for the step's positions, head first
     sampled: tuple[int, ...] = ()  # recompute(): the token after each position of the chunk
+    sampled_logprobs: tuple[float, ...] = ()  # ... its raw log-probability
+    given_logprobs: tuple[float, ...] = ()  # ... and that of the token that actually follows (NaN: unknown)
 
 
 class RouteSession(Service):
@@ -213,13 +215,18 @@ class RouteSession(Service):
         assert future is not None
         return await self._wait(future, timeout)
 
-    async def recompute(self, tokens: Sequence[int], *, timeout: float | None = None) -> list[StepOutput]:
+    async def recompute(
+        self, tokens: Sequence[int], *, next_token: int | None = None, timeout: float | None = None
+    ) -> list[StepOutput]:
         """A verifier's pass: send ``tokens`` from the current position (chunked) and
-        have the tail sample after every position; one output per chunk, each with the
-        hops' commitments and ``sampled``."""
+        have the tail sample after every position and score the token that follows it
+        (``next_token`` after the last); one output per chunk, each with the hops'
+        commitments, ``sampled`` and the log-probabilities."""
         futures = []
-        for i in range(0, len(tokens), self.prefill_chunk):
-            futures.append(await self._send(tokens[i : i + self.prefill_chunk], sample=True, return_logits=False, sample_all=True))
+        n = self.prefill_chunk
+        for i in range(0, len(tokens), n):
+            after = tokens[i + n] if i + n < len(tokens) else next_token
+            futures.append(await self._send(tokens[i : i + n], sample=True, return_logits=False, sample_all=True, next_token=after))
         return [await self._wait(f, timeout) for f in futures if f is not None]
 
     def rewind(self, position: int) -> None:
@@ -259,7 +266,14 @@ class RouteSession(Service):
     # --- internals ------------------------------------------------------------------
 
     async def _send(
-        self, tokens: Sequence[int], *, sample: bool, return_logits: bool, replay: bool = False, sample_all: bool = False
+        self,
+        tokens: Sequence[int],
+        *,
+        sample: bool,
+        return_logits: bool,
+        replay: bool = False,
+        sample_all: bool = False,
+        next_token: int | None = None,
     ) -> asyncio.Future[StepOutput] | None:
         if self._failure is not None:
             raise self._failure
@@ -279,6 +293,7 @@ class RouteSession(Service):
             return_logits=return_logits,
             replay=replay,
             sample_all=sample_all,
+            next_token=next_token,
         )
         try:
             await self._head.write(swarm_pb2.SessionRequest(step=step))
@@ -349,6 +364,8 @@ class RouteSession(Service):
                         logits=logits,
                         commits=tuple(from_proto(c) for c in result.commits),
                         sampled=tuple(result.sampled),
+                        sampled_logprobs=tuple(result.sampled_logprobs),
+                        given_logprobs=tuple(result.given_logprobs),
                     )
                 )
         except grpc.aio.AioRpcError as exc:

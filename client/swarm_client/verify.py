@@ -27,6 +27,7 @@ holds exactly ``shadow.position`` positions of the main history's prefix.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ class VerifyPolicy:
     rate: float = 0.05  # probability that a step triggers a check of all positions since the last one
     tolerance: Tolerance = field(default_factory=Tolerance)
     timeout: float = 60.0  # a recomputation's answer
+    # A generated token that differs from the verifier's sample is honest when the
+    # verifier's raw log-probability of it is within this of its own choice's: the
+    # two tails split a near-tie that rounding (bfloat16, batch mixes) decides.
+    token_margin: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
@@ -93,6 +98,7 @@ class _Disagreement:
     mismatch: Mismatch | None
     main_token: int = -1
     shadow_token: int = -1
+    gap: float = 0.0  # the verifier's log-probability of its token minus that of the main's
 
 
 class Verifier:
@@ -154,7 +160,7 @@ class Verifier:
             return CheckResult(0)
         begin = shadow.position
         try:
-            outs = await shadow.recompute(history[begin : last + 1], timeout=self.policy.timeout)
+            outs = await shadow.recompute(history[begin : last + 1], next_token=history[last + 1], timeout=self.policy.timeout)
         except RouteError as err:  # a verifier failed (not lied): release unchecked, try another next time
             log.warning("verifier route failed (%s): positions up to %d released unchecked", err, last)
             if err.address:
@@ -223,14 +229,14 @@ class Verifier:
     def _compare(self, history: Sequence[int], outs: Sequence[StepOutput], begin: int, last: int) -> _Disagreement | None:
         tol = self.policy.tolerance
         shadow: dict[int, dict[int, Commit]] = {}
-        sampled: dict[int, int] = {}
+        sampled: dict[int, tuple[int, float]] = {}  # position -> (token, log-prob gap to the main's token)
         pos = begin
         for out in outs:
             for c in out.commits:
                 for i in range(c.positions):
                     shadow.setdefault(c.start_pos + i, {})[c.end] = c
-            for t in out.sampled:
-                sampled[pos] = t
+            for t, slp, glp in zip(out.sampled, out.sampled_logprobs, out.given_logprobs):
+                sampled[pos] = (t, math.inf if math.isnan(glp) else slp - glp)  # NaN: the main's token unknown
                 pos += 1
         for p in range(self.checked_upto, last + 1):
             mine, theirs = self.commits.get(p, {}), shadow.get(p, {})
@@ -239,8 +245,10 @@ class Verifier:
                 if m is not None:
                     return _Disagreement(p, end, mine[end], theirs[end], m)
             generated = p + 1 >= self.prompt_length  # the prompt's own tokens were never sampled
-            if generated and p in sampled and p + 1 < len(history) and sampled[p] != history[p + 1]:
-                return _Disagreement(p, -1, None, None, None, history[p + 1], sampled[p])
+            if generated and p in sampled and p + 1 < len(history):
+                token, gap = sampled[p]
+                if token != history[p + 1] and gap > self.policy.token_margin:
+                    return _Disagreement(p, -1, None, None, None, history[p + 1], token, gap)
         return None
 
     async def _third_opinion(self, history: Sequence[int], d: _Disagreement, main_hops: Sequence[Hop]) -> Blame:
@@ -256,13 +264,16 @@ class Verifier:
         if third is None:
             raise VerificationError(f"{main_hop.address} and {shadow_hop.address} disagree at {self._describe(d)}; no third node to decide")
         try:
-            outs = await third.recompute(history[: d.position + 1], timeout=self.policy.timeout)
+            outs = await third.recompute(history[: d.position + 1], next_token=history[d.position + 1], timeout=self.policy.timeout)
         finally:
             await third.close()
         witness = next((h for h in third.hops if (h.end == d.end if d.end >= 0 else h is third.hops[-1])), None)
         if d.end < 0:
-            token = outs[-1].sampled[-1] if outs and outs[-1].sampled else -2
-            agrees_main, agrees_shadow = token == d.main_token, token == d.shadow_token
+            last = outs[-1] if outs else None
+            token = last.sampled[-1] if last is not None and last.sampled else -2
+            gap = last.sampled_logprobs[-1] - last.given_logprobs[-1] if last is not None and last.given_logprobs else math.inf
+            agrees_main = token == d.main_token or gap <= self.policy.token_margin
+            agrees_shadow = token == d.shadow_token
         else:
             commit = next((c for o in outs for c in o.commits if c.end == d.end and c.row(d.position) is not None), None)
             if commit is None or witness is None:
@@ -291,5 +302,8 @@ class Verifier:
 
     def _describe(self, d: _Disagreement) -> str:
         if d.mismatch is None:
-            return f"position {d.position}: next token {d.main_token} vs {d.shadow_token}"
+            return (
+                f"position {d.position}: next token {d.main_token} vs {d.shadow_token} "
+                f"(log-probability gap {d.gap:.3g}, margin {self.policy.token_margin:g})"
+            )
         return f"layer {d.end}, " + d.mismatch.describe(self.policy.tolerance)

@@ -62,6 +62,7 @@ class StepIn:
     replay: bool = False  # a failover replay: may be skipped where already cached
     commits: tuple[swarm_pb2.Commitment, ...] = ()  # upstream hops' commitments, relayed
     sample_all: bool = False  # tail: sample after every position (a verifier's recomputation)
+    next_token: int | None = None  # with sample_all: the token after the chunk
 
     @property
     def length(self) -> int:
@@ -82,6 +83,8 @@ class StepResult:
     logits: torch.Tensor | None = None  # [T, V] float32
     commits: tuple[swarm_pb2.Commitment, ...] = ()  # every hop's, head first (spot checks)
     sampled: tuple[int, ...] = ()  # sample_all: the token after each position
+    sampled_logprobs: tuple[float, ...] = ()  # ... its raw log-probability
+    given_logprobs: tuple[float, ...] = ()  # ... and that of the token that actually follows (NaN: unknown)
 
 
 # --- sampling -----------------------------------------------------------------------
@@ -203,9 +206,12 @@ def step_from_proto(
     for c in msg.commits:
         if not 0 < c.k <= MAX_K or len(c.indices) != len(c.values) or len(c.indices) > n * c.k:
             raise invalid(f"step {msg.step_id}: malformed commitment from {c.node_id or c.address or '?'}")
+    next_token = msg.next_token if msg.HasField("next_token") else None
+    if next_token is not None and not 0 <= next_token < vocab_size:
+        raise invalid(f"step {msg.step_id}: next_token must be in 0..{vocab_size - 1}")
     return StepIn(
         msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay,
-        tuple(msg.commits), msg.sample_all,
+        tuple(msg.commits), msg.sample_all, next_token,
     )
 
 
@@ -236,6 +242,7 @@ def step_to_proto(
         replay=step.replay,
         commits=[*step.commits, *([commit] if commit is not None else [])],
         sample_all=step.sample_all,
+        next_token=step.next_token,
     )
 
 
@@ -274,6 +281,8 @@ def result_to_proto(r: StepResult) -> swarm_pb2.Result:
         msg.logits.CopyFrom(codec.encode(r.logits))
     msg.commits.extend(r.commits)
     msg.sampled.extend(r.sampled)
+    msg.sampled_logprobs.extend(r.sampled_logprobs)
+    msg.given_logprobs.extend(r.given_logprobs)
     return msg
 
 

@@ -74,6 +74,7 @@ class Job:
     # Tail only (a verifier's recomputation): also sample after every position, one
     # request per position of the chunk.
     sample_all: Sequence[SampleRequest] = ()
+    given: Sequence[int] = ()  # with sample_all: the token that follows each position (-1: unknown)
 
     @property
     def length(self) -> int:
@@ -91,6 +92,8 @@ class JobOutput:
     # (swarm_node.verify.commit_rows); empty when commitments are off.
     commit: tuple[list[int], list[float]] = ([], [])
     sampled: tuple[int, ...] = ()  # sample_all: the token after each position
+    sampled_logprobs: tuple[float, ...] = ()  # ... its raw log-probability
+    given_logprobs: tuple[float, ...] = ()  # ... and that of Job.given's token (NaN where unknown)
 
 
 @dataclass
@@ -335,11 +338,21 @@ class Scheduler:
             token, logprob = tokens.get(i, (None, 0.0))
             logits = per_job[i].to("cpu") if job.return_logits else None
             sampled: tuple[int, ...] = ()
+            sampled_lp: tuple[float, ...] = ()
+            given_lp: tuple[float, ...] = ()
             if job.sample_all:
                 reqs = list(job.sample_all)
                 picked = sample(per_job[i], [r.params for r in reqs], [r.position for r in reqs], [r.history for r in reqs])
                 sampled = tuple(int(t) for t in picked.tokens)
+                lp = torch.log_softmax(per_job[i].float(), dim=-1)  # [T, V]
+                rows_t = torch.arange(lp.shape[0])
+                sampled_lp = tuple(lp[rows_t, picked.tokens.to(torch.int64)].tolist())
+                given = torch.tensor([max(g, 0) for g in job.given], dtype=torch.int64)
+                given_lp = tuple(v if g >= 0 else float("nan") for v, g in zip(lp[rows_t, given].tolist(), job.given))
             outputs.append(
-                JobOutput(logits=logits, token=token, logprob=logprob, top=tops.get(i, ()), commit=commits[i], sampled=sampled)
+                JobOutput(
+                    logits=logits, token=token, logprob=logprob, top=tops.get(i, ()), commit=commits[i], sampled=sampled,
+                    sampled_logprobs=sampled_lp, given_logprobs=given_lp,
+                )
             )
         return outputs

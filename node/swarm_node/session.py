@@ -86,12 +86,14 @@ class NodeSession:
             position = step.start_pos + step.length
             request = SampleRequest(gen.sampling, position, list(self.history), gen.top_logprobs)
         every: list[SampleRequest] = []
+        given: list[int] = []
         if step.sample_all:  # the token after each position, each with its own history
             for p in range(step.start_pos + 1, step.start_pos + step.length + 1):
                 every.append(SampleRequest(gen.sampling, p, self.history[:p]))
+            given = [*step.tokens.tolist()[1:], -1 if step.next_token is None else step.next_token]
         return Job(
             self.cache, step.start_pos, x, sample=request, return_logits=step.return_logits, model=self.model,
-            sample_all=every,
+            sample_all=every, given=given,
         )
 
     def result(
@@ -112,6 +114,7 @@ class NodeSession:
             )
         commits = (*step.commits, *([commit] if commit is not None else []))
         r = StepResult(
-            self.sid, step.step_id, position, out.token, out.logprob, out.top, finished, out.logits, commits, out.sampled
+            self.sid, step.step_id, position, out.token, out.logprob, out.top, finished, out.logits, commits, out.sampled,
+            out.sampled_logprobs, out.given_logprobs,
         )
         return convert.result_to_proto(r)

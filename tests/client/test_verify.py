@@ -79,23 +79,33 @@ def test_compare_finds_the_first_wrong_hop_output() -> None:
     history = [5, 6, 7, 8, 9, 10, 11]  # prompt of 4, then 3 generated tokens
     v.record(StepOutput(1, 4, 9, commits=(_commit(3, 0, _rows(4)), _commit(6, 0, _rows(4, bad=2)))))
     v.record(StepOutput(2, 5, 10, commits=(_commit(3, 4, _rows(1)), _commit(6, 4, _rows(1)))))
-    shadow = StepOutput(9, 6, 11, commits=(_commit(3, 0, _rows(6)), _commit(6, 0, _rows(6))), sampled=(0, 0, 0, 9, 10, 11))
+    shadow = StepOutput(9, 6, 11, commits=(_commit(3, 0, _rows(6)), _commit(6, 0, _rows(6))), sampled=(0, 0, 0, 9, 10, 11),
+                        sampled_logprobs=(0.0,) * 6, given_logprobs=(0.0,) * 6)
     d = v._compare(history, [shadow], 0, 5)
     assert d is not None and d.position == 2 and d.end == 6  # the second hop, inside the prompt
     assert d.mismatch is not None and d.mismatch.rel_err > 0.2
 
 
-def test_compare_checks_generated_tokens_only() -> None:
+def _scored(commit: Commit, sampled: tuple[int, ...], gaps: tuple[float, ...]) -> StepOutput:
+    """A shadow's output: its samples, each ``gap`` nats more likely to it than the main's token."""
+    return StepOutput(9, 6, 11, commits=(commit,), sampled=sampled, sampled_logprobs=(-0.1,) * len(sampled),
+                      given_logprobs=tuple(-0.1 - g for g in gaps))
+
+
+def test_compare_checks_generated_tokens_only_and_allows_near_ties() -> None:
     v = _verifier(0.1, 0)
     history = [5, 6, 7, 8, 9, 10, 11]
     v.record(StepOutput(1, 4, 9, commits=(_commit(6, 0, _rows(6)),)))
     # The shadow's samples after prompt positions differ from the prompt: never a lie.
-    honest = StepOutput(9, 6, 11, commits=(_commit(6, 0, _rows(6)),), sampled=(1, 2, 3, 9, 10, 11))
+    honest = _scored(_commit(6, 0, _rows(6)), (1, 2, 3, 9, 10, 11), (9.0, 9.0, 9.0, 0.0, 0.0, 0.0))
     assert v._compare(history, [honest], 0, 5) is None
-    lied = StepOutput(9, 6, 11, commits=(_commit(6, 0, _rows(6)),), sampled=(1, 2, 3, 9, 12, 11))
+    # A near-tie split the other way by rounding: honest.
+    tie = _scored(_commit(6, 0, _rows(6)), (1, 2, 3, 9, 12, 11), (0, 0, 0, 0, 0.3, 0))
+    assert v._compare(history, [tie], 0, 5) is None
+    lied = _scored(_commit(6, 0, _rows(6)), (1, 2, 3, 9, 12, 11), (0, 0, 0, 0, 8.5, 0))
     d = v._compare(history, [lied], 0, 5)
     assert d is not None and d.position == 4 and d.mismatch is None
-    assert (d.main_token, d.shadow_token) == (10, 12)
+    assert (d.main_token, d.shadow_token) == (10, 12) and d.gap == pytest.approx(8.5)
 
 
 def test_rewind_forgets_what_followed() -> None:
