@@ -406,7 +406,8 @@ class RoutedBackend(AsyncTokenSource):
                                     return
                             else:
                                 verifier.record(out)
-                                if check is None and (done or released == len(prompt_ids) or verifier.want_check()):
+                                wanted = done or released == len(prompt_ids) or verifier.want_check()
+                                if check is None and not verifier.unavailable and wanted:
                                     check = asyncio.get_running_loop().create_task(verifier.check(list(history), route.hops))
                                 if check is not None and (done or check.done()):
                                     for _ in range(3):  # a verifier caught lying: check again on another
@@ -427,6 +428,10 @@ class RoutedBackend(AsyncTokenSource):
                                         logger.warning("no honest verifier found: the last tokens are released unchecked")
                                     upto = len(history) if done else min(len(history), verifier.checked_upto + 1)
                                     while released < upto:
+                                        released += 1
+                                        yield SampledToken(history[released - 1], logprobs[released - 1], verifier.checked)
+                                if check is None and verifier.unavailable:  # nowhere to check: stop holding back
+                                    while released < len(history):
                                         released += 1
                                         yield SampledToken(history[released - 1], logprobs[released - 1], verifier.checked)
                                 if done and released >= len(history):

@@ -126,6 +126,7 @@ class Verifier:
         self.checked_upto = 0  # positions [0, checked_upto) verified
         self.checked = 0  # positions compared in all
         self.excluded: set[str] = set()  # addresses never to use as verifiers (quarantined)
+        self.unavailable = False  # no route of other nodes for this generation: checks are off
         self._shadow: RouteSession | None = None
         self._shadow_ids: frozenset[str] = frozenset()
 
@@ -154,7 +155,8 @@ class Verifier:
         if last < self.checked_upto:
             return CheckResult(0)
         shadow = await self._shadow_for(main_hops)
-        if shadow is None:  # nowhere to check: release unchecked (counted as such)
+        if shadow is None:  # nowhere to check: release unchecked (counted as such), and stop trying
+            self.unavailable = True
             self._forget(last + 1)
             self.checked_upto = last + 1
             return CheckResult(0)

@@ -233,6 +233,10 @@ class ChaosSwarm:
     # --- generating -------------------------------------------------------------------
 
     def backend(self, policy: FailoverPolicy | None = None, verify: VerifyPolicy | None = None) -> RoutedBackend:
+        """A client of the swarm. Spot checks are off unless ``verify`` asks: they hold
+        tokens back until checked, and the chaos tests time their kills by the tokens
+        the caller has received."""
+        verify = verify or VerifyPolicy(rate=0.0)
         return RoutedBackend(
             CoordinatorRoutes(self.address), max_context=self.max_length, eos_token_ids=(), policy=policy, verify=verify
         )
