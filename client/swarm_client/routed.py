@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections import deque
@@ -203,8 +204,8 @@ class CoordinatorRoutes(RouteProvider):
 
     async def report_failure(self, error: RouteError, session_id: str) -> None:
         report = swarm_pb2.FailureReport(
-            node_id=error.node_id,
-            address=error.address,
+            node_id=error.node_id[:256],  # named by a peer: cut to what the coordinator takes
+            address=error.address[:256],
             session_id=session_id,
             code=wire_code(error.code),
             message=error.message[:1000],
@@ -217,8 +218,8 @@ class CoordinatorRoutes(RouteProvider):
     async def report_recovery(self, record: FailoverRecord) -> None:
         """The failover's numbers, once the session produced a token again (an event)."""
         report = swarm_pb2.FailureReport(
-            node_id=record.node_id,
-            address=record.address,
+            node_id=record.node_id[:256],
+            address=record.address[:256],
             session_id=record.session_id,
             code=wire_code(grpc.StatusCode[record.code]),
             message=record.message[:1000],
@@ -346,6 +347,7 @@ class RoutedBackend(AsyncTokenSource):
         generated = 0
         route = await self._route(max_length)
         session_id = route.session_id or uuid.uuid4().hex
+        capability = secrets.token_urlsafe(24)  # the sessions' secret: their Results and resumes need it
         pending: FailoverRecord | None = None  # a failover not yet followed by a token
         failures = 0
         clock = StepClock(policy)  # this session's: its timeouts follow its own routes' speed
@@ -353,13 +355,13 @@ class RoutedBackend(AsyncTokenSource):
         verifier = self._verifier(params, max_length, len(prompt_ids))
         released = len(history)  # history[:released] is the prompt plus what the caller got
         check: asyncio.Task[CheckResult] | None = None
-        fresh = False  # the next session recomputes everything (after a lie)
+        restart = False  # the next session recomputes everything (after a lie)
         logprobs: dict[int, float] = {}  # history index -> the tail's logprob of that token
         try:
             while generated < max_new_tokens or released < len(history):
                 self.last_route = route
                 clock.prior(route.expected_step_s)
-                if fresh:
+                if restart:
                     session_id = uuid.uuid4().hex
                 session = RouteSession(
                     route.hops,
@@ -369,10 +371,11 @@ class RoutedBackend(AsyncTokenSource):
                     session_id=session_id,
                     timeout=policy.open_timeout,
                     resumable=span,
-                    resume=span and pending is not None and not fresh,
+                    resume=span and pending is not None and not restart,
                     token=self.token,
+                    capability=capability,
                 )
-                fresh = False
+                restart = False
                 sent = time.monotonic()  # when the step now awaited was sent
                 try:
                     async with session:
@@ -452,7 +455,7 @@ class RoutedBackend(AsyncTokenSource):
                     assert verifier is not None
                     verifier.rewind(q)
                     self.failovers += 1
-                    fresh = True
+                    restart = True
                     pending = None
                     route = await self._route(max_length)
                     continue
