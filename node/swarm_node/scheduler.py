@@ -341,12 +341,12 @@ class Scheduler:
             sampled_lp: tuple[float, ...] = ()
             given_lp: tuple[float, ...] = ()
             if job.sample_all:
-                reqs = list(job.sample_all)
-                picked = sample(per_job[i], [r.params for r in reqs], [r.position for r in reqs], [r.history for r in reqs])
-                sampled = tuple(int(t) for t in picked.tokens)
+                every = list(job.sample_all)
+                drawn = sample(per_job[i], [r.params for r in every], [r.position for r in every], [r.history for r in every])
+                sampled = tuple(int(t) for t in drawn.tokens)
                 lp = torch.log_softmax(per_job[i].float(), dim=-1)  # [T, V]
                 rows_t = torch.arange(lp.shape[0])
-                sampled_lp = tuple(lp[rows_t, picked.tokens.to(torch.int64)].tolist())
+                sampled_lp = tuple(lp[rows_t, drawn.tokens.to(torch.int64)].tolist())
                 given = torch.tensor([max(g, 0) for g in job.given], dtype=torch.int64)
                 given_lp = tuple(v if g >= 0 else float("nan") for v, g in zip(lp[rows_t, given].tolist(), job.given))
             outputs.append(
