@@ -1,0 +1,358 @@
+"""Speculative decoding, the client's half: what to draft, and how much.
+
+A verification step sends the last accepted token and ``k`` drafted tokens after it;
+the route runs the ``k + 1`` positions in one forward and the tail returns the drafts
+that equal its own samples plus one token of its own
+(:meth:`swarm_client.remote.RouteSession.verify`, docs/speculation.md). Tokens are
+therefore exactly those of one-token steps; drafting only decides how many arrive per
+network round trip.
+
+- :class:`PromptLookup` (the default drafter) proposes what followed the latest
+  earlier occurrence of the history's last n-gram (prompt and output so far), longest
+  n-gram first: no model, microseconds a step. It pays where the output repeats the
+  prompt (rewriting code, quoting, extracting) and proposes nothing elsewhere.
+- :class:`DraftModel` runs a small local model that shares the target's tokenizer
+  (``--draft MODEL``) greedily for ``k`` tokens, with its own KV cache, rewound to the
+  accepted history each step.
+- :class:`AdaptiveK` picks ``k`` per step from the measured acceptance rate ``a`` (an
+  exponential average over every draft the tail judged) and the measured cost of an
+  extra position relative to a step: the ``k`` maximising expected tokens per step,
+  ``(1 + a + ... + a^k)``, over its relative cost ``1 + c k``. It falls to 0 when
+  drafting does not pay; at 0 it keeps judging the drafter against the tokens that
+  do arrive (a "shadow" draft that is never sent), so it climbs again when the text
+  turns repetitive.
+
+Invariants: drafting never changes a token (only the tail's samples are emitted);
+every piece of state here belongs to one generation (:meth:`Speculation.start`),
+except the loaded draft model, which is read-only and shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from swarm_node.engine.model import ModelSlice
+
+__all__ = [
+    "AdaptiveK",
+    "DecodeStats",
+    "DraftModel",
+    "DraftSession",
+    "Drafter",
+    "PromptLookup",
+    "Speculation",
+    "SpeculativeRun",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_K = 6  # `--speculate` without a number
+
+
+class DraftSession(Protocol):
+    """A drafter's state for one generation."""
+
+    async def propose(self, history: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` tokens likely to follow ``history`` (prompt + accepted output); may be fewer or none."""
+        ...
+
+    def close(self) -> None:
+        return  # (an empty body would make it abstract)
+
+
+class Drafter(Protocol):
+    """Where drafts come from. ``cheap``: drafting costs next to nothing, so a shadow
+    draft may be judged at every step while k is 0 (else only at every 8th)."""
+
+    cheap: bool = True
+
+    def start(self, max_length: int) -> DraftSession: ...
+
+
+# --- prompt lookup ----------------------------------------------------------------------
+
+
+class PromptLookup(Drafter):
+    """Drafts from the history itself: n-gram matching (``max_ngram`` down to ``min_ngram``)."""
+
+    cheap = True
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def start(self, max_length: int) -> DraftSession:
+        return _LookupSession(self.max_ngram, self.min_ngram)
+
+
+class _LookupSession(DraftSession):
+    """An index from each n-gram of the history to where its latest continuation starts,
+    grown as the history grows (bounded by the history: one entry per position and n)."""
+
+    def __init__(self, max_ngram: int, min_ngram: int) -> None:
+        self.sizes = range(max_ngram, min_ngram - 1, -1)
+        self.index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.seen: list[int] = []  # the history indexed so far
+
+    def _update(self, history: Sequence[int]) -> None:
+        m = len(self.seen)
+        if m > len(history) or list(history[:m]) != self.seen:
+            self.index = {n: {} for n in self.sizes}  # not an extension of what was indexed: start over
+            self.seen, m = [], 0
+        self.seen.extend(int(t) for t in history[m:])
+        seen = self.seen
+        # The n-gram ending just before position j continues at j (j < len: the
+        # continuation exists). Later occurrences overwrite earlier ones: the latest wins.
+        for j in range(max(1, m), len(seen)):
+            for n in self.sizes:
+                if j >= n:
+                    self.index[n][tuple(seen[j - n : j])] = j
+
+    async def propose(self, history: Sequence[int], k: int) -> list[int]:
+        return self.lookup(history, k)
+
+    def lookup(self, history: Sequence[int], k: int) -> list[int]:
+        if k <= 0 or not history:
+            return []
+        self._update(history)
+        seen = self.seen
+        for n in self.sizes:
+            if n > len(seen):
+                continue
+            j = self.index[n].get(tuple(seen[-n:]))
+            if j is not None and j < len(seen):
+                return seen[j : j + k]
+        return []
+
+
+# --- a local draft model ----------------------------------------------------------------
+
+
+class DraftModel(Drafter):
+    """A small model in this process, greedy, sharing the target's tokenizer."""
+
+    cheap = False
+
+    def __init__(self, model: ModelSlice, vocab_size: int | None = None) -> None:
+        self.model = model
+        # Draft ids the target cannot take (a larger draft vocabulary) end a draft.
+        self.vocab_size = vocab_size or int(model.args.vocab_size)
+        self.lock = threading.Lock()  # one draft forward at a time: they share the CPU anyway
+
+    @classmethod
+    def load(cls, model: str | os.PathLike[str], *, vocab_size: int | None = None, dtype: str = "float32") -> DraftModel:
+        from swarm_client.local import LocalBackend
+
+        backend = LocalBackend.load(model, dtype=dtype)
+        if vocab_size is not None and int(backend.model.args.vocab_size) != vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary ({backend.model.args.vocab_size} tokens) is not the target's "
+                f"({vocab_size}): a draft model must share the tokenizer"
+            )
+        return cls(backend.model, vocab_size)
+
+    def start(self, max_length: int) -> DraftSession:
+        return _DraftModelSession(self, max_length)
+
+
+class _DraftModelSession(DraftSession):
+    def __init__(self, drafter: DraftModel, max_length: int) -> None:
+        self.drafter = drafter
+        self.max_length = max_length
+        self.cache = None  # made on first use (a standalone cache: the pool may not grow under other threads)
+        self.cached: list[int] = []  # the tokens whose positions the cache holds
+
+    async def propose(self, history: Sequence[int], k: int) -> list[int]:
+        if k <= 0 or not history:
+            return []
+        return await asyncio.to_thread(self._propose, list(history), k)
+
+    def _propose(self, history: list[int], k: int) -> list[int]:
+        import torch
+
+        from swarm_node.engine.kv_cache import KVCache
+        from swarm_node.engine.model import SeqChunk
+
+        model = self.drafter.model
+        k = min(k, self.max_length - len(history))
+        if k <= 0:
+            return []
+        with self.drafter.lock, torch.inference_mode():
+            if self.cache is None:
+                a = model.args
+                self.cache = KVCache(
+                    a.num_layers, a.num_kv_heads, a.head_dim, self.max_length, dtype=model.dtype, device=model.device
+                )
+            cache = self.cache
+            # Keep what the cache holds of this history; recompute from the first difference
+            # (a rejected draft) on, always at least the last token for fresh logits.
+            same = 0
+            for a_, b_ in zip(self.cached, history):
+                if a_ != b_:
+                    break
+                same += 1
+            start = min(same, len(history) - 1)
+            x = torch.tensor(history[start:], dtype=torch.int64, device=model.device)
+            logits = model(x, [SeqChunk(cache, start, len(history) - start)])  # [1, V]
+            tokens = list(history)
+            drafts: list[int] = []
+            while True:
+                token = int(logits[0].argmax())
+                if token >= self.drafter.vocab_size:
+                    break
+                drafts.append(token)
+                if len(drafts) == k:
+                    break
+                tokens.append(token)
+                x = torch.tensor([token], dtype=torch.int64, device=model.device)
+                logits = model(x, [SeqChunk(cache, len(tokens) - 1, 1)])
+            self.cached = tokens
+        return drafts
+
+    def close(self) -> None:
+        self.cache = None
+
+
+# --- how many drafts ---------------------------------------------------------------------
+
+
+class AdaptiveK:
+    """The number of drafts for the next step of one generation (see the module doc)."""
+
+    def __init__(
+        self, max_k: int, *, acceptance: float = 0.6, cost: float = 0.1, smoothing: float = 0.15, adaptive: bool = True
+    ) -> None:
+        if max_k < 0:
+            raise ValueError(f"max_k must be >= 0, got {max_k}")
+        self.max_k = max_k
+        self.acceptance = acceptance  # estimated chance the tail accepts a draft (given the ones before it)
+        self.prior_cost = cost  # an extra position's cost relative to a step, until measured
+        self.smoothing = smoothing
+        self.adaptive = adaptive
+        self.step_s: float | None = None  # a step without drafts, round trip
+        self.position_s: float | None = None  # each draft more
+
+    @property
+    def cost(self) -> float:
+        if self.step_s is None or self.position_s is None or self.step_s <= 0:
+            return self.prior_cost
+        return min(2.0, max(0.002, self.position_s / self.step_s))
+
+    def next_k(self) -> int:
+        if not self.adaptive:
+            return self.max_k
+        a, c = self.acceptance, self.cost
+        best, best_rate, expected = 0, 1.0, 1.0
+        for k in range(1, self.max_k + 1):
+            expected += a**k
+            rate = expected / (1 + c * k)
+            if rate > best_rate * 1.0001:
+                best, best_rate = k, rate
+        return best
+
+    def judged(self, drafted: Sequence[int], produced: Sequence[int]) -> None:
+        """The tail judged ``drafted``: ``produced`` is what it emitted at their positions.
+        Every draft up to the first wrong one is one observation."""
+        w = self.smoothing
+        for d, t in zip(drafted, produced):
+            hit = d == t
+            self.acceptance = (1 - w) * self.acceptance + w * (1.0 if hit else 0.0)
+            if not hit:
+                break
+
+    def timed(self, drafts: int, seconds: float) -> None:
+        """A step with ``drafts`` drafts took ``seconds`` (round trip)."""
+        w = self.smoothing
+        if drafts == 0:
+            self.step_s = seconds if self.step_s is None else (1 - w) * self.step_s + w * seconds
+        elif self.step_s is not None:
+            per = max(0.0, seconds - self.step_s) / drafts
+            self.position_s = per if self.position_s is None else (1 - w) * self.position_s + w * per
+
+
+@dataclass
+class DecodeStats:
+    """Steps and tokens of a backend's generations: how many tokens each network round
+    trip (a step along the route and its result back) brought."""
+
+    round_trips: int = 0  # steps awaited that returned tokens (the prefill's last included)
+    tokens: int = 0  # tokens those steps returned (accepted drafts + the tail's own)
+    drafted: int = 0  # draft tokens sent
+    accepted: int = 0  # ... of which the tail accepted
+    generations: int = 0
+
+    @property
+    def tokens_per_round_trip(self) -> float:
+        return self.tokens / self.round_trips if self.round_trips else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.tokens} tokens in {self.round_trips} round trips ({self.tokens_per_round_trip:.2f} tokens/round trip); "
+            f"drafts: {self.accepted}/{self.drafted} accepted ({100 * self.acceptance:.0f}%)"
+        )
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding settings of a backend: at most ``max_draft`` drafts a step
+    from ``drafter`` (prompt lookup by default), ``adaptive`` k (else always the most)."""
+
+    max_draft: int = DEFAULT_K
+    drafter: Drafter = field(default_factory=PromptLookup)
+    adaptive: bool = True
+    cost: float = 0.1  # prior relative cost of one more position, until measured
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_draft <= 64:
+            raise ValueError(f"speculation drafts at most 64 tokens a step, got {self.max_draft}")
+
+    def start(self, max_length: int) -> SpeculativeRun:
+        return SpeculativeRun(self, max_length)
+
+
+class SpeculativeRun:
+    """One generation's speculation: its drafter state and its k."""
+
+    def __init__(self, spec: Speculation, max_length: int) -> None:
+        self.spec = spec
+        self.drafts = spec.drafter.start(max_length)
+        self.k = AdaptiveK(spec.max_draft, cost=spec.cost, adaptive=spec.adaptive)
+        self.shadow: list[int] = []  # a draft judged without being sent (while k is 0)
+        self.shadow_at = 0  # history length it was drafted for
+        self.steps = 0
+
+    async def drafts_for(self, history: Sequence[int], limit: int) -> list[int]:
+        """The drafts to send after ``history`` (at most ``limit``); [] for a plain step."""
+        self.steps += 1
+        k = min(self.k.next_k(), limit)
+        if k > 0:
+            return await self.drafts.propose(history, k)
+        if limit > 0 and (self.spec.drafter.cheap or self.steps % 8 == 0):
+            self.shadow = await self.drafts.propose(history, 1)
+            self.shadow_at = len(history)
+        return []
+
+    def judge(self, history: Sequence[int], drafted: Sequence[int], produced: Sequence[int], seconds: float) -> None:
+        """After a step: ``produced`` = the tokens it brought, ``drafted`` = what it sent."""
+        if drafted:
+            self.k.judged(drafted, produced)
+        elif self.shadow and self.shadow_at == len(history) - len(produced):
+            self.k.judged(self.shadow, produced)
+        self.shadow = []
+        self.k.timed(len(drafted), seconds)
+
+    def close(self) -> None:
+        self.drafts.close()
