@@ -16,7 +16,7 @@ import torch
 from swarm_client.errors import GenerationError
 from swarm_client.remote import Hop, RouteSession
 from swarm_client.routed import RoutedBackend, StaticRoutes
-from swarm_client.speculation import DraftSession, Speculation
+from swarm_client.speculation import DraftModel, DraftSession, Speculation
 from swarm_node.config import NodeConfig
 from swarm_node.engine.loading import load_slice
 from swarm_node.engine.model import SeqChunk
@@ -171,3 +171,17 @@ def test_accept_stops_at_the_first_difference_and_at_the_end() -> None:
     assert accept(s(1, 5, 6), [4, 5], never) == ((), Sampled(1, -1.0))  # first refused
     # an accepted stop token ends the run there, as one-token steps would end
     assert accept(s(4, 5, 6), [4, 5], lambda i: i == 0) == ((), Sampled(4, -4.0))
+
+
+async def test_a_draft_model_sharing_the_tokenizer_drafts_what_the_tail_accepts(hops: list[Hop], tiny: Path) -> None:
+    """The target itself as its own draft model: greedy drafts are what greedy sampling
+    picks, so nearly every draft is accepted; with sampling they may not be, and the
+    tokens stay those of plain decoding."""
+    drafter = DraftModel(load_slice(tiny, 0, 6, dtype=torch.float32))
+    plain = backend(hops)
+    for params in (PLAIN, SEEDED):
+        spec = backend(hops, Speculation(max_draft=4, drafter=drafter))
+        assert await generate(spec, PROMPTS[0], params) == await generate(plain, PROMPTS[0], params)
+        if params is PLAIN:
+            stats = spec.decode_stats
+            assert stats.accepted > 0.9 * stats.drafted and stats.tokens_per_round_trip > 3, stats

@@ -73,6 +73,7 @@ class GatewayConfig:
     feed_interval_s: float = 1.0  # dashboard refresh when nothing changes
     queue_size: int = 64  # generations that may wait for room in the swarm; one more gets 429
     queue_timeout_s: float = 60.0  # the longest a generation waits for room before 429
+    speculate: int = 0  # speculative decoding for HTTP requests: drafts a step at most (0 = off; same tokens)
 
     def __post_init__(self) -> None:
         KeyLimits(self.requests_per_minute, self.tokens_per_minute)  # validates
@@ -80,6 +81,8 @@ class GatewayConfig:
             raise ValueError("feed_interval_s must be positive")
         if self.queue_size < 0 or self.queue_timeout_s <= 0:
             raise ValueError("queue_size must be >= 0 and queue_timeout_s positive")
+        if not 0 <= self.speculate <= 64:
+            raise ValueError("speculate must be in 0..64")
 
 
 def model_id_for(model: str) -> str:

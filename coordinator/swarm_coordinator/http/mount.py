@@ -32,7 +32,7 @@ __all__ = ["add_gateway_flags", "coordinator_app", "gateway_config_from_args"]
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     """``--api-key`` (repeatable), ``--api-keys-file``, ``--rate-limit-rpm/-tpm``,
-    ``--queue-size``, ``--queue-timeout``, ``--model-id``; each falls back to its ``SWARM_<FLAG>`` environment variable
+    ``--queue-size``, ``--queue-timeout``, ``--model-id``, ``--speculate``; each falls back to its ``SWARM_<FLAG>`` environment variable
     (``SWARM_API_KEY`` holds a comma-separated list)."""
     add = flag_adder(parser.add_argument_group("HTTP gateway"))
     add("--api-key", str, None, "accept this API key on /v1 (repeatable, or comma-separated in the env var; "
@@ -44,6 +44,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         metavar="N")
     add("--queue-timeout", float, 60.0, "the longest a request waits for room before 429", metavar="SECONDS")
     add("--model-id", str, None, "the model id /v1/models lists (default: the model file's name)", metavar="NAME")
+    add("--speculate", int, 0, "speculative decoding for HTTP requests: draft up to K tokens a step by prompt "
+        "lookup (0 = off; the tokens are the same either way)", metavar="K")
 
 
 def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
@@ -55,6 +57,7 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
         tokens_per_minute=getattr(ns, "rate_limit_tpm", 0) or 0,
         queue_size=getattr(ns, "queue_size", 64),
         queue_timeout_s=getattr(ns, "queue_timeout", 60.0),
+        speculate=getattr(ns, "speculate", 0) or 0,
     )
 
 
@@ -66,11 +69,13 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
     if host in ("0.0.0.0", "::", "[::]", ""):
         address = f"127.0.0.1:{port}"
     model, token = str(coordinator.config.model), coordinator.config.token
+    speculate = config.speculate if config is not None else 0
 
     def client() -> AsyncSwarmClient:
         # busy_at_start="raise": the gateway's line orders the generations waiting for room
         return AsyncSwarmClient.remote(
-            coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise")
+            coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise"),
+            speculate=speculate,
         )
 
     return create_app(client, coordinator.registry, config or GatewayConfig())
