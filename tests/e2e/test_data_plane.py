@@ -177,6 +177,39 @@ async def test_sixteen_concurrent_sessions_are_batched_and_unchanged(
         assert (await info(node.address)).stats.max_batch >= 8
 
 
+REWRITE = [{"role": "user", "content": "Rewrite this function with `total` renamed to `acc`, nothing else:\n"
+             "```python\ndef add_all(items):\n    total = 0\n    for item in items:\n        total += item\n"
+             "    return total\n```"}]
+
+
+async def test_speculation_by_prompt_lookup_brings_several_tokens_a_round_trip_and_the_same_text(
+    nodes: Nodes, local: SwarmClient, default_model: Path
+) -> None:
+    """A rewrite (the output repeats the prompt) over three float32 nodes: greedy and
+    seeded tokens equal ``--local``'s, with fewer round trips than tokens."""
+    options: list[dict[str, Any]] = [dict(max_tokens=40), dict(max_tokens=40, temperature=0.7, top_p=0.9, seed=5)]
+    for opts in options:
+        want = list(local.chat(REWRITE, **opts).token_ids)
+        async with AsyncSwarmClient.remote(route=nodes.route_text(3), model=default_model, speculate=6) as client:
+            got = list((await client.chat(REWRITE, **opts)).token_ids)
+            stats = client.backend.decode_stats  # type: ignore[attr-defined]
+        assert got == want, opts
+        assert stats.tokens == len(want) and stats.drafted > 0, stats
+        if "temperature" not in opts:  # (sampled text strays from the prompt: drafts may all miss)
+            assert stats.tokens_per_round_trip > 1.6, stats
+    # The command line: `--speculate --stats` prints what `--local` prints, and the round trips.
+    flags = ["--max-tokens", "24"]
+    prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    routed = subprocess.run(
+        script("swarm") + ["generate", "--route", nodes.route_text(2), "--model", str(default_model), prompt,
+                           "--speculate", "--stats", *flags],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert routed.returncode == 0, routed.stderr
+    assert routed.stdout[:-1] == local.generate(prompt, max_tokens=24).text
+    assert re.search(r"steps: 24 tokens in \d+ round trips \(\d+\.\d+ tokens/round trip\)", routed.stderr), routed.stderr
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 async def test_k_nodes_cost_k_plus_one_messages_per_token(nodes: Nodes, local: SwarmClient, k: int) -> None:
     prompt = local.encode(PROMPTS[0])

@@ -6,17 +6,18 @@ drafts are rewound on every node."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import Oracle
 
 from swarm_client.errors import GenerationError
 from swarm_client.remote import Hop, RouteSession
 from swarm_client.routed import RoutedBackend, StaticRoutes
-from swarm_client.speculation import DraftModel, DraftSession, Speculation
+from swarm_client.speculation import DraftModel, Speculation
 from swarm_node.config import NodeConfig
 from swarm_node.engine.loading import load_slice
 from swarm_node.engine.model import SeqChunk
@@ -32,40 +33,6 @@ GREEDY = SamplingParams(repetition_penalty=1.3)
 SEEDED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2, seed=77)
 PLAIN = SamplingParams()  # greedy without a penalty: a random model falls into loops
 MAX_NEW = 24
-
-
-class Oracle:
-    """Drafts the known continuation, wrong at every ``every``-th drafted position, so
-    steps see full acceptance, partial acceptance and a first draft refused."""
-
-    cheap = True
-
-    def __init__(self, runs: dict[tuple[int, ...], list[int]], every: int = 3) -> None:
-        self.runs = runs
-        self.every = every
-        self.calls = 0
-
-    def start(self, max_length: int) -> DraftSession:
-        return _OracleSession(self)
-
-
-class _OracleSession(DraftSession):
-    def __init__(self, oracle: Oracle) -> None:
-        self.oracle = oracle
-
-    async def propose(self, history: Sequence[int], k: int) -> list[int]:
-        o = self.oracle
-        for prompt, out in o.runs.items():
-            if tuple(history[: len(prompt)]) == prompt:
-                full = [*prompt, *out]
-                if list(history) == full[: len(history)]:
-                    drafts = full[len(history) : len(history) + k]
-                    o.calls += 1
-                    wrong = o.calls % o.every
-                    if wrong < len(drafts):
-                        drafts[wrong] = (drafts[wrong] + 1) % 320
-                    return drafts
-        return []
 
 
 @pytest.fixture(scope="module")
