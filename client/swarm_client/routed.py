@@ -291,6 +291,7 @@ class RoutedBackend(AsyncTokenSource):
         self.last_route: Route | None = None
         self.speculation = speculation if speculation is not None and speculation.max_draft > 0 else None
         self.decode_stats = DecodeStats()  # round trips and tokens over all generations
+        self._draft_cost: float | None = None  # the last generation's measured cost of a drafted position
         self._reports: set[asyncio.Task[None]] = set()
 
     @property
@@ -311,7 +312,7 @@ class RoutedBackend(AsyncTokenSource):
             raise GenerationError("the prompt has no tokens")
         history = [int(t) for t in prompt_ids]
         max_length = min(self._max_context, len(history) + max_new_tokens + 1)
-        spec = self.speculation.start(max_length) if self.speculation else None
+        spec = self.speculation.start(max_length, self._draft_cost) if self.speculation else None
         self.decode_stats.generations += 1
         steps = self._generate(history, params, max_new_tokens, max_length, spec)
         try:
@@ -321,6 +322,8 @@ class RoutedBackend(AsyncTokenSource):
             await steps.aclose()  # now, not when collected: it frees the session along the route
             if spec is not None:
                 spec.close()
+                if spec.k.position_s is not None:  # measured: the next generation starts from it
+                    self._draft_cost = spec.k.cost
 
     async def _generate(
         self,

@@ -319,17 +319,19 @@ class Speculation:
         if not 0 <= self.max_draft <= 64:
             raise ValueError(f"speculation drafts at most 64 tokens a step, got {self.max_draft}")
 
-    def start(self, max_length: int) -> SpeculativeRun:
-        return SpeculativeRun(self, max_length)
+    def start(self, max_length: int, cost: float | None = None) -> SpeculativeRun:
+        """A generation's speculation; ``cost``: an earlier generation's measured cost of a
+        drafted position (the route's, roughly), as the prior instead of ``self.cost``."""
+        return SpeculativeRun(self, max_length, self.cost if cost is None else cost)
 
 
 class SpeculativeRun:
     """One generation's speculation: its drafter state and its k."""
 
-    def __init__(self, spec: Speculation, max_length: int) -> None:
+    def __init__(self, spec: Speculation, max_length: int, cost: float) -> None:
         self.spec = spec
         self.drafts = spec.drafter.start(max_length)
-        self.k = AdaptiveK(spec.max_draft, cost=spec.cost, adaptive=spec.adaptive)
+        self.k = AdaptiveK(spec.max_draft, cost=cost, adaptive=spec.adaptive)
         self.shadow: list[int] = []  # a draft judged without being sent (while k is 0)
         self.shadow_at = 0  # history length it was drafted for
         self.steps = 0
@@ -337,7 +339,9 @@ class SpeculativeRun:
     async def drafts_for(self, history: Sequence[int], limit: int) -> list[int]:
         """The drafts to send after ``history`` (at most ``limit``); [] for a plain step."""
         self.steps += 1
-        k = min(self.k.next_k(), limit)
+        # The first decode step goes without drafts: it times a plain step, the base
+        # that the cost of a drafted position is measured against.
+        k = min(self.k.next_k(), limit) if self.k.step_s is not None or not self.spec.adaptive else 0
         if k > 0:
             return await self.drafts.propose(history, k)
         if limit > 0 and (self.spec.drafter.cheap or self.steps % 8 == 0):

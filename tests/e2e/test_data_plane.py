@@ -187,7 +187,7 @@ async def test_speculation_by_prompt_lookup_brings_several_tokens_a_round_trip_a
 ) -> None:
     """A rewrite (the output repeats the prompt) over three float32 nodes: greedy and
     seeded tokens equal ``--local``'s, with fewer round trips than tokens."""
-    options: list[dict[str, Any]] = [dict(max_tokens=40), dict(max_tokens=40, temperature=0.7, top_p=0.9, seed=5)]
+    options: list[dict[str, Any]] = [{"max_tokens": 40}, {"max_tokens": 40, "temperature": 0.7, "top_p": 0.9, "seed": 5}]
     for opts in options:
         want = list(local.chat(REWRITE, **opts).token_ids)
         async with AsyncSwarmClient.remote(route=nodes.route_text(3), model=default_model, speculate=6) as client:
