@@ -17,8 +17,9 @@ network round trip.
 - :class:`AdaptiveK` picks ``k`` per step from the measured acceptance rate ``a`` (an
   exponential average over every draft the tail judged) and the measured cost of an
   extra position relative to a step: the ``k`` maximising expected tokens per step,
-  ``(1 + a + ... + a^k)``, over its relative cost ``1 + c k``. It falls to 0 when
-  drafting does not pay; at 0 it keeps judging the drafter against the tokens that
+  ``(1 + a + ... + a^k)``, over its relative cost ``1 + c k`` (and promising at least
+  5% over a plain step, the estimates being noisy). It falls to 0 when drafting does
+  not pay; at 0 it keeps judging the drafter against the tokens that
   do arrive (a "shadow" draft that is never sent), so it climbs again when the text
   turns repetitive.
 
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from swarm_node.engine.kv_cache import KVCache
     from swarm_node.engine.model import ModelSlice
 
 __all__ = [
@@ -168,7 +170,8 @@ class _DraftModelSession(DraftSession):
     def __init__(self, drafter: DraftModel, max_length: int) -> None:
         self.drafter = drafter
         self.max_length = max_length
-        self.cache = None  # made on first use (a standalone cache: the pool may not grow under other threads)
+        # Made on first use: a standalone cache (a pooled one may move when the pool grows).
+        self.cache: KVCache | None = None
         self.cached: list[int] = []  # the tokens whose positions the cache holds
 
     async def propose(self, history: Sequence[int], k: int) -> list[int]:
@@ -229,7 +232,14 @@ class AdaptiveK:
     """The number of drafts for the next step of one generation (see the module doc)."""
 
     def __init__(
-        self, max_k: int, *, acceptance: float = 0.6, cost: float = 0.1, smoothing: float = 0.15, adaptive: bool = True
+        self,
+        max_k: int,
+        *,
+        acceptance: float = 0.5,
+        cost: float = 0.1,
+        smoothing: float = 0.15,
+        margin: float = 1.05,
+        adaptive: bool = True,
     ) -> None:
         if max_k < 0:
             raise ValueError(f"max_k must be >= 0, got {max_k}")
@@ -237,6 +247,7 @@ class AdaptiveK:
         self.acceptance = acceptance  # estimated chance the tail accepts a draft (given the ones before it)
         self.prior_cost = cost  # an extra position's cost relative to a step, until measured
         self.smoothing = smoothing
+        self.margin = margin  # drafts must promise this many times a plain step's rate (noise in the estimates)
         self.adaptive = adaptive
         self.step_s: float | None = None  # a step without drafts, round trip
         self.position_s: float | None = None  # each draft more
@@ -251,7 +262,7 @@ class AdaptiveK:
         if not self.adaptive:
             return self.max_k
         a, c = self.acceptance, self.cost
-        best, best_rate, expected = 0, 1.0, 1.0
+        best, best_rate, expected = 0, self.margin, 1.0
         for k in range(1, self.max_k + 1):
             expected += a**k
             rate = expected / (1 + c * k)

@@ -96,3 +96,17 @@ def test_the_speculate_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert parse(["generate", "x", "--route", "h:1", "--draft", "m"]).draft == "m"
     assert cli.main(["generate", "x", "--local", "--speculate"]) == 2
     assert "--coordinator or --route" in capsys.readouterr().err
+
+
+def test_the_gateway_flag_reaches_its_config() -> None:
+    import argparse
+
+    from swarm_coordinator.http.app import GatewayConfig
+    from swarm_coordinator.http.mount import add_gateway_flags, gateway_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_gateway_flags(parser)
+    assert gateway_config_from_args(parser.parse_args([])).speculate == 0
+    assert gateway_config_from_args(parser.parse_args(["--speculate", "4"])).speculate == 4
+    with pytest.raises(ValueError):
+        GatewayConfig(speculate=-1)
