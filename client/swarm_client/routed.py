@@ -376,6 +376,7 @@ class RoutedBackend(AsyncTokenSource):
                         out = await session.prefill(history, timeout=clock.timeout(n))
                     clock.observe(n if pending is None else pending.replayed_tokens, time.monotonic() - sent)
                     drafts: list[int] = []
+                    took: float | None = None  # the last decode step's round trip (None: a prefill or replay)
                     while True:
                         if out.token is None:
                             raise GenerationError("the tail returned no token")
@@ -394,13 +395,14 @@ class RoutedBackend(AsyncTokenSource):
                             if generated >= max_new_tokens:
                                 return
                         if spec is not None:
-                            spec.judge(history, drafts, [t for t, _ in run], time.monotonic() - sent)
+                            spec.judge(history, drafts, [t for t, _ in run], took)
                             # The run may bring up to len(drafts) + 1 tokens: within max_new_tokens and the session.
                             limit = min(max_new_tokens - generated - 1, max_length - len(history))
                             drafts = await spec.drafts_for(history, limit)
                         sent = time.monotonic()
                         out = await session.verify(history[-1], drafts, timeout=clock.timeout(1 + len(drafts)))
-                        clock.observe(1 + len(drafts), time.monotonic() - sent)
+                        took = time.monotonic() - sent
+                        clock.observe(1 + len(drafts), took)
             except RouteError as err:
                 if err.busy:
                     # Full, not failed: no blame, no avoidance, no report; wait and ask again.

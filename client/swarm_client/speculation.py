@@ -360,14 +360,18 @@ class SpeculativeRun:
             self.shadow_at = len(history)
         return []
 
-    def judge(self, history: Sequence[int], drafted: Sequence[int], produced: Sequence[int], seconds: float) -> None:
-        """After a step: ``produced`` = the tokens it brought, ``drafted`` = what it sent."""
+    def judge(
+        self, history: Sequence[int], drafted: Sequence[int], produced: Sequence[int], seconds: float | None
+    ) -> None:
+        """After a step: ``produced`` = the tokens it brought (now the end of ``history``),
+        ``drafted`` = what it sent, ``seconds`` = its round trip (None: not a decode step)."""
         if drafted:
             self.k.judged(drafted, produced)
         elif self.shadow and self.shadow_at == len(history) - len(produced):
             self.k.judged(self.shadow, produced)
         self.shadow = []
-        self.k.timed(len(drafted), seconds)
+        if seconds is not None:
+            self.k.timed(len(drafted), seconds)
 
     def close(self) -> None:
         self.drafts.close()
