@@ -6,7 +6,7 @@ drafts are rewound on every node."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -14,10 +14,12 @@ import pytest
 import torch
 from helpers import Oracle
 
+from swarm_client.api import AsyncSwarmClient
 from swarm_client.errors import GenerationError
 from swarm_client.remote import Hop, RouteSession
 from swarm_client.routed import RoutedBackend, StaticRoutes
 from swarm_client.speculation import DraftModel, Speculation
+from swarm_client.tokenizer import Tokenizer
 from swarm_node.config import NodeConfig
 from swarm_node.engine.loading import load_slice
 from swarm_node.engine.model import SeqChunk
@@ -152,3 +154,44 @@ async def test_a_draft_model_sharing_the_tokenizer_drafts_what_the_tail_accepts(
         if params is PLAIN:
             stats = spec.decode_stats
             assert stats.accepted > 0.9 * stats.drafted and stats.tokens_per_round_trip > 3, stats
+
+
+class Words:
+    """A word tokenizer for the tiny model: token i is " w<i>"."""
+
+    bos_token_id, eos_token_id, chat_template = 1, 2, None
+
+    def __len__(self) -> int:
+        return 320
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [int(w[1:]) for w in text.split()]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f" w{i}" for i in ids)
+
+
+async def test_eos_stop_strings_and_max_tokens_inside_an_accepted_run_stop_where_plain_decoding_stops(
+    hops: list[Hop],
+) -> None:
+    """Drafts that run past the end: the caller's stop conditions cut the accepted run
+    at exactly the token where one-token steps would have stopped."""
+    prompt = PROMPTS[1]
+    reference = await generate(backend(hops), prompt, PLAIN, 24)
+    stop_token = reference[9]
+    stop_text = f" w{reference[6]}"
+    oracle = Oracle({tuple(prompt): reference}, every=50)  # nearly every draft right: runs of 5
+    tokenizer = Tokenizer(Words(), source="words")  # type: ignore[arg-type]
+    cases: list[dict[str, object]] = [{"max_tokens": 7}, {"max_tokens": 24, "stop": [stop_text]}, {"max_tokens": 24}]
+    for eos in ((stop_token,), ()):
+        plain = AsyncSwarmClient(RoutedBackend(StaticRoutes(hops), max_context=512, eos_token_ids=eos), tokenizer)
+        spec = AsyncSwarmClient(
+            RoutedBackend(StaticRoutes(hops), max_context=512, eos_token_ids=eos,
+                          speculation=Speculation(max_draft=5, drafter=oracle, adaptive=False)),
+            tokenizer,
+        )  # fmt: skip
+        for opts in cases:
+            want, got = await plain.generate(prompt, **opts), await spec.generate(prompt, **opts)
+            assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason), opts
+            assert want.num_tokens < 24 or not eos, opts  # something did stop it early
+        assert spec.backend.decode_stats.tokens_per_round_trip > 2  # type: ignore[attr-defined]
