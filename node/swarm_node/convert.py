@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from swarm_node.scheduler import BatchStats
 
 MAX_SESSION_ID = 128
+MAX_DRAFT = 64  # drafted tokens a step may carry: each is a sampled row of vocabulary size at the tail
 
 
 class ProtocolError(Exception):
@@ -183,8 +184,10 @@ def step_from_proto(
     tokens = torch.tensor(msg.tokens, dtype=torch.int64)  # [T]
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
         raise invalid(f"step {msg.step_id}: token ids must be in 0..{vocab_size - 1}")
-    if msg.draft < 0 or msg.draft >= n:
-        raise invalid(f"step {msg.step_id}: draft must be in 0..{n - 1} (the tokens after the first), got {msg.draft}")
+    if not 0 <= msg.draft <= min(n - 1, MAX_DRAFT):
+        raise invalid(
+            f"step {msg.step_id}: draft must be in 0..{min(n - 1, MAX_DRAFT)} (drafted tokens after the first), got {msg.draft}"
+        )
     if msg.draft and (not msg.sample or msg.replay):
         raise invalid(f"step {msg.step_id}: drafts are verified by sampling: they need `sample` and no `replay`")
     hidden = None
