@@ -322,7 +322,7 @@ class RoutedBackend(AsyncTokenSource):
             await steps.aclose()  # now, not when collected: it frees the session along the route
             if spec is not None:
                 spec.close()
-                if spec.k.position_s is not None:  # measured: the next generation starts from it
+                if spec.k.cost_samples:  # measured: the next generation starts from it
                     self._draft_cost = spec.k.cost
 
     async def _generate(

@@ -231,6 +231,8 @@ class _DraftModelSession(DraftSession):
 class AdaptiveK:
     """The number of drafts for the next step of one generation (see the module doc)."""
 
+    PROBE_EVERY = 16  # plain steps in a row after which a promising drafter gets one draft again
+
     def __init__(
         self,
         max_k: int,
@@ -245,18 +247,13 @@ class AdaptiveK:
             raise ValueError(f"max_k must be >= 0, got {max_k}")
         self.max_k = max_k
         self.acceptance = acceptance  # estimated chance the tail accepts a draft (given the ones before it)
-        self.prior_cost = cost  # an extra position's cost relative to a step, until measured
+        self.cost = cost  # a drafted position's cost relative to a plain step: the prior, then measured
         self.smoothing = smoothing
         self.margin = margin  # drafts must promise this many times a plain step's rate (noise in the estimates)
         self.adaptive = adaptive
         self.step_s: float | None = None  # a step without drafts, round trip
-        self.position_s: float | None = None  # each draft more
-
-    @property
-    def cost(self) -> float:
-        if self.step_s is None or self.position_s is None or self.step_s <= 0:
-            return self.prior_cost
-        return min(2.0, max(0.002, self.position_s / self.step_s))
+        self.cost_samples = 0  # steps with drafts that measured the cost
+        self._plain = 0  # plain steps in a row
 
     def next_k(self) -> int:
         if not self.adaptive:
@@ -268,6 +265,9 @@ class AdaptiveK:
             rate = expected / (1 + c * k)
             if rate > best_rate * 1.0001:
                 best, best_rate = k, rate
+        if best == 0 and a >= 0.5 and self._plain >= self.PROBE_EVERY and self.max_k > 0:
+            best = 1  # drafts look right but dear: measure their cost again (it may have been noise)
+        self._plain = 0 if best else self._plain + 1
         return best
 
     def judged(self, drafted: Sequence[int], produced: Sequence[int]) -> None:
@@ -281,13 +281,15 @@ class AdaptiveK:
                 break
 
     def timed(self, drafts: int, seconds: float) -> None:
-        """A step with ``drafts`` drafts took ``seconds`` (round trip)."""
+        """A step with ``drafts`` drafts took ``seconds`` (round trip). The cost moves from
+        its prior by exponential averaging, so one noisy step cannot swing it."""
         w = self.smoothing
         if drafts == 0:
             self.step_s = seconds if self.step_s is None else (1 - w) * self.step_s + w * seconds
-        elif self.step_s is not None:
-            per = max(0.0, seconds - self.step_s) / drafts
-            self.position_s = per if self.position_s is None else (1 - w) * self.position_s + w * per
+        elif self.step_s is not None and self.step_s > 0:
+            rel = min(2.0, max(0.0, seconds - self.step_s) / (drafts * self.step_s))  # a stall is no cost signal
+            self.cost = max(0.002, (1 - w) * self.cost + w * rel)
+            self.cost_samples += 1
 
 
 @dataclass
@@ -375,3 +377,8 @@ class SpeculativeRun:
 
     def close(self) -> None:
         self.drafts.close()
+        k = self.k
+        logger.debug(
+            "speculation: %d steps, acceptance %.2f, a drafted position costs %.3f of a step (%d measured)",
+            self.steps, k.acceptance, k.cost, k.cost_samples,
+        )

@@ -55,13 +55,26 @@ def test_k_follows_the_acceptance_rate_and_falls_to_zero() -> None:
 
 def test_k_weighs_the_measured_cost_of_a_drafted_position() -> None:
     cheap, dear = AdaptiveK(8, acceptance=0.7), AdaptiveK(8, acceptance=0.7)
-    for _ in range(20):
+    for _ in range(60):
         cheap.timed(0, 0.100)  # 100 ms a step, 1 ms a drafted position (a network round trip dominates)
         cheap.timed(4, 0.104)
         dear.timed(0, 0.010)  # 10 ms a step, 5 ms a drafted position (compute dominates)
         dear.timed(4, 0.030)
     assert cheap.cost == pytest.approx(0.01, rel=0.05) and dear.cost == pytest.approx(0.5, rel=0.05)
     assert cheap.next_k() > dear.next_k() >= 1
+    # one wild measurement does not swing it
+    dear.timed(1, 10.0)
+    assert dear.cost < 0.9
+
+
+def test_k_probes_again_when_good_drafts_looked_too_dear() -> None:
+    k = AdaptiveK(4, acceptance=0.7, cost=2.0)
+    ks = [k.next_k() for _ in range(40)]
+    assert ks.count(0) >= 30 and ks.count(1) >= 2  # mostly plain, an occasional measured draft
+    k.timed(0, 0.1)
+    for _ in range(30):
+        k.timed(1, 0.101)  # it was noise: a drafted position is cheap
+    assert k.next_k() >= 2
 
 
 def test_a_run_at_k_zero_judges_shadow_drafts_and_climbs_again() -> None:
