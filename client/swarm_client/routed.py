@@ -291,7 +291,7 @@ class RoutedBackend(AsyncTokenSource):
         self.last_route: Route | None = None
         self.speculation = speculation if speculation is not None and speculation.max_draft > 0 else None
         self.decode_stats = DecodeStats()  # round trips and tokens over all generations
-        self._draft_cost: float | None = None  # the last generation's measured cost of a drafted position
+        self._draft_times: dict[int, float] | None = None  # the last generation's step times by drafts (relative)
         self._reports: set[asyncio.Task[None]] = set()
 
     @property
@@ -312,7 +312,7 @@ class RoutedBackend(AsyncTokenSource):
             raise GenerationError("the prompt has no tokens")
         history = [int(t) for t in prompt_ids]
         max_length = min(self._max_context, len(history) + max_new_tokens + 1)
-        spec = self.speculation.start(max_length, self._draft_cost) if self.speculation else None
+        spec = self.speculation.start(max_length, self._draft_times) if self.speculation else None
         self.decode_stats.generations += 1
         steps = self._generate(history, params, max_new_tokens, max_length, spec)
         try:
@@ -323,7 +323,7 @@ class RoutedBackend(AsyncTokenSource):
             if spec is not None:
                 spec.close()
                 if spec.k.cost_samples:  # measured: the next generation starts from it
-                    self._draft_cost = spec.k.cost
+                    self._draft_times = dict(spec.k.relative)
 
     async def _generate(
         self,

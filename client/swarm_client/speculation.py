@@ -15,10 +15,10 @@ network round trip.
   (``--draft MODEL``) greedily for ``k`` tokens, with its own KV cache, rewound to the
   accepted history each step.
 - :class:`AdaptiveK` picks ``k`` per step from the measured acceptance rate ``a`` (an
-  exponential average over every draft the tail judged) and the measured cost of an
-  extra position relative to a step: the ``k`` maximising expected tokens per step,
-  ``(1 + a + ... + a^k)``, over its relative cost ``1 + c k`` (and promising at least
-  5% over a plain step, the estimates being noisy). It falls to 0 when drafting does
+  exponential average over every draft the tail judged) and the measured time of a
+  step with k drafts relative to a plain step: the ``k`` maximising expected tokens per
+  step, ``(1 + a + ... + a^k)``, over that relative time (and promising at least 5% over
+  a plain step, the estimates being noisy). It falls to 0 when drafting does
   not pay; at 0 it keeps judging the drafter against the tokens that
   do arrive (a "shadow" draft that is never sent), so it climbs again when the text
   turns repetitive.
@@ -229,7 +229,17 @@ class _DraftModelSession(DraftSession):
 
 
 class AdaptiveK:
-    """The number of drafts for the next step of one generation (see the module doc)."""
+    """The number of drafts for the next step of one generation (see the module doc).
+
+    The cost side is a table: for each k it has seen, the time of a step with k drafts
+    relative to a plain step (an exponential average of clipped samples, starting from
+    the prior ``1 + cost k``). A step with drafts is not a plain step plus k times a
+    little: on a CPU the jump from one position to two (another kernel, another thread)
+    costs more than each position after it, so no single per-position cost fits. k
+    not seen yet are interpolated between seen ones, or extended from the largest seen
+    with the gentler of the prior's slope and the measured one (optimistic, so larger
+    k get tried and measured).
+    """
 
     PROBE_EVERY = 16  # plain steps in a row after which a promising drafter gets one draft again
 
@@ -242,27 +252,52 @@ class AdaptiveK:
         smoothing: float = 0.15,
         margin: float = 1.05,
         adaptive: bool = True,
+        relative: dict[int, float] | None = None,
     ) -> None:
         if max_k < 0:
             raise ValueError(f"max_k must be >= 0, got {max_k}")
         self.max_k = max_k
         self.acceptance = acceptance  # estimated chance the tail accepts a draft (given the ones before it)
-        self.cost = cost  # a drafted position's cost relative to a plain step: the prior, then measured
+        self.prior_cost = cost  # a drafted position's cost relative to a plain step, before any measurement
         self.smoothing = smoothing
         self.margin = margin  # drafts must promise this many times a plain step's rate (noise in the estimates)
         self.adaptive = adaptive
         self.step_s: float | None = None  # a step without drafts, round trip
-        self.cost_samples = 0  # steps with drafts that measured the cost
+        self.relative: dict[int, float] = dict(relative or {})  # k -> step time with k drafts / a plain step's
+        self.cost_samples = 0  # steps with drafts that were timed
         self._plain = 0  # plain steps in a row
+
+    def relative_time(self, k: int) -> float:
+        """A step with ``k`` drafts over a plain step, measured or estimated."""
+        if k <= 0:
+            return 1.0
+        if k in self.relative:
+            return self.relative[k]
+        points = sorted([(0, 1.0), *self.relative.items()])
+        lower = max((p for p in points if p[0] < k), key=lambda p: p[0])
+        upper = [p for p in points if p[0] > k]
+        if not upper:  # beyond the largest seen: the gentler of the prior's slope and the seen one
+            slope = min(self.prior_cost, (lower[1] - 1.0) / lower[0]) if lower[0] else self.prior_cost
+            return lower[1] + slope * (k - lower[0])
+        hi = min(upper, key=lambda p: p[0])
+        return lower[1] + (hi[1] - lower[1]) * (k - lower[0]) / (hi[0] - lower[0])
+
+    @property
+    def cost(self) -> float:
+        """The extra time per drafted position at the largest k measured (the prior if none)."""
+        if not self.relative:
+            return self.prior_cost
+        k = max(self.relative)
+        return (self.relative[k] - 1.0) / k
 
     def next_k(self) -> int:
         if not self.adaptive:
             return self.max_k
-        a, c = self.acceptance, self.cost
+        a = self.acceptance
         best, best_rate, expected = 0, self.margin, 1.0
         for k in range(1, self.max_k + 1):
             expected += a**k
-            rate = expected / (1 + c * k)
+            rate = expected / self.relative_time(k)
             if rate > best_rate * 1.0001:
                 best, best_rate = k, rate
         if best == 0 and a >= 0.5 and self._plain >= self.PROBE_EVERY and self.max_k > 0:
@@ -281,14 +316,15 @@ class AdaptiveK:
                 break
 
     def timed(self, drafts: int, seconds: float) -> None:
-        """A step with ``drafts`` drafts took ``seconds`` (round trip). The cost moves from
-        its prior by exponential averaging, so one noisy step cannot swing it."""
+        """A step with ``drafts`` drafts took ``seconds`` (round trip). Each sample is
+        clipped (a stall is no cost signal) and averaged in, so one cannot swing it."""
         w = self.smoothing
         if drafts == 0:
             self.step_s = seconds if self.step_s is None else (1 - w) * self.step_s + w * seconds
         elif self.step_s is not None and self.step_s > 0:
-            rel = min(2.0, max(0.0, seconds - self.step_s) / (drafts * self.step_s))  # a stall is no cost signal
-            self.cost = max(0.002, (1 - w) * self.cost + w * rel)
+            sample = min(1.0 + 2.0 * drafts, max(1.0, seconds / self.step_s))
+            old = self.relative_time(drafts)
+            self.relative[drafts] = (1 - w) * old + w * sample
             self.cost_samples += 1
 
 
@@ -332,19 +368,19 @@ class Speculation:
         if not 0 <= self.max_draft <= 64:
             raise ValueError(f"speculation drafts at most 64 tokens a step, got {self.max_draft}")
 
-    def start(self, max_length: int, cost: float | None = None) -> SpeculativeRun:
-        """A generation's speculation; ``cost``: an earlier generation's measured cost of a
-        drafted position (the route's, roughly), as the prior instead of ``self.cost``."""
-        return SpeculativeRun(self, max_length, self.cost if cost is None else cost)
+    def start(self, max_length: int, relative: dict[int, float] | None = None) -> SpeculativeRun:
+        """A generation's speculation; ``relative``: an earlier generation's measured step
+        times with k drafts relative to a plain step (the route's, roughly), to start from."""
+        return SpeculativeRun(self, max_length, relative)
 
 
 class SpeculativeRun:
     """One generation's speculation: its drafter state and its k."""
 
-    def __init__(self, spec: Speculation, max_length: int, cost: float) -> None:
+    def __init__(self, spec: Speculation, max_length: int, relative: dict[int, float] | None = None) -> None:
         self.spec = spec
         self.drafts = spec.drafter.start(max_length)
-        self.k = AdaptiveK(spec.max_draft, cost=cost, adaptive=spec.adaptive)
+        self.k = AdaptiveK(spec.max_draft, cost=spec.cost, adaptive=spec.adaptive, relative=relative)
         self.shadow: list[int] = []  # a draft judged without being sent (while k is 0)
         self.shadow_at = 0  # history length it was drafted for
         self.steps = 0
@@ -379,6 +415,6 @@ class SpeculativeRun:
         self.drafts.close()
         k = self.k
         logger.debug(
-            "speculation: %d steps, acceptance %.2f, a drafted position costs %.3f of a step (%d measured)",
-            self.steps, k.acceptance, k.cost, k.cost_samples,
+            "speculation: %d steps, acceptance %.2f, step time with k drafts / plain: %s (%d timed)",
+            self.steps, k.acceptance, {n: round(r, 2) for n, r in sorted(k.relative.items())}, k.cost_samples,
         )

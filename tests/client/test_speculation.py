@@ -53,7 +53,7 @@ def test_k_follows_the_acceptance_rate_and_falls_to_zero() -> None:
     assert AdaptiveK(4, adaptive=False).next_k() == 4
 
 
-def test_k_weighs_the_measured_cost_of_a_drafted_position() -> None:
+def test_k_weighs_the_measured_time_of_steps_with_drafts() -> None:
     cheap, dear = AdaptiveK(8, acceptance=0.7), AdaptiveK(8, acceptance=0.7)
     for _ in range(60):
         cheap.timed(0, 0.100)  # 100 ms a step, 1 ms a drafted position (a network round trip dominates)
@@ -61,14 +61,17 @@ def test_k_weighs_the_measured_cost_of_a_drafted_position() -> None:
         dear.timed(0, 0.010)  # 10 ms a step, 5 ms a drafted position (compute dominates)
         dear.timed(4, 0.030)
     assert cheap.cost == pytest.approx(0.01, rel=0.05) and dear.cost == pytest.approx(0.5, rel=0.05)
-    assert cheap.next_k() > dear.next_k() >= 1
+    assert dear.relative_time(2) == pytest.approx(2.0, rel=0.05)  # between (0, 1) and (4, 3)
+    assert dear.relative_time(6) == pytest.approx(3.2, rel=0.05)  # past 4: the prior's gentler slope
+    assert cheap.relative_time(8) == pytest.approx(1.08, rel=0.05)  # ... or the measured one
+    assert cheap.next_k() == 8 and 1 <= dear.next_k() < 4
     # one wild measurement does not swing it
-    dear.timed(1, 10.0)
-    assert dear.cost < 0.9
+    dear.timed(2, 10.0)
+    assert dear.relative_time(2) < 2.5
 
 
 def test_k_probes_again_when_good_drafts_looked_too_dear() -> None:
-    k = AdaptiveK(4, acceptance=0.7, cost=2.0)
+    k = AdaptiveK(4, acceptance=0.7, relative={1: 3.0})  # one draft measured at 3 plain steps
     ks = [k.next_k() for _ in range(40)]
     assert ks.count(0) >= 30 and ks.count(1) >= 2  # mostly plain, an occasional measured draft
     k.timed(0, 0.1)
