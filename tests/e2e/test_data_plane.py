@@ -35,6 +35,7 @@ from e2e.gateway_helpers import Proc, local_cli, scrape, script, total
 from swarm_client.api import AsyncSwarmClient, SwarmClient
 from swarm_client.errors import GenerationError
 from swarm_client.remote import Hop, RouteError, RouteSession
+from swarm_client.speculation import Speculation
 from swarm_proto import PROTOCOL_VERSION, codec, swarm_pb2, swarm_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -191,11 +192,14 @@ async def test_speculation_by_prompt_lookup_brings_several_tokens_a_round_trip_a
     for opts in options:
         want = list(local.chat(REWRITE, **opts).token_ids)
         async with AsyncSwarmClient.remote(route=nodes.route_text(3), model=default_model, speculate=6) as client:
+            greedy = "temperature" not in opts
+            if greedy:  # always 6 drafts: how many are accepted must not hang on this machine's timings
+                client.backend.speculation = Speculation(max_draft=6, adaptive=False)  # type: ignore[attr-defined]
             got = list((await client.chat(REWRITE, **opts)).token_ids)
             stats = client.backend.decode_stats  # type: ignore[attr-defined]
         assert got == want, opts
-        assert stats.tokens == len(want) and stats.drafted > 0, stats
-        if "temperature" not in opts:  # (sampled text strays from the prompt: drafts may all miss)
+        assert stats.tokens == len(want), stats
+        if greedy:  # (sampled text strays from the prompt: drafts may all miss)
             assert stats.tokens_per_round_trip > 1.6, stats
     # The command line: `--speculate --stats` prints what `--local` prints, and the round trips.
     flags = ["--max-tokens", "24"]
