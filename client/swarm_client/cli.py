@@ -5,6 +5,7 @@
     swarm generate PROMPT --local [options]    stream a completion, model in-process
     swarm generate PROMPT --coordinator H:P    stream a completion over the swarm (with failover)
     swarm generate PROMPT --route HOPS         ... along fixed hops host:port=0:10,host:port=10:30
+    swarm generate ... --speculate [K]         ... drafting up to K tokens a step (same tokens, fewer round trips)
     swarm up [--nodes N] [--replicas R]        a coordinator and N nodes on this machine, the model split
                                                across them (each layer R times), until Ctrl-C
 
