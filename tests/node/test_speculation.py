@@ -195,3 +195,10 @@ async def test_eos_stop_strings_and_max_tokens_inside_an_accepted_run_stop_where
             assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason), opts
             assert want.num_tokens < 24 or not eos, opts  # something did stop it early
         assert spec.backend.decode_stats.tokens_per_round_trip > 2  # type: ignore[attr-defined]
+
+
+def test_a_draft_model_must_share_the_vocabulary(tiny: Path) -> None:
+    drafter = DraftModel.load(tiny, vocab_size=320)
+    assert drafter.model.is_head and drafter.model.is_tail and drafter.model.dtype == torch.float32
+    with pytest.raises(ValueError, match="share the tokenizer"):
+        DraftModel.load(tiny, vocab_size=49152)
