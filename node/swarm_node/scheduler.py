@@ -82,6 +82,7 @@ class Job:
     # opened on before a reload); None: the scheduler's model. Only jobs of the same
     # slice share a forward.
     model: ModelSlice | None = None
+    draft: int = 0  # drafted tokens among the positions (speculative decoding; the tail samples them via `sample`)
 
     @property
     def length(self) -> int:

@@ -91,13 +91,16 @@ class NodeSession:
         self.history.extend(step.tokens.tolist())
         self.valid = min(self.valid, step.start_pos)
         if not self.model.is_tail:
-            return Job(self.cache, step.start_pos, x, model=self.model)
+            return Job(self.cache, step.start_pos, x, model=self.model, draft=step.draft)
         request = None
         if step.sample:
             gen = self.spec.generation
             position = step.start_pos + step.length
             request = SampleRequest(gen.sampling, position, list(self.history), gen.top_logprobs, step.draft)
-        return Job(self.cache, step.start_pos, x, sample=request, return_logits=step.return_logits, model=self.model)
+        return Job(
+            self.cache, step.start_pos, x, sample=request, return_logits=step.return_logits, model=self.model,
+            draft=step.draft,
+        )
 
     def result(self, step: StepIn, out: JobOutput) -> swarm_pb2.Result | None:
         """The tail's Result for a computed step (None when the step asked for nothing)."""

@@ -202,3 +202,21 @@ def test_a_draft_model_must_share_the_vocabulary(tiny: Path) -> None:
     assert drafter.model.is_head and drafter.model.is_tail and drafter.model.dtype == torch.float32
     with pytest.raises(ValueError, match="share the tokenizer"):
         DraftModel.load(tiny, vocab_size=49152)
+
+
+async def test_node_metrics_count_verify_steps_and_drafted_tokens(tiny: Path) -> None:
+    from swarm_node.metrics import NodeMetrics
+
+    config = NodeConfig(model=str(tiny), start=0, end=6, node_id="m", dtype="float32")
+    async with NodeServer(config) as server:
+        metrics = NodeMetrics("m")
+        metrics.attach(server)
+        async with RouteSession([Hop(server.address, 0, 6, "m")], max_length=64) as s:
+            out = await s.prefill(PROMPTS[0])
+            assert out.token is not None
+            await s.verify(out.token, [7, 8, 9])
+    value = metrics.registry.get_sample_value
+    assert value("swarm_node_steps_total", {"phase": "verify"}) == 1
+    assert value("swarm_node_tokens_total", {"phase": "verify"}) == 4
+    assert value("swarm_node_drafted_tokens_total") == 3
+    assert value("swarm_node_sampled_tokens_total") == 1 + 4  # the prefill's and the verify's 4 rows
