@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from swarm_node.scheduler import BatchStats
 
 MAX_SESSION_ID = 128
+MAX_DRAFT = 64  # drafted tokens a step may carry: each is a sampled row of vocabulary size at the tail
 MAX_COMMITS = 64  # commitments a step may carry: one per hop of the route before this node
 
 
@@ -60,6 +61,7 @@ class StepIn:
     sample: bool
     return_logits: bool
     replay: bool = False  # a failover replay: may be skipped where already cached
+    draft: int = 0  # the last `draft` tokens are drafted guesses for the tail to verify (speculation)
     commits: tuple[swarm_pb2.Commitment, ...] = ()  # upstream hops' commitments, relayed
     sample_all: bool = False  # tail: sample after every position (a verifier's recomputation)
     next_token: int | None = None  # with sample_all: the token after the chunk
@@ -81,6 +83,7 @@ class StepResult:
     top: tuple[tuple[int, float], ...] = ()
     finished: bool = False
     logits: torch.Tensor | None = None  # [T, V] float32
+    accepted: tuple[tuple[int, float], ...] = ()  # drafts the tail's samples confirmed, before `token`
     commits: tuple[swarm_pb2.Commitment, ...] = ()  # every hop's, head first (spot checks)
     sampled: tuple[int, ...] = ()  # sample_all: the token after each position
     sampled_logprobs: tuple[float, ...] = ()  # ... its raw log-probability
@@ -202,6 +205,12 @@ def step_from_proto(
     tokens = torch.tensor(msg.tokens, dtype=torch.int64)  # [T]
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
         raise invalid(f"step {msg.step_id}: token ids must be in 0..{vocab_size - 1}")
+    if not 0 <= msg.draft <= min(n - 1, MAX_DRAFT):
+        raise invalid(
+            f"step {msg.step_id}: draft must be in 0..{min(n - 1, MAX_DRAFT)} (drafted tokens after the first), got {msg.draft}"
+        )
+    if msg.draft and (not msg.sample or msg.replay):
+        raise invalid(f"step {msg.step_id}: drafts are verified by sampling: they need `sample` and no `replay`")
     hidden = None
     if is_head:
         if msg.HasField("hidden"):
@@ -222,7 +231,7 @@ def step_from_proto(
     if next_token is not None and not 0 <= next_token < vocab_size:
         raise invalid(f"step {msg.step_id}: next_token must be in 0..{vocab_size - 1}")
     return StepIn(
-        msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay,
+        msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay, msg.draft,
         tuple(msg.commits), msg.sample_all, next_token,
     )
 
@@ -252,6 +261,7 @@ def step_to_proto(
         sample=step.sample,
         return_logits=step.return_logits,
         replay=step.replay,
+        draft=step.draft,
         commits=[*step.commits, *([commit] if commit is not None else [])],
         sample_all=step.sample_all,
         next_token=step.next_token,
@@ -287,6 +297,8 @@ def result_to_proto(r: StepResult) -> swarm_pb2.Result:
         logprob=r.logprob,
         finished=r.finished,
         top=[swarm_pb2.TokenLogprob(token=t, logprob=lp) for t, lp in r.top],
+        accepted=[t for t, _ in r.accepted],
+        accepted_logprobs=[lp for _, lp in r.accepted],
     )
     if r.token is not None:
         msg.token = r.token

@@ -199,7 +199,7 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., wire_dtype: _Optional[str] = ..., prompt_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., resumable: _Optional[bool] = ..., resume: _Optional[bool] = ..., protocol_version: _Optional[int] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "start_pos", "tokens", "hidden", "sample", "return_logits", "replay", "commits", "sample_all", "next_token")
+    __slots__ = ("step_id", "start_pos", "tokens", "hidden", "sample", "return_logits", "replay", "draft", "commits", "sample_all", "next_token")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +207,7 @@ class Step(_message.Message):
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
     COMMITS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_ALL_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -217,10 +218,11 @@ class Step(_message.Message):
     sample: bool
     return_logits: bool
     replay: bool
+    draft: int
     commits: _containers.RepeatedCompositeFieldContainer[Commitment]
     sample_all: bool
     next_token: int
-    def __init__(self, step_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., replay: _Optional[bool] = ..., commits: _Optional[_Iterable[_Union[Commitment, _Mapping]]] = ..., sample_all: _Optional[bool] = ..., next_token: _Optional[int] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., replay: _Optional[bool] = ..., draft: _Optional[int] = ..., commits: _Optional[_Iterable[_Union[Commitment, _Mapping]]] = ..., sample_all: _Optional[bool] = ..., next_token: _Optional[int] = ...) -> None: ...
 
 class Commitment(_message.Message):
     __slots__ = ("node_id", "address", "start", "end", "start_pos", "k", "indices", "values")
@@ -293,7 +295,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("session_id", "step_id", "position", "token", "logprob", "top", "finished", "logits", "error", "commits", "sampled", "sampled_logprobs", "given_logprobs")
+    __slots__ = ("session_id", "step_id", "position", "token", "logprob", "top", "finished", "logits", "error", "accepted", "accepted_logprobs", "commits", "sampled", "sampled_logprobs", "given_logprobs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +305,8 @@ class Result(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     COMMITS_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -316,11 +320,13 @@ class Result(_message.Message):
     finished: bool
     logits: Tensor
     error: Error
+    accepted: _containers.RepeatedScalarFieldContainer[int]
+    accepted_logprobs: _containers.RepeatedScalarFieldContainer[float]
     commits: _containers.RepeatedCompositeFieldContainer[Commitment]
     sampled: _containers.RepeatedScalarFieldContainer[int]
     sampled_logprobs: _containers.RepeatedScalarFieldContainer[float]
     given_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., commits: _Optional[_Iterable[_Union[Commitment, _Mapping]]] = ..., sampled: _Optional[_Iterable[int]] = ..., sampled_logprobs: _Optional[_Iterable[float]] = ..., given_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., accepted: _Optional[_Iterable[int]] = ..., accepted_logprobs: _Optional[_Iterable[float]] = ..., commits: _Optional[_Iterable[_Union[Commitment, _Mapping]]] = ..., sampled: _Optional[_Iterable[int]] = ..., sampled_logprobs: _Optional[_Iterable[float]] = ..., given_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("model", "max_length", "exclude_node_ids", "exclude_addresses")
