@@ -9,7 +9,8 @@ time, faster than the honest ones so that routes go through them::
 
 Each liar must be caught by a check, quarantined by the coordinator (a ``quarantine``
 event, and no route through it any more), and every generation made while it lied
-must equal the one made before it joined.
+must equal the one made before it joined. Checks on an honest swarm pass, also with
+speculative decoding.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from e2e.chaos import GREEDY, SEEDED, ChaosSwarm, NodeSpec, add_tokenizer, generate, prompts
 from helpers import make_tiny_model
 
+from swarm_client.speculation import PromptLookup, Speculation
 from swarm_client.verify import VerifyPolicy
 from swarm_coordinator.registry import Registry
 from swarm_proto.presence import EventKind
@@ -80,6 +82,20 @@ def test_honest_swarm_checks_pass_and_count(swarm: ChaosSwarm, references: list[
     assert outs == references
     # The last check covers every position up to the last token: all of each sequence.
     assert checked >= sum(len(p) + MAX_NEW - 1 for p, _ in CASES) - 2 * len(CASES)
+
+
+def test_checks_hold_with_speculative_decoding(swarm: ChaosSwarm, references: list[list[int]]) -> None:
+    async def run() -> list[list[int]]:
+        backend = swarm.backend(verify=CHECKED)
+        backend.speculation = Speculation(max_draft=4, drafter=PromptLookup())
+        try:
+            outs = [await generate(backend, p, params, MAX_NEW) for p, params in CASES]
+            assert not backend.blames and backend.checked_steps > 0
+            return outs
+        finally:
+            await backend.aclose()
+
+    assert asyncio.run(run()) == references
 
 
 @pytest.mark.parametrize("liar", LIARS, ids=[s.name for s in LIARS])
