@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from e2e.chaos import GREEDY, SEEDED, ChaosSwarm, NodeSpec, add_tokenizer, generate, prompts
