@@ -46,10 +46,11 @@ _EPS = 1e-9
 class AssignmentPolicy:
     replicas: int = 1  # copies of each layer wanted, where memory allows
     min_gain: float = 0.2  # a working swarm is reshuffled only for more than this gain
+    replica_floor: int = 2  # below this many copies a fresh proposal wins outright; above, only by min_gain
 
     def __post_init__(self) -> None:
-        if self.replicas < 1 or self.min_gain < 0:
-            raise ValueError("replicas must be >= 1 and min_gain >= 0")
+        if self.replicas < 1 or self.min_gain < 0 or self.replica_floor < 1:
+            raise ValueError("replicas and replica_floor must be >= 1 and min_gain >= 0")
 
 
 def eligible(state: SwarmState) -> tuple[NodeView, ...]:
@@ -168,8 +169,11 @@ def propose(state: SwarmState, policy: AssignmentPolicy = AssignmentPolicy()) ->
             pos += sizes[node_id]
     assignment = Assignment(ranges)
     by_id = {v.node_id: v for v in nodes}
-    for node_id in sorted(extras, key=lambda n: (-speeds[n], n)):
-        assignment = _place_best(state, assignment, by_id[node_id], speeds[node_id], policy.replicas)
+    if extras:
+        placer = _Placer(state, assignment, policy.replicas)
+        for node_id in sorted(extras, key=lambda n: (-speeds[n], n)):
+            placer.place(by_id[node_id], speeds[node_id])
+        assignment = placer.a
     _check_coverage(state, assignment)
     return assignment
 
@@ -212,13 +216,40 @@ def _range_min(values: Sequence[float]) -> list[list[float]]:
     return table
 
 
+class _Placer:
+    """Places idle nodes one after another, keeping per-layer replica counts and
+    throughput up to date instead of recomputing them from the whole assignment."""
+
+    def __init__(self, state: SwarmState, a: Assignment, replicas: int) -> None:
+        self.state = state
+        self.a = a
+        self.replicas = replicas
+        self.counts = list(a.coverage(state.num_layers))
+        self.thr = list(layer_throughput(state, a))
+
+    def place(self, node: NodeView, speed: float) -> LayerRange:
+        r = _best_window(self.state, node, speed, self.replicas, self.counts, self.thr)
+        self.a = self.a.with_range(node.node_id, r)
+        for layer in range(r.start, r.end):
+            self.counts[layer] += 1
+            self.thr[layer] += speed / len(r)
+        return r
+
+
 def _place_best(state: SwarmState, a: Assignment, node: NodeView, speed: float, replicas: int) -> Assignment:
     """Give an idle node the window that most raises (replica level, weakest layer),
     then covers the most of the current weakest layers, then is largest."""
+    placer = _Placer(state, a, replicas)
+    placer.place(node, speed)
+    return placer.a
+
+
+def _best_window(
+    state: SwarmState, node: NodeView, speed: float, replicas: int, coverage: Sequence[int], thr: Sequence[float]
+) -> LayerRange:
     L = state.num_layers
     cap = min(L, node.capacity(state.bytes_per_layer))
-    counts = [float(min(c, replicas)) for c in a.coverage(L)]
-    thr = layer_throughput(state, a)
+    counts = [float(min(c, replicas)) for c in coverage]
     count_min, thr_min = _range_min(counts), _range_min(thr)
     inf = float("inf")
 
@@ -242,7 +273,7 @@ def _place_best(state: SwarmState, a: Assignment, node: NodeView, speed: float, 
             if best is None or key > best[0]:
                 best = (key, LayerRange(start, end))
     assert best is not None
-    return a.with_range(node.node_id, best[1])
+    return best[1]
 
 
 def _repair(state: SwarmState, a: Assignment, nodes: Sequence[NodeView], speeds: dict[str, float]) -> Assignment | None:
@@ -279,11 +310,16 @@ def plan(
     state: SwarmState,
     current: Assignment | None = None,
     policy: AssignmentPolicy = AssignmentPolicy(),
+    *,
+    full: bool = True,
 ) -> Assignment:
     """The assignment the swarm should move to, given what it has now.
 
-    ``current`` defaults to ``state.current_assignment()``. Raises :class:`CoverageError`
-    when no assignment can cover the model.
+    ``current`` defaults to ``state.current_assignment()``. With ``full=False`` the plan
+    is incremental: survivors keep their ranges, holes are repaired and newcomers
+    placed, and a fresh :func:`propose` is computed only when that cannot cover the
+    model (a large swarm plans this way on every change, and in full now and then).
+    Raises :class:`CoverageError` when no assignment can cover the model.
     """
     if current is None:
         current = state.current_assignment()
@@ -298,17 +334,21 @@ def plan(
             if n in by_id and r.end <= L and len(r) <= by_id[n].capacity(state.bytes_per_layer)
         }
     )
-    proposal = propose(state, policy)  # raises CoverageError when nothing can cover
-    if not kept:
-        return proposal
-    base = _repair(state, kept, nodes, speeds)
+    base = _repair(state, kept, nodes, speeds) if kept else None
     if base is None:
-        return proposal
-    for v in sorted(nodes, key=lambda v: (-speeds[v.node_id], v.node_id)):
-        if v.node_id not in base:
-            base = _place_best(state, base, v, speeds[v.node_id], policy.replicas)
-    covered_b, rep_b, thr_b = _score(state, base, policy.replicas)
-    covered_p, rep_p, thr_p = _score(state, proposal, policy.replicas)
+        return propose(state, policy)  # raises CoverageError when nothing can cover
+    newcomers = sorted((v for v in nodes if v.node_id not in base), key=lambda v: (-speeds[v.node_id], v.node_id))
+    if newcomers:
+        placer = _Placer(state, base, policy.replicas)
+        for v in newcomers:
+            placer.place(v, speeds[v.node_id])
+        base = placer.a
+    floor = min(policy.replicas, policy.replica_floor)
+    if not full and base.replicas(L) >= floor:
+        return base
+    proposal = propose(state, policy)
+    covered_b, rep_b, thr_b = _score(state, base, floor)
+    covered_p, rep_p, thr_p = _score(state, proposal, floor)
     if (covered_p, rep_p) > (covered_b, rep_b):
         return proposal
     if (covered_p, rep_p) == (covered_b, rep_b) and thr_p > thr_b * (1 + policy.min_gain):

@@ -34,6 +34,10 @@ class CoordinatorConfig:
     settle: float = 1.0  # seconds to let changes (joins in a burst, retained messages) gather before planning
     failure_backoff: float = 2.0  # a reported node is avoided this long, doubling per report
     failure_backoff_max: float = 60.0
+    rebalance_interval: float = 60.0  # seconds between whole-swarm proposals; plans in between are incremental
+    reload_budget: int = 2  # times a node may be moved off a range it hosts per reload_window (coverage comes first)
+    reload_window: float = 3600.0
+    coordinator_id: str = ""  # this coordinator's name on the lease (unique per swarm); "" draws one
     token: str = field(default="", repr=False)  # the swarm token: asked of every gRPC caller, sent to the nodes
 
     def __post_init__(self) -> None:
@@ -53,6 +57,10 @@ class CoordinatorConfig:
         for name in ("node_timeout", "failure_backoff", "failure_backoff_max"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.rebalance_interval <= 0 or self.reload_window <= 0 or self.reload_budget < 0:
+            raise ValueError("rebalance_interval and reload_window must be positive, reload_budget >= 0")
+        if self.coordinator_id:
+            check_id("coordinator id", self.coordinator_id)
         if self.keepalive < 1 or self.settle < 0:
             raise ValueError("keepalive must be >= 1 s and settle >= 0 s")
 

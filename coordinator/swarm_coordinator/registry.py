@@ -29,12 +29,13 @@ from swarm_proto.presence import (
     Assign,
     Event,
     EventKind,
+    Lease,
     NodeLoad,
     NodeState,
     NodeStatus,
     PayloadError,
-    Topics,
     TopicKind,
+    Topics,
     decode,
     encode,
 )
@@ -92,6 +93,11 @@ class Registry(ReconnectingClient):
         self._timed_out: set[str] = set()
         self._outbox: list[Event] = []
         self._changed = asyncio.Event()
+        self._membership = asyncio.Event()  # set by what planning cares about (not loads)
+        self._state: SwarmState | None = None  # the snapshot, rebuilt on the first read after a change
+        self.lease: Lease | None = None  # the retained coordinator lease, as last seen (lease.py)
+        self.lease_seen = asyncio.Event()  # set (and replaced) at every lease message
+        self.messages = 0  # MQTT messages handled (metrics, the scale bench)
         self.events: deque[Event] = deque(maxlen=config.max_events)
         self.malformed = 0  # messages ignored because their payload was bad
 
@@ -99,14 +105,20 @@ class Registry(ReconnectingClient):
 
     @property
     def state(self) -> SwarmState:
-        views = []
-        for node_id, status in self._statuses.items():
-            if node_id in self._timed_out:
-                status = status.offline()
-            views.append(
-                NodeView(status, self._loads.get(node_id), self._assigns.get(node_id), self._last_seen.get(node_id, 0.0))
-            )
-        return SwarmState.of(self.config.model, self.config.num_layers, self.config.bytes_per_layer, views)
+        """The current snapshot. Messages only fold into dicts; the snapshot is rebuilt
+        on the first read after a change, so a burst of messages costs one rebuild."""
+        if self._state is None:
+            views = []
+            for node_id, status in self._statuses.items():
+                if node_id in self._timed_out:
+                    status = status.offline()
+                views.append(
+                    NodeView(
+                        status, self._loads.get(node_id), self._assigns.get(node_id), self._last_seen.get(node_id, 0.0)
+                    )
+                )
+            self._state = SwarmState.of(self.config.model, self.config.num_layers, self.config.bytes_per_layer, views)
+        return self._state
 
     @property
     def epoch(self) -> int:
@@ -132,9 +144,19 @@ class Registry(ReconnectingClient):
             await changed.wait()
             yield self.state
 
-    def _notify(self) -> None:
+    @property
+    def membership_event(self) -> asyncio.Event:
+        """Set at the next change of what planning reads: statuses, timeouts and
+        assignments (load reports, the bulk of the traffic, do not set it)."""
+        return self._membership
+
+    def _notify(self, membership: bool = True) -> None:
+        self._state = None
         self._changed.set()
         self._changed = asyncio.Event()
+        if membership:
+            self._membership.set()
+            self._membership = asyncio.Event()
 
     # incoming ------------------------------------------------------------------
 
@@ -147,6 +169,12 @@ class Registry(ReconnectingClient):
             log.warning("ignoring malformed message on %s: %s", topic, exc)
             return
         now = self._clock()
+        self.messages += 1
+        if kind is TopicKind.LEASE:
+            self.lease = message if isinstance(message, Lease) else None
+            self.lease_seen.set()
+            self.lease_seen = asyncio.Event()
+            return
         if kind is TopicKind.EVENTS:
             if isinstance(message, Event):
                 self.events.append(message)
@@ -160,9 +188,15 @@ class Registry(ReconnectingClient):
         elif kind is TopicKind.STATUS:
             self._on_status(node_id, message if isinstance(message, NodeStatus) else None, now, retained)
         elif kind is TopicKind.LOAD and isinstance(message, NodeLoad):
+            if node_id not in self._statuses:
+                return  # a load without a status names nobody we know: keep no table entry for it
             self._loads[node_id] = message
             self._last_seen[node_id] = now
-            self._revive(node_id)
+            if self._revive(node_id):
+                self._notify()
+            else:
+                self._notify(membership=False)
+            return
         self._notify()
 
     def _on_status(self, node_id: str, status: NodeStatus | None, now: float, retained: bool) -> None:
@@ -180,10 +214,12 @@ class Registry(ReconnectingClient):
         elif not online and was_online:
             self._outbox.append(Event(EventKind.LEAVE, node_id, "offline"))
 
-    def _revive(self, node_id: str) -> None:
-        if node_id in self._timed_out:
-            self._timed_out.discard(node_id)
-            self._outbox.append(Event(EventKind.JOIN, node_id, "heard from again"))
+    def _revive(self, node_id: str) -> bool:
+        if node_id not in self._timed_out:
+            return False
+        self._timed_out.discard(node_id)
+        self._outbox.append(Event(EventKind.JOIN, node_id, "heard from again"))
+        return True
 
     def _forget(self, node_id: str) -> None:
         for table in (self._statuses, self._loads, self._last_seen):

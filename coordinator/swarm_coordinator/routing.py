@@ -121,8 +121,19 @@ def _find_route(
 ) -> tuple[Span, ...]:
     L = state.num_layers
     usable, skipped = _usable(state, exclude, max_length, need_room)
-    points = sorted({0, L} | {p for v in usable for p in (v.serving.start, v.serving.end)})  # type: ignore[union-attr]
-    cost_per_layer = {v.node_id: seconds_per_layer(v, recent.get(v.node_id, 0), policy) for v in usable}
+    # The index: of the nodes serving the same range only the cheapest can be on the
+    # best route, so the search runs over distinct ranges (tens, even with thousands of
+    # nodes), each with its cheapest node; ties go to the smaller node id.
+    cheapest: dict[tuple[int, int], tuple[float, str, NodeView]] = {}
+    for v in usable:
+        r = v.serving
+        assert r is not None
+        entry = (seconds_per_layer(v, recent.get(v.node_id, 0), policy), v.node_id, v)
+        key = (r.start, r.end)
+        if key not in cheapest or entry[:2] < cheapest[key][:2]:
+            cheapest[key] = entry
+    points = sorted({0, L} | {p for key in cheapest for p in key})
+    by_start = sorted(cheapest.items())
 
     # Dijkstra over boundary positions; ties go to fewer hops, then smaller node ids.
     Key = tuple[float, int, tuple[str, ...]]
@@ -138,18 +149,14 @@ def _find_route(
         if pos == L:
             break
         cost, hops, ids = key
-        for view in usable:
-            r = view.serving
-            assert r is not None
-            if not r.start <= pos < r.end:
+        for (start, end), (per_layer, node_id, view) in by_start:
+            if start > pos:
+                break
+            if pos >= end:
                 continue
             for q in points:
-                if pos < q <= r.end:
-                    new: Key = (
-                        cost + policy.hop_latency_s + (q - pos) * cost_per_layer[view.node_id],
-                        hops + 1,
-                        ids + (view.node_id,),
-                    )
+                if pos < q <= end:
+                    new: Key = (cost + policy.hop_latency_s + (q - pos) * per_layer, hops + 1, ids + (node_id,))
                     if q not in best or new < best[q]:
                         best[q] = new
                         back[q] = (pos, view)
@@ -198,21 +205,36 @@ def route_latency(
 class RecentRoutes:
     """Sessions routed through each node within the last ``window_s`` seconds.
 
-    The caller owns the clock (``now``), so this stays deterministic in tests.
+    The counts are kept up to date as routes are recorded and expire, so reading them
+    costs nothing per route given. The caller owns the clock (``now``), so this stays
+    deterministic in tests; the log holds at most ``max_routes`` routes (the oldest go
+    first), so a flood of requests cannot grow it without bound.
     """
 
-    def __init__(self, window_s: float = 10.0) -> None:
+    def __init__(self, window_s: float = 10.0, max_routes: int = 100_000) -> None:
         self.window_s = window_s
+        self.max_routes = max_routes
         self._log: deque[tuple[float, tuple[str, ...]]] = deque()
+        self._counts: dict[str, int] = {}
 
     def record(self, spans: Iterable[Span], now: float) -> None:
-        self._log.append((now, tuple(s.node_id for s in spans)))
+        ids = tuple(s.node_id for s in spans)
+        self._log.append((now, ids))
+        for node_id in ids:
+            self._counts[node_id] = self._counts.get(node_id, 0) + 1
+        while len(self._log) > self.max_routes:
+            self._drop()
 
-    def counts(self, now: float) -> dict[str, int]:
+    def _drop(self) -> None:
+        _, ids = self._log.popleft()
+        for node_id in ids:
+            left = self._counts[node_id] - 1
+            if left:
+                self._counts[node_id] = left
+            else:
+                del self._counts[node_id]
+
+    def counts(self, now: float) -> Mapping[str, int]:
         while self._log and self._log[0][0] < now - self.window_s:
-            self._log.popleft()
-        out: dict[str, int] = {}
-        for _, ids in self._log:
-            for node_id in ids:
-                out[node_id] = out.get(node_id, 0) + 1
-        return out
+            self._drop()
+        return self._counts

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,8 @@ from swarm_coordinator.assignment import AssignmentPolicy
 from swarm_coordinator.broker import EmbeddedBroker
 from swarm_coordinator.config import CoordinatorConfig
 from swarm_coordinator.errors import BrokerError
-from swarm_coordinator.planner import Planner
+from swarm_coordinator.lease import LeaseKeeper
+from swarm_coordinator.planner import Planner, ReloadBudget
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_coordinator.rpc import CoordinatorService
 from swarm_coordinator.state import SwarmState
@@ -51,6 +53,7 @@ class CoordinatorServer(Service):
         self.broker: EmbeddedBroker | None = None
         self._registry: Registry | None = None
         self.planner: Planner | None = None
+        self.lease: LeaseKeeper | None = None
         self.service: CoordinatorService | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: Any = None  # swarm_coordinator.http.HttpServer when an app is given
@@ -66,6 +69,12 @@ class CoordinatorServer(Service):
     def registry(self) -> Registry:
         assert self._registry is not None, "coordinator not started"
         return self._registry
+
+    @property
+    def advertised_address(self) -> str:
+        """The gRPC address as others should dial it (the lease names it)."""
+        host, _, port = self.address.rpartition(":")
+        return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "[::]") else self.address
 
     @property
     def state(self) -> SwarmState:
@@ -99,7 +108,14 @@ class CoordinatorServer(Service):
             await self._registry.start(wait=30.0)
         except PresenceError as exc:
             raise BrokerError(f"no MQTT broker at {self.broker_url}: {exc}") from exc
-        self.planner = Planner(self._registry, AssignmentPolicy(cfg.replicas, cfg.min_gain), settle=cfg.settle)
+        self.planner = Planner(
+            self._registry,
+            AssignmentPolicy(cfg.replicas, cfg.min_gain),
+            settle=cfg.settle,
+            rebalance_interval=cfg.rebalance_interval,
+            budget=ReloadBudget(cfg.reload_budget, cfg.reload_window),
+        )
+        self.planner.active = False  # until this coordinator holds the lease
         self.planner.start()
         self.service = CoordinatorService(
             self._registry,
@@ -115,6 +131,14 @@ class CoordinatorServer(Service):
         await server.start()
         self._grpc = server
         self.address = f"{cfg.host}:{port}"
+        self.lease = LeaseKeeper(
+            self._registry,
+            cfg.coordinator_id or f"c-{secrets.token_hex(4)}",
+            self.advertised_address,
+            self.planner.activate,
+            keepalive=cfg.keepalive,
+        )
+        self.lease.start()
         await self._start_http()
         log.info(
             "coordinator of swarm %s (model %s, %d layers) on %s, broker %s%s",
@@ -144,6 +168,8 @@ class CoordinatorServer(Service):
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None
+        if self.lease is not None:
+            await self.lease.stop()
         if self.planner is not None:
             await self.planner.stop()
         if self._registry is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Union
@@ -155,6 +156,23 @@ class ReconnectingClient(Service):
 
     async def before_disconnect(self, client: aiomqtt.Client) -> None:
         """Last words before a clean disconnect."""
+
+    async def abort(self) -> None:
+        """Drop the connection as a crash would: the socket closes without an MQTT
+        DISCONNECT, so the broker publishes the Last Will; no reconnect follows.
+        (Simulations and tests: a process that dies does this by itself.)"""
+        client = self._client
+        if client is not None:
+            sock = client._client.socket()  # paho's socket: the only way to cut it
+            if isinstance(sock, socket.socket):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> bool:
         """Publish now if connected; ``False`` if not (re-announcing is on_connect's job)."""
