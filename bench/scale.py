@@ -1,0 +1,146 @@
+"""Scale benchmark: the control plane with N simulated nodes under churn.
+
+A real broker (mosquitto by default; ``--broker embedded`` runs amqtt in a process of
+its own, as a coordinator embeds it), one real ``swarm-coordinator`` process per model
+(two models: an 80-layer 70B shape and a 64-layer 32B shape), and N simulated nodes
+(:mod:`swarm_coordinator.sim`): real MQTT presence, no compute, hardware drawn from
+consumer GPUs, Macs and CPUs, Poisson churn with a configurable mean lifetime, time
+compressed by ``--speedup``. Prints and writes: coverage per model (share of sampled
+instants at which every layer was served), GetRoute latency p50/p99 under
+``--route-rate`` requests/s, layers reloaded per node per simulated hour, coordinator
+CPU and memory, broker messages/s, and a timeline of coverage and churn
+(``--plot PNG`` draws it when matplotlib is installed).
+
+    .venv/bin/python bench/scale.py --nodes 1000 --minutes 2 --json bench/results/scale-1000.json
+    .venv/bin/python bench/scale.py --sweep 100,300,1000,3000 --minutes 1 --json bench/results/scale-sweep.json
+
+``--minutes`` is real (wall-clock) minutes of measurement after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from swarm_coordinator.broker import MosquittoBroker, free_port
+from swarm_coordinator.sim.harness import Harness, SimConfig
+
+
+def run_once(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
+    config = SimConfig(
+        nodes=nodes,
+        seconds=args.minutes * 60,
+        speedup=args.speedup,
+        mean_lifetime=args.lifetime_min * 60,
+        route_rate=args.route_rate,
+        churn=not args.no_churn,
+        seed=args.seed,
+        warmup_timeout=args.warmup_timeout,
+    )
+
+    async def go(url: str) -> dict[str, Any]:
+        async with Harness(config, url) as harness:
+            return await harness.run()
+
+    if args.broker == "mosquitto":
+        with MosquittoBroker() as broker:
+            return asyncio.run(go(broker.url))
+    port = free_port()
+    code = (
+        "import asyncio\nfrom swarm_coordinator.broker import EmbeddedBroker\n"
+        f"async def main():\n    async with EmbeddedBroker('127.0.0.1', {port}):\n        await asyncio.Event().wait()\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(3.0)
+        result = asyncio.run(go(f"mqtt://127.0.0.1:{port}"))
+        result["broker"] = "embedded"
+        return result
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def summary(r: dict[str, Any]) -> str:
+    cov = ", ".join(f"{m} {100 * c:.2f}%" for m, c in r["coverage"].items())
+    cpu = "+".join(f"{c:.0f}%" for c in r["coordinator_cpu_percent"].values())
+    rss = "+".join(f"{m:.0f}" for m in r["coordinator_rss_mb"].values())
+    return (
+        f"{r['nodes']:>5} nodes, {r['simulated_minutes']:.0f} sim min: coverage {cov}; "
+        f"routes p50 {r['routes']['p50_ms']:.1f} ms p99 {r['routes']['p99_ms']:.1f} ms "
+        f"({r['routes']['ok']} ok, {r['routes']['failed']} failed, {r['routes']['rate_per_s']:.0f}/s); "
+        f"reloads {r['reloads_per_node_hour']:.2f}/node/h; churn {r['churn']}; "
+        f"coordinators CPU {cpu}, RSS {rss} MB; broker {r['broker_msgs_per_s']} msgs/s"
+    )
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if len(results) > 1 else 1, figsize=(12, 4), squeeze=False)
+    last = results[-1]
+    ax = axes[0][0]
+    for model, points in last["timeline"]["coverage"].items():
+        ax.plot([t for t, _ in points], [100 * c for _, c in points], label=f"{model} layers served %")
+    churn = last["timeline"]["churn"]
+    ax2 = ax.twinx()
+    ax2.bar([t for t, _ in churn], [n for _, n in churn], width=0.8, alpha=0.3, color="gray", label="churn events/s")
+    ax.set_xlabel("seconds (real)")
+    ax.set_title(f"{last['nodes']} nodes: coverage and churn")
+    ax.legend(loc="lower left")
+    if len(results) > 1:
+        ax = axes[0][1]
+        ns = [r["nodes"] for r in results]
+        ax.plot(ns, [r["routes"]["p50_ms"] for r in results], "o-", label="p50")
+        ax.plot(ns, [r["routes"]["p99_ms"] for r in results], "o-", label="p99")
+        ax.set_xscale("log")
+        ax.set_xlabel("nodes")
+        ax.set_ylabel("GetRoute ms")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, default=200)
+    p.add_argument("--sweep", default="", help="comma-separated node counts, run one after another")
+    p.add_argument("--minutes", type=float, default=1.0, help="real minutes measured after warm-up")
+    p.add_argument("--speedup", type=float, default=30.0, help="simulated seconds per real second")
+    p.add_argument("--lifetime-min", type=float, default=30.0, help="mean node lifetime, simulated minutes")
+    p.add_argument("--route-rate", type=float, default=100.0)
+    p.add_argument("--broker", choices=("mosquitto", "embedded"), default="mosquitto")
+    p.add_argument("--no-churn", action="store_true")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--warmup-timeout", type=float, default=300.0)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.nodes]
+    results = []
+    for n in counts:
+        r = run_once(args, n)
+        r.setdefault("broker", args.broker)
+        print(summary(r), flush=True)
+        results.append(r)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results if len(results) > 1 else results[0], indent=1))
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
