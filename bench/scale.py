@@ -51,7 +51,9 @@ def run_once(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
 
     if args.broker == "mosquitto":
         with MosquittoBroker() as broker:
-            return asyncio.run(go(broker.url))
+            result = asyncio.run(go(broker.url))
+            result["broker"] = "mosquitto"
+            return result
     port = free_port()
     code = (
         "import asyncio\nfrom swarm_coordinator.broker import EmbeddedBroker\n"
@@ -73,12 +75,18 @@ def summary(r: dict[str, Any]) -> str:
     cov = ", ".join(f"{m} {100 * c:.2f}%" for m, c in r["coverage"].items())
     cpu = "+".join(f"{c:.0f}%" for c in r["coordinator_cpu_percent"].values())
     rss = "+".join(f"{m:.0f}" for m in r["coordinator_rss_mb"].values())
+    growth = "+".join(f"{m:.0f}" for m in r["coordinator_rss_growth_mb"].values())
+    at = "; ".join(
+        f"{m}: p50 {s['route_p50_ms']:.2f} ms p99 {s['route_p99_ms']:.2f} ms, {s['plans']} plans of {s['plan_ms_mean']:.1f} ms"
+        for m, s in r["coordinator"].items()
+    )
     return (
-        f"{r['nodes']:>5} nodes, {r['simulated_minutes']:.0f} sim min: coverage {cov}; "
-        f"routes p50 {r['routes']['p50_ms']:.1f} ms p99 {r['routes']['p99_ms']:.1f} ms "
-        f"({r['routes']['ok']} ok, {r['routes']['failed']} failed, {r['routes']['rate_per_s']:.0f}/s); "
-        f"reloads {r['reloads_per_node_hour']:.2f}/node/h; churn {r['churn']}; "
-        f"coordinators CPU {cpu}, RSS {rss} MB; broker {r['broker_msgs_per_s']} msgs/s"
+        f"{r['nodes']:>5} nodes, {r['simulated_minutes']:.0f} sim min ({r['broker']}): coverage {cov}\n"
+        f"      GetRoute at the coordinator: {at}\n"
+        f"      GetRoute round trip (simulator side): p50 {r['routes']['p50_ms']:.1f} ms p99 {r['routes']['p99_ms']:.1f} ms "
+        f"({r['routes']['ok']} ok, {r['routes']['failed']} failed, {r['routes']['rate_per_s']:.0f}/s)\n"
+        f"      reloads {r['reloads_per_node_hour']:.2f}/node/h; churn {r['churn']}; "
+        f"coordinators CPU {cpu}, RSS {rss} MB (grew {growth} MB); broker {r['broker_msgs_per_s']} msgs/s"
     )
 
 
@@ -124,10 +132,12 @@ def main() -> None:
     p.add_argument("--no-churn", action="store_true")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--warmup-timeout", type=float, default=300.0)
+    p.add_argument("--verbose", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("swarm_proto").setLevel(logging.WARNING)
     counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.nodes]
     results = []
     for n in counts:

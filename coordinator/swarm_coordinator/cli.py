@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", str, defaults["dtype"].default, "the nodes' compute dtype (sizes layers against memory budgets)",
         choices=list(DTYPE_BYTES))
     add("--node-timeout", float, defaults["node_timeout"].default, "seconds of silence before a node counts as offline")
+    add("--forget-after", float, defaults["forget_after"].default,
+        "seconds offline after which a node is forgotten and its retained status cleared")
     add("--settle", float, defaults["settle"].default, "seconds changes gather before a plan (a burst of joins: one plan)")
     add("--rebalance-interval", float, defaults["rebalance_interval"].default,
         "seconds between whole-swarm proposals (plans in between only repair and place newcomers)")
@@ -69,6 +71,7 @@ def config_from_args(ns: argparse.Namespace) -> CoordinatorConfig:
         min_gain=ns.min_gain,
         dtype=ns.dtype,
         node_timeout=ns.node_timeout,
+        forget_after=ns.forget_after,
         settle=ns.settle,
         rebalance_interval=ns.rebalance_interval,
         reload_budget=ns.reload_budget,

@@ -30,6 +30,7 @@ class CoordinatorConfig:
     min_gain: float = 0.2  # hysteresis: reshuffle a working swarm only for more than this gain
     dtype: str = "float32"  # the nodes' compute dtype, for bytes per layer
     node_timeout: float = 10.0  # silence after which a node counts as offline
+    forget_after: float = 600.0  # a node offline this long is forgotten (its retained status cleared)
     keepalive: int = 5  # MQTT keepalive of the registry's connection, seconds
     settle: float = 1.0  # seconds to let changes (joins in a burst, retained messages) gather before planning
     failure_backoff: float = 2.0  # a reported node is avoided this long, doubling per report
@@ -54,7 +55,7 @@ class CoordinatorConfig:
             raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
-        for name in ("node_timeout", "failure_backoff", "failure_backoff_max"):
+        for name in ("node_timeout", "forget_after", "failure_backoff", "failure_backoff_max"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.rebalance_interval <= 0 or self.reload_window <= 0 or self.reload_budget < 0:

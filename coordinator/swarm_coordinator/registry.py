@@ -55,6 +55,7 @@ class RegistryConfig:
     bytes_per_layer: int
     client_id: str = "coordinator"
     node_timeout_s: float = 10.0  # silence after which a node counts as offline
+    forget_after_s: float = 600.0  # a node offline this long is forgotten, its retained messages cleared
     keepalive: int = 10
     max_events: int = 500  # recent events kept for the dashboard
 
@@ -95,6 +96,7 @@ class Registry(ReconnectingClient):
         self._changed = asyncio.Event()
         self._membership = asyncio.Event()  # set by what planning cares about (not loads)
         self._state: SwarmState | None = None  # the snapshot, rebuilt on the first read after a change
+        self._views: dict[str, NodeView] = {}  # per node, dropped when one of its messages arrives
         self.lease: Lease | None = None  # the retained coordinator lease, as last seen (lease.py)
         self.lease_seen = asyncio.Event()  # set (and replaced) at every lease message
         self.messages = 0  # MQTT messages handled (metrics, the scale bench)
@@ -110,13 +112,15 @@ class Registry(ReconnectingClient):
         if self._state is None:
             views = []
             for node_id, status in self._statuses.items():
-                if node_id in self._timed_out:
-                    status = status.offline()
-                views.append(
-                    NodeView(
+                view = self._views.get(node_id)
+                if view is None:
+                    if node_id in self._timed_out:
+                        status = status.offline()
+                    view = NodeView(
                         status, self._loads.get(node_id), self._assigns.get(node_id), self._last_seen.get(node_id, 0.0)
                     )
-                )
+                    self._views[node_id] = view
+                views.append(view)
             self._state = SwarmState.of(self.config.model, self.config.num_layers, self.config.bytes_per_layer, views)
         return self._state
 
@@ -183,14 +187,17 @@ class Registry(ReconnectingClient):
         if kind is TopicKind.ASSIGN:
             if message is None:
                 self._assigns.pop(node_id, None)
+                self._views.pop(node_id, None)
             elif isinstance(message, Assign):
                 self._assigns[node_id] = message
+                self._views.pop(node_id, None)
         elif kind is TopicKind.STATUS:
             self._on_status(node_id, message if isinstance(message, NodeStatus) else None, now, retained)
         elif kind is TopicKind.LOAD and isinstance(message, NodeLoad):
             if node_id not in self._statuses:
                 return  # a load without a status names nobody we know: keep no table entry for it
             self._loads[node_id] = message
+            self._views.pop(node_id, None)
             self._last_seen[node_id] = now
             if self._revive(node_id):
                 self._notify()
@@ -208,6 +215,7 @@ class Registry(ReconnectingClient):
         self._statuses[node_id] = status
         self._last_seen[node_id] = now
         self._timed_out.discard(node_id)
+        self._views.pop(node_id, None)
         online = status.state is not NodeState.OFFLINE
         if online and not was_online and not retained:
             self._outbox.append(Event(EventKind.JOIN, node_id, f"{status.address} {status.device}"))
@@ -218,6 +226,7 @@ class Registry(ReconnectingClient):
         if node_id not in self._timed_out:
             return False
         self._timed_out.discard(node_id)
+        self._views.pop(node_id, None)
         self._outbox.append(Event(EventKind.JOIN, node_id, "heard from again"))
         return True
 
@@ -225,6 +234,7 @@ class Registry(ReconnectingClient):
         for table in (self._statuses, self._loads, self._last_seen):
             table.pop(node_id, None)
         self._timed_out.discard(node_id)
+        self._views.pop(node_id, None)
 
     def sweep(self) -> list[str]:
         """Mark nodes silent for longer than ``node_timeout_s`` offline; returns their ids."""
@@ -238,6 +248,7 @@ class Registry(ReconnectingClient):
         ]
         for node_id in silent:
             self._timed_out.add(node_id)
+            self._views.pop(node_id, None)
             self._outbox.append(Event(EventKind.LEAVE, node_id, f"silent for {self.config.node_timeout_s:g}s"))
         if silent:
             self._notify()
@@ -262,6 +273,7 @@ class Registry(ReconnectingClient):
         for node_id, layers in changes.items():
             message = Assign(node_id, self.config.model, layers, epoch)
             self._assigns[node_id] = message
+            self._views.pop(node_id, None)
             await self.publish(self.topics.assign(node_id), encode(message), retain=True)
         summary = ", ".join(f"{n}: {r if r else 'none'}" for n, r in changes.items())
         await self.publish_event(Event(EventKind.REASSIGN, None, summary))
@@ -274,6 +286,7 @@ class Registry(ReconnectingClient):
         await self.publish(self.topics.assign(node_id), b"", retain=True)
         self._forget(node_id)
         self._assigns.pop(node_id, None)
+        self._views.pop(node_id, None)
         self._notify()
 
     async def _flush(self) -> None:
@@ -295,10 +308,24 @@ class Registry(ReconnectingClient):
         if self._outbox:
             await self._flush()
 
+    def forgettable(self) -> list[str]:
+        """Nodes offline for longer than ``forget_after_s``: a churning swarm would
+        otherwise keep every node it ever saw, here and retained on the broker."""
+        now = self._clock()
+        return [
+            node_id
+            for node_id, status in self._statuses.items()
+            if (status.state is NodeState.OFFLINE or node_id in self._timed_out)
+            and now - self._last_seen.get(node_id, now) > self.config.forget_after_s
+        ]
+
     async def while_connected(self, client: aiomqtt.Client) -> None:
         interval = max(0.1, min(1.0, self.config.node_timeout_s / 4))
         while True:
             await asyncio.sleep(interval)
             self.sweep()
+            for node_id in self.forgettable():
+                log.info("forgetting node %s: offline for over %g s", node_id, self.config.forget_after_s)
+                await self.forget(node_id)
             if self._outbox:
                 await self._flush()

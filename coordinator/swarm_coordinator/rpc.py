@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Collection
 
 import grpc
@@ -54,11 +55,13 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         self.recent = RecentRoutes()
         self._clock = clock
         self.routes_given = 0
+        self.route_seconds: deque[float] = deque(maxlen=20_000)  # time in GetRoute, the most recent calls
         self.failovers = 0  # recovered failovers reported by clients
 
     # --- GetRoute ---------------------------------------------------------------------
 
     async def GetRoute(self, request: swarm_pb2.RouteRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.Route:  # type: ignore[type-arg]
+        started = time.perf_counter()
         state = self.registry.state
         if request.model and request.model != state.model:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"this swarm serves {state.model!r}, not {request.model!r}")
@@ -75,6 +78,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         expected = route_latency(state, spans, recent=self.recent.counts(now), policy=self.policy)
         self.recent.record(spans, now)
         self.routes_given += 1
+        self.route_seconds.append(time.perf_counter() - started)
         return swarm_pb2.Route(
             hops=[swarm_pb2.Hop(address=s.address, start=s.start, end=s.end, node_id=s.node_id) for s in spans],
             session_id=uuid.uuid4().hex,

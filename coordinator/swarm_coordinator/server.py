@@ -16,6 +16,7 @@ the HTTP port.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 from collections.abc import Callable
@@ -101,6 +102,7 @@ class CoordinatorServer(Service):
                 num_layers=args.num_layers,
                 bytes_per_layer=layer_bytes(args, cfg.dtype),
                 node_timeout_s=cfg.node_timeout,
+                forget_after_s=cfg.forget_after,
                 keepalive=cfg.keepalive,
             )
         )
@@ -161,7 +163,28 @@ class CoordinatorServer(Service):
         """Wait until :meth:`stop` is called."""
         await self._stopped.wait()
 
+    def stats(self) -> dict[str, float]:
+        """What the scale bench reads: route handling times, planner work, reloads."""
+        times = sorted(self.service.route_seconds) if self.service is not None else []
+        planner = self.planner
+
+        def pct(q: float) -> float:
+            return round(1000 * times[min(len(times) - 1, int(q * len(times)))], 3) if times else 0.0
+
+        return {
+            "routes": self.service.routes_given if self.service is not None else 0,
+            "route_p50_ms": pct(0.5),
+            "route_p99_ms": pct(0.99),
+            "plans": planner.runs if planner else 0,
+            "plan_ms_mean": round(1000 * planner.plan_seconds / planner.runs, 3) if planner and planner.runs else 0.0,
+            "reloads": planner.reloads if planner else 0,
+            "first_loads": planner.first_loads if planner else 0,
+            "mqtt_messages": self._registry.messages if self._registry else 0,
+            "nodes_known": len(self._registry.state.nodes) if self._registry else 0,
+        }
+
     async def stop(self) -> None:
+        log.info("coordinator stats %s", json.dumps(self.stats()))
         if self._http is not None:
             await self._http.stop()
             self._http = None

@@ -169,10 +169,11 @@ class ReconnectingClient(Service):
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # aiomqtt's exit may wait for a DISCONNECT acknowledgement that never comes
+            await asyncio.wait([task], timeout=5.0)
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> bool:
         """Publish now if connected; ``False`` if not (re-announcing is on_connect's job)."""

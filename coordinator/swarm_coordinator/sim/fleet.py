@@ -150,10 +150,13 @@ class SimNode:
         status = self.presence.status
         await self.presence.set_status(replace(status, hosted=assign.layers, state=NodeState.READY))
 
-    async def leave(self) -> None:
+    async def leave(self, timeout: float = 10.0) -> None:
         """Graceful: offline status, clean disconnect (no Will)."""
         self._stop_loading()
-        await self.presence.stop()
+        try:
+            await asyncio.wait_for(self.presence.stop(), timeout)
+        except asyncio.TimeoutError:  # aiomqtt can wait forever for the broker's goodbye
+            log.warning("simulated node %s: no clean disconnect within %g s", self.node_id, timeout)
 
     async def crash(self) -> None:
         """Abrupt: the socket closes without DISCONNECT, so the broker sends the Will."""

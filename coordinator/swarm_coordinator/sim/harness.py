@@ -124,6 +124,8 @@ class Harness:
         self.node_seconds = 0.0  # real seconds of node life, over all nodes
         self.route_ok = self.route_failed = 0
         self.route_ms: list[float] = []  # a reservoir
+        self.route_errors: dict[str, int] = {}  # by status code name (a handful of keys)
+        self.route_error_samples: list[str] = []
         self._route_seen = 0
         self.churn_timeline: list[tuple[float, int]] = []  # (t, churn events in that second)
         self._churn_now = 0
@@ -143,10 +145,10 @@ class Harness:
             argv = [
                 sys.executable, "-m", "swarm_coordinator.cli", "--model", str(folder), "--port", str(port),
                 "--http-port", "0", "--mqtt", self.broker_url, "--swarm-id", run.model.name,
-                "--replicas", str(replicas), "--settle", "0.2", "--node-timeout", "10",
+                "--replicas", str(replicas), "--settle", "0.2", "--node-timeout", "10", "--forget-after", str(max(2.0, 600 * scale)),
                 "--rebalance-interval", str(max(1.0, 600 * scale)),
                 "--reload-budget", str(cfg.reload_budget), "--reload-window", str(3600 * scale),
-                "--coordinator-id", f"sim-{run.model.name}", "--log-level", "warning",
+                "--coordinator-id", f"sim-{run.model.name}", "--log-level", "info",
             ]
             log_file = (self.workdir / f"{run.model.name}.log").open("w")
             run.proc = await asyncio.create_subprocess_exec(
@@ -165,16 +167,29 @@ class Harness:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(node.leave() for node, _, _ in self.live.values()), return_exceptions=True)
         self.live.clear()
+        await self._stop_coordinators()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    async def _stop_coordinators(self) -> dict[str, dict[str, Any]]:
+        """SIGTERM each coordinator; returns the stats line each logs as it stops."""
+        stats: dict[str, dict[str, Any]] = {}
         for run in self.runs:
             if run.proc is not None and run.proc.returncode is None:
                 run.proc.terminate()
                 try:
-                    await asyncio.wait_for(run.proc.wait(), 15)
+                    await asyncio.wait_for(run.proc.wait(), 30)
                 except asyncio.TimeoutError:
                     run.proc.kill()
                     await run.proc.wait()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+            try:
+                lines = (self.workdir / f"{run.model.name}.log").read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                if "coordinator stats " in line:
+                    stats[run.model.name] = json.loads(line.split("coordinator stats ", 1)[1])
+        return stats
 
     @property
     def coordinator_pids(self) -> list[int]:
@@ -266,8 +281,12 @@ class Harness:
         started = time.perf_counter()
         try:
             await stub.GetRoute(swarm_pb2.RouteRequest(max_length=2048), timeout=5.0)
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as exc:
             self.route_failed += 1
+            code = exc.code().name
+            self.route_errors[code] = self.route_errors.get(code, 0) + 1
+            if len(self.route_error_samples) < 5:
+                self.route_error_samples.append(f"{code}: {exc.details()}"[:300])
             return
         self.route_ok += 1
         ms = (time.perf_counter() - started) * 1000
@@ -285,17 +304,32 @@ class Harness:
         batch = 50  # joins in flight at once: a burst, but not a connect storm
         for start in range(0, self.config.nodes, batch):
             await asyncio.gather(*(self._join() for _ in range(min(batch, self.config.nodes - start))))
+            log.info("warm-up: %d nodes joined after %.1f s", len(self.live), time.monotonic() - t0)
         while not all(self._coverage(run) == 1.0 for run in self.runs):
             if time.monotonic() - t0 > self.config.warmup_timeout:
                 raise TimeoutError(f"not covered after {self.config.warmup_timeout:g} s: "
                                    + ", ".join(f"{r.model.name} {self._coverage(r):.0%}" for r in self.runs))
             await asyncio.sleep(0.2)
+            if int(time.monotonic() - t0) % 10 == 0:
+                log.info("warm-up: %s", ", ".join(f"{r.model.name} {self._coverage(r):.0%}" for r in self.runs))
+        for run in self.runs:  # and until each coordinator has heard that they are ready
+            async with grpc.aio.insecure_channel(run.address) as channel:
+                stub = swarm_pb2_grpc.CoordinatorStub(channel)
+                while True:
+                    try:
+                        await stub.GetRoute(swarm_pb2.RouteRequest(max_length=2048), timeout=5.0)
+                        break
+                    except grpc.aio.AioRpcError:
+                        if time.monotonic() - t0 > self.config.warmup_timeout:
+                            raise
+                        await asyncio.sleep(0.2)
         return time.monotonic() - t0
 
     async def run(self) -> dict[str, Any]:
         cfg = self.config
         warm = await self._warm_up()
         before = {pid: _proc_cpu(pid) for pid in self.coordinator_pids}
+        rss0 = {pid: _proc_rss(pid) for pid in before}
         msgs0 = await _broker_received(self.broker_url)
         t0 = self._t0 = time.monotonic()
         for node, _, _ in self.live.values():
@@ -310,6 +344,10 @@ class Harness:
         cpu = {pid: _proc_cpu(pid) - before[pid] for pid in before}
         rss = {pid: _proc_rss(pid) for pid in before}
         msgs1 = await _broker_received(self.broker_url)
+        for task in list(self._tasks):  # churn and routes stop; the nodes stay until exit
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        stats = await self._stop_coordinators()
         now = time.monotonic()
         reloads = self.reloads + sum(max(0, node.loads - 1) for node, _, _ in self.live.values())
         node_seconds = self.node_seconds + sum(now - max(joined, t0) for _, _, joined in self.live.values())
@@ -323,7 +361,8 @@ class Harness:
             "warmup_s": round(warm, 1),
             "coverage": {r.model.name: round(r.covered / max(1, r.samples), 5) for r in self.runs},
             "samples": {r.model.name: r.samples for r in self.runs},
-            "routes": {"ok": self.route_ok, "failed": self.route_failed,
+            "routes": {"ok": self.route_ok, "failed": self.route_failed, "errors": self.route_errors,
+                       "error_samples": self.route_error_samples,
                        "rate_per_s": round((self.route_ok + self.route_failed) / elapsed, 1),
                        "p50_ms": round(percentile(self.route_ms, 0.5), 2),
                        "p99_ms": round(percentile(self.route_ms, 0.99), 2)},
@@ -332,6 +371,8 @@ class Harness:
             "reloads_per_node_hour": round(reloads / sim_hours, 3) if sim_hours else 0.0,
             "coordinator_cpu_percent": {str(p): round(100 * c / elapsed, 1) for p, c in cpu.items()},
             "coordinator_rss_mb": {str(p): round(m / 2**20, 1) for p, m in rss.items()},
+            "coordinator_rss_growth_mb": {str(p): round((rss[p] - rss0[p]) / 2**20, 1) for p in rss},
+            "coordinator": stats,
             "broker_msgs_per_s": round((msgs1 - msgs0) / elapsed, 1) if msgs0 >= 0 and msgs1 >= 0 else None,
             "timeline": {"coverage": {r.model.name: r.timeline for r in self.runs}, "churn": self.churn_timeline},
         }
