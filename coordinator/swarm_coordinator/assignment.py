@@ -262,14 +262,14 @@ def _best_window(
     at_weakest = [0]  # prefix counts of layers at the weakest throughput
     for x in thr:
         at_weakest.append(at_weakest[-1] + (x <= weakest * (1 + _EPS) + _EPS))
-    best: tuple[tuple[float, float, int, int, int], LayerRange] | None = None
+    best: tuple[tuple[float, int, int, int, int], LayerRange] | None = None
     for size in range(1, cap + 1):
         boost = speed / size
         for start in range(L - size + 1):
             end = start + size
             rep = min(outside(count_min, start, end), min(count_min[start][size - 1] + 1, replicas))
             low = min(outside(thr_min, start, end), thr_min[start][size - 1] + boost)
-            key = (rep, round(low, 9), at_weakest[end] - at_weakest[start], size, -start)
+            key = (rep, int(low * 1e9 + 0.5), at_weakest[end] - at_weakest[start], size, -start)  # low to 1e-9
             if best is None or key > best[0]:
                 best = (key, LayerRange(start, end))
     assert best is not None

@@ -94,6 +94,7 @@ class Registry(ReconnectingClient):
         self._timed_out: set[str] = set()
         self._outbox: list[Event] = []
         self._changed = asyncio.Event()
+        self._outbox_ready = asyncio.Event()  # events wait in _outbox for while_connected
         self._membership = asyncio.Event()  # set by what planning cares about (not loads)
         self._state: SwarmState | None = None  # the snapshot, rebuilt on the first read after a change
         self._views: dict[str, NodeView] = {}  # per node, dropped when one of its messages arrives
@@ -270,11 +271,13 @@ class Registry(ReconnectingClient):
         if not changes:
             return changes
         epoch = max(self.epoch + 1, int(time.time() * 1000))
+        sends = []
         for node_id, layers in changes.items():
             message = Assign(node_id, self.config.model, layers, epoch)
             self._assigns[node_id] = message
             self._views.pop(node_id, None)
-            await self.publish(self.topics.assign(node_id), encode(message), retain=True)
+            sends.append(self.publish(self.topics.assign(node_id), encode(message), retain=True))
+        await asyncio.gather(*sends)  # pipelined: a thousand changes do not wait a thousand round trips
         summary = ", ".join(f"{n}: {r if r else 'none'}" for n, r in changes.items())
         await self.publish_event(Event(EventKind.REASSIGN, None, summary))
         self._notify()
@@ -305,8 +308,8 @@ class Registry(ReconnectingClient):
     async def on_message(self, message: aiomqtt.Message) -> None:
         payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else b""
         self.handle(message.topic.value, bytes(payload), retained=bool(message.retain))
-        if self._outbox:
-            await self._flush()
+        if self._outbox:  # published by while_connected: the receive loop never waits on the broker
+            self._outbox_ready.set()
 
     def forgettable(self) -> list[str]:
         """Nodes offline for longer than ``forget_after_s``: a churning swarm would
@@ -322,7 +325,11 @@ class Registry(ReconnectingClient):
     async def while_connected(self, client: aiomqtt.Client) -> None:
         interval = max(0.1, min(1.0, self.config.node_timeout_s / 4))
         while True:
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self._outbox_ready.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            self._outbox_ready.clear()
             self.sweep()
             for node_id in self.forgettable():
                 log.info("forgetting node %s: offline for over %g s", node_id, self.config.forget_after_s)
