@@ -71,6 +71,72 @@ def run_once(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         proc.wait(15)
 
 
+def micro(counts: list[int], calls: int = 500, seed: int = 1) -> list[dict[str, Any]]:
+    """The coordinator's own work without processes or a network: route computation
+    (a snapshot and its RouteIndex every 10 routes, as at 100 routes/s, then
+    RouteIndex.route) and one incremental plan per churn event, at N nodes
+    of the 80-layer model, one process, on this machine as loaded as it is."""
+    import random
+    from dataclasses import replace
+
+    from swarm_coordinator.assignment import AssignmentPolicy
+    from swarm_coordinator.planner import ReloadBudget, decide
+    from swarm_coordinator.routing import RecentRoutes, RouteIndex, find_route
+    from swarm_coordinator.sim.fleet import GB, draw_profile
+    from swarm_coordinator.sim.harness import MODELS
+    from swarm_coordinator.state import NodeView, SwarmState
+    from swarm_proto.presence import Assign, NodeLoad, NodeState, NodeStatus
+
+    model = MODELS[0]
+    out = []
+    for n in counts:
+        rng = random.Random(seed)
+
+        def node(i: int, rng: random.Random = rng) -> NodeView:
+            p = draw_profile(rng)
+            status = NodeStatus(f"n{i:05d}", f"10.0.0.1:{i}", model.name, None, p.name, int(p.memory_gb * GB),
+                                p.speed(model.layer_bytes), NodeState.STARTING, layer_bytes=model.layer_bytes)
+            return NodeView(status, NodeLoad(free_kv_tokens=30000, kv_tokens=30000, free_sessions=10))
+
+        views = [node(i) for i in range(n)]
+        policy = AssignmentPolicy(max(1, n // 5))
+        state = SwarmState.of(model.name, model.num_layers, model.layer_bytes, views)
+        a = decide(state, policy)
+        assert a is not None
+        views = [replace(v, status=replace(v.status, hosted=a.get(v.node_id), state=NodeState.READY),
+                         assign=Assign(v.node_id, model.name, a.get(v.node_id), 1)) for v in views]
+        state = SwarmState.of(model.name, model.num_layers, model.layer_bytes, views)
+        recent = RecentRoutes()
+        times = []
+        index = RouteIndex(state)
+        for k in range(calls):
+            t = time.perf_counter()
+            if k % 10 == 0:  # at 100 routes/s a snapshot serves 10 (rpc.ROUTE_STATE_MAX_AGE_S = 0.1)
+                fresh = SwarmState.of(model.name, model.num_layers, model.layer_bytes, state.nodes.values())
+                index = RouteIndex(fresh)
+            spans = index.route(max_length=2048, recent=recent.counts(k * 0.01))
+            times.append(time.perf_counter() - t)
+            recent.record(spans, k * 0.01)
+        check = find_route(state, max_length=2048, recent=recent.counts(calls * 0.01))
+        assert check == index.route(max_length=2048, recent=recent.counts(calls * 0.01))
+        times.sort()
+        budget = ReloadBudget()
+        plan_times = []
+        for k in range(10):  # a crash and a join, planned incrementally
+            gone = state.without_node(f"n{rng.randrange(n):05d}").with_node(node(n + k))
+            t = time.perf_counter()
+            decide(gone, policy, full=False, budget=budget)
+            plan_times.append(time.perf_counter() - t)
+        plan_times.sort()
+        row = {"nodes": n, "route_p50_ms": round(1000 * times[len(times) // 2], 3),
+               "route_p99_ms": round(1000 * times[int(0.99 * len(times))], 3),
+               "plan_per_event_ms": round(1000 * plan_times[len(plan_times) // 2], 2)}
+        print(f"  in-process, {n:>5} nodes: route p50 {row['route_p50_ms']:.2f} ms p99 {row['route_p99_ms']:.2f} ms; "
+              f"incremental plan per event {row['plan_per_event_ms']:.1f} ms", flush=True)
+        out.append(row)
+    return out
+
+
 def summary(r: dict[str, Any]) -> str:
     cov = ", ".join(f"{m} {100 * c:.2f}%" for m, c in r["coverage"].items())
     cpu = "+".join(f"{c:.0f}%" for c in r["coordinator_cpu_percent"].values())
@@ -132,12 +198,19 @@ def main() -> None:
     p.add_argument("--no-churn", action="store_true")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--warmup-timeout", type=float, default=300.0)
+    p.add_argument("--micro", default="", help="comma-separated node counts: in-process route and plan timings only")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("swarm_proto").setLevel(logging.WARNING)
+    if args.micro:
+        rows = micro([int(n) for n in args.micro.split(",")])
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=1))
+        return
     counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.nodes]
     results = []
     for n in counts:

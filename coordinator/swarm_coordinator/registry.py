@@ -97,6 +97,8 @@ class Registry(ReconnectingClient):
         self._outbox_ready = asyncio.Event()  # events wait in _outbox for while_connected
         self._membership = asyncio.Event()  # set by what planning cares about (not loads)
         self._state: SwarmState | None = None  # the snapshot, rebuilt on the first read after a change
+        self._route_state: SwarmState | None = None  # snapshot(): dropped on membership changes
+        self._route_at = 0.0
         self._views: dict[str, NodeView] = {}  # per node, dropped when one of its messages arrives
         self.lease: Lease | None = None  # the retained coordinator lease, as last seen (lease.py)
         self.lease_seen = asyncio.Event()  # set (and replaced) at every lease message
@@ -124,6 +126,16 @@ class Registry(ReconnectingClient):
                 views.append(view)
             self._state = SwarmState.of(self.config.model, self.config.num_layers, self.config.bytes_per_layer, views)
         return self._state
+
+    def snapshot(self, max_age: float) -> SwarmState:
+        """The state for routing: reused for up to ``max_age`` seconds while only load
+        reports arrived (a thousand nodes send hundreds a second), fresh after any change
+        of status, timeout or assignment."""
+        now = self._clock()
+        if self._route_state is None or now - self._route_at > max_age:
+            self._route_state = self.state
+            self._route_at = now
+        return self._route_state
 
     @property
     def epoch(self) -> int:
@@ -160,6 +172,7 @@ class Registry(ReconnectingClient):
         self._changed.set()
         self._changed = asyncio.Event()
         if membership:
+            self._route_state = None
             self._membership.set()
             self._membership = asyncio.Event()
 

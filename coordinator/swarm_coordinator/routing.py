@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from swarm_coordinator.errors import NoRouteError, format_ranges
 from swarm_coordinator.state import NodeView, SwarmState, runs
 
-__all__ = ["RecentRoutes", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
+__all__ = ["RecentRoutes", "RouteIndex", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,8 @@ def _find_route(
 ) -> tuple[Span, ...]:
     L = state.num_layers
     usable, skipped = _usable(state, exclude, max_length, need_room)
-    # The index: of the nodes serving the same range only the cheapest can be on the
-    # best route, so the search runs over distinct ranges (tens, even with thousands of
-    # nodes), each with its cheapest node; ties go to the smaller node id.
+    # Of the nodes serving the same range only the cheapest can be on the best route,
+    # so the search runs over distinct ranges (tens, even with thousands of nodes).
     cheapest: dict[tuple[int, int], tuple[float, str, NodeView]] = {}
     for v in usable:
         r = v.serving
@@ -132,10 +131,31 @@ def _find_route(
         key = (r.start, r.end)
         if key not in cheapest or entry[:2] < cheapest[key][:2]:
             cheapest[key] = entry
+    spans = _search(L, cheapest, policy)
+    if spans is None:
+        hosted = [False] * L
+        for v in usable:
+            r = v.serving
+            assert r is not None
+            for layer in range(r.start, r.end):
+                hosted[layer] = True
+        uncovered = runs(not h for h in hosted)
+        reasons = "; ".join(f"{why}: {', '.join(ids)}" for why, ids in skipped.items() if ids)
+        raise NoRouteError(
+            f"no route for model {state.model!r}: no usable node hosts layers "
+            f"{format_ranges(uncovered)}" + (f" (skipped {reasons})" if reasons else ""),
+            uncovered,
+        )
+    return spans
+
+
+def _search(
+    L: int, cheapest: Mapping[tuple[int, int], tuple[float, str, NodeView]], policy: RoutingPolicy
+) -> tuple[Span, ...] | None:
+    """Dijkstra over boundary positions, one candidate per distinct range; ties go to
+    fewer hops, then smaller node ids. ``None`` when ``[0, L)`` cannot be chained."""
     points = sorted({0, L} | {p for key in cheapest for p in key})
     by_start = sorted(cheapest.items())
-
-    # Dijkstra over boundary positions; ties go to fewer hops, then smaller node ids.
     Key = tuple[float, int, tuple[str, ...]]
     best: dict[int, Key] = {0: (0.0, 0, ())}
     back: dict[int, tuple[int, NodeView]] = {}
@@ -162,19 +182,7 @@ def _find_route(
                         back[q] = (pos, view)
                         heapq.heappush(heap, (new, q))
     if L not in done:
-        hosted = [False] * L
-        for v in usable:
-            r = v.serving
-            assert r is not None
-            for layer in range(r.start, r.end):
-                hosted[layer] = True
-        uncovered = runs(not h for h in hosted)
-        reasons = "; ".join(f"{why}: {', '.join(ids)}" for why, ids in skipped.items() if ids)
-        raise NoRouteError(
-            f"no route for model {state.model!r}: no usable node hosts layers "
-            f"{format_ranges(uncovered)}" + (f" (skipped {reasons})" if reasons else ""),
-            uncovered,
-        )
+        return None
     spans: list[Span] = []
     pos = L
     while pos != 0:
@@ -182,6 +190,54 @@ def _find_route(
         spans.append(Span(view.node_id, view.address, prev, pos))
         pos = prev
     return tuple(reversed(spans))
+
+
+class RouteIndex:
+    """Routing over one snapshot, with the per-node work done once per snapshot.
+
+    The ready nodes of the state's model are grouped by served range and sorted by their
+    cost with no recent sessions; a request then scans each group only until no later
+    node can be cheaper (recent sessions only add cost), skipping excluded and full
+    nodes, so a route costs about one look per distinct range instead of one per node.
+    Same answers as :func:`find_route` (which it falls back on to explain a failure).
+    """
+
+    def __init__(self, state: SwarmState, policy: RoutingPolicy = RoutingPolicy()) -> None:
+        self.state = state
+        self.policy = policy
+        groups: dict[tuple[int, int], list[tuple[float, str, NodeView]]] = {}
+        for view in state.nodes.values():
+            r = view.serving
+            if r is None or not state.serves_model(view) or r.end > state.num_layers:
+                continue
+            groups.setdefault((r.start, r.end), []).append((seconds_per_layer(view, 0, policy), view.node_id, view))
+        for members in groups.values():
+            members.sort(key=lambda m: (m[0], m[1]))
+        self._groups = groups
+
+    def route(
+        self, *, max_length: int = 1, exclude: Collection[str] = frozenset(), recent: Mapping[str, int] | None = None
+    ) -> tuple[Span, ...]:
+        recent = recent or {}
+        for need_room in (True, False):
+            cheapest: dict[tuple[int, int], tuple[float, str, NodeView]] = {}
+            for key, members in self._groups.items():
+                pick: tuple[float, str, NodeView] | None = None
+                for base, node_id, view in members:
+                    if pick is not None and (base, node_id) >= pick[:2]:
+                        break  # sorted by cost with no recent sessions: nothing later is cheaper
+                    if node_id in exclude or (need_room and not has_room(view, max_length)):
+                        continue
+                    cost = seconds_per_layer(view, recent.get(node_id, 0), self.policy) if node_id in recent else base
+                    if pick is None or (cost, node_id) < pick[:2]:
+                        pick = (cost, node_id, view)
+                if pick is not None:
+                    cheapest[key] = pick
+            spans = _search(self.state.num_layers, cheapest, self.policy)
+            if spans is not None:
+                return spans
+        # no route: the full search says why, naming the skipped nodes
+        return find_route(self.state, max_length=max_length, exclude=exclude, recent=recent, policy=self.policy)
 
 
 def route_latency(

@@ -22,7 +22,7 @@ import grpc
 
 from swarm_coordinator.errors import NoRouteError
 from swarm_coordinator.registry import Registry
-from swarm_coordinator.routing import RecentRoutes, RoutingPolicy, Span, find_route, route_latency
+from swarm_coordinator.routing import RecentRoutes, RouteIndex, RoutingPolicy, Span, route_latency
 from swarm_coordinator.state import NodeView, SwarmState
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CoordinatorService"]
 
 MAX_EXCLUDES = 256
+ROUTE_STATE_MAX_AGE_S = 0.1  # load reports reach routing at most this late (they are sent every 2 s)
 
 
 class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
@@ -53,6 +54,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         self.failures = failures or Backoff()  # node ids reported as failed (the client's schedule)
         self.policy = policy
         self.recent = RecentRoutes()
+        self._index: RouteIndex | None = None  # of the last snapshot routed on
         self._clock = clock
         self.routes_given = 0
         self.route_seconds: deque[float] = deque(maxlen=20_000)  # time in GetRoute, the most recent calls
@@ -62,7 +64,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
 
     async def GetRoute(self, request: swarm_pb2.RouteRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.Route:  # type: ignore[type-arg]
         started = time.perf_counter()
-        state = self.registry.state
+        state = self.registry.snapshot(ROUTE_STATE_MAX_AGE_S)
         if request.model and request.model != state.model:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"this swarm serves {state.model!r}, not {request.model!r}")
         if request.max_length < 0:
@@ -90,13 +92,15 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         self, state: SwarmState, max_length: int, asked: Collection[str], avoided: Collection[str], now: float
     ) -> tuple[Span, ...]:
         recent = self.recent.counts(now)
+        if self._index is None or self._index.state is not state:
+            self._index = RouteIndex(state, self.policy)
         try:
-            return find_route(state, max_length=max_length, exclude=set(asked) | set(avoided), recent=recent, policy=self.policy)
+            return self._index.route(max_length=max_length, exclude=set(asked) | set(avoided), recent=recent)
         except NoRouteError:
             if not set(avoided) - set(asked):
                 raise
             log.info("no route without the recently failed nodes %s: using them anyway", sorted(avoided))
-            return find_route(state, max_length=max_length, exclude=asked, recent=recent, policy=self.policy)
+            return self._index.route(max_length=max_length, exclude=asked, recent=recent)
 
     # --- ReportFailure ----------------------------------------------------------------
 

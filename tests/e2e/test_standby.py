@@ -108,7 +108,7 @@ def wait_generation(addresses: str, model: Path, timeout: float) -> str:
     while True:
         try:
             return generate(addresses, model)
-        except Exception:  # noqa: BLE001 - no route yet while the node loads
+        except Exception:  # no route yet while the node loads
             if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
