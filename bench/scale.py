@@ -143,7 +143,8 @@ def summary(r: dict[str, Any]) -> str:
     rss = "+".join(f"{m:.0f}" for m in r["coordinator_rss_mb"].values())
     growth = "+".join(f"{m:.0f}" for m in r["coordinator_rss_growth_mb"].values())
     at = "; ".join(
-        f"{m}: p50 {s['route_p50_ms']:.2f} ms p99 {s['route_p99_ms']:.2f} ms, {s['plans']} plans of {s['plan_ms_mean']:.1f} ms"
+        f"{m}: p50 {s['route_p50_ms']:.2f} ms p99 {s['route_p99_ms']:.2f} ms "
+        f"(CPU p50 {s['route_cpu_p50_ms']:.2f} p99 {s['route_cpu_p99_ms']:.2f} ms), {s['plans']} plans of {s['plan_ms_mean']:.1f} ms"
         for m, s in r["coordinator"].items()
     )
     return (

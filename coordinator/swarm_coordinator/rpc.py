@@ -58,12 +58,13 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         self._clock = clock
         self.routes_given = 0
         self.route_seconds: deque[float] = deque(maxlen=20_000)  # time in GetRoute, the most recent calls
+        self.route_cpu_seconds: deque[float] = deque(maxlen=20_000)  # CPU time of this thread in them
         self.failovers = 0  # recovered failovers reported by clients
 
     # --- GetRoute ---------------------------------------------------------------------
 
     async def GetRoute(self, request: swarm_pb2.RouteRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.Route:  # type: ignore[type-arg]
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         state = self.registry.snapshot(ROUTE_STATE_MAX_AGE_S)
         if request.model and request.model != state.model:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"this swarm serves {state.model!r}, not {request.model!r}")
@@ -81,6 +82,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         self.recent.record(spans, now)
         self.routes_given += 1
         self.route_seconds.append(time.perf_counter() - started)
+        self.route_cpu_seconds.append(time.thread_time() - cpu)
         return swarm_pb2.Route(
             hops=[swarm_pb2.Hop(address=s.address, start=s.start, end=s.end, node_id=s.node_id) for s in spans],
             session_id=uuid.uuid4().hex,

@@ -166,15 +166,18 @@ class CoordinatorServer(Service):
     def stats(self) -> dict[str, float]:
         """What the scale bench reads: route handling times, planner work, reloads."""
         times = sorted(self.service.route_seconds) if self.service is not None else []
+        cpu = sorted(self.service.route_cpu_seconds) if self.service is not None else []
         planner = self.planner
 
-        def pct(q: float) -> float:
-            return round(1000 * times[min(len(times) - 1, int(q * len(times)))], 3) if times else 0.0
+        def pct(q: float, values: list[float] = times) -> float:
+            return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 3) if values else 0.0
 
         return {
             "routes": self.service.routes_given if self.service is not None else 0,
             "route_p50_ms": pct(0.5),
             "route_p99_ms": pct(0.99),
+            "route_cpu_p50_ms": pct(0.5, cpu),  # CPU time: the work, whatever else the machine runs
+            "route_cpu_p99_ms": pct(0.99, cpu),
             "plans": planner.runs if planner else 0,
             "plan_ms_mean": round(1000 * planner.plan_seconds / planner.runs, 3) if planner and planner.runs else 0.0,
             "reloads": planner.reloads if planner else 0,
