@@ -97,7 +97,7 @@ class Registry(ReconnectingClient):
         self._outbox_ready = asyncio.Event()  # events wait in _outbox for while_connected
         self._membership = asyncio.Event()  # set by what planning cares about (not loads)
         self._state: SwarmState | None = None  # the snapshot, rebuilt on the first read after a change
-        self._route_state: SwarmState | None = None  # snapshot(): dropped on membership changes
+        self._route_state: SwarmState | None = None  # snapshot()
         self._route_at = 0.0
         self._views: dict[str, NodeView] = {}  # per node, dropped when one of its messages arrives
         self.lease: Lease | None = None  # the retained coordinator lease, as last seen (lease.py)
@@ -128,9 +128,9 @@ class Registry(ReconnectingClient):
         return self._state
 
     def snapshot(self, max_age: float) -> SwarmState:
-        """The state for routing: reused for up to ``max_age`` seconds while only load
-        reports arrived (a thousand nodes send hundreds a second), fresh after any change
-        of status, timeout or assignment."""
+        """The state for routing, reused for up to ``max_age`` seconds: a thousand nodes
+        send hundreds of messages a second, and a route a tenth of a second behind is
+        still one the client can fail over from (a crash takes the broker longer)."""
         now = self._clock()
         if self._route_state is None or now - self._route_at > max_age:
             self._route_state = self.state
@@ -172,7 +172,6 @@ class Registry(ReconnectingClient):
         self._changed.set()
         self._changed = asyncio.Event()
         if membership:
-            self._route_state = None
             self._membership.set()
             self._membership = asyncio.Event()
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CoordinatorService"]
 
 MAX_EXCLUDES = 256
-ROUTE_STATE_MAX_AGE_S = 0.1  # load reports reach routing at most this late (they are sent every 2 s)
+ROUTE_STATE_MAX_AGE_S = 0.1  # what routing reads is at most this old (Registry.snapshot)
 
 
 class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):

@@ -327,6 +327,7 @@ class Harness:
 
     async def run(self) -> dict[str, Any]:
         cfg = self.config
+        asyncio.get_running_loop().set_exception_handler(_quiet_crashes)
         warm = await self._warm_up()
         before = {pid: _proc_cpu(pid) for pid in self.coordinator_pids}
         rss0 = {pid: _proc_rss(pid) for pid in before}
@@ -376,6 +377,16 @@ class Harness:
             "broker_msgs_per_s": round((msgs1 - msgs0) / elapsed, 1) if msgs0 >= 0 and msgs1 >= 0 else None,
             "timeline": {"coverage": {r.model.name: r.timeline for r in self.runs}, "churn": self.churn_timeline},
         }
+
+
+def _quiet_crashes(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A crashed node's client leaves futures failed with 'unexpected disconnection'
+    that nobody reads: that is the crash, not news."""
+    import aiomqtt
+
+    if isinstance(context.get("exception"), aiomqtt.MqttError):
+        return
+    loop.default_exception_handler(context)
 
 
 def _free_port() -> int:
