@@ -43,6 +43,7 @@ def run_once(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
         churn=not args.no_churn,
         seed=args.seed,
         warmup_timeout=args.warmup_timeout,
+        join_batch=args.join_batch,
     )
 
     async def go(url: str) -> dict[str, Any]:
@@ -199,6 +200,7 @@ def main() -> None:
     p.add_argument("--no-churn", action="store_true")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--warmup-timeout", type=float, default=300.0)
+    p.add_argument("--join-batch", type=int, default=50, help="initial joins in flight at once")
     p.add_argument("--micro", default="", help="comma-separated node counts: in-process route and plan timings only")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--json", type=Path, default=None)

@@ -276,26 +276,30 @@ def _best_window(
     return best[1]
 
 
-def _repair(state: SwarmState, a: Assignment, nodes: Sequence[NodeView], speeds: dict[str, float]) -> Assignment | None:
-    """Cover the holes by growing survivors' ranges or using idle nodes; ``None`` if not possible."""
+def _repair(
+    state: SwarmState, a: Assignment, nodes: Sequence[NodeView], speeds: dict[str, float], need: int = 1
+) -> Assignment | None:
+    """Bring every layer to ``need`` copies (1: cover the holes) by growing survivors'
+    ranges or using idle nodes, one move at a time; ``None`` if not possible."""
     L = state.num_layers
     while True:
         counts = a.coverage(L)
-        if min(counts) > 0:
+        if min(counts) >= need:
             return a
-        holes = [0]  # holes[i]: uncovered layers below i
+        holes = [0]  # holes[i]: layers short of copies below i
         for c in counts:
-            holes.append(holes[-1] + (c == 0))
+            holes.append(holes[-1] + (c < need))
         best: tuple[tuple[int, int, float, str], str, LayerRange] | None = None
         for v in nodes:
             cap = min(L, v.capacity(state.bytes_per_layer))
             cur = a.get(v.node_id)
-            lo_range = range(0, L) if cur is None else range(0, cur.start + 1)
+            lo_range = range(L) if cur is None else range(cur.start + 1)
+            own = holes[cur.end] - holes[cur.start] if cur is not None else 0  # no new copy where it is already
             for lo in lo_range:
                 min_hi = lo + 1 if cur is None else cur.end
                 for hi in range(max(min_hi, lo + 1), min(L, lo + cap) + 1):
-                    gained = holes[hi] - holes[lo]
-                    if gained == 0:
+                    gained = holes[hi] - holes[lo] - own
+                    if gained <= 0:
                         continue
                     added = (hi - lo) - (len(cur) if cur else 0)
                     key = (gained, -added, speeds[v.node_id], v.node_id)
@@ -344,8 +348,11 @@ def plan(
             placer.place(v, speeds[v.node_id])
         base = placer.a
     floor = min(policy.replicas, policy.replica_floor)
-    if not full and base.replicas(L) >= floor:
-        return base
+    if not full:
+        if base.replicas(L) < floor:  # grow survivors back to the floor before reshuffling anyone
+            base = _repair(state, base, nodes, speeds, need=floor) or base
+        if base.replicas(L) >= floor:
+            return base
     proposal = propose(state, policy)
     covered_b, rep_b, thr_b = _score(state, base, floor)
     covered_p, rep_p, thr_p = _score(state, proposal, floor)

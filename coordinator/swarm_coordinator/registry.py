@@ -318,6 +318,8 @@ class Registry(ReconnectingClient):
         await client.subscribe(self.topics.all, qos=1)
 
     async def on_message(self, message: aiomqtt.Message) -> None:
+        if not message.topic.value.startswith(self.topics.prefix):
+            return  # amqtt 0.12 sends a new client the retained messages of other swarms too
         payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else b""
         self.handle(message.topic.value, bytes(payload), retained=bool(message.retain))
         if self._outbox:  # published by while_connected: the receive loop never waits on the broker

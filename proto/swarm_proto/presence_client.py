@@ -307,6 +307,8 @@ class PresenceClient(ReconnectingClient):
             await asyncio.sleep(self.load_interval)
 
     async def on_message(self, message: aiomqtt.Message) -> None:
+        if not message.topic.value.startswith(self.topics.prefix):
+            return  # amqtt 0.12 also sends the retained messages of other swarms (see below)
         try:
             kind, node_id, payload = decode(self.topics, message.topic.value, bytes(message.payload))
         except PayloadError as exc:

@@ -86,6 +86,7 @@ class SimConfig:
     seed: int = 1
     models: tuple[SimModel, ...] = MODELS
     warmup_timeout: float = 120.0
+    join_batch: int = 50  # initial joins in flight at once
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -301,7 +302,7 @@ class Harness:
     async def _warm_up(self) -> float:
         """Join the initial nodes and wait until every model is covered; returns seconds."""
         t0 = time.monotonic()
-        batch = 50  # joins in flight at once: a burst, but not a connect storm
+        batch = self.config.join_batch
         for start in range(0, self.config.nodes, batch):
             await asyncio.gather(*(self._join() for _ in range(min(batch, self.config.nodes - start))))
             log.info("warm-up: %d nodes joined after %.1f s", len(self.live), time.monotonic() - t0)
