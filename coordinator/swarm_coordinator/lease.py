@@ -127,8 +127,10 @@ class LeaseKeeper:
             except PresenceError as exc:  # the broker is away: the registry reconnects, we retry
                 log.warning("coordinator %s could not claim the lease: %s", self.holder_id, exc)
                 await self._drop_holder()
-            if not self.holding and self.registry.lease is None:
-                await asyncio.wait([asyncio.ensure_future(seen.wait())], timeout=max(1.0, self.confirm_s))
+            if not self.holding and self.registry.lease is None:  # a failed claim: retry within a second
+                waiter = asyncio.ensure_future(seen.wait())
+                await asyncio.wait([waiter], timeout=max(1.0, self.confirm_s))
+                waiter.cancel()
             else:
                 await seen.wait()
 
