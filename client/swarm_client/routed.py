@@ -292,7 +292,7 @@ class CoordinatorRoutes(RouteProvider):
             ),
         )
         try:
-            await self._stub().ReportFailure(report, timeout=self.timeout, metadata=self._metadata)
+            await self._call("ReportFailure", report)
         except grpc.aio.AioRpcError as exc:
             logger.warning("could not report the liar to %s: %s", self.address, exc.details())
 
