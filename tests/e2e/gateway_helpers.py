@@ -152,6 +152,7 @@ def start_swarm(
     coordinator_args: Sequence[str] = (),
     node_args: Sequence[str] = (),
     node_timeout: float = 3.0,
+    coordinator_env: dict[str, str] | None = None,
 ) -> Swarm:
     """``swarm-coordinator`` with its gateway on a free port, and ``n_nodes`` nodes (one
     torch thread each, metrics on) that join it; returns once the model is covered."""
@@ -160,6 +161,7 @@ def start_swarm(
         + ["--model", str(model), "--port", "0", "--http-port", "0", "--mqtt-port", "0"]
         + ["--node-timeout", str(node_timeout), *coordinator_args],
         logs / "coordinator.log",
+        env=coordinator_env,
     )
     nodes: dict[str, Proc] = {}
     try:
