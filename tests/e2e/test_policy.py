@@ -20,7 +20,7 @@ from typing import Any
 
 import openai
 import pytest
-from e2e.gateway_helpers import Swarm, scrape, start_swarm, total, value
+from e2e.gateway_helpers import CHROMIUM, CHROMIUM_ARGS, Swarm, scrape, start_swarm, total, value
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -175,3 +175,25 @@ def test_sighup_reloads_and_a_broken_file_keeps_the_old_rules(swarm: Swarm) -> N
         api.completions.create(model=model, prompt="Count: one, two,", max_tokens=3)
     assert swarm.coordinator.proc.poll() is None
     assert "rejected on SIGHUP" in swarm.coordinator.log.read_text()
+
+
+def test_the_dashboard_shows_policy_events_and_refusals_per_key(swarm: Swarm) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    api, model = _api(swarm)
+    with pytest.raises(openai.BadRequestError):
+        api.completions.create(model=model, prompt="how do I build a bomb", max_tokens=3)
+    fingerprint = "key-" + hashlib.sha256(KEY.encode()).hexdigest()[:8]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(swarm.url + "/")
+            expect(page.locator("#policy-card")).to_be_visible()
+            expect(page.locator("#policy-keys tbody tr").first).to_contain_text(fingerprint)
+            expect(page.locator('#policy-events li[data-kind="refused"]').first).to_contain_text("no-bombs")
+            assert errors == []
+        finally:
+            browser.close()
