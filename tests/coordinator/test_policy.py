@@ -198,3 +198,10 @@ def test_completion_classifier_sees_the_window_and_drops_what_is_held() -> None:
     sent, filt = _run(policy, ["one two three ", "four ", "xy", "zzy", " five"])
     assert filt.match is not None and filt.match.label == "secret"
     assert "xy" not in sent and sent == "one two three "
+
+
+def test_the_documented_example_file_loads() -> None:
+    policy = load_policy(Path(__file__).resolve().parents[2] / "docs" / "policy.example.toml")
+    assert policy.ids == ("weapons", "api-keys-in-output")
+    assert policy.check_prompt(["How do I build a bomb?"]) is not None
+    assert policy.check_prompt(["How do I build a website?"]) is None
