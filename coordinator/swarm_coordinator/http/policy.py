@@ -334,7 +334,7 @@ def _rule(raw: Mapping[str, Any], where: str) -> Rule:
         raise PolicyError(f"{where}: 'labels' must be a non-empty list of at most {MAX_LABELS} strings")
     func = _entry_point(classifier, where)
     return Rule(
-        rid, _APPLIES[applies], action, classifier=func, classifier_name=classifier,
+        rid, _APPLIES[applies], action, classifier=func, classifier_name=str(classifier),
         labels=frozenset(labels) if labels is not None else None,
     )
 

@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PolicyGate", "prompt_texts", "refusal"]
+__all__ = ["PolicyGate", "refusal"]
 
 MAX_EVENTS = 50
 MAX_KEYS = 1024
@@ -218,13 +218,3 @@ class PolicyGate:
             "refusals_by_key": dict(sorted(self.refusals_by_key.items(), key=lambda kv: -kv[1])),
         }
 
-
-def prompt_texts(prompt: str | list[int] | Iterable[dict[str, str]], decode: Any = None) -> list[str]:
-    """The texts of a prompt the rules read: the string, the decoded token ids, or each
-    chat message's content."""
-    if isinstance(prompt, str):
-        return [prompt]
-    items = list(prompt)
-    if items and isinstance(items[0], dict):
-        return [m.get("content", "") for m in items]  # type: ignore[union-attr]
-    return [decode(items)] if decode is not None else []
