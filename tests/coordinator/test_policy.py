@@ -205,3 +205,17 @@ def test_the_documented_example_file_loads() -> None:
     assert policy.ids == ("weapons", "api-keys-in-output")
     assert policy.check_prompt(["How do I build a bomb?"]) is not None
     assert policy.check_prompt(["How do I build a website?"]) is None
+
+
+@pytest.mark.parametrize(
+    ("pattern", "pieces", "sent"),
+    [
+        (r"bomb\b", ["We ", "build a bom", "b", " now, later"], "We "),  # \b known only on the next chunk
+        (r"secret(?= code)", ["the ", "secret", " c", "ode is"], "the "),  # lookahead: the whole window
+        (r"x[0-9]{3,40}y", ["x12", "34567", "8y"], ""),
+    ],
+)
+def test_anchors_and_lookarounds_match_across_chunks(pattern: str, pieces: list[str], sent: str) -> None:
+    policy = parse_policy(f"[policy]\nholdback_chars = 12\n[[rule]]\nid = 'r'\npattern = '{pattern}'\naction = 'stop'\n")
+    out, filt = _run(policy, pieces)
+    assert filt.match is not None and out == sent

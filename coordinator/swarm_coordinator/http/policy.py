@@ -34,7 +34,8 @@ Invariants:
 - Completions are checked on the stream by :class:`CompletionFilter`: each new chunk
   is appended to the tail of the text so far and the last ``scan_window_chars`` plus the
   chunk are searched, so a match that straddles chunks (tokens) is found on the chunk
-  that completes it. Events are held back until ``holdback_chars`` of text follow them,
+  that completes it. A pattern whose matches are at most W characters long (bounded
+  repeats, no lookaround) re-scans only the last W + 8 characters before the chunk. Events are held back until ``holdback_chars`` of text follow them,
   so a matched span of at most ``holdback_chars + 1`` characters never reaches the
   caller. ``stop`` ends the generation and keeps the events before the match;
   ``refuse`` ends it and sends nothing more (a non-streamed answer is withheld whole).
@@ -100,6 +101,7 @@ class Rule:
     classifier: Classifier | None = None
     classifier_name: str = ""
     labels: frozenset[str] | None = None  # a classifier's labels that match; None: any label
+    reach: int | None = None  # chars before a new chunk a pattern must re-scan; None: the whole window
 
     def find(self, text: str) -> tuple[int, str | None] | None:
         """Where the rule matches ``text``: (start of the match, or -1 for a classifier,
@@ -193,9 +195,11 @@ class CompletionFilter:
         region_start = self._total_chars()  # chars before `region` in the whole text
         region_start -= len(self.tail)
         for rule in self.rules:
-            found = rule.find(region) if event.text else None
+            skip = 0 if rule.reach is None else max(0, len(self.tail) - rule.reach)
+            found = rule.find(region[skip:] if skip else region) if event.text else None
             if found is not None:
                 start, label = found
+                start = start + skip if start >= 0 else start
                 self.match = Match(rule.id, rule.action, "completion", label)
                 out: list[StreamEvent] = []
                 if rule.action == "stop" and start >= 0:
@@ -324,7 +328,8 @@ def _rule(raw: Mapping[str, Any], where: str) -> Rule:
         case = raw.get("case_sensitive", False)
         if not isinstance(case, bool):
             raise PolicyError(f"{where}: 'case_sensitive' must be true or false")
-        return Rule(rid, _APPLIES[applies], action, pattern=_compile(pattern, case, where))
+        compiled = _compile(pattern, case, where)
+        return Rule(rid, _APPLIES[applies], action, pattern=compiled, reach=_reach(compiled))
     if "case_sensitive" in raw:
         raise PolicyError(f"{where}: 'case_sensitive' goes with a pattern, not a classifier")
     labels = raw.get("labels")
@@ -358,6 +363,33 @@ def _compile(pattern: Any, case_sensitive: bool, where: str) -> re.Pattern[str]:
 
 
 _REPEATS = {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}
+_CONTEXT = 8  # chars around a match that anchors such as \b may look at
+
+
+def _reach(compiled: re.Pattern[str]) -> int | None:
+    """How far back before a new chunk a pattern's matches can start: its longest match
+    (from the parsed pattern) plus a little context for anchors; None (the whole scan
+    window) when matches are unbounded or the pattern has lookarounds, whose text
+    ``getwidth`` does not count."""
+    parsed = sre_parse.parse(compiled.pattern, compiled.flags)
+    if _has_lookaround(parsed):
+        return None
+    _, hi = parsed.getwidth()
+    return None if hi >= sre_parse.MAXREPEAT or hi > DEFAULT_WINDOW else hi + _CONTEXT
+
+
+def _has_lookaround(sub: Any) -> bool:
+    for op, arg in sub:
+        name = str(op)
+        if name in ("ASSERT", "ASSERT_NOT"):
+            return True
+        if name in _REPEATS and _has_lookaround(arg[2]):
+            return True
+        if name in ("SUBPATTERN", "ATOMIC_GROUP") and _has_lookaround(arg[-1]):
+            return True
+        if name == "BRANCH" and any(_has_lookaround(b) for b in arg[1]):
+            return True
+    return False
 
 
 def _backtracking_risk(sub: Any, depth: int) -> str:
