@@ -312,8 +312,6 @@ class Gateway:
                     timing = Timing(len(prompt_ids), info.tokens, info.ttft_s or 0.0, time.perf_counter() - info.t0)
                     final = filt.final(prompt_ids, options.seed or 0, timing)
                     status, finish = "done", "content_filter"
-                    assert final.result is not None
-                    sent_tokens = final.result.num_tokens
                     yield final
                     break
         except Exception:

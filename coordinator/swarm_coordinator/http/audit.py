@@ -10,7 +10,7 @@ Each line::
      "prompt_tokens": 12, "completion_tokens": 30, "prompt_sha256": "<hex>"}
 
 plus ``"prompt"`` (the prompt text, or the chat messages) and ``"completion"`` only with
-``--audit-log-text``. ``key`` is the API key's fingerprint (a SHA-256 prefix, as on the
+``--audit-log-text``. ``completion_tokens`` counts the tokens released to the caller. ``key`` is the API key's fingerprint (a SHA-256 prefix, as on the
 dashboard; ``anonymous`` when the API is open), never the key. ``prompt_sha256`` hashes
 the prompt as the gateway received it (the string, the token ids, or the messages as
 canonical JSON), so an operator holding a prompt can find its line.
