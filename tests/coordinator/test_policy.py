@@ -3,10 +3,13 @@ completion filter (matches across chunks, hold-back, stop vs refuse). No network
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from swarm_client.types import GenerationResult, StreamEvent, Timing
 from swarm_coordinator.errors import PolicyError
@@ -219,3 +222,28 @@ def test_anchors_and_lookarounds_match_across_chunks(pattern: str, pieces: list[
     policy = parse_policy(f"[policy]\nholdback_chars = 12\n[[rule]]\nid = 'r'\npattern = '{pattern}'\naction = 'stop'\n")
     out, filt = _run(policy, pieces)
     assert filt.match is not None and out == sent
+
+
+_KEYS = ["id", "pattern", "case_sensitive", "classifier", "labels", "applies_to", "action", "other"]
+_VALUES = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["prompt", "completion", "both", "refuse", "stop", "a+", "(a+)+", "[", "policy_classifiers:secret_word"]),
+    st.integers(-3, 3),
+    st.booleans(),
+    st.lists(st.text(max_size=4), max_size=3),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6), max_size=4))
+def test_any_rules_file_loads_or_fails_with_a_policy_error(rules: list[dict[str, object]]) -> None:
+    text = "".join(
+        "[[rule]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in rule.items()) for rule in rules
+    )
+    try:
+        policy = parse_policy(text, source="fuzz.toml")
+    except PolicyError as exc:
+        assert str(exc).startswith("policy fuzz.toml")
+        return
+    assert len(policy.rules) == len(rules)
+    policy.check_prompt(["some text"])
