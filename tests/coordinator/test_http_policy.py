@@ -98,11 +98,11 @@ async def test_a_refused_prompt_never_reaches_the_backend(tmp_path: Path) -> Non
     assert "BOMB" not in text and "xyzzy" not in text and "Paris" not in text  # no texts unless asked
     assert all({"time", "ts", "key", "model", "decision", "rule", "prompt_tokens", "completion_tokens", "prompt_sha256"} <= set(x) for x in lines)
 
-    state = (await _raw_get(app, "/dashboard/state"))["policy"]
+    state = (await _raw_get(app, "/dashboard/state", key="sk-a"))["policy"]
     assert state["rules"] == ["no-bombs", "no-capitals", "magic"]
     assert state["refusals_by_key"] == {key: 3}
     assert [e["kind"] for e in state["events"]] == ["refused"] * 3 and state["events"][0]["rule"] == "no-bombs"
-    metrics = await _raw_get(app, "/metrics", text=True)
+    metrics = await _raw_get(app, "/metrics", text=True, key="sk-a")
     assert 'swarm_gateway_policy_decisions_total{decision="refused",rule="no-bombs"} 2.0' in metrics
     assert 'swarm_gateway_policy_decisions_total{decision="refused",rule="magic"} 1.0' in metrics
     assert 'swarm_gateway_policy_decisions_total{decision="allowed",rule=""} 1.0' in metrics
@@ -110,11 +110,11 @@ async def test_a_refused_prompt_never_reaches_the_backend(tmp_path: Path) -> Non
     _gate(app).close()
 
 
-async def _raw_get(app: Any, path: str, text: bool = False) -> Any:
+async def _raw_get(app: Any, path: str, text: bool = False, key: str = "") -> Any:
     from coordinator.test_http_api import raw
 
     async with raw(app) as http:
-        resp = await http.get(path)
+        resp = await http.get(path, headers={"Authorization": f"Bearer {key}"} if key else {})
         assert resp.status_code == 200
         return resp.text if text else resp.json()
 
