@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Collection
 
 import grpc
 
 from swarm_coordinator.errors import NoRouteError
 from swarm_coordinator.registry import Registry
-from swarm_coordinator.routing import RecentRoutes, RoutingPolicy, Span, find_route, route_latency
+from swarm_coordinator.routing import RecentRoutes, RouteIndex, RoutingPolicy, Span, route_latency
 from swarm_coordinator.state import NodeView, SwarmState
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CoordinatorService"]
 
 MAX_EXCLUDES = 256
+ROUTE_STATE_MAX_AGE_S = 0.1  # what routing reads is at most this old (Registry.snapshot)
 
 
 class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
@@ -52,14 +54,18 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         self.failures = failures or Backoff()  # node ids reported as failed (the client's schedule)
         self.policy = policy
         self.recent = RecentRoutes()
+        self._index: RouteIndex | None = None  # of the last snapshot routed on
         self._clock = clock
         self.routes_given = 0
+        self.route_seconds: deque[float] = deque(maxlen=20_000)  # time in GetRoute, the most recent calls
+        self.route_cpu_seconds: deque[float] = deque(maxlen=20_000)  # CPU time of this thread in them
         self.failovers = 0  # recovered failovers reported by clients
 
     # --- GetRoute ---------------------------------------------------------------------
 
     async def GetRoute(self, request: swarm_pb2.RouteRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.Route:  # type: ignore[type-arg]
-        state = self.registry.state
+        started, cpu = time.perf_counter(), time.thread_time()
+        state = self.registry.snapshot(ROUTE_STATE_MAX_AGE_S)
         if request.model and request.model != state.model:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"this swarm serves {state.model!r}, not {request.model!r}")
         if request.max_length < 0:
@@ -75,6 +81,8 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         expected = route_latency(state, spans, recent=self.recent.counts(now), policy=self.policy)
         self.recent.record(spans, now)
         self.routes_given += 1
+        self.route_seconds.append(time.perf_counter() - started)
+        self.route_cpu_seconds.append(time.thread_time() - cpu)
         return swarm_pb2.Route(
             hops=[swarm_pb2.Hop(address=s.address, start=s.start, end=s.end, node_id=s.node_id) for s in spans],
             session_id=uuid.uuid4().hex,
@@ -86,13 +94,15 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         self, state: SwarmState, max_length: int, asked: Collection[str], avoided: Collection[str], now: float
     ) -> tuple[Span, ...]:
         recent = self.recent.counts(now)
+        if self._index is None or self._index.state is not state:
+            self._index = RouteIndex(state, self.policy)
         try:
-            return find_route(state, max_length=max_length, exclude=set(asked) | set(avoided), recent=recent, policy=self.policy)
+            return self._index.route(max_length=max_length, exclude=set(asked) | set(avoided), recent=recent)
         except NoRouteError:
             if not set(avoided) - set(asked):
                 raise
             log.info("no route without the recently failed nodes %s: using them anyway", sorted(avoided))
-            return find_route(state, max_length=max_length, exclude=asked, recent=recent, policy=self.policy)
+            return self._index.route(max_length=max_length, exclude=asked, recent=recent)
 
     # --- ReportFailure ----------------------------------------------------------------
 
