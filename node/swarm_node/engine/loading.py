@@ -202,6 +202,7 @@ def _build_quantized(
                                   else floats["model.embed_tokens.weight"], None)
     if start == 0:
         model.embed_tokens = _embedding(model, args, gguf, end == args.num_layers, make, dequantized, floats, dtype)
+    mark_batch_invariant(model)
     model.load_state_dict(state, assign=True, strict=False)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n != "rotary.inv_freq"]
     if left:
@@ -209,6 +210,19 @@ def _build_quantized(
     model.rotary.inv_freq = inv_freq(args)
     model.eval()
     return model
+
+
+def mark_batch_invariant(model: ModelSlice) -> None:
+    """Mark the slice batch-invariant (swarm_node.engine.model) when every layer matrix runs
+    the int4 kernel, whose rows are computed independently; a head that is not such a
+    matrix then runs row by row (one row per sequence at decode, so the cost is small)."""
+    layers = [m for b in model.layers if isinstance(b, Block)
+              for m in (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2)]
+    if not all(quant.rows_independent(m) for m in layers):
+        return
+    if model.lm_head is not None and not quant.rows_independent(model.lm_head):
+        model.lm_head = quant.EachRow(model.lm_head)
+    model.batch_invariant = True
 
 
 def _embedding(model: ModelSlice, args: ModelArgs, gguf: bool, tail: bool, make: Callable[[list[str]], nn.Module],

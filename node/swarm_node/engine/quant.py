@@ -41,7 +41,7 @@ from swarm_proto.weight_format import GROUP, KEPT_GGUF_TYPES, PACK_ROWS, QK_K, k
 log = logging.getLogger(__name__)
 
 _ROWS_PER_BAND = 256  # rows converted at a time at load (a multiple of PACK_ROWS)
-__all__ = ["KEPT_GGUF_TYPES", "held_bytes", "kept_quantized", "linear_from_float", "linear_from_gguf", "module_bytes"]
+__all__ = ["KEPT_GGUF_TYPES", "EachRow", "held_bytes", "kept_quantized", "linear_from_float", "linear_from_gguf", "module_bytes", "rows_independent"]
 
 
 @dataclass(frozen=True)
@@ -291,6 +291,31 @@ class ConcatLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class EachRow(nn.Module):
+    """A product run one row at a time: each row's result is then the one a single-row
+    call gives, whatever else the batch holds (the LM head of an otherwise batch-invariant
+    slice when the head is a dense or Q6_K matrix; see `rows_independent`)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return self.inner(x)  # type: ignore[no-any-return]
+        return torch.cat([self.inner(x[i : i + 1].clone()) for i in range(x.shape[0])])
+
+
+def rows_independent(module: nn.Module) -> bool:
+    """Whether each output row of ``module`` is computed from its input row alone, bit for
+    bit whatever the other rows are. PyTorch's int4 kernel does so (tests/node/test_quant.py
+    checks it); dense BLAS products do not (their blocking and threading depend on the
+    number of rows), nor does `GroupedInt8Linear`, a dense product."""
+    if isinstance(module, ConcatLinear):
+        return all(rows_independent(p) for p in module.parts)
+    return isinstance(module, (QuantLinear, EachRow))
 
 
 class QuantEmbedding(nn.Module):
