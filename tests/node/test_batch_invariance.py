@@ -6,6 +6,7 @@ path (docs/engine.md, *Batch invariance*)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def stepped(smol: ModelSlice, ids: torch.Tensor) -> torch.Tensor:
 
 def _chunks(model: ModelSlice, ids: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     cache = model.new_cache(len(ids))
-    return torch.cat([model(ids[a:b], [SeqChunk(cache, a, b - a)], all_logits=True) for a, b in zip(bounds, bounds[1:])])
+    return torch.cat([model(ids[a:b], [SeqChunk(cache, a, b - a)], all_logits=True) for a, b in itertools.pairwise(bounds)])
 
 
 def test_a_replay_of_the_history_gives_the_steps_logits_bit_for_bit(smol: ModelSlice, ids: torch.Tensor,
