@@ -259,7 +259,7 @@ class QuantLinear(nn.Module):
         """Each row's top ``refine_top`` outputs [T, N] recomputed in float32 from exact
         rows: an LM head's near-tied logits are decided without the kernel's rounding of
         its input, scales and output (each row alone: batch invariance holds)."""
-        ids = y.topk(self.refine_top, dim=-1).indices  # [T, k]
+        ids = y.topk(min(self.refine_top, y.shape[-1]), dim=-1).indices  # [T, k]
         w = self.rows(ids.reshape(-1), exact=True).float().view(*ids.shape, self.in_features)  # [T, k, K]
         exact = (w * x[:, None, :]).sum(-1)  # [T, k]: elementwise, one reduction per output
         if self.bias is not None:
