@@ -9,6 +9,10 @@ tokens come back), so each token costs K + 1 network traversals for K nodes::
         while not out.finished:
             out = await s.decode(out.token)
 
+Speculative decoding sends a token and drafted ones after it in one step
+(:meth:`RouteSession.verify`); the tail returns the drafts it accepted and its next
+token, and the session goes on right after them.
+
 Failures raise ``RouteError`` with the gRPC status and the address of the node where
 the failure happened, which is what failover needs: report that node, get a new
 route, open the session again and replay the history -- under a new session id
@@ -22,6 +26,7 @@ which is not a failure of that node.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +37,7 @@ import grpc
 from swarm_client.errors import GenerationError
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.daemon import Service
-from swarm_proto.transport import ChannelPool, call_metadata
+from swarm_proto.transport import DEFAULT_MAX_RECEIVE, ChannelPool, call_metadata
 from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, status_code
 
 if TYPE_CHECKING:
@@ -95,6 +100,9 @@ class StepOutput:
     top: tuple[tuple[int, float], ...] = ()
     finished: bool = False
     logits: torch.Tensor | None = None  # [T, V] when asked for
+    # A step with drafts (`verify`): the drafts the tail accepted, with their logprobs, at
+    # the positions before `position`; the run the step produced is these + `token`.
+    accepted: tuple[tuple[int, float], ...] = ()
 
 
 class RouteSession(Service):
@@ -117,6 +125,8 @@ class RouteSession(Service):
         token: str = "",
         resumable: bool = False,
         resume: bool = False,
+        capability: str = "",
+        max_receive_bytes: int = DEFAULT_MAX_RECEIVE,
     ) -> None:
         if not hops:
             raise ValueError("a route needs at least one hop")
@@ -134,9 +144,14 @@ class RouteSession(Service):
         self.resumable = resumable or resume
         self.resume = resume
         self.kept: tuple[int, ...] = ()  # per hop: positions adopted from a held cache (Opened.kept)
+        # The session's secret: its Results stream and a resume need it, so only this
+        # client can read or take over the session (the id alone is not enough).
+        self.capability = capability or secrets.token_urlsafe(24)
         self.position = 0  # positions sent so far
         self._step_id = 0
-        self._channels = ChannelPool()
+        # A tail sends results (and logits only when asked): a reply bigger than this is
+        # refused by gRPC instead of being buffered (a hostile tail could send 1 GiB).
+        self._channels = ChannelPool(max_receive_bytes=max_receive_bytes)
         self._head: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
         self._results: grpc.aio.UnaryStreamCall | None = None  # type: ignore[type-arg]
         self._pending: dict[int, asyncio.Future[StepOutput]] = {}
@@ -149,7 +164,7 @@ class RouteSession(Service):
         head, tail = self.hops[0], self.hops[-1]
         spec = OpenSpec(
             self.session_id, self.max_length, head.start, head.end, tuple(self.hops[1:]),
-            self.generation, self.wire_dtype, self.resumable, self.resume,
+            self.generation, self.wire_dtype, self.resumable, self.resume, capability=self.capability,
         )
         open_msg = open_to_proto(spec, self.hops)
         try:
@@ -165,9 +180,8 @@ class RouteSession(Service):
         if reply.WhichOneof("kind") == "error":
             raise RouteError.from_proto(reply.error)
         self.kept = tuple(reply.opened.kept)
-        self._results = swarm_pb2_grpc.NodeStub(self._channels.get(tail.address)).Results(
-            swarm_pb2.ResultsRequest(session_id=self.session_id), metadata=self._metadata
-        )
+        request = swarm_pb2.ResultsRequest(session_id=self.session_id, capability=self.capability)
+        self._results = swarm_pb2_grpc.NodeStub(self._channels.get(tail.address)).Results(request, metadata=self._metadata)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_head()), loop.create_task(self._read_results())]
 
@@ -216,6 +230,29 @@ class RouteSession(Service):
         assert future is not None
         return await self._wait(future, timeout)
 
+    async def verify(
+        self, token: int, drafts: Sequence[int], *, timeout: float | None = None
+    ) -> StepOutput:
+        """Speculative decoding: feed ``token`` and the drafted tokens after it in one step;
+        the tail accepts the drafts that equal its own samples and returns them (``accepted``)
+        with its next sample (``token``). The positions of rejected drafts are given back:
+        the next step starts right after the accepted run (a rewind on every node)."""
+        if not drafts:
+            return await self.decode(token, timeout=timeout)
+        start = self.position
+        future = await self._send([token, *drafts], sample=True, return_logits=False, draft=len(drafts))
+        assert future is not None
+        out = await self._wait(future, timeout)
+        if out.position != start + 1 + len(out.accepted) or len(out.accepted) > len(drafts):
+            # An older tail (or a node dropping `draft` on the way) sampled only after the
+            # drafts, as if all were right: its token cannot be trusted.
+            raise GenerationError(
+                f"a node on the route to {self.hops[-1].address} does not verify drafts (speculative decoding): "
+                "upgrade it, or generate without speculation"
+            )
+        self.position = start + 1 + len(out.accepted)
+        return out
+
     async def close(self) -> None:
         """End the session along the route (frees every node's KV cache)."""
         if self._head is not None:
@@ -240,7 +277,7 @@ class RouteSession(Service):
     # --- internals ------------------------------------------------------------------
 
     async def _send(
-        self, tokens: Sequence[int], *, sample: bool, return_logits: bool, replay: bool = False
+        self, tokens: Sequence[int], *, sample: bool, return_logits: bool, replay: bool = False, draft: int = 0
     ) -> asyncio.Future[StepOutput] | None:
         if self._failure is not None:
             raise self._failure
@@ -259,6 +296,7 @@ class RouteSession(Service):
             sample=sample,
             return_logits=return_logits,
             replay=replay,
+            draft=draft,
         )
         try:
             await self._head.write(swarm_pb2.SessionRequest(step=step))
@@ -327,6 +365,7 @@ class RouteSession(Service):
                         top=tuple((t.token, t.logprob) for t in result.top),
                         finished=result.finished,
                         logits=logits,
+                        accepted=tuple(zip(result.accepted, result.accepted_logprobs)),
                     )
                 )
         except grpc.aio.AioRpcError as exc:

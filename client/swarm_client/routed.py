@@ -22,12 +22,19 @@ hint and asks for a route again (the coordinator sends new sessions where there 
 room), within ``FailoverPolicy.busy_wait`` in all, then raises :class:`BusyError`; with
 ``busy_at_start="raise"`` a refusal before the first token raises at once, for a
 caller that keeps its own line (the gateway's queue).
+
+With ``speculation`` (:mod:`swarm_client.speculation`), each decode step carries the
+last token and up to k drafted ones; the tail returns the drafts it accepted and its
+own next token, so a step may bring several tokens, always the ones one-token steps
+would have brought. The history kept for failover holds accepted tokens only.
+``decode_stats`` counts round trips and tokens (``swarm generate --stats``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections import deque
@@ -40,6 +47,7 @@ import grpc
 from swarm_client.errors import BusyError, GenerationError
 from swarm_client.failover import FailoverPolicy, FailoverRecord, StepClock, blame, hop_key, patch_route
 from swarm_client.remote import Hop, RouteError, RouteSession
+from swarm_client.speculation import DecodeStats, Speculation, SpeculativeRun
 from swarm_client.types import AsyncTokenSource, SampledToken
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
@@ -152,26 +160,55 @@ class StaticRoutes(RouteProvider):
         return Route(self.hops)
 
 
-class CoordinatorRoutes(RouteProvider):
-    """Routes from the coordinator's gRPC service at ``HOST:PORT``.
+_FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
-    The channel is made on first use, in the event loop that uses it.
+
+class CoordinatorRoutes(RouteProvider):
+    """Routes from the coordinator's gRPC service at ``HOST:PORT``, or from the first
+    of ``HOST:PORT,HOST:PORT,...`` that answers (an active coordinator and its standby:
+    both answer routes; a call that finds one unreachable moves on to the next, and
+    later calls start from the one that answered).
+
+    Channels are made on first use, in the event loop that uses them.
     """
 
     def __init__(self, address: str, *, model: str = "", timeout: float = 10.0, token: str = "") -> None:
-        self.address = address
+        self.addresses = tuple(a.strip() for a in address.split(",") if a.strip())
+        if not self.addresses:
+            raise ValueError(f"no coordinator address in {address!r}")
+        self.address = self.addresses[0]  # the one in use
         self.model = model
         self.timeout = timeout
         self._metadata = call_metadata(token)  # the swarm token, when the coordinator wants one
-        self._channel: grpc.aio.Channel | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _stub(self) -> swarm_pb2_grpc.CoordinatorStub:
+    def _stub(self, address: str) -> swarm_pb2_grpc.CoordinatorStub:
         loop = asyncio.get_running_loop()
-        if self._channel is None or self._loop is not loop:
-            self._channel = grpc.aio.insecure_channel(self.address)
+        if self._loop is not loop:
+            self._channels = {}
             self._loop = loop
-        return swarm_pb2_grpc.CoordinatorStub(self._channel)
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return swarm_pb2_grpc.CoordinatorStub(self._channels[address])
+
+    async def _call(self, method: str, request: Any) -> Any:
+        """``method`` on the coordinator in use, then on the others while unreachable."""
+        start = self.addresses.index(self.address)
+        order = self.addresses[start:] + self.addresses[:start]
+        for n, address in enumerate(order):
+            try:
+                call = getattr(self._stub(address), method)
+                reply = await call(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _FAILOVER_CODES or n == len(order) - 1:
+                    self.address = address
+                    raise
+                logger.warning("coordinator %s: %s; trying %s", address, exc.code().name, order[n + 1])
+                continue
+            self.address = address
+            return reply
+        raise AssertionError("unreachable")
 
     async def route(
         self, *, max_length: int, exclude_node_ids: Collection[str] = (), exclude_addresses: Collection[str] = ()
@@ -183,7 +220,7 @@ class CoordinatorRoutes(RouteProvider):
             exclude_addresses=sorted(exclude_addresses),
         )
         try:
-            reply = await self._stub().GetRoute(request, timeout=self.timeout, metadata=self._metadata)
+            reply = await self._call("GetRoute", request)
         except grpc.aio.AioRpcError as exc:
             raise RouteError(exc.code(), f"coordinator {self.address}: {exc.details()}") from exc
         hops = tuple(Hop(h.address, h.start, h.end, h.node_id) for h in reply.hops)
@@ -191,22 +228,22 @@ class CoordinatorRoutes(RouteProvider):
 
     async def report_failure(self, error: RouteError, session_id: str) -> None:
         report = swarm_pb2.FailureReport(
-            node_id=error.node_id,
-            address=error.address,
+            node_id=error.node_id[:256],  # named by a peer: cut to what the coordinator takes
+            address=error.address[:256],
             session_id=session_id,
             code=wire_code(error.code),
             message=error.message[:1000],
         )
         try:
-            await self._stub().ReportFailure(report, timeout=self.timeout, metadata=self._metadata)
+            await self._call("ReportFailure", report)
         except grpc.aio.AioRpcError as exc:  # the report is advice; the retry goes on
             logger.warning("could not report the failure to %s: %s", self.address, exc.details())
 
     async def report_recovery(self, record: FailoverRecord) -> None:
         """The failover's numbers, once the session produced a token again (an event)."""
         report = swarm_pb2.FailureReport(
-            node_id=record.node_id,
-            address=record.address,
+            node_id=record.node_id[:256],
+            address=record.address[:256],
             session_id=record.session_id,
             code=wire_code(grpc.StatusCode[record.code]),
             message=record.message[:1000],
@@ -220,23 +257,21 @@ class CoordinatorRoutes(RouteProvider):
             mode=record.mode,
         )
         try:
-            await self._stub().ReportFailure(report, timeout=self.timeout, metadata=self._metadata)
+            await self._call("ReportFailure", report)
         except grpc.aio.AioRpcError as exc:
             logger.warning("could not report the failover to %s: %s", self.address, exc.details())
 
     async def list_nodes(self) -> list[NodeSummary]:
         try:
-            reply = await self._stub().ListNodes(
-                swarm_pb2.ListNodesRequest(model=self.model), timeout=self.timeout, metadata=self._metadata
-            )
+            reply = await self._call("ListNodes", swarm_pb2.ListNodesRequest(model=self.model))
         except grpc.aio.AioRpcError as exc:
             raise RouteError(exc.code(), f"coordinator {self.address}: {exc.details()}") from exc
         return [NodeSummary(n.node_id, n.address, n.start, n.end, n.device, n.active_sessions) for n in reply.nodes]
 
     async def aclose(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
 
 
 # Failures worth another route: the hop is gone, busy, overloaded, silent or was reassigned.
@@ -269,6 +304,7 @@ class RoutedBackend(AsyncTokenSource):
         eos_token_ids: Sequence[int],
         policy: FailoverPolicy | None = None,
         token: str = "",
+        speculation: Speculation | None = None,
     ) -> None:
         self.token = token  # the swarm token, sent to every node of every route
         self.policy = policy or FailoverPolicy()
@@ -281,6 +317,9 @@ class RoutedBackend(AsyncTokenSource):
         self.busy_wait_s = 0.0  # time spent waiting for room, over all generations
         self.records: deque[FailoverRecord] = deque(maxlen=1000)  # the recovered ones, newest last
         self.last_route: Route | None = None
+        self.speculation = speculation if speculation is not None and speculation.max_draft > 0 else None
+        self.decode_stats = DecodeStats()  # round trips and tokens over all generations
+        self._draft_times: dict[int, float] | None = None  # the last generation's step times by drafts (relative)
         self._reports: set[asyncio.Task[None]] = set()
 
     @property
@@ -299,17 +338,42 @@ class RoutedBackend(AsyncTokenSource):
     ) -> AsyncGenerator[SampledToken, None]:
         if not prompt_ids:
             raise GenerationError("the prompt has no tokens")
-        policy = self.policy
-        span = policy.replay == "span"
         history = [int(t) for t in prompt_ids]
         max_length = min(self._max_context, len(history) + max_new_tokens + 1)
-        generated = 0
+        spec = self.speculation.start(max_length, self._draft_times) if self.speculation else None
+        self.decode_stats.generations += 1
+        steps = self._generate(history, params, max_new_tokens, max_length, spec)
+        try:
+            async for token in steps:
+                yield token
+        finally:
+            await steps.aclose()  # now, not when collected: it frees the session along the route
+            if spec is not None:
+                spec.close()
+                if spec.k.cost_samples:  # measured: the next generation starts from it
+                    self._draft_times = dict(spec.k.relative)
+
+    async def _generate(
+        self,
+        history: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        max_length: int,
+        spec: SpeculativeRun | None,
+    ) -> AsyncGenerator[SampledToken, None]:
+        """The generation of ``tokens``: ``history`` (the prompt) grows by every token."""
+        policy = self.policy
+        span = policy.replay == "span"
+        stats = self.decode_stats
+        prompt_length = len(history)
         route = await self._route(max_length)
         session_id = route.session_id or uuid.uuid4().hex
-        pending: FailoverRecord | None = None  # a failover not yet followed by a token
-        failures = 0
+        capability = secrets.token_urlsafe(24)  # the sessions' secret: their Results and resumes need it
         clock = StepClock(policy)  # this session's: its timeouts follow its own routes' speed
         busy_deadline = time.monotonic() + policy.busy_wait
+        generated = 0
+        pending: FailoverRecord | None = None  # a failover not yet followed by a token
+        failures = 0
         while generated < max_new_tokens:
             self.last_route = route
             clock.prior(route.expected_step_s)
@@ -317,12 +381,13 @@ class RoutedBackend(AsyncTokenSource):
                 route.hops,
                 max_length=max_length,
                 sampling=params,
-                prompt_length=len(prompt_ids),
+                prompt_length=prompt_length,
                 session_id=session_id,
                 timeout=policy.open_timeout,
                 resumable=span,
                 resume=span and pending is not None,
                 token=self.token,
+                capability=capability,
             )
             sent = time.monotonic()  # when the step now awaited was sent
             try:
@@ -340,20 +405,34 @@ class RoutedBackend(AsyncTokenSource):
                     else:
                         out = await session.prefill(history, timeout=clock.timeout(n))
                     clock.observe(n if pending is None else pending.replayed_tokens, time.monotonic() - sent)
+                    drafts: list[int] = []
+                    took: float | None = None  # the last decode step's round trip (None: a prefill or replay)
                     while True:
                         if out.token is None:
                             raise GenerationError("the tail returned no token")
                         if pending is not None:
                             self._recovered(pending)
                             pending = None
-                        history.append(out.token)
-                        generated += 1
-                        yield SampledToken(out.token, out.logprob)
-                        if generated >= max_new_tokens:
-                            return
+                        run = [*out.accepted, (out.token, out.logprob)]
+                        stats.round_trips += 1
+                        stats.tokens += len(run)
+                        stats.drafted += len(drafts)
+                        stats.accepted += len(out.accepted)
+                        for token, logprob in run:
+                            history.append(token)
+                            generated += 1
+                            yield SampledToken(token, logprob)
+                            if generated >= max_new_tokens:
+                                return
+                        if spec is not None:
+                            spec.judge(history, drafts, [t for t, _ in run], took)
+                            # The run may bring up to len(drafts) + 1 tokens: within max_new_tokens and the session.
+                            limit = min(max_new_tokens - generated - 1, max_length - len(history))
+                            drafts = await spec.drafts_for(history, limit)
                         sent = time.monotonic()
-                        out = await session.decode(out.token, timeout=clock.timeout(1))
-                        clock.observe(1, time.monotonic() - sent)
+                        out = await session.verify(history[-1], drafts, timeout=clock.timeout(1 + len(drafts)))
+                        took = time.monotonic() - sent
+                        clock.observe(1 + len(drafts), took)
             except RouteError as err:
                 if err.busy:
                     # Full, not failed: no blame, no avoidance, no report; wait and ask again.

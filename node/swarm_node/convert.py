@@ -20,12 +20,13 @@ from swarm_node.config import NodeConfig
 from swarm_proto import PROTOCOL_VERSION, codec, swarm_pb2
 from swarm_proto.errors import WireError
 from swarm_proto.model_args import ModelArgs
-from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, wire_code
+from swarm_proto.wire import MAX_CAPABILITY, Generation, Hop, OpenSpec, SamplingParams, check_address, wire_code
 
 if TYPE_CHECKING:
     from swarm_node.scheduler import BatchStats
 
 MAX_SESSION_ID = 128
+MAX_DRAFT = 64  # drafted tokens a step may carry: each is a sampled row of vocabulary size at the tail
 
 
 class ProtocolError(Exception):
@@ -58,6 +59,7 @@ class StepIn:
     sample: bool
     return_logits: bool
     replay: bool = False  # a failover replay: may be skipped where already cached
+    draft: int = 0  # the last `draft` tokens are drafted guesses for the tail to verify (speculation)
 
     @property
     def length(self) -> int:
@@ -76,6 +78,7 @@ class StepResult:
     top: tuple[tuple[int, float], ...] = ()
     finished: bool = False
     logits: torch.Tensor | None = None  # [T, V] float32
+    accepted: tuple[tuple[int, float], ...] = ()  # drafts the tail's samples confirmed, before `token`
 
 
 # --- sampling -----------------------------------------------------------------------
@@ -142,6 +145,12 @@ def open_from_proto(msg: swarm_pb2.OpenSession, *, start: int, end: int, num_lay
     for h in hops:
         if not h.address:
             raise invalid("downstream hop without an address")
+        try:
+            check_address(h.address)
+        except ValueError as exc:
+            raise invalid(f"downstream hop: {exc}") from None
+        if len(h.node_id) > MAX_SESSION_ID or not h.node_id.isprintable():
+            raise invalid(f"downstream hop: node_id must be at most {MAX_SESSION_ID} printable characters")
         if h.start != expected or h.end <= h.start:
             raise invalid(f"downstream hops must cover consecutive layers from {expected}; got [{h.start}, {h.end})")
         expected = h.end
@@ -155,7 +164,13 @@ def open_from_proto(msg: swarm_pb2.OpenSession, *, start: int, end: int, num_lay
     if msg.prompt_length < 0:
         raise invalid("prompt_length must be >= 0")
     gen = Generation(gen.sampling, gen.stop_token_ids, gen.max_new_tokens, gen.top_logprobs, msg.prompt_length)
-    return OpenSpec(sid, msg.max_length, msg.start, msg.end, hops, gen, wire, msg.resumable, msg.resume)
+    if len(msg.capability) > MAX_CAPABILITY or not msg.capability.isprintable():
+        raise invalid(f"capability must be at most {MAX_CAPABILITY} printable characters")
+    if msg.resume and not msg.capability:
+        raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED, "a resume must present the session's capability")
+    return OpenSpec(
+        sid, msg.max_length, msg.start, msg.end, hops, gen, wire, msg.resumable, msg.resume, capability=msg.capability
+    )
 
 
 # --- steps --------------------------------------------------------------------------
@@ -181,6 +196,12 @@ def step_from_proto(
     tokens = torch.tensor(msg.tokens, dtype=torch.int64)  # [T]
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
         raise invalid(f"step {msg.step_id}: token ids must be in 0..{vocab_size - 1}")
+    if not 0 <= msg.draft <= min(n - 1, MAX_DRAFT):
+        raise invalid(
+            f"step {msg.step_id}: draft must be in 0..{min(n - 1, MAX_DRAFT)} (drafted tokens after the first), got {msg.draft}"
+        )
+    if msg.draft and (not msg.sample or msg.replay):
+        raise invalid(f"step {msg.step_id}: drafts are verified by sampling: they need `sample` and no `replay`")
     hidden = None
     if is_head:
         if msg.HasField("hidden"):
@@ -192,7 +213,7 @@ def step_from_proto(
             hidden = codec.decode(msg.hidden, dtype, shape=(n, hidden_size), max_elements=n * hidden_size)
         except WireError as exc:
             raise invalid(f"step {msg.step_id}: {exc}") from exc
-    return StepIn(msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay)
+    return StepIn(msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay, msg.draft)
 
 
 def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_pb2.Step:
@@ -205,14 +226,16 @@ def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_
         sample=step.sample,
         return_logits=step.return_logits,
         replay=step.replay,
+        draft=step.draft,
     )
 
 
 # --- replies ------------------------------------------------------------------------
 
 
-def opened_reply(session_id: str, max_length: int, kept: Sequence[int] = ()) -> swarm_pb2.SessionReply:
-    return swarm_pb2.SessionReply(opened=swarm_pb2.Opened(session_id=session_id, max_length=max_length, kept=list(kept)))
+def opened_reply(session_id: str, max_length: int, kept: Sequence[int] = (), capability: str = "") -> swarm_pb2.SessionReply:
+    opened = swarm_pb2.Opened(session_id=session_id, max_length=max_length, kept=list(kept), capability=capability)
+    return swarm_pb2.SessionReply(opened=opened)
 
 
 def error_to_proto(
@@ -236,6 +259,8 @@ def result_to_proto(r: StepResult) -> swarm_pb2.Result:
         logprob=r.logprob,
         finished=r.finished,
         top=[swarm_pb2.TokenLogprob(token=t, logprob=lp) for t, lp in r.top],
+        accepted=[t for t, _ in r.accepted],
+        accepted_logprobs=[lp for _, lp in r.accepted],
     )
     if r.token is not None:
         msg.token = r.token
