@@ -30,7 +30,7 @@ __all__ = [
 
 # "stop": an EOS/stop token or a stop string ended the text; "length": max_tokens
 # (or the model's context) ran out.
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "content_filter"]  # content_filter: the gateway's policy stopped it
 
 
 @dataclass(frozen=True)
