@@ -24,7 +24,9 @@ from typing import Any, cast
 from swarm_client.errors import InvalidRequestError
 from swarm_client.failover import FailoverPolicy
 from swarm_client.params import SamplingOptions
+from swarm_client.speculation import DEFAULT_K
 from swarm_client.tokenizer import Tokenizer, load_tokenizer
+from swarm_client.verify import VerifyPolicy
 from swarm_client.types import (
     AsyncTokenSource,
     FinishReason,
@@ -103,6 +105,7 @@ class StreamAssembler:
         self._pending = 0  # tokens not yet reported in an event
         self._finish: FinishReason | None = None
         self._stop_reason: str | int | None = None
+        self._checked = 0  # positions verified by spot checks (the backend's count)
         self._t0 = self._t_first = self._t_last = time.perf_counter()
 
     @property
@@ -130,6 +133,7 @@ class StreamAssembler:
             self._t_first = self._t_last
         self._ids.append(int(token.token_id))
         self._logprobs.append(float(token.logprob))
+        self._checked = max(self._checked, token.checked)
         self._pending += 1
         if token.token_id in self.stop_token_ids:
             self._end("stop", int(token.token_id))
@@ -172,6 +176,7 @@ class StreamAssembler:
             timing=timing,
             logprobs=tuple(self._logprobs) if self.options.logprobs else None,
             stop_reason=self._stop_reason,
+            checked_steps=self._checked,
         )
         event = self._event(self._text[self._emitted :])
         self._emitted = len(self._text)
@@ -292,11 +297,16 @@ class SwarmClient(_Base):
         timeout: float | None = None,
         policy: FailoverPolicy | None = None,
         tls: TlsFiles | None = None,
+        speculate: int = 0,
+        draft: str | os.PathLike[str] | None = None,
+        verify: VerifyPolicy | None = None,
     ) -> SwarmClient:
         """The blocking face of ``AsyncSwarmClient.remote`` (same arguments)."""
         from swarm_client.blocking import BlockingTokenSource
 
-        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, tls)
+        backend, tokenizer = _remote_backend(
+            coordinator, route, model, token, timeout, policy, tls, speculate, draft, verify
+        )
         return cls(BlockingTokenSource(backend), tokenizer, defaults=defaults)
 
     def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> Iterator[StreamEvent]:
@@ -333,6 +343,9 @@ def _remote_backend(
     timeout: float | None = None,
     policy: FailoverPolicy | None = None,
     tls: TlsFiles | None = None,
+    speculate: int = 0,
+    draft: str | os.PathLike[str] | None = None,
+    verify: VerifyPolicy | None = None,
 ) -> tuple[AsyncTokenSource, Tokenizer]:
     from swarm_client.routed import CoordinatorRoutes, RoutedBackend, RouteProvider, StaticRoutes, parse_route
     from swarm_proto.model_args import read_args
@@ -351,9 +364,25 @@ def _remote_backend(
     policy = policy or FailoverPolicy()
     if timeout is not None:
         policy = replace(policy, busy_wait=timeout)
+    speculation = None
+    if speculate < 0:
+        raise InvalidRequestError(f"speculate must be >= 0 (drafts per step at most), got {speculate}")
+    if draft is not None and not speculate:
+        speculate = DEFAULT_K
+    if speculate:
+        from swarm_client.speculation import DraftModel, PromptLookup, Speculation
+
+        drafter = DraftModel.load(draft, vocab_size=args.vocab_size) if draft is not None else PromptLookup()
+        speculation = Speculation(max_draft=speculate, drafter=drafter)
     backend = RoutedBackend(
-        routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids, token=token, policy=policy,
+        routes,
+        max_context=args.max_position_embeddings,
+        eos_token_ids=args.eos_token_ids,
+        token=token,
+        policy=policy,
         tls=tls,
+        speculation=speculation,
+        verify=verify,
     )
     return backend, load_tokenizer(path)
 
@@ -399,6 +428,9 @@ class AsyncSwarmClient(_Base):
         timeout: float | None = None,
         policy: FailoverPolicy | None = None,
         tls: TlsFiles | None = None,
+        speculate: int = 0,
+        draft: str | os.PathLike[str] | None = None,
+        verify: VerifyPolicy | None = None,
     ) -> AsyncSwarmClient:
         """A client generating over the swarm: routes from the coordinator at
         ``HOST:PORT`` (with failover), or along a fixed ``route``
@@ -408,8 +440,17 @@ class AsyncSwarmClient(_Base):
         the nodes ask for (default: ``$SWARM_TOKEN``, none when unset). ``timeout``:
         how long a generation waits in all for room while the swarm is busy (full, not
         failing) before it raises ``BusyError`` (default: 300 s). ``policy``: failover and
-        busy-wait settings (``FailoverPolicy``; ``timeout`` overrides its ``busy_wait``)."""
-        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, tls)
+        busy-wait settings (``FailoverPolicy``; ``timeout`` overrides its ``busy_wait``).
+        ``tls``: mutual TLS files for the coordinator and the nodes (docs/security.md).
+        ``speculate``: speculative decoding with at most this many drafted tokens a step
+        (0, the default: off; the tokens are the same either way, docs/speculation.md);
+        drafts come from prompt lookup, or from ``draft``, a small local model sharing the
+        model's tokenizer (which turns speculation on with ``DEFAULT_K`` drafts if
+        ``speculate`` is 0). ``verify``: spot checks of the nodes' results (``VerifyPolicy``, default: a check
+        on 5% of steps; ``rate=0`` turns them off; docs/verification.md)."""
+        backend, tokenizer = _remote_backend(
+            coordinator, route, model, token, timeout, policy, tls, speculate, draft, verify
+        )
         return cls(backend, tokenizer, defaults=defaults)
 
     def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncGenerator[StreamEvent, None]:

@@ -5,6 +5,7 @@
     swarm generate PROMPT --local [options]    stream a completion, model in-process
     swarm generate PROMPT --coordinator H:P    stream a completion over the swarm (with failover)
     swarm generate PROMPT --route HOPS         ... along fixed hops host:port=0:10,host:port=10:30
+    swarm generate ... --speculate [K]         ... drafting up to K tokens a step (same tokens, fewer round trips)
     swarm up [--nodes N] [--replicas R]        a coordinator and N nodes on this machine, the model split
                                                across them (each layer R times), until Ctrl-C
 
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from swarm_client.speculation import DEFAULT_K
 from swarm_proto.model_args import DTYPE_BYTES
 
 __all__ = ["main", "build_parser"]
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
     gen.add_argument("--local", action="store_true", help="run the whole model in this process")
-    gen.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="generate over the swarm of this coordinator")
+    gen.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="generate over the swarm of this coordinator (HOST:PORT,HOST:PORT: fail over between an active one and its standby)")
     gen.add_argument("--route", default=None, metavar="HOPS", help="generate along fixed hops: host:port,host:port (each hop's layers asked of it) or host:port=0:10,host:port=10:30")
     gen.add_argument("--model", default=None, help="model file/folder or name (default: smollm2-135m)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
@@ -63,7 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize", default="auto", choices=("auto", "none", "int8", "int4"),
                      help="--local weights, as swarm-node --quantize")
     gen.add_argument("--device", default="cpu", help="torch device for --local (cpu, cuda, mps)")
-    gen.add_argument("--stats", action="store_true", help="print timing and the finish reason to stderr")
+    gen.add_argument("--stats", action="store_true", help="print timing, the finish reason tokens per network round trip and the checked positions to stderr")
+    gen.add_argument("--speculate", type=int, nargs="?", const=DEFAULT_K, default=0, metavar="K",
+                     help=f"speculative decoding over the swarm: draft up to K tokens a step (K: {DEFAULT_K} when omitted; "
+                     "adaptive, same tokens as without)")
+    gen.add_argument("--draft", default=None, metavar="MODEL",
+                     help="draft with this small local model (same tokenizer) instead of prompt lookup; implies --speculate")
+    gen.add_argument("--verify-rate", type=float, default=0.05, metavar="P",
+                     help="share of steps that trigger a spot check of the nodes' results on other nodes (default 0.05; 0 = off; docs/verification.md)")
     gen.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for room while the swarm is busy (default 300)")
     gen.add_argument("--token", default=None, help="swarm token for --route/--coordinator (default: $SWARM_TOKEN; the env var keeps it out of ps)")
     from swarm_proto.flags import flag_adder
@@ -162,6 +171,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if sum(map(bool, (args.local, args.coordinator, args.route))) != 1:
         sys.stderr.write("swarm: error: give one of --local, --coordinator HOST:PORT or --route HOPS\n")
         return 2
+    if args.local and (args.speculate or args.draft):
+        sys.stderr.write("swarm: error: --speculate and --draft save network round trips: use them with --coordinator or --route\n")
+        return 2
+    if args.speculate < 0:
+        sys.stderr.write("swarm: error: --speculate K needs K >= 0\n")
+        return 2
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     options = SamplingOptions().merged(
         max_tokens=args.max_tokens,
@@ -193,11 +208,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 async def _generate_over_swarm(args: argparse.Namespace, prompt: str, messages: Any, options: Any) -> int:
     from swarm_client.api import AsyncSwarmClient
     from swarm_client.routed import RoutedBackend
+    from swarm_client.verify import VerifyPolicy
     from swarm_proto.tls import tls_from_args
 
     client = AsyncSwarmClient.remote(
         coordinator=args.coordinator, route=args.route, model=args.model, token=args.token, timeout=args.timeout,
         tls=tls_from_args(args),
+        speculate=args.speculate, draft=args.draft,
+        verify=VerifyPolicy(rate=args.verify_rate),
     )
     async with client:
         events = client.stream_chat(messages, options) if args.chat else client.stream(prompt, options)
@@ -207,7 +225,8 @@ async def _generate_over_swarm(args: argparse.Namespace, prompt: str, messages: 
         if args.stats and isinstance(backend, RoutedBackend):
             sys.stderr.write(
                 f"busy: {backend.busy_refusals} refusal(s) for capacity, waited {backend.busy_wait_s:.2f} s for room; "
-                f"failovers: {backend.failovers}\n"
+                f"failovers: {backend.failovers}; liars caught: {len(backend.blames)}\n"
+                f"steps: {backend.decode_stats.summary()}\n"
             )
     return 0
 
@@ -225,7 +244,7 @@ def _print_event(event: Any, args: argparse.Namespace) -> None:
             sys.stderr.write(
                 f"[{r.finish_reason}] prompt {t.prompt_tokens} tokens, generated {t.completion_tokens}; "
                 f"first token {t.time_to_first_token_s * 1000:.0f} ms, {t.tokens_per_s:.1f} tokens/s, "
-                f"seed {r.seed}\n"
+                f"seed {r.seed}; {r.checked_steps} positions checked on other nodes\n"
             )
 
 

@@ -9,6 +9,10 @@ tokens come back), so each token costs K + 1 network traversals for K nodes::
         while not out.finished:
             out = await s.decode(out.token)
 
+Speculative decoding sends a token and drafted ones after it in one step
+(:meth:`RouteSession.verify`); the tail returns the drafts it accepted and its next
+token, and the session goes on right after them.
+
 Failures raise ``RouteError`` with the gRPC status and the address of the node where
 the failure happened, which is what failover needs: report that node, get a new
 route, open the session again and replay the history -- under a new session id
@@ -32,6 +36,7 @@ import grpc
 
 from swarm_client.errors import GenerationError
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.commit import Commit, from_proto
 from swarm_proto.daemon import Service
 from swarm_proto.tls import TlsFiles
 from swarm_proto.transport import DEFAULT_MAX_RECEIVE, ChannelPool, call_metadata
@@ -97,6 +102,13 @@ class StepOutput:
     top: tuple[tuple[int, float], ...] = ()
     finished: bool = False
     logits: torch.Tensor | None = None  # [T, V] when asked for
+    # A step with drafts (`verify`): the drafts the tail accepted, with their logprobs, at
+    # the positions before `position`; the run the step produced is these + `token`.
+    accepted: tuple[tuple[int, float], ...] = ()
+    commits: tuple[Commit, ...] = ()  # every hop's commitment for the step's positions, head first
+    sampled: tuple[int, ...] = ()  # recompute(): the token after each position of the chunk
+    sampled_logprobs: tuple[float, ...] = ()  # ... its raw log-probability
+    given_logprobs: tuple[float, ...] = ()  # ... and that of the token that actually follows (NaN: unknown)
 
 
 class RouteSession(Service):
@@ -219,11 +231,55 @@ class RouteSession(Service):
         assert future is not None
         return await self._wait(future, timeout)
 
+    async def recompute(
+        self, tokens: Sequence[int], *, next_token: int | None = None, timeout: float | None = None
+    ) -> list[StepOutput]:
+        """A verifier's pass: send ``tokens`` from the current position (chunked) and
+        have the tail sample after every position and score the token that follows it
+        (``next_token`` after the last); one output per chunk, each with the hops'
+        commitments, ``sampled`` and the log-probabilities."""
+        futures = []
+        n = self.prefill_chunk
+        for i in range(0, len(tokens), n):
+            after = tokens[i + n] if i + n < len(tokens) else next_token
+            futures.append(await self._send(tokens[i : i + n], sample=True, return_logits=False, sample_all=True, next_token=after))
+        return [await self._wait(f, timeout) for f in futures if f is not None]
+
+    def rewind(self, position: int) -> None:
+        """Send the next step from ``position`` (at most the current one): the nodes
+        replace what they hold from there on."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to {position} from {self.position}")
+        self.position = position
+
     async def decode(self, token: int, *, return_logits: bool = False, timeout: float | None = None) -> StepOutput:
         """Feed one token at the next position and return the token sampled after it."""
         future = await self._send([token], sample=True, return_logits=return_logits)
         assert future is not None
         return await self._wait(future, timeout)
+
+    async def verify(
+        self, token: int, drafts: Sequence[int], *, timeout: float | None = None
+    ) -> StepOutput:
+        """Speculative decoding: feed ``token`` and the drafted tokens after it in one step;
+        the tail accepts the drafts that equal its own samples and returns them (``accepted``)
+        with its next sample (``token``). The positions of rejected drafts are given back:
+        the next step starts right after the accepted run (a rewind on every node)."""
+        if not drafts:
+            return await self.decode(token, timeout=timeout)
+        start = self.position
+        future = await self._send([token, *drafts], sample=True, return_logits=False, draft=len(drafts))
+        assert future is not None
+        out = await self._wait(future, timeout)
+        if out.position != start + 1 + len(out.accepted) or len(out.accepted) > len(drafts):
+            # An older tail (or a node dropping `draft` on the way) sampled only after the
+            # drafts, as if all were right: its token cannot be trusted.
+            raise GenerationError(
+                f"a node on the route to {self.hops[-1].address} does not verify drafts (speculative decoding): "
+                "upgrade it, or generate without speculation"
+            )
+        self.position = start + 1 + len(out.accepted)
+        return out
 
     async def close(self) -> None:
         """End the session along the route (frees every node's KV cache)."""
@@ -249,7 +305,15 @@ class RouteSession(Service):
     # --- internals ------------------------------------------------------------------
 
     async def _send(
-        self, tokens: Sequence[int], *, sample: bool, return_logits: bool, replay: bool = False
+        self,
+        tokens: Sequence[int],
+        *,
+        sample: bool,
+        return_logits: bool,
+        replay: bool = False,
+        sample_all: bool = False,
+        next_token: int | None = None,
+        draft: int = 0,
     ) -> asyncio.Future[StepOutput] | None:
         if self._failure is not None:
             raise self._failure
@@ -268,6 +332,9 @@ class RouteSession(Service):
             sample=sample,
             return_logits=return_logits,
             replay=replay,
+            draft=draft,
+            sample_all=sample_all,
+            next_token=next_token,
         )
         try:
             await self._head.write(swarm_pb2.SessionRequest(step=step))
@@ -336,6 +403,11 @@ class RouteSession(Service):
                         top=tuple((t.token, t.logprob) for t in result.top),
                         finished=result.finished,
                         logits=logits,
+                        accepted=tuple(zip(result.accepted, result.accepted_logprobs)),
+                        commits=tuple(from_proto(c) for c in result.commits),
+                        sampled=tuple(result.sampled),
+                        sampled_logprobs=tuple(result.sampled_logprobs),
+                        given_logprobs=tuple(result.given_logprobs),
                     )
                 )
         except grpc.aio.AioRpcError as exc:

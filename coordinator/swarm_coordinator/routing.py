@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from swarm_coordinator.errors import NoRouteError, format_ranges
 from swarm_coordinator.state import NodeView, SwarmState, runs
 
-__all__ = ["RecentRoutes", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
+__all__ = ["RecentRoutes", "RouteIndex", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
 
 
 @dataclass(frozen=True)
@@ -121,40 +121,18 @@ def _find_route(
 ) -> tuple[Span, ...]:
     L = state.num_layers
     usable, skipped = _usable(state, exclude, max_length, need_room)
-    points = sorted({0, L} | {p for v in usable for p in (v.serving.start, v.serving.end)})  # type: ignore[union-attr]
-    cost_per_layer = {v.node_id: seconds_per_layer(v, recent.get(v.node_id, 0), policy) for v in usable}
-
-    # Dijkstra over boundary positions; ties go to fewer hops, then smaller node ids.
-    Key = tuple[float, int, tuple[str, ...]]
-    best: dict[int, Key] = {0: (0.0, 0, ())}
-    back: dict[int, tuple[int, NodeView]] = {}
-    heap: list[tuple[Key, int]] = [((0.0, 0, ()), 0)]
-    done: set[int] = set()
-    while heap:
-        key, pos = heapq.heappop(heap)
-        if pos in done or key != best.get(pos):
-            continue
-        done.add(pos)
-        if pos == L:
-            break
-        cost, hops, ids = key
-        for view in usable:
-            r = view.serving
-            assert r is not None
-            if not r.start <= pos < r.end:
-                continue
-            for q in points:
-                if pos < q <= r.end:
-                    new: Key = (
-                        cost + policy.hop_latency_s + (q - pos) * cost_per_layer[view.node_id],
-                        hops + 1,
-                        ids + (view.node_id,),
-                    )
-                    if q not in best or new < best[q]:
-                        best[q] = new
-                        back[q] = (pos, view)
-                        heapq.heappush(heap, (new, q))
-    if L not in done:
+    # Of the nodes serving the same range only the cheapest can be on the best route,
+    # so the search runs over distinct ranges (tens, even with thousands of nodes).
+    cheapest: dict[tuple[int, int], tuple[float, str, NodeView]] = {}
+    for v in usable:
+        r = v.serving
+        assert r is not None
+        entry = (seconds_per_layer(v, recent.get(v.node_id, 0), policy), v.node_id, v)
+        key = (r.start, r.end)
+        if key not in cheapest or entry[:2] < cheapest[key][:2]:
+            cheapest[key] = entry
+    spans = _search(L, cheapest, policy)
+    if spans is None:
         hosted = [False] * L
         for v in usable:
             r = v.serving
@@ -168,6 +146,43 @@ def _find_route(
             f"{format_ranges(uncovered)}" + (f" (skipped {reasons})" if reasons else ""),
             uncovered,
         )
+    return spans
+
+
+def _search(
+    L: int, cheapest: Mapping[tuple[int, int], tuple[float, str, NodeView]], policy: RoutingPolicy
+) -> tuple[Span, ...] | None:
+    """Dijkstra over boundary positions, one candidate per distinct range; ties go to
+    fewer hops, then smaller node ids. ``None`` when ``[0, L)`` cannot be chained."""
+    points = sorted({0, L} | {p for key in cheapest for p in key})
+    by_start = sorted(cheapest.items())
+    Key = tuple[float, int, tuple[str, ...]]
+    best: dict[int, Key] = {0: (0.0, 0, ())}
+    back: dict[int, tuple[int, NodeView]] = {}
+    heap: list[tuple[Key, int]] = [((0.0, 0, ()), 0)]
+    done: set[int] = set()
+    while heap:
+        key, pos = heapq.heappop(heap)
+        if pos in done or key != best.get(pos):
+            continue
+        done.add(pos)
+        if pos == L:
+            break
+        cost, hops, ids = key
+        for (start, end), (per_layer, node_id, view) in by_start:
+            if start > pos:
+                break
+            if pos >= end:
+                continue
+            for q in points:
+                if pos < q <= end:
+                    new: Key = (cost + policy.hop_latency_s + (q - pos) * per_layer, hops + 1, ids + (node_id,))
+                    if q not in best or new < best[q]:
+                        best[q] = new
+                        back[q] = (pos, view)
+                        heapq.heappush(heap, (new, q))
+    if L not in done:
+        return None
     spans: list[Span] = []
     pos = L
     while pos != 0:
@@ -175,6 +190,54 @@ def _find_route(
         spans.append(Span(view.node_id, view.address, prev, pos))
         pos = prev
     return tuple(reversed(spans))
+
+
+class RouteIndex:
+    """Routing over one snapshot, with the per-node work done once per snapshot.
+
+    The ready nodes of the state's model are grouped by served range and sorted by their
+    cost with no recent sessions; a request then scans each group only until no later
+    node can be cheaper (recent sessions only add cost), skipping excluded and full
+    nodes, so a route costs about one look per distinct range instead of one per node.
+    Same answers as :func:`find_route` (which it falls back on to explain a failure).
+    """
+
+    def __init__(self, state: SwarmState, policy: RoutingPolicy = RoutingPolicy()) -> None:
+        self.state = state
+        self.policy = policy
+        groups: dict[tuple[int, int], list[tuple[float, str, NodeView]]] = {}
+        for view in state.nodes.values():
+            r = view.serving
+            if r is None or not state.serves_model(view) or r.end > state.num_layers:
+                continue
+            groups.setdefault((r.start, r.end), []).append((seconds_per_layer(view, 0, policy), view.node_id, view))
+        for members in groups.values():
+            members.sort(key=lambda m: (m[0], m[1]))
+        self._groups = groups
+
+    def route(
+        self, *, max_length: int = 1, exclude: Collection[str] = frozenset(), recent: Mapping[str, int] | None = None
+    ) -> tuple[Span, ...]:
+        recent = recent or {}
+        for need_room in (True, False):
+            cheapest: dict[tuple[int, int], tuple[float, str, NodeView]] = {}
+            for key, members in self._groups.items():
+                pick: tuple[float, str, NodeView] | None = None
+                for base, node_id, view in members:
+                    if pick is not None and (base, node_id) >= pick[:2]:
+                        break  # sorted by cost with no recent sessions: nothing later is cheaper
+                    if node_id in exclude or (need_room and not has_room(view, max_length)):
+                        continue
+                    cost = seconds_per_layer(view, recent.get(node_id, 0), self.policy) if node_id in recent else base
+                    if pick is None or (cost, node_id) < pick[:2]:
+                        pick = (cost, node_id, view)
+                if pick is not None:
+                    cheapest[key] = pick
+            spans = _search(self.state.num_layers, cheapest, self.policy)
+            if spans is not None:
+                return spans
+        # no route: the full search says why, naming the skipped nodes
+        return find_route(self.state, max_length=max_length, exclude=exclude, recent=recent, policy=self.policy)
 
 
 def route_latency(
@@ -198,21 +261,36 @@ def route_latency(
 class RecentRoutes:
     """Sessions routed through each node within the last ``window_s`` seconds.
 
-    The caller owns the clock (``now``), so this stays deterministic in tests.
+    The counts are kept up to date as routes are recorded and expire, so reading them
+    costs nothing per route given. The caller owns the clock (``now``), so this stays
+    deterministic in tests; the log holds at most ``max_routes`` routes (the oldest go
+    first), so a flood of requests cannot grow it without bound.
     """
 
-    def __init__(self, window_s: float = 10.0) -> None:
+    def __init__(self, window_s: float = 10.0, max_routes: int = 100_000) -> None:
         self.window_s = window_s
+        self.max_routes = max_routes
         self._log: deque[tuple[float, tuple[str, ...]]] = deque()
+        self._counts: dict[str, int] = {}
 
     def record(self, spans: Iterable[Span], now: float) -> None:
-        self._log.append((now, tuple(s.node_id for s in spans)))
+        ids = tuple(s.node_id for s in spans)
+        self._log.append((now, ids))
+        for node_id in ids:
+            self._counts[node_id] = self._counts.get(node_id, 0) + 1
+        while len(self._log) > self.max_routes:
+            self._drop()
 
-    def counts(self, now: float) -> dict[str, int]:
+    def _drop(self) -> None:
+        _, ids = self._log.popleft()
+        for node_id in ids:
+            left = self._counts[node_id] - 1
+            if left:
+                self._counts[node_id] = left
+            else:
+                del self._counts[node_id]
+
+    def counts(self, now: float) -> Mapping[str, int]:
         while self._log and self._log[0][0] < now - self.window_s:
-            self._log.popleft()
-        out: dict[str, int] = {}
-        for _, ids in self._log:
-            for node_id in ids:
-                out[node_id] = out.get(node_id, 0) + 1
-        return out
+            self._drop()
+        return self._counts

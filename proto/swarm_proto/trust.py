@@ -18,8 +18,12 @@ invariants, whatever broker carries the messages (even a shared one):
   the node's *current* connection nonce (an old connection's Will cannot be replayed);
 - assignments count only when sealed by the coordinator key the receiver pinned
   (from ``GetSwarmInfo``, or the first one seen);
+- the coordinator lease (several coordinators, one planning) counts only when sealed
+  by the coordinator key; the coordinators of one swarm share that key, so the nodes'
+  pinned key stays right after a standby takes over;
 - empty retained payloads (MQTT's "delete") are never believed: only the coordinator
-  forgets a node, and it does so in its own memory;
+  forgets a node, and it does so in its own memory. The one exception is the lease,
+  whose deletion (its holder's Will) only frees it for the coordinators to claim;
 - the number of node ids the guard tracks is bounded (``max_nodes``).
 
 Every drop is counted by reason in :attr:`PresenceGuard.dropped` (the coordinator
@@ -313,6 +317,8 @@ class PresenceGuard:
     def check(self, kind: TopicKind, node_id: str | None, payload: Payload | None, seal: Seal | None) -> bool:
         """Whether to believe one decoded message; counts and logs what it refuses."""
         what = f"{kind.value} of {node_id or 'the swarm'}"
+        if kind is TopicKind.LEASE:
+            return self._check_lease(payload, seal, what)
         if payload is None:
             return self._drop("empty", what)
         if seal is None:
@@ -335,6 +341,16 @@ class PresenceGuard:
         if seal.key != self.coordinator_key:
             return self._drop("not the coordinator", what)
         return self._fresh(seal, what, what)
+
+    def _check_lease(self, payload: Payload | None, seal: Seal | None, what: str) -> bool:
+        if payload is None:
+            return True  # the holder's Will or release: it only frees the lease (lease.py)
+        if seal is None:
+            return True if not self.require_seal else self._drop("unsigned", what)
+        known = seal.key in (self.coordinator_key, self.own_key)
+        if not known and (self.coordinator_key is not None or not self.admitted(seal.key, seal.proof)):
+            return self._drop("not the coordinator", what)
+        return True  # no counter order: claimants race, the broker orders them, lease.py goes by epoch
 
     def _check_node(self, kind: TopicKind, node_id: str, payload: Payload, seal: Seal, what: str) -> bool:
         pinned = self.node_keys.get(node_id)

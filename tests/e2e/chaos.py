@@ -27,6 +27,7 @@ import grpc
 
 from swarm_client.failover import FailoverPolicy
 from swarm_client.routed import CoordinatorRoutes, RoutedBackend
+from swarm_client.verify import VerifyPolicy
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.tls import TlsFiles
@@ -44,14 +45,15 @@ class Daemon:
     log: Path
     proc: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
-    env: dict[str, str] | None = None  # the whole environment, when not this process's
+    env: dict[str, str] | None = None  # extra environment variables (a test hook such as SWARM_TEST_LIE, a token)
 
     def start(self) -> Daemon:
         self.lines = []
         with self.log.open("a") as log:
             log.write(f"\n=== start {time.strftime('%H:%M:%S')} ===\n")
             log.flush()
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env)
+            env = {**os.environ, **self.env} if self.env else None
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         lines = self.lines
         out = self.proc.stdout
         assert out is not None
@@ -109,6 +111,7 @@ class NodeSpec:
     layers: str | None = None  # "A:B" pins the node; None: the coordinator assigns
     speed: float = 100.0
     budget: str | None = None  # --memory-budget
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of the node process
 
 
 class ChaosSwarm:
@@ -142,7 +145,7 @@ class ChaosSwarm:
             init_ca(self.certs)
             got = issue(self.certs, "client")
             self.client_tls = TlsFiles(str(got.cert), str(got.key), str(got.ca))
-        self.env = {**os.environ, "SWARM_TOKEN": token} if token else None
+        self.env = {"SWARM_TOKEN": token} if token else None
         self.model = model
         self.settle = settle
         self.max_length = max_length
@@ -182,7 +185,8 @@ class ChaosSwarm:
         if spec.budget:
             argv += ["--memory-budget", spec.budget]
         argv += self._tls_flags(spec.name)
-        daemon = Daemon(spec.name, argv, self.tmp / f"{spec.name}.log", env=self.env).start()
+        env = {**(self.env or {}), **dict(spec.env)} or None
+        daemon = Daemon(spec.name, argv, self.tmp / f"{spec.name}.log", env=env).start()
         self.daemons[spec.name] = daemon
         return daemon
 
@@ -278,10 +282,14 @@ class ChaosSwarm:
 
     # --- generating -------------------------------------------------------------------
 
-    def backend(self, policy: FailoverPolicy | None = None) -> RoutedBackend:
+    def backend(self, policy: FailoverPolicy | None = None, verify: VerifyPolicy | None = None) -> RoutedBackend:
+        """A client of the swarm. Spot checks are off unless ``verify`` asks: they hold
+        tokens back until checked, and the chaos tests time their kills by the tokens
+        the caller has received."""
+        verify = verify or VerifyPolicy(rate=0.0)
         return RoutedBackend(
             CoordinatorRoutes(self.address, token=self.token, tls=self.client_tls), max_context=self.max_length,
-            eos_token_ids=(), policy=policy, token=self.token, tls=self.client_tls,
+            eos_token_ids=(), policy=policy, token=self.token, tls=self.client_tls, verify=verify,
         )
 
 

@@ -8,6 +8,7 @@ from swarm_proto.presence import (
     MAX_EPOCH,
     Assign,
     LayerRange,
+    Lease,
     NodeLoad,
     NodeState,
     NodeStatus,
@@ -100,6 +101,25 @@ def test_assignments_count_only_from_the_pinned_coordinator() -> None:
         decode_assign("a", encode(Assign("a", "m", None, 0)).replace(b"\xa5epoch\x00", b"\xa5epoch\xcf" + b"\xff" * 8))
     with pytest.raises(PayloadError):
         Assign("a", "m", None, MAX_EPOCH + 1)
+
+
+def test_leases_count_only_from_the_shared_coordinator_key_and_empty_frees_them() -> None:
+    coordinator, insider = member(), member()
+    standby = Sealer(coordinator.identity, coordinator.proof)  # a standby with the same key file
+    guard = PresenceGuard("lab", token=TOKEN, coordinator_key=coordinator.identity.public)
+    lease = encode(Lease("coord-a", "a:7600", 3))
+    assert check(guard, T.lease, coordinator.seal(T.lease, lease))
+    assert check(guard, T.lease, standby.seal(T.lease, encode(Lease("coord-b", "b:7600", 4))))
+    assert check(guard, T.lease, coordinator.seal(T.lease, lease))  # claimants race: lease.py orders by epoch
+    assert check(guard, T.lease, b"")  # the holder's Will: the lease is free
+    assert not check(guard, T.lease, insider.seal(T.lease, lease))  # a member, but not the coordinator
+    assert not check(guard, T.lease, lease)  # unsigned
+    assert guard.dropped == {"not the coordinator": 1, "unsigned": 1}
+    # A node after a takeover: the standby seals assignments with the key it pinned.
+    node = PresenceGuard("lab", coordinator_key=coordinator.identity.public)
+    assign = encode(Assign("a", "m", LayerRange(0, 4), 1))
+    assert check(node, T.assign("a"), coordinator.seal(T.assign("a"), assign))
+    assert check(node, T.assign("a"), standby.seal(T.assign("a"), encode(Assign("a", "m", LayerRange(0, 2), 2))))
 
 
 def test_open_swarm_pins_ids_and_bounds_how_many() -> None:
