@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--reload-window", float, defaults["reload_window"].default, "the reload budget's window, seconds")
     add("--coordinator-id", str, "", "this coordinator's name on the planning lease (unique per swarm; default: random)")
     add("--token", str, "", "swarm token required on every gRPC call and sent to the nodes; prefer the env var, flags show in ps")
-    add("--state-dir", str, "", "directory of the coordinator's presence key (default: <cache>/state)")
+    add("--state-dir", str, "", "directory of the coordinator's presence key, coordinator-<swarm id>.key (default: <cache>/state); a standby coordinator needs the same key file")
     add("--allow-keys", str, "", "file of node presence keys (hex, one a line) admitted without the token")
     add("--mqtt-password", str, "", "password of the user 'coordinator' on an external broker (prefer the env var)")
     add("--write-mqtt-auth", str, "", "write a mosquitto password file and ACL for --mqtt-nodes into this folder, then exit")

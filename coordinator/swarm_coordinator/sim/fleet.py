@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 from swarm_proto.presence import Assign, LayerRange, NodeLoad, NodeState, NodeStatus
 from swarm_proto.presence_client import Backoff, BrokerAddress, PresenceClient
+from swarm_proto.trust import Identity, Sealer, membership_proof
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,10 @@ class SimNode:
         load_s_per_layer: float = 0.01,
         load_interval: float = 2.0,
         keepalive: int = 10,
+        token: str = "",
     ) -> None:
+        """``token``: the swarm token; the node's fresh key carries its proof of membership
+        (swarm_proto.trust), so a coordinator with a token admits it like a real node."""
         self.profile = profile
         self.layer_bytes = layer_bytes
         self.load_s_per_layer = load_s_per_layer
@@ -105,6 +109,7 @@ class SimNode:
             layer_bytes=layer_bytes,
             weight_format="int8",
         )
+        identity = Identity.generate()
         self.presence = PresenceClient(
             broker,
             swarm_id,
@@ -114,6 +119,7 @@ class SimNode:
             load_interval=load_interval,
             keepalive=keepalive,
             backoff=Backoff(0.2, 5.0),
+            sealer=Sealer(identity, membership_proof(token, swarm_id, identity.public)),
         )
         self._loading: asyncio.Task[None] | None = None
         self.loads = 0  # assignments acted on (first load included)

@@ -38,6 +38,7 @@ from swarm_coordinator.sim.fleet import SimNode, draw_profile
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.model_args import ModelArgs, layer_bytes
 from swarm_proto.presence_client import BrokerAddress
+from swarm_proto.transport import call_metadata
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class SimConfig:
     models: tuple[SimModel, ...] = MODELS
     warmup_timeout: float = 120.0
     join_batch: int = 50  # initial joins in flight at once
+    token: str = "sim-token"  # the swarm token: nodes are admitted by its proof, routes carry it ("": open swarms)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,6 +119,7 @@ class Harness:
         self._tmp = tempfile.TemporaryDirectory(prefix="swarm-sim-") if workdir is None else None
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.runs = [_ModelRun(m) for m in config.models]
+        self._metadata = call_metadata(config.token)  # the swarm token on every GetRoute
         self.live: dict[str, tuple[SimNode, _ModelRun, float]] = {}  # node id -> node, model, joined (real)
         self._serial = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -153,7 +156,7 @@ class Harness:
             ]
             log_file = (self.workdir / f"{run.model.name}.log").open("w")
             run.proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1", "SWARM_TOKEN": cfg.token}
             )
             assert run.proc.stdout is not None
             line = await asyncio.wait_for(run.proc.stdout.readline(), 60)
@@ -207,6 +210,7 @@ class Harness:
         node = SimNode(
             self.broker, run.model.name, run.model.name, f"sim{self._serial:05d}", draw_profile(self.rng),
             run.model.layer_bytes, self.rng, load_s_per_layer=self.config.load_s_per_layer / self.config.speedup,
+            token=self.config.token,
         )
         await node.join()
         self.live[node.node_id] = (node, run, time.monotonic())
@@ -281,7 +285,7 @@ class Harness:
     async def _one_route(self, stub: swarm_pb2_grpc.CoordinatorStub) -> None:
         started = time.perf_counter()
         try:
-            await stub.GetRoute(swarm_pb2.RouteRequest(max_length=2048), timeout=5.0)
+            await stub.GetRoute(swarm_pb2.RouteRequest(max_length=2048), timeout=5.0, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             self.route_failed += 1
             code = exc.code().name
@@ -318,7 +322,7 @@ class Harness:
                 stub = swarm_pb2_grpc.CoordinatorStub(channel)
                 while True:
                     try:
-                        await stub.GetRoute(swarm_pb2.RouteRequest(max_length=2048), timeout=5.0)
+                        await stub.GetRoute(swarm_pb2.RouteRequest(max_length=2048), timeout=5.0, metadata=self._metadata)
                         break
                     except grpc.aio.AioRpcError:
                         if time.monotonic() - t0 > self.config.warmup_timeout:
