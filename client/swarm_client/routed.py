@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -43,6 +44,7 @@ from swarm_client.remote import Hop, RouteError, RouteSession
 from swarm_client.types import AsyncTokenSource, SampledToken
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
+from swarm_proto.links import LinkProbe
 from swarm_proto.transport import Metadata, call_metadata
 from swarm_proto.wire import SamplingParams, wire_code
 
@@ -155,16 +157,38 @@ class StaticRoutes(RouteProvider):
 class CoordinatorRoutes(RouteProvider):
     """Routes from the coordinator's gRPC service at ``HOST:PORT``.
 
-    The channel is made on first use, in the event loop that uses it.
+    The channel is made on first use, in the event loop that uses it. With
+    ``probe_links`` (the default) the client measures its round trips to the swarm's
+    nodes (:class:`swarm_proto.links.LinkProbe`; the node list and the figures are
+    refreshed every ``links.ttl`` seconds) and sends them with each route request, so a
+    client far from the swarm gets a head and a tail near it (docs/wan.md).
     """
 
-    def __init__(self, address: str, *, model: str = "", timeout: float = 10.0, token: str = "") -> None:
+    def __init__(
+        self, address: str, *, model: str = "", timeout: float = 10.0, token: str = "", probe_links: bool = True
+    ) -> None:
         self.address = address
         self.model = model
         self.timeout = timeout
         self._metadata = call_metadata(token)  # the swarm token, when the coordinator wants one
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.links = LinkProbe() if probe_links else None
+        self._listed: list[tuple[str, str]] = []
+        self._listed_at = -math.inf
+
+    async def client_rtts(self, exclude_node_ids: Collection[str], exclude_addresses: Collection[str]) -> dict[str, float]:
+        """This client's measured round trips to the nodes it may be routed through."""
+        if self.links is None:
+            return {}
+        if time.monotonic() - self._listed_at > self.links.ttl:
+            try:
+                self._listed = [(n.node_id, n.address) for n in await self.list_nodes() if n.address and n.node_id]
+            except RouteError as exc:  # the route request will say what is wrong
+                logger.debug("no node list for link probes: %s", exc)
+            self._listed_at = time.monotonic()
+        nodes = [(n, a) for n, a in self._listed if n not in exclude_node_ids and a not in exclude_addresses]
+        return await self.links.rtts(nodes, self._metadata)
 
     def _stub(self) -> swarm_pb2_grpc.CoordinatorStub:
         loop = asyncio.get_running_loop()
@@ -181,6 +205,7 @@ class CoordinatorRoutes(RouteProvider):
             max_length=max_length,
             exclude_node_ids=sorted(exclude_node_ids),
             exclude_addresses=sorted(exclude_addresses),
+            client_rtt_s=await self.client_rtts(exclude_node_ids, exclude_addresses),
         )
         try:
             reply = await self._stub().GetRoute(request, timeout=self.timeout, metadata=self._metadata)
@@ -378,7 +403,7 @@ class RoutedBackend(AsyncTokenSource):
                 if err.code not in _RETRYABLE or failures > policy.max_failovers:
                     raise GenerationError(f"generation failed after {failures} failure(s): {err}") from err
                 detected = time.monotonic()
-                culprits = await blame(err, route.hops, policy.probe_timeout, call_metadata(self.token))
+                culprits = await blame(err, route.hops, clock.probe_timeout(), call_metadata(self.token))
                 if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and not culprits:
                     clock.slower()  # every hop answers: the route is slow, not dead
                 for hop in culprits:

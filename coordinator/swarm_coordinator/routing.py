@@ -1,8 +1,11 @@
 """Routes: the chain of nodes a session's activations flow through, chosen from state.
 
 A route is a tuple of :class:`Span` covering layers ``[0, L)`` in order. :func:`find_route`
-picks the chain with the lowest estimated latency per token: every span costs one hop
-plus ``layers * seconds_per_layer`` on its node, where a node's seconds per layer is
+picks the chain with the lowest estimated latency per token: every span costs the
+one-way delay of the link into it (client -> head, node -> successor) plus ``layers *
+seconds_per_layer`` on its node, and the tail's link back to the client is added
+(:class:`LinkDelays`: measured round trips / 2, nodes' from their load reports, the
+client's from the route request; ``hop_latency_s`` where unmeasured), where a node's seconds per layer is
 ``1 / speed`` stretched by its load (queued steps, active sessions) and by the sessions
 this coordinator routed through it recently (load reports lag by a couple of seconds,
 so the recent count is what spreads a burst of sessions over replicas).
@@ -13,9 +16,10 @@ free session are preferred: full nodes are used only when no route exists withou
 (their reports lag by a couple of seconds; the node's own admission decides, and a
 full one answers "busy", which clients wait on). A span may use part of a node's range.
 
-The search is a shortest path over layer boundaries. Switching nodes only pays off at
-the start or end of some node's range (cost is linear in the switch point between
-two such boundaries), so those are the only positions searched.
+The search is a shortest path over (layer boundary, node that ends there): a link's
+delay depends on both its ends. Switching nodes only pays off at the start or end of
+some node's range (cost is linear in the switch point between two such boundaries), so
+those are the only positions searched.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from swarm_coordinator.errors import NoRouteError, format_ranges
 from swarm_coordinator.state import NodeView, SwarmState, runs
 
-__all__ = ["RecentRoutes", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
+__all__ = ["LinkDelays", "RecentRoutes", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
 
 
 @dataclass(frozen=True)
@@ -93,19 +97,23 @@ def find_route(
     exclude: Collection[str] = frozenset(),
     recent: Mapping[str, int] | None = None,
     policy: RoutingPolicy = RoutingPolicy(),
+    client_rtts: Mapping[str, float] | None = None,
 ) -> tuple[Span, ...]:
     """The lowest-latency chain covering ``[0, L)``; raises :class:`NoRouteError`.
 
     ``max_length`` is the session's KV length in tokens; ``exclude`` holds nodes the
     caller saw fail (backoff is the caller's business); ``recent`` counts sessions
-    routed through each node lately (see :class:`RecentRoutes`).
+    routed through each node lately (see :class:`RecentRoutes`); ``client_rtts`` holds
+    the round trips the client measured to nodes (seconds; the head's and the tail's
+    links to the client count).
     """
+    rtts = client_rtts or {}
     try:
-        return _find_route(state, max_length, exclude, recent or {}, policy, need_room=True)
+        return _find_route(state, max_length, exclude, recent or {}, policy, rtts, need_room=True)
     except NoRouteError as roomy:
         # Nothing with room (as last reported): the nodes themselves decide, "busy" or not.
         try:
-            return _find_route(state, max_length, exclude, recent or {}, policy, need_room=False)
+            return _find_route(state, max_length, exclude, recent or {}, policy, rtts, need_room=False)
         except NoRouteError:
             raise roomy from None  # it names the full nodes too
 
@@ -116,6 +124,7 @@ def _find_route(
     exclude: Collection[str],
     recent: Mapping[str, int],
     policy: RoutingPolicy,
+    client_rtts: Mapping[str, float],
     *,
     need_room: bool,
 ) -> tuple[Span, ...]:
@@ -123,38 +132,47 @@ def _find_route(
     usable, skipped = _usable(state, exclude, max_length, need_room)
     points = sorted({0, L} | {p for v in usable for p in (v.serving.start, v.serving.end)})  # type: ignore[union-attr]
     cost_per_layer = {v.node_id: seconds_per_layer(v, recent.get(v.node_id, 0), policy) for v in usable}
+    links = LinkDelays(state, client_rtts, policy)
 
-    # Dijkstra over boundary positions; ties go to fewer hops, then smaller node ids.
+    # Dijkstra over (boundary position, node that ends there): the next hop's link delay
+    # depends on who sends it. Ties go to fewer hops, then smaller node ids.
     Key = tuple[float, int, tuple[str, ...]]
-    best: dict[int, Key] = {0: (0.0, 0, ())}
-    back: dict[int, tuple[int, NodeView]] = {}
-    heap: list[tuple[Key, int]] = [((0.0, 0, ()), 0)]
-    done: set[int] = set()
+    Node = tuple[int, str]  # (position, last node id; "" = the client)
+    best: dict[Node, Key] = {(0, ""): (0.0, 0, ())}
+    back: dict[Node, tuple[Node, NodeView]] = {}
+    heap: list[tuple[Key, Node]] = [((0.0, 0, ()), (0, ""))]
+    done: set[Node] = set()
+    goal: Node | None = None
     while heap:
-        key, pos = heapq.heappop(heap)
-        if pos in done or key != best.get(pos):
+        key, here = heapq.heappop(heap)
+        if here in done or key != best.get(here):
             continue
-        done.add(pos)
+        done.add(here)
+        pos, last = here
         if pos == L:
+            goal = here
             break
         cost, hops, ids = key
         for view in usable:
             r = view.serving
             assert r is not None
-            if not r.start <= pos < r.end:
+            if not r.start <= pos < r.end or view.node_id == last:
                 continue
+            enter = links.one_way(last, view.node_id)
             for q in points:
                 if pos < q <= r.end:
+                    leave = links.one_way(view.node_id, "") if q == L else 0.0  # the tail answers the client
                     new: Key = (
-                        cost + policy.hop_latency_s + (q - pos) * cost_per_layer[view.node_id],
+                        cost + enter + (q - pos) * cost_per_layer[view.node_id] + leave,
                         hops + 1,
                         ids + (view.node_id,),
                     )
-                    if q not in best or new < best[q]:
-                        best[q] = new
-                        back[q] = (pos, view)
-                        heapq.heappush(heap, (new, q))
-    if L not in done:
+                    there = (q, view.node_id)
+                    if there not in best or new < best[there]:
+                        best[there] = new
+                        back[there] = (here, view)
+                        heapq.heappush(heap, (new, there))
+    if goal is None:
         hosted = [False] * L
         for v in usable:
             r = v.serving
@@ -169,11 +187,11 @@ def _find_route(
             uncovered,
         )
     spans: list[Span] = []
-    pos = L
-    while pos != 0:
-        prev, view = back[pos]
-        spans.append(Span(view.node_id, view.address, prev, pos))
-        pos = prev
+    at = goal
+    while at[0] != 0:
+        prev, view = back[at]
+        spans.append(Span(view.node_id, view.address, prev[0], at[0]))
+        at = prev
     return tuple(reversed(spans))
 
 
@@ -183,16 +201,49 @@ def route_latency(
     *,
     recent: Mapping[str, int] | None = None,
     policy: RoutingPolicy = RoutingPolicy(),
+    client_rtts: Mapping[str, float] | None = None,
 ) -> float:
-    """Estimated seconds per decode step along ``spans`` (K spans cost K+1 hops)."""
+    """Estimated seconds per decode step along ``spans`` (K spans cost K+1 hops, each
+    its link's one-way delay where measured, ``hop_latency_s`` where not)."""
     recent = recent or {}
-    total = policy.hop_latency_s
+    links = LinkDelays(state, client_rtts or {}, policy)
+    total, last = 0.0, ""
     for span in spans:
         view = state.nodes[span.node_id]
-        total += policy.hop_latency_s + (span.end - span.start) * seconds_per_layer(
+        total += links.one_way(last, span.node_id) + (span.end - span.start) * seconds_per_layer(
             view, recent.get(span.node_id, 0), policy
         )
-    return total
+        last = span.node_id
+    return total + links.one_way(last, "")
+
+
+class LinkDelays:
+    """One-way delays between the parties of a route, from measured round trips.
+
+    Node ``a`` to node ``b``: half the round trip ``a`` reported to ``b`` (or ``b`` to
+    ``a``: links are taken as symmetric); client to node and back: half the round trip
+    the client measured (``""`` names the client). An unmeasured link costs
+    ``policy.hop_latency_s``, the cost of a traversal on a fast local network.
+    """
+
+    def __init__(self, state: SwarmState, client_rtts: Mapping[str, float], policy: RoutingPolicy) -> None:
+        self.default = policy.hop_latency_s
+        self.client = client_rtts
+        self.peers: dict[tuple[str, str], float] = {}
+        for view in state.nodes.values():
+            if view.load is not None:
+                for peer in view.load.peer_rtts:
+                    self.peers[(view.node_id, peer.node_id)] = peer.rtt_s
+
+    def rtt(self, a: str, b: str) -> float | None:
+        if not a or not b:
+            return self.client.get(a or b)
+        got = self.peers.get((a, b))
+        return got if got is not None else self.peers.get((b, a))
+
+    def one_way(self, a: str, b: str) -> float:
+        rtt = self.rtt(a, b)
+        return self.default if rtt is None else max(rtt / 2, self.default / 2)
 
 
 class RecentRoutes:

@@ -1,0 +1,92 @@
+"""The client side of the WAN bed: run generations from the client's namespace.
+
+``python driver.py JOB.json OUT.json`` (under ``ip netns exec``). The job is
+``{"coordinator": ADDR, "max_context": N, "generations": [{"prompt": [ids], "params":
+{SamplingParams fields}, "max_new": N, "kill": {"role": "head|middle|tail", "step": i}}],
+"pids": {node: pid}, "ping": [ADDR...], "speculate": K}``. For each generation it
+writes the tokens, the time of each token (seconds since the request), the route's
+node ids and the failovers; ``ping`` measures Info round trips (min of 5) to the
+given addresses. A ``kill`` SIGKILLs the node in that role of the current route
+after the step-th token (pids are shared across namespaces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from swarm_client.routed import CoordinatorRoutes, RoutedBackend
+from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.wire import SamplingParams
+
+
+async def ping(address: str, n: int = 5) -> float:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = swarm_pb2_grpc.NodeStub(channel)
+        await stub.Info(swarm_pb2.InfoRequest(), timeout=10)  # connect first
+        best = float("inf")
+        for _ in range(n):
+            t = time.monotonic()
+            await stub.Info(swarm_pb2.InfoRequest(), timeout=10)
+            best = min(best, time.monotonic() - t)
+    return best
+
+
+async def run(job: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"pings": {}, "generations": []}
+    for address in job.get("ping", []):
+        out["pings"][address] = await ping(address)
+    if not job.get("generations"):
+        return out
+    routes = CoordinatorRoutes(job["coordinator"], probe_links=job.get("probe_links", True))
+    backend = RoutedBackend(routes, max_context=job.get("max_context", 512), eos_token_ids=())
+    pids: dict[str, int] = job.get("pids", {})
+    try:
+        for gen in job["generations"]:
+            params = SamplingParams(**gen.get("params", {}))
+            kill = gen.get("kill")
+            tokens: list[int] = []
+            times: list[float] = []
+            routes_seen: list[list[str]] = []
+            before = len(backend.records)
+            t0 = time.monotonic()
+            kwargs = {"speculate": job["speculate"]} if job.get("speculate") else {}
+            async for t in backend.tokens(gen["prompt"], params, gen["max_new"], **kwargs):
+                times.append(time.monotonic() - t0)
+                tokens.append(t.token_id)
+                assert backend.last_route is not None
+                hops = [h.node_id for h in backend.last_route.hops]
+                if not routes_seen or routes_seen[-1] != hops:
+                    routes_seen.append(hops)
+                if kill and len(tokens) == kill["step"]:
+                    index = {"head": 0, "middle": len(hops) // 2, "tail": len(hops) - 1}[kill["role"]]
+                    os.kill(pids[hops[index]], signal.SIGKILL)
+                    out.setdefault("killed", []).append(hops[index])
+            records = [
+                {"node_id": r.node_id, "stall_s": r.stall_s, "detect_s": r.detect_s, "reroute_s": r.reroute_s,
+                 "replay_s": r.replay_s}
+                for r in list(backend.records)[before:]
+            ]
+            out["generations"].append({"tokens": tokens, "times": times, "routes": routes_seen, "failovers": records})
+    finally:
+        await backend.aclose()
+    return out
+
+
+def main() -> None:
+    job = json.loads(Path(sys.argv[1]).read_text())
+    result = asyncio.run(run(job))
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
