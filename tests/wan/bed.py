@@ -150,12 +150,25 @@ class WanBed:
             _ip("link", "set", host_end, "up")
         return self
 
+    def _relay_delays(self) -> dict[str, float]:
+        return {f"{self.parties[src].ip}|{dst}": d for (src, dst), d in self.delays.items()}
+
+    def set_delay(self, delay: float, delays: Mapping[tuple[str, str], float] | None = None) -> None:
+        """Change the links' delays while everything runs (the relay rereads them)."""
+        assert self.relay is not None and self.relay.stdout is not None
+        self.delay, self.delays = delay, dict(delays or {})
+        path = self.tmp / "relay.json"
+        config = json.loads(path.read_text())
+        config.update(delays=self._relay_delays(), default_delay=delay)
+        path.write_text(json.dumps(config))
+        self.relay.send_signal(signal.SIGHUP)
+        if "relay reloaded" not in self.relay.stdout.readline():
+            raise RuntimeError("the relay did not reload its delays")
+
     def start_relay(self, servers: Sequence[str], real_ports: Mapping[str, int] | None = None) -> None:
         """Relay listeners for the named server parties (their advertised addresses)."""
         real_ports = real_ports or {}
-        delays = {}
-        for (src, dst), d in self.delays.items():
-            delays[f"{self.parties[src].ip}|{dst}"] = d
+        delays = self._relay_delays()
         config = {
             "listeners": [
                 {"netns": self.parties[s].ns, "ip": self.parties[s].ip, "port": RELAY_PORT,

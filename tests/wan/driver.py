@@ -3,7 +3,8 @@
 ``python driver.py JOB.json OUT.json`` (under ``ip netns exec``). The job is
 ``{"coordinator": ADDR, "max_context": N, "generations": [{"prompt": [ids], "params":
 {SamplingParams fields}, "max_new": N, "kill": {"role": "head|middle|tail", "step": i}}],
-"pids": {node: pid}, "ping": [ADDR...], "speculate": K}``. For each generation it
+"pids": {node: pid}, "ping": [ADDR...], "speculate": K, "probe_links": bool}`` (a
+generation may carry its own ``"speculate"``). For each generation it
 writes the tokens, the time of each token (seconds since the request), the route's
 node ids and the failovers; ``ping`` measures Info round trips (min of 5) to the
 given addresses. A ``kill`` SIGKILLs the node in that role of the current route
@@ -58,7 +59,8 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
             routes_seen: list[list[str]] = []
             before = len(backend.records)
             t0 = time.monotonic()
-            kwargs = {"speculate": job["speculate"]} if job.get("speculate") else {}
+            speculate = gen.get("speculate", job.get("speculate", 0))
+            kwargs = {"speculate": speculate} if speculate else {}
             async for t in backend.tokens(gen["prompt"], params, gen["max_new"], **kwargs):
                 times.append(time.monotonic() - t0)
                 tokens.append(t.token_id)

@@ -17,7 +17,8 @@ Invariants:
 Run: ``python relay.py CONFIG.json``; the config is ``{"listeners": [{"netns": NAME,
 "ip": IP, "port": P, "real_port": RP, "name": SERVER}], "delays": {"SRC_IP|SERVER":
 seconds}, "default_delay": seconds}``. It prints ``relay ready`` once every listener
-is bound, and exits on SIGTERM. Needs root (``setns``) and Linux.
+is bound, rereads the delays of its config on SIGHUP (later chunks get the new
+delays; order is still kept), and exits on SIGTERM. Needs root (``setns``) and Linux.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +78,8 @@ def listen_in(netns: str, ip: str, port: int) -> socket.socket:
     return sock
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-    """Copy ``reader`` to ``writer``, each chunk (and the end) ``delay`` seconds late."""
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: Callable[[], float]) -> None:
+    """Copy ``reader`` to ``writer``, each chunk (and the end) ``delay()`` seconds late."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes | None]] = asyncio.Queue(MAX_CHUNKS)
 
@@ -102,7 +103,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
                 data = await reader.read(CHUNK)
             except (ConnectionError, OSError):
                 data = b""
-            await queue.put((loop.time() + delay, data or None))
+            await queue.put((loop.time() + delay(), data or None))
             if not data:
                 break
         await sender
@@ -118,6 +119,10 @@ class Relay:
         self.delays = dict(delays)
         self.default_delay = default_delay
         self.servers: list[asyncio.base_events.Server] = []
+
+    def load(self, delays: Mapping[str, float], default_delay: float) -> None:
+        self.delays = dict(delays)
+        self.default_delay = default_delay
 
     def delay(self, src_ip: str, server: str) -> float:
         return self.delays.get(f"{src_ip}|{server}", self.default_delay)
@@ -135,7 +140,10 @@ class Relay:
 
     async def _serve(self, spec: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         src = writer.get_extra_info("peername")[0]
-        delay = self.delay(src, spec.name)
+
+        def delay() -> float:  # looked up per chunk: SIGHUP may change it
+            return self.delay(src, spec.name)
+
         try:
             up_reader, up_writer = await asyncio.open_connection(spec.ip, spec.real_port)
         except OSError:
@@ -158,6 +166,13 @@ async def main(config_path: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:
+        fresh = json.loads(Path(config_path).read_text())
+        relay.load(fresh.get("delays", {}), float(fresh.get("default_delay", 0.0)))
+        print("relay reloaded", flush=True)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     print("relay ready", flush=True)
     await stop.wait()
     for server in relay.servers:
