@@ -7,8 +7,8 @@ place (0, 10, 25, 50 ms by default). --runs rounds, each visiting every delay in
 (so the shared machine's drift hits all delays alike): a warm-up generation, then
 [repetitive task, free text] x [speculation off, on] side by side (greedy, --max-new
 tokens each); figures are medians over the rounds. Speculation runs only where the client
-library has it (``RoutedBackend.tokens(..., speculate=K)``); otherwise it is reported
-as unavailable.
+library has it (``RoutedBackend(speculation=Speculation(max_draft=K))``, prompt lookup);
+otherwise it is reported as unavailable.
 
 Per-token latency is decode time / (tokens - 1); tokens/s its inverse; TTFT the time
 to the first token (route, prefill, K+1 traversals). The model checked: without
@@ -24,7 +24,7 @@ to bench/results/wan.png, and prints a table. Needs root (network namespaces).
 from __future__ import annotations
 
 import argparse
-import inspect
+import importlib.util
 import json
 import platform
 import statistics
@@ -38,8 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from wan.swarm_bed import WanNode, WanSwarm
-
-from swarm_client.routed import RoutedBackend
 
 SNIPPET = '''def mean(values):
     total = 0
@@ -64,14 +62,16 @@ NODES = [WanNode("a", "0:10"), WanNode("b", "10:20"), WanNode("c", "20:30")]
 
 
 def has_speculation() -> bool:
-    return "speculate" in inspect.signature(RoutedBackend.tokens).parameters
+    return importlib.util.find_spec("swarm_client.speculation") is not None
 
 
 def summarize(gens: list[dict[str, Any]]) -> dict[str, float]:
     per_token = [(g["times"][-1] - g["times"][0]) / (len(g["times"]) - 1) for g in gens if len(g["times"]) > 1]
     ttft = [g["times"][0] for g in gens if g["times"]]
     med = statistics.median(per_token)
+    trips = sum(g.get("round_trips", 0) for g in gens)
     return {
+        "tokens_per_round_trip": sum(g.get("trip_tokens", 0) for g in gens) / trips if trips else 0.0,
         "per_token_s": med,
         "tokens_per_s": 1.0 / med,
         "ttft_s": statistics.median(ttft),

@@ -48,7 +48,19 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
     if not job.get("generations"):
         return out
     routes = CoordinatorRoutes(job["coordinator"], probe_links=job.get("probe_links", True))
-    backend = RoutedBackend(routes, max_context=job.get("max_context", 512), eos_token_ids=())
+    backends: dict[int, RoutedBackend] = {}
+
+    def backend_for(k: int) -> RoutedBackend:
+        """One backend per draft length (0: no speculation), sharing the route provider."""
+        if k not in backends:
+            kwargs: dict[str, Any] = {}
+            if k:
+                from swarm_client.speculation import Speculation  # where speculative decoding exists
+
+                kwargs["speculation"] = Speculation(max_draft=k)
+            backends[k] = RoutedBackend(routes, max_context=job.get("max_context", 512), eos_token_ids=(), **kwargs)
+        return backends[k]
+
     pids: dict[str, int] = job.get("pids", {})
     try:
         for gen in job["generations"]:
@@ -57,11 +69,12 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
             tokens: list[int] = []
             times: list[float] = []
             routes_seen: list[list[str]] = []
+            backend = backend_for(int(gen.get("speculate", job.get("speculate", 0))))
+            stats = getattr(backend, "decode_stats", None)  # where speculative decoding exists
+            trips_before = (stats.round_trips, stats.tokens) if stats is not None else (0, 0)
             before = len(backend.records)
             t0 = time.monotonic()
-            speculate = gen.get("speculate", job.get("speculate", 0))
-            kwargs = {"speculate": speculate} if speculate else {}
-            async for t in backend.tokens(gen["prompt"], params, gen["max_new"], **kwargs):
+            async for t in backend.tokens(gen["prompt"], params, gen["max_new"]):
                 times.append(time.monotonic() - t0)
                 tokens.append(t.token_id)
                 assert backend.last_route is not None
@@ -77,9 +90,12 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
                  "replay_s": r.replay_s}
                 for r in list(backend.records)[before:]
             ]
-            out["generations"].append({"tokens": tokens, "times": times, "routes": routes_seen, "failovers": records})
+            trips = (stats.round_trips - trips_before[0], stats.tokens - trips_before[1]) if stats is not None else (0, 0)
+            out["generations"].append({"tokens": tokens, "times": times, "routes": routes_seen, "failovers": records,
+                                       "round_trips": trips[0], "trip_tokens": trips[1]})
     finally:
-        await backend.aclose()
+        for backend in backends.values():
+            await backend.aclose()
     return out
 
 
