@@ -176,19 +176,35 @@ class CoordinatorRoutes(RouteProvider):
         self.links = LinkProbe() if probe_links else None
         self._listed: list[tuple[str, str]] = []
         self._listed_at = -math.inf
+        self._refresher: asyncio.Task[None] | None = None
 
     async def client_rtts(self, exclude_node_ids: Collection[str], exclude_addresses: Collection[str]) -> dict[str, float]:
-        """This client's measured round trips to the nodes it may be routed through."""
+        """This client's measured round trips to the nodes it may be routed through.
+
+        Only the first call waits for the probes; later ones answer from the cache and
+        refresh stale figures in the background, so a failover never waits on a probe
+        of a dead or frozen node."""
         if self.links is None:
             return {}
-        if time.monotonic() - self._listed_at > self.links.ttl:
-            try:
-                self._listed = [(n.node_id, n.address) for n in await self.list_nodes() if n.address and n.node_id]
-            except RouteError as exc:  # the route request will say what is wrong
-                logger.debug("no node list for link probes: %s", exc)
+        loop = asyncio.get_running_loop()
+        if self._listed_at == -math.inf:
+            await self._refresh_links()
+        elif time.monotonic() - self._listed_at > self.links.ttl and (
+            self._refresher is None or self._refresher.done() or self._refresher.get_loop() is not loop
+        ):
             self._listed_at = time.monotonic()
-        nodes = [(n, a) for n, a in self._listed if n not in exclude_node_ids and a not in exclude_addresses]
-        return await self.links.rtts(nodes, self._metadata)
+            self._refresher = loop.create_task(self._refresh_links(), name="swarm-link-probes")
+        avoid = {n for n, a in self._listed if n in exclude_node_ids or a in exclude_addresses}
+        return {n: rtt for n, rtt in self.links.cached().items() if n not in avoid}
+
+    async def _refresh_links(self) -> None:
+        assert self.links is not None
+        try:
+            self._listed = [(n.node_id, n.address) for n in await self.list_nodes() if n.address and n.node_id]
+        except RouteError as exc:  # the route request will say what is wrong
+            logger.debug("no node list for link probes: %s", exc)
+        self._listed_at = time.monotonic()
+        await self.links.rtts(self._listed, self._metadata)
 
     def _stub(self) -> swarm_pb2_grpc.CoordinatorStub:
         loop = asyncio.get_running_loop()
@@ -259,6 +275,10 @@ class CoordinatorRoutes(RouteProvider):
         return [NodeSummary(n.node_id, n.address, n.start, n.end, n.device, n.active_sessions) for n in reply.nodes]
 
     async def aclose(self) -> None:
+        if self._refresher is not None and not self._refresher.done():
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        self._refresher = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

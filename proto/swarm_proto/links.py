@@ -41,6 +41,10 @@ class LinkProbe:
         self.max_nodes = max_nodes
         self._rtts: dict[str, tuple[float, float]] = {}  # node id -> (rtt, measured at)
 
+    def cached(self) -> dict[str, float]:
+        """Every figure held, fresh or not (a stale one still beats none)."""
+        return {n: rtt for n, (rtt, _) in self._rtts.items()}
+
     async def rtts(self, nodes: Sequence[tuple[str, str]], metadata: Metadata = None) -> dict[str, float]:
         """Round trips to ``nodes`` (``(node_id, address)`` pairs), measuring stale ones."""
         now = time.monotonic()
