@@ -11,8 +11,9 @@
   repeated failure of the same node (:class:`swarm_proto.backoff.Backoff`, the same
   mechanism as the coordinator's); a node that refused for capacity ("busy") is never
   avoided.
-- :func:`blame`: which hops a failure points at (the in-band error names one; a
-  silent route is probed, and the hops that do not answer ``Info`` are the culprits).
+- :func:`blame`: which hops a failure points at (the in-band error names one, blamed
+  only if it does not answer a probe: a forged error cannot back off an honest node;
+  a silent route is probed, and the hops that do not answer ``Info`` are the culprits).
 - :func:`patch_route`: the old route with only the failed hops replaced, so that the
   survivors -- which keep the session's cache -- stay on it (span replay).
 - :class:`FailoverRecord`: one failover's numbers, reported to the coordinator, which
@@ -32,7 +33,7 @@ import grpc
 
 from swarm_client.remote import Hop, RouteError
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
-from swarm_proto.transport import Metadata, channel_options
+from swarm_proto.transport import DEFAULT_MAX_RECEIVE, Metadata, channel_options
 
 if TYPE_CHECKING:
     from swarm_client.routed import NodeSummary
@@ -161,7 +162,7 @@ async def probe(hops: Sequence[Hop], timeout: float, metadata: Metadata = None) 
     """The hops that do not answer ``Info`` within ``timeout`` (frozen, gone)."""
 
     async def silent(hop: Hop) -> bool:
-        channel = grpc.aio.insecure_channel(hop.address, options=channel_options())
+        channel = grpc.aio.insecure_channel(hop.address, options=channel_options(DEFAULT_MAX_RECEIVE))
         try:
             await swarm_pb2_grpc.NodeStub(channel).Info(swarm_pb2.InfoRequest(), timeout=timeout, metadata=metadata)
             return False
@@ -177,14 +178,16 @@ async def probe(hops: Sequence[Hop], timeout: float, metadata: Metadata = None) 
 async def blame(error: RouteError, hops: Sequence[Hop], probe_timeout: float, metadata: Metadata = None) -> list[Hop]:
     """The hops of ``hops`` that ``error`` points at.
 
-    An in-band error names the hop where the route broke. A step timeout names nobody:
-    the hops are probed and the silent ones blamed (none when all answer: the route
-    was only slow, and is tried again)."""
+    An in-band error names the hop where the route broke, but any node upstream of it
+    could have written that error: the named hop is blamed only when a probe confirms
+    it (it does not answer ``Info`` within ``probe_timeout``), else nobody is (the
+    failover goes on, the named node is neither avoided nor reported). A step timeout
+    names nobody: the hops are probed and the silent ones blamed (none when all
+    answer: the route was only slow, and is tried again)."""
     named = [h for h in hops if (error.node_id and h.node_id == error.node_id) or (error.address and h.address == error.address)]
     if named and error.code != grpc.StatusCode.DEADLINE_EXCEEDED:
-        return named[:1]
-    silent = await probe(hops, probe_timeout, metadata)
-    return silent or named[:1]
+        return await probe(named[:1], probe_timeout, metadata)
+    return await probe(hops, probe_timeout, metadata)
 
 
 def patch_route(

@@ -23,6 +23,7 @@ from swarm_proto.wire import SamplingParams
 __all__ = ["SamplingOptions", "DEFAULT_MAX_TOKENS", "random_seed"]
 
 DEFAULT_MAX_TOKENS = 256
+INT32_MAX = 2**31 - 1
 
 
 def random_seed() -> int:
@@ -51,6 +52,15 @@ class SamplingOptions:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        # What the wire carries (swarm.proto: int32 top_k and token ids, uint64 seed).
+        if self.max_tokens > INT32_MAX:
+            raise InvalidRequestError(f"max_tokens must be at most {INT32_MAX}, got {self.max_tokens}")
+        if self.top_k > INT32_MAX:
+            raise InvalidRequestError(f"top_k must be at most {INT32_MAX}, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidRequestError(f"seed must be in 0..2**64-1, got {self.seed}")
+        if any(not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in 0..{INT32_MAX}")
         try:  # the sampler's own checks, one place for them
             SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
         except ValueError as exc:

@@ -22,6 +22,7 @@ which is not a failure of that node.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import grpc
 from swarm_client.errors import GenerationError
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.daemon import Service
-from swarm_proto.transport import ChannelPool, call_metadata
+from swarm_proto.transport import DEFAULT_MAX_RECEIVE, ChannelPool, call_metadata
 from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, status_code
 
 if TYPE_CHECKING:
@@ -117,6 +118,8 @@ class RouteSession(Service):
         token: str = "",
         resumable: bool = False,
         resume: bool = False,
+        capability: str = "",
+        max_receive_bytes: int = DEFAULT_MAX_RECEIVE,
     ) -> None:
         if not hops:
             raise ValueError("a route needs at least one hop")
@@ -134,9 +137,14 @@ class RouteSession(Service):
         self.resumable = resumable or resume
         self.resume = resume
         self.kept: tuple[int, ...] = ()  # per hop: positions adopted from a held cache (Opened.kept)
+        # The session's secret: its Results stream and a resume need it, so only this
+        # client can read or take over the session (the id alone is not enough).
+        self.capability = capability or secrets.token_urlsafe(24)
         self.position = 0  # positions sent so far
         self._step_id = 0
-        self._channels = ChannelPool()
+        # A tail sends results (and logits only when asked): a reply bigger than this is
+        # refused by gRPC instead of being buffered (a hostile tail could send 1 GiB).
+        self._channels = ChannelPool(max_receive_bytes=max_receive_bytes)
         self._head: grpc.aio.StreamStreamCall | None = None  # type: ignore[type-arg]
         self._results: grpc.aio.UnaryStreamCall | None = None  # type: ignore[type-arg]
         self._pending: dict[int, asyncio.Future[StepOutput]] = {}
@@ -149,7 +157,7 @@ class RouteSession(Service):
         head, tail = self.hops[0], self.hops[-1]
         spec = OpenSpec(
             self.session_id, self.max_length, head.start, head.end, tuple(self.hops[1:]),
-            self.generation, self.wire_dtype, self.resumable, self.resume,
+            self.generation, self.wire_dtype, self.resumable, self.resume, capability=self.capability,
         )
         open_msg = open_to_proto(spec, self.hops)
         try:
@@ -165,9 +173,8 @@ class RouteSession(Service):
         if reply.WhichOneof("kind") == "error":
             raise RouteError.from_proto(reply.error)
         self.kept = tuple(reply.opened.kept)
-        self._results = swarm_pb2_grpc.NodeStub(self._channels.get(tail.address)).Results(
-            swarm_pb2.ResultsRequest(session_id=self.session_id), metadata=self._metadata
-        )
+        request = swarm_pb2.ResultsRequest(session_id=self.session_id, capability=self.capability)
+        self._results = swarm_pb2_grpc.NodeStub(self._channels.get(tail.address)).Results(request, metadata=self._metadata)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_head()), loop.create_task(self._read_results())]
 

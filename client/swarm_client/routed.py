@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 import time
 import uuid
 from collections import deque
@@ -232,8 +233,8 @@ class CoordinatorRoutes(RouteProvider):
 
     async def report_failure(self, error: RouteError, session_id: str) -> None:
         report = swarm_pb2.FailureReport(
-            node_id=error.node_id,
-            address=error.address,
+            node_id=error.node_id[:256],  # named by a peer: cut to what the coordinator takes
+            address=error.address[:256],
             session_id=session_id,
             code=wire_code(error.code),
             message=error.message[:1000],
@@ -246,8 +247,8 @@ class CoordinatorRoutes(RouteProvider):
     async def report_recovery(self, record: FailoverRecord) -> None:
         """The failover's numbers, once the session produced a token again (an event)."""
         report = swarm_pb2.FailureReport(
-            node_id=record.node_id,
-            address=record.address,
+            node_id=record.node_id[:256],
+            address=record.address[:256],
             session_id=record.session_id,
             code=wire_code(grpc.StatusCode[record.code]),
             message=record.message[:1000],
@@ -351,6 +352,7 @@ class RoutedBackend(AsyncTokenSource):
         generated = 0
         route = await self._route(max_length)
         session_id = route.session_id or uuid.uuid4().hex
+        capability = secrets.token_urlsafe(24)  # the sessions' secret: their Results and resumes need it
         pending: FailoverRecord | None = None  # a failover not yet followed by a token
         failures = 0
         clock = StepClock(policy)  # this session's: its timeouts follow its own routes' speed
@@ -368,6 +370,7 @@ class RoutedBackend(AsyncTokenSource):
                 resumable=span,
                 resume=span and pending is not None,
                 token=self.token,
+                capability=capability,
             )
             sent = time.monotonic()  # when the step now awaited was sent
             try:

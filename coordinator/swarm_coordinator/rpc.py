@@ -27,7 +27,7 @@ from swarm_coordinator.state import NodeView, SwarmState
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
 from swarm_proto.presence import MAX_RTT_S, Event, EventKind
-from swarm_proto.wire import code_name
+from swarm_proto.wire import code_name, printable, session_label
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,9 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
     # --- ReportFailure ----------------------------------------------------------------
 
     async def ReportFailure(self, request: swarm_pb2.FailureReport, context: grpc.aio.ServicerContext) -> swarm_pb2.FailureAck:  # type: ignore[type-arg]
+        problem = check_report(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         state = self.registry.state
         node_id = request.node_id
         if not node_id and request.address:
@@ -119,17 +122,18 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             # is the failover event (the first report only moved routes away).
             self.failovers += 1
             detail = failover_detail(request)
-            log.warning("failover of %s: %s", node_id or request.address, detail)
-            await self.registry.publish_event(Event(EventKind.FAILOVER, node_id or request.address or None, detail))
+            known = node_id if node_id in state.nodes else None  # a report names nodes; only known ones are shown
+            log.warning("failover of %s: %s", known or printable(node_id or request.address, 64), detail)
+            await self.registry.publish_event(Event(EventKind.FAILOVER, known, detail))
             return swarm_pb2.FailureAck()
         if not node_id or node_id not in state.nodes:
             # Unknown nodes cannot be routed to anyway; acknowledge so clients move on.
-            log.info("failure report for an unknown node %r at %r", request.node_id, request.address)
+            log.info("failure report for an unknown node %r at %r", request.node_id[:64], request.address[:64])
             return swarm_pb2.FailureAck()
         backoff = self.failures.record(node_id, self._clock())
         log.warning(
             "node %s reported failing (%s: %s, session %s): avoided for %.0f s",
-            node_id, code_name(request.code), request.message[:200], request.session_id[:64], backoff,
+            node_id, code_name(request.code), printable(request.message, 200), session_label(request.session_id), backoff,
         )
         return swarm_pb2.FailureAck()
 
@@ -153,13 +157,29 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         )
 
 
+MAX_REPORT_FIELD = 256  # characters of a report's ids and address
+MAX_REPORT_MESSAGE = 4096  # characters of its message (the event shows 120 of them)
+
+
+def check_report(report: swarm_pb2.FailureReport) -> str:
+    """Why a report is refused (INVALID_ARGUMENT), or "": a caller picks its strings, and
+    they end up in logs and in every dashboard snapshot."""
+    for name in ("node_id", "address", "session_id", "mode"):
+        if len(getattr(report, name)) > MAX_REPORT_FIELD:
+            return f"{name} is longer than {MAX_REPORT_FIELD} characters"
+    if len(report.message) > MAX_REPORT_MESSAGE:
+        return f"message is longer than {MAX_REPORT_MESSAGE} characters"
+    return ""
+
+
 def failover_detail(report: swarm_pb2.FailureReport) -> str:
-    """The event line of a recovered failover: which session, what failed, what it cost."""
+    """The event line of a recovered failover: which session (its label, never its id),
+    what failed, what it cost. Every string in it is cut and made printable."""
     return (
-        f"session {report.session_id[:32]}: {code_name(report.code)} ({report.message[:120]}); "
+        f"session {session_label(report.session_id)}: {code_name(report.code)} ({printable(report.message, 120)}); "
         f"stall {report.stall_s:.3f} s (detect {report.detect_s:.3f}, reroute {report.reroute_s:.3f}, "
         f"replay {report.replay_s:.3f}); replayed {report.replayed_tokens} of {report.history_tokens} tokens "
-        f"({report.mode or 'full'})"
+        f"({printable(report.mode or 'full', 16)})"
     )
 
 

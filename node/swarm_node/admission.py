@@ -5,8 +5,8 @@ A session on layers ``[start, end)`` with max length ``S`` reserves
 bytes per position, times ``S`` rounded up to the KV pool's slot step (64). A node
 admits a session when the reservations of its open sessions, of the sessions still
 waiting for their cache ("opening") and of the parked caches (kept for a resume) plus
-the new one fit its KV budget, and the count stays under ``max_sessions`` (a bound on
-streams and tasks, not the capacity). Parked caches give way first: the oldest are
+the new one fit its KV budget, and the count of those sessions, parked ones included,
+stays under ``max_sessions`` (a bound on streams, tasks and caches, not the capacity). Parked caches give way first: the oldest are
 dropped to make room before a live session is refused.
 
 A refusal is "busy", not a failure: it carries a retry hint, the time in which a
@@ -79,17 +79,18 @@ class Admission:
     def free_sessions(self) -> int:
         return max(0, self.max_sessions - len(self._reserved))
 
-    def refusal(self, nbytes: int, parked_bytes: int = 0) -> Busy | None:
-        """Why a session needing ``nbytes`` cannot be admitted now (None: it can)."""
+    def refusal(self, nbytes: int, parked_bytes: int = 0, parked: int = 0) -> Busy | None:
+        """Why a session needing ``nbytes`` cannot be admitted now (None: it can);
+        ``parked`` caches count against ``max_sessions`` like open sessions."""
         n, opening = len(self._reserved), len(self._opening)
-        state = f"{n - opening} open, {opening} waiting for their KV cache"
+        state = f"{n - opening} open, {opening} waiting for their KV cache" + (f", {parked} parked" if parked else "")
         if nbytes > self.budget_bytes:
             # Can never fit: busy would be a lie; the caller must ask for less.
             raise ValueError(
                 f"a session needing {nbytes / 1e6:.1f} MB of KV cache exceeds this node's "
                 f"KV budget of {self.budget_bytes / 1e6:.1f} MB"
             )
-        if n >= self.max_sessions:
+        if n + parked >= self.max_sessions:
             return Busy(f"busy: {state} (at most {self.max_sessions})", self.retry_after_s())
         if self.reserved + parked_bytes + nbytes > self.budget_bytes:
             return Busy(

@@ -61,6 +61,7 @@ from swarm_proto.presence import (
 from swarm_proto.presence_client import BrokerAddress, PresenceClient
 from swarm_proto.transport import Metadata, call_metadata
 from swarm_proto.weight_format import describe, format_layer_bytes
+from swarm_proto.wire import session_label
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +355,7 @@ class NodeAgent:
         recent = sorted(service.sessions.values(), key=lambda x: x.last_active, reverse=True)[:MAX_LOAD_SESSIONS]
         sessions = tuple(
             SessionLoad(
-                x.sid, x.spec.start, x.spec.end, len(x.history), x.spec.generation.prompt_length,
+                session_label(x.sid), x.spec.start, x.spec.end, len(x.history), x.spec.generation.prompt_length,
                 x.spec.generation.max_new_tokens, max(0.0, now - x.opened_at), max(0.0, now - x.last_active),
             )
             for x in recent

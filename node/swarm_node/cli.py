@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kv-budget", str, None, "bytes of KV cache for sessions, e.g. 256M (default: 16 sessions of --max-length)")
     add("--max-length", int, defaults["max_length"].default, "longest session in positions")
     add("--idle-timeout", float, defaults["idle_timeout"].default, "seconds before an idle session is freed")
+    add("--open-idle-timeout", float, defaults["open_idle_timeout"].default, "seconds before a session that never got a step is freed")
+    add("--idle-evict-after", float, defaults["idle_evict_after"].default, "when the node is full, sessions idle this many seconds give way to new ones")
+    add("--max-pending-results", int, defaults["max_pending_results"].default, "results a tail holds for a client that does not read them, per session")
+    add("--max-pending-result-bytes", str, None, "bytes of such results per session, e.g. 64M (default: 64M; a step's logits must fit)")
     add("--drain-timeout", float, defaults["drain_timeout"].default, "seconds SIGTERM waits for in-flight steps")
     add("--park-timeout", float, defaults["park_timeout"].default, "seconds a failed session's cache waits for a failover resume")
     add("--max-batch-tokens", int, defaults["max_batch_tokens"].default, "positions merged into one forward")
@@ -98,6 +102,10 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
         idle_timeout=ns.idle_timeout,
         drain_timeout=ns.drain_timeout,
         park_timeout=ns.park_timeout,
+        open_idle_timeout=ns.open_idle_timeout,
+        idle_evict_after=ns.idle_evict_after,
+        max_pending_results=ns.max_pending_results,
+        max_pending_result_bytes=_bytes(ns.max_pending_result_bytes) or NodeConfig.max_pending_result_bytes,
         max_batch_tokens=ns.max_batch_tokens,
         token=ns.token,
         metrics_port=ns.metrics_port,

@@ -37,6 +37,10 @@ class NodeConfig:
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight steps
     open_timeout: float = 30.0  # seconds to open the rest of a route
     park_timeout: float = 60.0  # seconds a failed resumable session's cache is kept for a resume
+    open_idle_timeout: float = 30.0  # seconds a session that never got a step is kept
+    idle_evict_after: float = 30.0  # a session idle this long gives way to a new one when the node is full
+    max_pending_results: int = 256  # results waiting at the tail for the client to read, per session
+    max_pending_result_bytes: int = 64 << 20  # ... and their bytes (a step's logits must fit too)
     max_batch_tokens: int = 2048  # positions merged into one forward pass
     token: str = field(default="", repr=False)  # swarm token required on every call; "" = none
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: pick one; None: off)
@@ -51,7 +55,7 @@ class NodeConfig:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
         if self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (cuda:N allowed), got {self.device!r}")
-        for name in ("max_sessions", "max_length", "max_batch_tokens"):
+        for name in ("max_sessions", "max_length", "max_batch_tokens", "max_pending_results", "max_pending_result_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
@@ -62,7 +66,7 @@ class NodeConfig:
             raise ValueError(f"kv_budget must be >= 0, got {self.kv_budget}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
-        for name in ("idle_timeout", "drain_timeout", "open_timeout", "park_timeout"):
+        for name in ("idle_timeout", "drain_timeout", "open_timeout", "park_timeout", "open_idle_timeout", "idle_evict_after"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

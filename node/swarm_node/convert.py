@@ -20,7 +20,7 @@ from swarm_node.config import NodeConfig
 from swarm_proto import PROTOCOL_VERSION, codec, swarm_pb2
 from swarm_proto.errors import WireError
 from swarm_proto.model_args import ModelArgs
-from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, wire_code
+from swarm_proto.wire import MAX_CAPABILITY, Generation, Hop, OpenSpec, SamplingParams, check_address, wire_code
 
 if TYPE_CHECKING:
     from swarm_node.scheduler import BatchStats
@@ -142,6 +142,12 @@ def open_from_proto(msg: swarm_pb2.OpenSession, *, start: int, end: int, num_lay
     for h in hops:
         if not h.address:
             raise invalid("downstream hop without an address")
+        try:
+            check_address(h.address)
+        except ValueError as exc:
+            raise invalid(f"downstream hop: {exc}") from None
+        if len(h.node_id) > MAX_SESSION_ID or not h.node_id.isprintable():
+            raise invalid(f"downstream hop: node_id must be at most {MAX_SESSION_ID} printable characters")
         if h.start != expected or h.end <= h.start:
             raise invalid(f"downstream hops must cover consecutive layers from {expected}; got [{h.start}, {h.end})")
         expected = h.end
@@ -155,7 +161,13 @@ def open_from_proto(msg: swarm_pb2.OpenSession, *, start: int, end: int, num_lay
     if msg.prompt_length < 0:
         raise invalid("prompt_length must be >= 0")
     gen = Generation(gen.sampling, gen.stop_token_ids, gen.max_new_tokens, gen.top_logprobs, msg.prompt_length)
-    return OpenSpec(sid, msg.max_length, msg.start, msg.end, hops, gen, wire, msg.resumable, msg.resume)
+    if len(msg.capability) > MAX_CAPABILITY or not msg.capability.isprintable():
+        raise invalid(f"capability must be at most {MAX_CAPABILITY} printable characters")
+    if msg.resume and not msg.capability:
+        raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED, "a resume must present the session's capability")
+    return OpenSpec(
+        sid, msg.max_length, msg.start, msg.end, hops, gen, wire, msg.resumable, msg.resume, capability=msg.capability
+    )
 
 
 # --- steps --------------------------------------------------------------------------
@@ -211,8 +223,9 @@ def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_
 # --- replies ------------------------------------------------------------------------
 
 
-def opened_reply(session_id: str, max_length: int, kept: Sequence[int] = ()) -> swarm_pb2.SessionReply:
-    return swarm_pb2.SessionReply(opened=swarm_pb2.Opened(session_id=session_id, max_length=max_length, kept=list(kept)))
+def opened_reply(session_id: str, max_length: int, kept: Sequence[int] = (), capability: str = "") -> swarm_pb2.SessionReply:
+    opened = swarm_pb2.Opened(session_id=session_id, max_length=max_length, kept=list(kept), capability=capability)
+    return swarm_pb2.SessionReply(opened=opened)
 
 
 def error_to_proto(

@@ -38,6 +38,10 @@ def outcome(reason: str) -> str:
     """The label for how a session ended, from the service's reason text."""
     if reason in ("closed", "upstream finished"):
         return "closed"
+    if "wait unread" in reason:  # its client did not read its results (docs/limits.md)
+        return "unread"
+    if "evicted:" in reason:  # idle while the node was full
+        return "evicted"
     if reason.startswith("refused"):  # a bad message or a step the node could not run
         return "invalid"
     if reason == "upstream went away":
@@ -149,11 +153,11 @@ class NodeMetrics:
         )
         self.sessions_ended = Counter(
             "swarm_node_sessions_ended",
-            "Sessions that ended here, by outcome (closed, failed, expired, abandoned, invalid)",
+            "Sessions that ended here, by outcome (closed, failed, expired, abandoned, invalid, evicted, unread)",
             ["outcome"],
             registry=r,
         )
-        for label in ("closed", "failed", "expired", "abandoned", "invalid"):
+        for label in ("closed", "failed", "expired", "abandoned", "invalid", "evicted", "unread"):
             self.sessions_ended.labels(label)
         for phase in ("prefill", "decode"):
             self.tokens.labels(phase)

@@ -18,8 +18,9 @@ stale or foreign cache can cost time but never change a token.
 
 from __future__ import annotations
 
+import hmac
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +42,7 @@ class Held:
     outputs: torch.Tensor | None
     valid: int
     until: float
+    capability: str = field(default="", repr=False)  # the session's secret: a resume must present it
 
     def adopt_into(self, session: NodeSession) -> None:
         session.history = self.history
@@ -74,14 +76,24 @@ class ParkingLot:
             del self._held[next(iter(self._held))]
         spec = session.spec
         self._held[session.sid] = Held(
-            spec.start, spec.end, session.cache, session.history, session.outputs, session.valid, now + self.timeout
+            spec.start, spec.end, session.cache, session.history, session.outputs, session.valid, now + self.timeout,
+            spec.capability,
         )
         return True
 
-    def take(self, session_id: str, start: int, end: int, max_length: int) -> Held | None:
-        """The held state of ``session_id`` if it fits a session on [start, end)."""
-        held = self._held.pop(session_id, None)
-        if held is None or (held.start, held.end) != (start, end) or held.cache.max_length < max_length:
+    def may_take(self, session_id: str, capability: str) -> bool:
+        """False when ``session_id`` is held and ``capability`` is not its own."""
+        held = self._held.get(session_id)
+        return held is None or hmac.compare_digest(held.capability.encode(), capability.encode())
+
+    def take(self, session_id: str, start: int, end: int, max_length: int, capability: str = "") -> Held | None:
+        """The held state of ``session_id`` if it fits a session on [start, end) and
+        ``capability`` is the session's (anyone else gets None and the state stays held)."""
+        held = self._held.get(session_id)
+        if held is None or not hmac.compare_digest(held.capability.encode(), capability.encode()):
+            return None
+        del self._held[session_id]
+        if (held.start, held.end) != (start, end) or held.cache.max_length < max_length:
             return None
         return held
 

@@ -15,7 +15,10 @@ and tell which hop to report. A bad message ends only its own session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -25,7 +28,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from swarm_node import convert, resume
-from swarm_node.admission import Admission, kv_bytes
+from swarm_node.admission import Admission, Busy, kv_bytes
 from swarm_node.config import NodeConfig
 from swarm_node.convert import ProtocolError
 from swarm_node.engine import reslice
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 
 AUTO_KV_SESSIONS = 16  # without --kv-budget: the KV memory of this many full-length sessions
+RESULTS_WAIT_S = 5.0  # how long a step waits for its client to read results beyond the bounds
 
 
 class NodeService(swarm_pb2_grpc.NodeServicer):
@@ -53,7 +57,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.sessions: dict[str, NodeSession] = {}
         self.opened = 0
         self.refused = 0
-        self._channels = ChannelPool()
+        self._channels = ChannelPool()  # to successors: held per session, idle ones bounded
         self._background: set[asyncio.Task[None]] = set()
         self.on_session_end: Callable[[str], None] | None = None  # metrics hook: the reason
         self._views: dict[tuple[int, int], ModelSlice] = {}
@@ -118,13 +122,13 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         reason = "closed"
         try:
             if first.WhichOneof("kind") == "open" and first.open.resume:
-                await self._supersede(first.open.session_id)
+                await self._supersede(first.open.session_id, first.open.capability)
             session = await self._admit(first)
             session.task = asyncio.current_task()
             if session.spec.downstream:
                 await self._connect(session)
             kept = (session.kept, *session.downstream_kept)
-            await context.write(convert.opened_reply(session.sid, session.spec.max_length, kept))
+            await context.write(convert.opened_reply(session.sid, session.spec.max_length, kept, session.spec.capability))
             self._log_open(session)
             reason = await self._serve(session, requests, context)
         except ProtocolError as exc:
@@ -161,15 +165,19 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         )
         if spec.session_id in self.sessions or spec.session_id in self.admission:
             raise ProtocolError(grpc.StatusCode.ALREADY_EXISTS, f"session {spec.session_id!r} is already open here")
+        if not spec.capability:  # the first node of the route makes the session's secret
+            spec = replace(spec, capability=secrets.token_urlsafe(24))
         model = self.view(spec.start, spec.end)
-        held = self.parking.take(spec.session_id, spec.start, spec.end, spec.max_length) if spec.resume else None
+        held = None
+        if spec.resume:
+            if not self.parking.may_take(spec.session_id, spec.capability):
+                raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED, "a resume must present the session's capability")
+            held = self.parking.take(spec.session_id, spec.start, spec.end, spec.max_length, spec.capability)
         nbytes = self.session_bytes(spec.end - spec.start, spec.max_length)
         refusal = None
         if held is None:  # a resumed cache was counted while parked: it needs no new room
             try:
-                refusal = self.admission.refusal(nbytes, self.parking.nbytes)
-                while refusal is not None and self.parking.drop_oldest():  # parked caches give way to live sessions
-                    refusal = self.admission.refusal(nbytes, self.parking.nbytes)
+                refusal = await self._make_room(nbytes)
             except ValueError as exc:  # can never fit here: not busy, the request is too big
                 raise ProtocolError(grpc.StatusCode.OUT_OF_RANGE, str(exc)) from exc
         if refusal is not None:
@@ -201,10 +209,52 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         self.opened += 1
         return session
 
+    def _refusal(self, nbytes: int) -> Busy | None:
+        return self.admission.refusal(nbytes, self.parking.nbytes, parked=len(self.parking))
+
+    def _drop_parked(self, nbytes: int) -> Busy | None:
+        """Parked caches give way to a live session, oldest first."""
+        refusal = self._refusal(nbytes)
+        while refusal is not None and self.parking.drop_oldest():
+            refusal = self._refusal(nbytes)
+        return refusal
+
+    async def _make_room(self, nbytes: int) -> Busy | None:
+        """Room for a session of ``nbytes``, or why there is none: parked caches give way
+        first, then sessions idle for more than ``idle_evict_after``, the longest idle
+        first and only as many as needed. So a caller that opens sessions and leaves
+        them cannot hold the node for the whole idle timeout; their clients own the
+        token history and fail over (a replay) if they come back."""
+        refusal = self._drop_parked(nbytes)
+        if refusal is None:
+            return None
+        now = time.monotonic()
+        idle = sorted(
+            (s for s in self.sessions.values() if not s.busy and now - s.last_active > self.config.idle_evict_after),
+            key=lambda s: s.last_active,
+        )
+        for session in idle:
+            idle_s = now - session.last_active
+            session.fail(
+                self._error(
+                    grpc.StatusCode.ABORTED,
+                    f"evicted: idle for {idle_s:.0f} s while the node was full "
+                    f"(--idle-evict-after {self.config.idle_evict_after:g} s)",
+                )
+            )
+            if session.task is not None and not session.task.done():
+                await asyncio.wait({session.task}, timeout=2.0)
+            log.info("session %s evicted after %.0f s idle to make room", session.sid, idle_s)
+            refusal = self._drop_parked(nbytes)  # (an evicted resumable session parks)
+            if refusal is None:
+                break
+        return refusal
+
     async def _connect(self, session: NodeSession) -> None:
         """Open the successor's Session stream and wait until the rest of the route is open."""
         hop = session.spec.downstream[0]
-        stub = swarm_pb2_grpc.NodeStub(self._channels.get(hop.address))
+        stub = swarm_pb2_grpc.NodeStub(self._channels.acquire(hop.address))
+        session.channel_address = hop.address
         try:
             call = stub.Session(metadata=call_metadata(self.config.token))
             session.downstream = call
@@ -295,6 +345,14 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"step {step.step_id} reaches position {step.start_pos + step.length}, past max_length {cache.max_length}",
             )
+        if step.return_logits and session.model.is_tail:
+            logits_bytes = step.length * args.vocab_size * 4
+            if logits_bytes > self.config.max_pending_result_bytes:
+                raise ProtocolError(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"step {step.step_id} asks for {logits_bytes / 1e6:.1f} MB of logits; at most "
+                    f"{self.config.max_pending_result_bytes / 1e6:.1f} MB a step here: ask in shorter steps",
+                )
         if resume.can_skip(session, step):
             await self._skip(session, step)
             return
@@ -310,7 +368,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             if session.model.is_tail:
                 result = session.result(step, out)
                 if result is not None:
-                    session.results.put_nowait(result)
+                    await self._publish(session, result)
             else:
                 assert out.hidden is not None and session.downstream is not None
                 request = swarm_pb2.SessionRequest(step=convert.step_to_proto(step, out.hidden, session.spec.wire_codec))
@@ -329,6 +387,36 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             if not self._steps_running:
                 self._no_steps.set()
 
+    async def _publish(self, session: NodeSession, result: swarm_pb2.Result) -> None:
+        """Queue a result for the client's Results stream, within the session's bounds.
+
+        Over them the step waits (backpressure: the upstream's stream is not read
+        meanwhile) up to ``RESULTS_WAIT_S`` for the client to catch up; a client that
+        does not read its results then loses its session, and the node no memory."""
+        size = result.ByteSize()
+        cfg = self.config
+
+        def over() -> bool:
+            count = session.results.qsize()
+            return count >= cfg.max_pending_results or (count > 0 and session.pending_bytes + size > cfg.max_pending_result_bytes)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESULTS_WAIT_S
+        while over():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                count, held = session.results.qsize(), session.pending_bytes
+                raise ProtocolError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{count} results ({held / 1e6:.1f} MB) wait unread at the tail (at most {cfg.max_pending_results} "
+                    f"and {cfg.max_pending_result_bytes / 1e6:.1f} MB): read the session's Results stream",
+                )
+            session.results_taken.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(session.results_taken.wait(), remaining)
+        session.pending_bytes += size
+        session.results.put_nowait(result)
+
     async def _skip(self, session: NodeSession, step: convert.StepIn) -> None:
         """A replay step this node already holds: send on the activations it kept."""
         session.verified = step.start_pos + step.length
@@ -342,12 +430,15 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         except grpc.aio.AioRpcError as exc:
             raise Failed(self._rpc_error(exc, session.spec.downstream[0])) from exc
 
-    async def _supersede(self, session_id: str) -> None:
+    async def _supersede(self, session_id: str, capability: str) -> None:
         """A resume of a session still open here: its upstream gave up on it (a step
-        timed out somewhere). End it -- it parks -- so the resume can adopt its cache."""
+        timed out somewhere). End it -- it parks -- so the resume can adopt its cache.
+        Only its opener can: the resume must carry the session's capability."""
         old = self.sessions.get(session_id)
         if old is None or not old.spec.resumable:
             return
+        if not _same_secret(old.spec.capability, capability):
+            raise ProtocolError(grpc.StatusCode.PERMISSION_DENIED, "a resume must present the session's capability")
         old.fail(self._error(grpc.StatusCode.ABORTED, "superseded by a resume of the session"))
         if old.task is not None and old.task is not asyncio.current_task():
             await asyncio.wait({old.task}, timeout=5.0)
@@ -379,6 +470,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
                 session.reader.cancel()
             if not call.done():
                 call.cancel()
+            self._release_channel(session)  # only now: the pool may close an unused channel
 
     async def _abort(
         self,
@@ -396,6 +488,11 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             log.debug("could not report error upstream: %s", exc)
         await context.abort(wire.status_code(error), f"{error.message} (at {where})")
 
+    def _release_channel(self, session: NodeSession) -> None:
+        if session.channel_address:
+            self._channels.release(session.channel_address)
+            session.channel_address = ""
+
     async def _release(self, session: NodeSession, reason: str) -> None:
         if self.sessions.get(session.sid) is session:
             del self.sessions[session.sid]
@@ -410,6 +507,8 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             task = asyncio.get_running_loop().create_task(self._finish_downstream(session))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        else:
+            self._release_channel(session)
         if session.failure is None and reason == "upstream went away":
             error = self._error(grpc.StatusCode.CANCELLED, "upstream ended the session without closing it")
             session.results.put_nowait(convert.failed_result(session.sid, error))
@@ -449,7 +548,10 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
     ) -> None:
         session = self.sessions.get(request.session_id)
         if session is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no open session {request.session_id!r} on this node")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no open session {request.session_id[:128]!r} on this node")
+            return
+        if not _same_secret(session.spec.capability, request.capability):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "Results needs the session's capability (Opened.capability)")
             return
         if not session.model.is_tail:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "results come from the tail of the route")
@@ -462,6 +564,9 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             item = await session.results.get()
             if item is None:
                 return
+            if not item.HasField("error"):
+                session.pending_bytes -= item.ByteSize()
+                session.results_taken.set()
             await context.write(item)
 
     # --- layers ---------------------------------------------------------------------
@@ -520,11 +625,15 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         """Fail every session that has been idle longer than the idle timeout."""
         now = time.monotonic()
         self.parking.expire(now)
+        self._channels.prune()
         for session in list(self.sessions.values()):
-            if not session.busy and now - session.last_active > self.config.idle_timeout:
-                session.fail(
-                    self._error(grpc.StatusCode.DEADLINE_EXCEEDED, f"idle for more than {self.config.idle_timeout:g} s")
-                )
+            # A session that never got a step has a shorter leash: opening is cheap for a
+            # caller and holds the node's KV room until then.
+            limit = self.config.idle_timeout
+            if session.last_step_id == 0:
+                limit = min(limit, self.config.open_idle_timeout)
+            if not session.busy and now - session.last_active > limit:
+                session.fail(self._error(grpc.StatusCode.DEADLINE_EXCEEDED, f"idle for more than {limit:g} s"))
 
     async def wait_steps_done(self, timeout: float) -> bool:
         """Wait until no step is computing or being sent on (a drain); False on timeout."""
@@ -562,6 +671,10 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
 
     def _rpc_error(self, exc: grpc.aio.AioRpcError, hop: wire.Hop) -> swarm_pb2.Error:
         return self._error(exc.code(), f"successor {hop.address}: {exc.details()}", at=hop)
+
+
+def _same_secret(expected: str, given: str) -> bool:
+    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 def _uncancel() -> None:

@@ -37,6 +37,9 @@ class NodeSession:
     reader: asyncio.Task[None] | None = None  # reads the successor's replies
     results: asyncio.Queue[swarm_pb2.Result | None] = field(default_factory=asyncio.Queue)
     subscribed: bool = False
+    pending_bytes: int = 0  # bytes of the results queued for the client (bounded: NodeConfig.max_pending_*)
+    results_taken: asyncio.Event = field(default_factory=asyncio.Event)  # the client read a result (backpressure)
+    channel_address: str = ""  # the successor's channel this session holds in the node's pool
     history: list[int] = field(default_factory=list)  # every token so far (the tail's repetition penalty, resume checks)
     # Resumable sessions (swarm_node.resume): the activations this node sent on, and how
     # far cache, history and those activations agree (`valid`) and have been confirmed

@@ -159,6 +159,8 @@ def _check_shape(dims: list[int], expected: Sequence[int | None] | None, max_ele
     numel = math.prod(dims)  # exact Python ints: no overflow before the check
     if numel > max_elements:
         raise WireError(f"tensor of shape {dims} has {numel} elements; at most {max_elements} allowed")
+    if numel == 0 and max(dims, default=0) > max(max_elements, 1):  # empty, but torch's strides would overflow
+        raise WireError(f"empty tensor of shape {dims}: a dimension is over the {max_elements} elements allowed")
     return numel
 
 

@@ -180,7 +180,7 @@ class NodeStats(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., tokens: _Optional[int] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., queued_steps: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_refused: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "max_length", "downstream", "sampling", "wire_dtype", "prompt_length", "start", "end", "resumable", "resume", "protocol_version")
+    __slots__ = ("session_id", "max_length", "downstream", "sampling", "wire_dtype", "prompt_length", "start", "end", "resumable", "resume", "protocol_version", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,7 @@ class OpenSession(_message.Message):
     RESUMABLE_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_length: int
     downstream: _containers.RepeatedCompositeFieldContainer[Hop]
@@ -203,7 +204,8 @@ class OpenSession(_message.Message):
     resumable: bool
     resume: bool
     protocol_version: int
-    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., wire_dtype: _Optional[str] = ..., prompt_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., resumable: _Optional[bool] = ..., resume: _Optional[bool] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    capability: str
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., wire_dtype: _Optional[str] = ..., prompt_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., resumable: _Optional[bool] = ..., resume: _Optional[bool] = ..., protocol_version: _Optional[int] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step_id", "start_pos", "tokens", "hidden", "sample", "return_logits", "replay")
@@ -238,14 +240,16 @@ class SessionRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "max_length", "kept")
+    __slots__ = ("session_id", "max_length", "kept", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     KEPT_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_length: int
     kept: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., kept: _Optional[_Iterable[int]] = ...) -> None: ...
+    capability: str
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., kept: _Optional[_Iterable[int]] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class SessionReply(_message.Message):
     __slots__ = ("opened", "error")
@@ -256,10 +260,12 @@ class SessionReply(_message.Message):
     def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    capability: str
+    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token", "logprob")

@@ -8,6 +8,9 @@ The node's side of the conversion (validating what it receives) is
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,14 +19,18 @@ import grpc
 from swarm_proto import PROTOCOL_VERSION, swarm_pb2
 
 __all__ = [
+    "MAX_CAPABILITY",
     "Generation",
     "Hop",
     "OpenSpec",
     "SamplingParams",
+    "check_address",
     "code_name",
     "hop_to_proto",
     "open_to_proto",
+    "printable",
     "sampling_to_proto",
+    "session_label",
     "status_code",
     "wire_code",
 ]
@@ -86,6 +93,7 @@ class OpenSpec:
     wire_codec: str  # one of swarm_proto.codec.CODECS
     resumable: bool = False  # park the cache after a failure (docs/failover.md)
     resume: bool = False  # adopt the cache held under session_id
+    capability: str = field(default="", repr=False)  # the session's secret: Results and resume need it
 
 
 def sampling_to_proto(gen: Generation) -> swarm_pb2.SamplingParams:
@@ -117,7 +125,48 @@ def open_to_proto(spec: OpenSpec, downstream: Sequence[Hop]) -> swarm_pb2.OpenSe
         resumable=spec.resumable,
         resume=spec.resume,
         protocol_version=PROTOCOL_VERSION,
+        capability=spec.capability,
     )
+
+
+def session_label(session_id: str) -> str:
+    """What the swarm publishes of a session id (load reports, events, the dashboard): a
+    digest, the same on every hop, that names the session without handing out its id."""
+    return "s-" + hashlib.sha256(session_id.encode()).hexdigest()[:12]
+
+
+def printable(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters with every non-printable one replaced: safe to
+    show on a dashboard or write to a log line (peers choose these strings)."""
+    cut = text[:limit]
+    clean = "".join(c if c.isprintable() else "?" for c in cut)
+    return clean + ("..." if len(text) > limit else "")
+
+
+MAX_CAPABILITY = 128  # characters of a session capability
+_GRPC_SCHEMES = frozenset({"unix", "unix-abstract", "dns", "ipv4", "ipv6", "vsock", "xds", "passthrough", "google-c2p"})
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*\.?$")
+
+
+def check_address(address: str) -> str:
+    """``address`` if it is ``host:port`` (an IPv4 address, ``[IPv6]`` or a DNS name, and
+    a port in 1..65535), else ValueError. gRPC also dials ``unix:``, ``dns:``, ``ipv4:``
+    ... targets; a peer-named address must never reach those (a node would connect to a
+    local socket or resolver the caller picked, and send it the swarm token)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address[:80]!r} is not host:port")
+    if host.lower() in _GRPC_SCHEMES:  # "unix:80" is a socket path to gRPC, not host "unix"
+        raise ValueError(f"address {address[:80]!r} names a gRPC resolver, not a host")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"address {address[:80]!r}: {host[:60]!r} is not an IPv6 address") from None
+        return address
+    if not _HOSTNAME.match(host):
+        raise ValueError(f"address {address[:80]!r}: {host[:60]!r} is neither an IPv4 address nor a host name")
+    return address
 
 
 def hop_to_proto(hop: Hop) -> swarm_pb2.Hop:

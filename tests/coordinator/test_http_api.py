@@ -221,7 +221,10 @@ async def test_api_keys() -> None:
         assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
         resp = await http.get("/v1/models", headers={"x-api-key": "sk-good"})
         assert resp.status_code == 200
-        assert (await http.get("/metrics")).status_code == 200  # operators' endpoints stay open
+        # With keys set, the operators' endpoints need one too; liveness reveals nothing.
+        assert (await http.get("/metrics")).status_code == 401
+        assert (await http.get("/metrics", headers={"Authorization": "Bearer sk-good"})).status_code == 200
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
     assert (await oai(app, key="sk-good").models.list()).data[0].id == MODEL
 
 

@@ -114,6 +114,7 @@ class Swarm:
     url: str  # http://host:port of its gateway
     nodes: dict[str, Proc]
     node_metrics: dict[str, str]  # node id -> its /metrics URL
+    key: str = ""  # an API key of the gateway, when it has keys (the dashboard needs one then)
 
     def wait(self, predicate: Any, timeout: float = 120.0, what: str = "the swarm") -> Any:
         """Poll ``/dashboard/state`` until ``predicate(state)`` is true; returns that state."""
@@ -121,7 +122,7 @@ class Swarm:
         state = None
         while time.monotonic() < deadline:
             try:
-                state = get_json(self.url + "/dashboard/state")
+                state = get_json(self.url + "/dashboard/state", self.key)
                 if predicate(state):
                     return state
             except OSError:
@@ -152,6 +153,7 @@ def start_swarm(
     coordinator_args: Sequence[str] = (),
     node_args: Sequence[str] = (),
     node_timeout: float = 3.0,
+    key: str = "",
 ) -> Swarm:
     """``swarm-coordinator`` with its gateway on a free port, and ``n_nodes`` nodes (one
     torch thread each, metrics on) that join it; returns once the model is covered."""
@@ -175,7 +177,7 @@ def start_swarm(
                 logs / f"{node_id}.log",
             )
         metrics = {node_id: proc.wait_line("metrics on") for node_id, proc in nodes.items()}
-        swarm = Swarm(coord, address, url, nodes, metrics)
+        swarm = Swarm(coord, address, url, nodes, metrics, key)
         swarm.wait(ready(n_nodes), timeout=240, what=f"{n_nodes} nodes covering the model")
         return swarm
     except BaseException:
@@ -188,9 +190,11 @@ def start_swarm(
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(url: str) -> Samples:
-    """Fetch a Prometheus endpoint and parse it with the official text parser."""
-    with urllib.request.urlopen(url, timeout=10) as resp:
+def scrape(url: str, key: str = "") -> Samples:
+    """Fetch a Prometheus endpoint (with an API key when the gateway has keys) and parse
+    it with the official text parser."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(request, timeout=10) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = resp.read().decode()
@@ -209,8 +213,9 @@ def total(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
 
 
-def get_json(url: str) -> Any:
+def get_json(url: str, key: str = "") -> Any:
     import json
 
-    with urllib.request.urlopen(url, timeout=10) as resp:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(request, timeout=10) as resp:
         return json.loads(resp.read())

@@ -29,7 +29,7 @@ from helpers import make_tiny_model
 from swarm_client.errors import GenerationError
 from swarm_client.failover import FailoverPolicy
 from swarm_client.routed import RoutedBackend
-from swarm_proto.wire import SamplingParams
+from swarm_proto.wire import SamplingParams, session_label
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -241,8 +241,8 @@ def test_two_kills_in_one_generation(swarm: ChaosSwarm, references: list[list[in
 
                 got = await generate(backend, prompt, params, MAX_NEW, chaos)
                 assert [r.node_id for r in backend.records] == killed and len(killed) == 2
-                # each failover is an event: the node, the session, the stall, the replay
-                session = backend.records[0].session_id
+                # each failover is an event: the node, the session (its label), the stall, the replay
+                session = session_label(backend.records[0].session_id)  # events never show the id itself
                 deadline = time.monotonic() + 5
                 while len([e for e in events.events if session in e.detail]) < 2 and time.monotonic() < deadline:
                     await asyncio.sleep(0.1)

@@ -36,7 +36,8 @@ def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     # Room for 16 of the 30 layers per node: every route runs through both nodes.
     budget = 16 * format_layer_bytes(read_args(default_model), "bfloat16", "gguf", default_model)  # the nodes' default format
     swarm = start_swarm(
-        default_model, 2, logs, coordinator_args=["--api-keys-file", str(keys)], node_args=["--memory-budget", str(budget)]
+        default_model, 2, logs, coordinator_args=["--api-keys-file", str(keys)], node_args=["--memory-budget", str(budget)],
+        key=KEY,
     )
     try:
         yield swarm
@@ -88,10 +89,10 @@ def test_errors_keys_and_metrics(swarm: Swarm) -> None:
     assert denied.value.status_code == 401
 
     urls = list(swarm.node_metrics.values())
-    gw_before = scrape(swarm.url + "/metrics")
+    gw_before = scrape(swarm.url + "/metrics", KEY)
     node_before = [scrape(url) for url in urls]
     api.completions.create(model=model, prompt=PROMPT, max_tokens=5)
-    gw_after = scrape(swarm.url + "/metrics")
+    gw_after = scrape(swarm.url + "/metrics", KEY)
     node_after = [scrape(url) for url in urls]
 
     assert value(gw_after, "swarm_gateway_completion_tokens_total") - value(gw_before, "swarm_gateway_completion_tokens_total") == 5

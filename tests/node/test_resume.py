@@ -17,7 +17,7 @@ def session(sid: str = "s1", *, tail: bool = False, resumable: bool = True, leng
     cache.length = length
     return SimpleNamespace(
         sid=sid,
-        spec=SimpleNamespace(resumable=resumable, start=2, end=4),
+        spec=SimpleNamespace(resumable=resumable, start=2, end=4, capability=""),
         cache=cache,
         model=SimpleNamespace(is_tail=tail),
         history=[],

@@ -379,8 +379,12 @@ async def test_results_for_unknown_session_or_twice(route: Route) -> None:
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         async with RouteSession(hops, max_length=16, session_id="twice") as s:
             await s.prefill(PROMPT[:3])
-            with pytest.raises(grpc.aio.AioRpcError) as err:
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # the id alone is not enough
                 async for _ in stub.Results(swarm_pb2.ResultsRequest(session_id="twice")):
+                    pass
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Results(swarm_pb2.ResultsRequest(session_id="twice", capability=s.capability)):
                     pass
             assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
 

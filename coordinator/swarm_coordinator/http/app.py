@@ -11,6 +11,10 @@
 ``/healthz``               liveness, with node and coverage counts
 =========================  ============================================================
 
+With API keys set, the dashboard and ``/metrics`` need a key too (a header, or the
+cookie of ``/dashboard/login``), and ``/healthz`` says only ``ok`` to anyone else. Host
+check, body size and in-flight bounds: :mod:`.guard` (defaults in docs/limits.md).
+
 ``backend`` is the client library: a ``SwarmClient`` or ``AsyncSwarmClient`` over any
 backend (the swarm's route backend in the coordinator daemon, a fixed route or the
 in-process model when served standalone). ``registry_view`` is the registry (anything
@@ -38,7 +42,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -49,6 +53,15 @@ from swarm_client.types import StreamEvent
 from swarm_coordinator.http.auth import ApiKeys, Caller, KeyLimits, RateLimiter, extract_key
 from swarm_coordinator.http.dashboard import Activity, SwarmView, snapshot
 from swarm_coordinator.http.errors import OpenAIError, invalid, translate
+from swarm_coordinator.http.guard import (
+    COOKIE,
+    LOGIN_PAGE,
+    DashboardLogin,
+    HostCheck,
+    RequestBounds,
+    form_key,
+    read_body,
+)
 from swarm_coordinator.http.openai_api import SSE_HEADERS, OpenAIRoutes
 from swarm_coordinator.http.queue import FairQueue, QueueBusy, QueueFull, Ticket
 from swarm_coordinator.metrics import CONTENT_TYPE_LATEST, CoordinatorMetrics
@@ -73,6 +86,9 @@ class GatewayConfig:
     feed_interval_s: float = 1.0  # dashboard refresh when nothing changes
     queue_size: int = 64  # generations that may wait for room in the swarm; one more gets 429
     queue_timeout_s: float = 60.0  # the longest a generation waits for room before 429
+    max_body_bytes: int = 2 << 20  # a bigger request body gets 413
+    max_concurrent: int = 256  # generation requests in flight (tokenizing, waiting, streaming); one more gets 503
+    allowed_hosts: tuple[str, ...] | None = None  # Host names answered (IP literals always); None: no check
 
     def __post_init__(self) -> None:
         KeyLimits(self.requests_per_minute, self.tokens_per_minute)  # validates
@@ -80,6 +96,8 @@ class GatewayConfig:
             raise ValueError("feed_interval_s must be positive")
         if self.queue_size < 0 or self.queue_timeout_s <= 0:
             raise ValueError("queue_size must be >= 0 and queue_timeout_s positive")
+        if self.max_body_bytes <= 0 or self.max_concurrent <= 0:
+            raise ValueError("max_body_bytes and max_concurrent must be positive")
 
 
 def model_id_for(model: str) -> str:
@@ -116,6 +134,7 @@ class Gateway:
         self.metrics = CoordinatorMetrics(state=(lambda: view.state) if view is not None else None)
         self.metrics.queue_length.set_function(lambda: len(self.queue))
         self.activity = Activity()
+        self.login = DashboardLogin()  # dashboard cookies, when keys are set
         self.created = int(time.time())
         self._factory: BackendFactory | None = None
         self._load_error = ""
@@ -176,6 +195,27 @@ class Gateway:
                 message = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
             raise OpenAIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         return caller
+
+    def dashboard_caller(self, request: Request) -> str | None:
+        """Who may see the dashboard and metrics: anyone when no keys are set; else the
+        holder of a key (``Authorization``) or of a dashboard cookie. None: nobody."""
+        if not self.keys.enabled:
+            return "anonymous"
+        key = extract_key(request.headers)
+        if key:
+            caller = self.keys.authenticate(key)
+            return caller.name if caller is not None else None
+        return self.login.check(request.cookies.get(COOKIE, ""))
+
+    def require_dashboard(self, request: Request) -> None:
+        if self.dashboard_caller(request) is None:
+            self.metrics.auth_failures.inc()
+            raise OpenAIError(
+                401,
+                "this gateway needs an API key: send 'Authorization: Bearer KEY' or sign in at /",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def admit(self, caller: Caller) -> None:
         refusal = self.limiter.admit(caller)
@@ -351,9 +391,27 @@ def create_app(
     api = OpenAIRoutes(gw)
 
     async def index(request: Request) -> Response:
+        if gw.dashboard_caller(request) is None:
+            return HTMLResponse(LOGIN_PAGE.replace("{error}", ""), headers={"Cache-Control": "no-store"})
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
+    async def login(request: Request) -> Response:
+        body = await read_body(request, 4096)
+        caller = gw.keys.authenticate(form_key(body)) if gw.keys.enabled else None
+        if caller is None:
+            gw.metrics.auth_failures.inc()
+            page = LOGIN_PAGE.replace("{error}", '<p class="err">That key is not valid here.</p>')
+            return HTMLResponse(page, status_code=401, headers={"Cache-Control": "no-store"})
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(
+            COOKIE, gw.login.cookie(caller.name), max_age=int(gw.login.ttl_s), httponly=True, samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
     async def feed(request: Request) -> Response:
+        gw.require_dashboard(request)
+
         async def events() -> AsyncIterator[bytes]:
             while not gw.closing:
                 data = json.dumps(gw.snapshot(), separators=(",", ":"))
@@ -364,13 +422,17 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def state(request: Request) -> Response:
+        gw.require_dashboard(request)
         return JSONResponse(gw.snapshot())
 
     async def metrics(request: Request) -> Response:
+        gw.require_dashboard(request)
         gw.sync_events()
         return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request: Request) -> Response:
+        if gw.dashboard_caller(request) is None:  # liveness only: nothing about the swarm
+            return JSONResponse({"status": "ok"})
         snap = gw.snapshot()
         return JSONResponse(
             {
@@ -410,6 +472,7 @@ def create_app(
 
     routes = [
         Route("/", index),
+        Route("/dashboard/login", login, methods=["POST"]),
         Route("/dashboard/feed", feed),
         Route("/dashboard/state", state),
         Route("/metrics", metrics),
@@ -426,6 +489,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(_CountRequests, metrics=gw.metrics)
+    cfg = gw.config
+    app.add_middleware(RequestBounds, max_body_bytes=cfg.max_body_bytes, max_concurrent=cfg.max_concurrent)
+    if cfg.allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=cfg.allowed_hosts)
     app.state.gateway = gw
     return app
 

@@ -17,11 +17,13 @@ straight from the coordinator's registry.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from swarm_client.api import AsyncSwarmClient
 from swarm_client.failover import FailoverPolicy
 from swarm_coordinator.http.app import GatewayConfig, create_app
+from swarm_coordinator.http.guard import default_allowed_hosts
 from swarm_proto.flags import flag_adder
 
 if TYPE_CHECKING:
@@ -32,7 +34,8 @@ __all__ = ["add_gateway_flags", "coordinator_app", "gateway_config_from_args"]
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     """``--api-key`` (repeatable), ``--api-keys-file``, ``--rate-limit-rpm/-tpm``,
-    ``--queue-size``, ``--queue-timeout``, ``--model-id``; each falls back to its ``SWARM_<FLAG>`` environment variable
+    ``--queue-size``, ``--queue-timeout``, ``--model-id``, ``--max-body-bytes``, ``--max-concurrent``,
+    ``--allowed-host``; each falls back to its ``SWARM_<FLAG>`` environment variable
     (``SWARM_API_KEY`` holds a comma-separated list)."""
     add = flag_adder(parser.add_argument_group("HTTP gateway"))
     add("--api-key", str, None, "accept this API key on /v1 (repeatable, or comma-separated in the env var; "
@@ -44,9 +47,17 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         metavar="N")
     add("--queue-timeout", float, 60.0, "the longest a request waits for room before 429", metavar="SECONDS")
     add("--model-id", str, None, "the model id /v1/models lists (default: the model file's name)", metavar="NAME")
+    add("--max-body-bytes", int, 2 << 20, "largest request body accepted; a bigger one gets 413", metavar="BYTES")
+    add("--max-concurrent", int, 256, "generation requests in flight at once; one more gets 503 with Retry-After",
+        metavar="N")
+    add("--allowed-host", str, None, "a Host name the gateway answers to besides loopback names, the bound host and "
+        "IP addresses (repeatable, or comma-separated in the env var; '*' turns the DNS-rebinding check off)",
+        action="append", metavar="NAME")
 
 
 def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
+    """The gateway's config from its flags; ``allowed_hosts`` holds the defaults for the
+    bound ``--host`` (loopback names, the host itself) plus ``--allowed-host``."""
     return GatewayConfig(
         model_id=getattr(ns, "model_id", None) or None,
         api_keys=tuple(getattr(ns, "api_key", None) or ()),
@@ -55,6 +66,9 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
         tokens_per_minute=getattr(ns, "rate_limit_tpm", 0) or 0,
         queue_size=getattr(ns, "queue_size", 64),
         queue_timeout_s=getattr(ns, "queue_timeout", 60.0),
+        max_body_bytes=getattr(ns, "max_body_bytes", 2 << 20),
+        max_concurrent=getattr(ns, "max_concurrent", 256),
+        allowed_hosts=default_allowed_hosts(getattr(ns, "host", "") or "", getattr(ns, "allowed_host", None) or ()),
     )
 
 
@@ -66,6 +80,9 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
     if host in ("0.0.0.0", "::", "[::]", ""):
         address = f"127.0.0.1:{port}"
     model, token = str(coordinator.config.model), coordinator.config.token
+    config = config or GatewayConfig()
+    # The daemon always checks Host: the loopback names, its bound host and the extra names.
+    config = replace(config, allowed_hosts=default_allowed_hosts(coordinator.config.host, config.allowed_hosts or ()))
 
     def client() -> AsyncSwarmClient:
         # busy_at_start="raise": the gateway's line orders the generations waiting for room
@@ -73,4 +90,4 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
             coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise")
         )
 
-    return create_app(client, coordinator.registry, config or GatewayConfig())
+    return create_app(client, coordinator.registry, config)

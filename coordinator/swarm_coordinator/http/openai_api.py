@@ -25,6 +25,7 @@ A streamed response that fails after its first chunk ends with an ``error`` chun
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -38,6 +39,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from swarm_client.errors import SwarmError
 from swarm_client.types import GenerationResult, StreamEvent
 from swarm_coordinator.http.errors import OpenAIError, invalid, translate
+from swarm_coordinator.http.guard import read_body, until_disconnected
 from swarm_coordinator.http.schema import ChatRequest, CompletionRequest, RequestBase, parse_chat, parse_completion
 
 if TYPE_CHECKING:
@@ -79,7 +81,7 @@ class OpenAIRoutes:
     # -- helpers --
 
     async def _body(self, request: Request) -> Any:
-        raw = await request.body()
+        raw = await read_body(request, self.gw.config.max_body_bytes)
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -132,25 +134,33 @@ class OpenAIRoutes:
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.gw.model_id, "object": "model", "created": self.gw.created, "owned_by": "llama-swarm"}
 
+    # Tokenizing runs in a worker thread, after the rate limit admitted the request: a
+    # huge prompt (up to the body limit) costs its sender, never the event loop that
+    # also serves the broker, the registry and gRPC.
+
     async def completions(self, request: Request) -> Response:
         caller = self.gw.authenticate(request)
         req = parse_completion(await self._body(request))
         self._check_model(req.model)
-        prompt_ids = self.gw.encode(req.prompt)
-        return await self._respond("completions", caller, req, prompt_ids)
+        self.gw.admit(caller)
+        prompt_ids = await asyncio.to_thread(self.gw.encode, req.prompt)
+        return await self._respond(request, "completions", caller, req, prompt_ids)
 
     async def chat_completions(self, request: Request) -> Response:
         caller = self.gw.authenticate(request)
         req = parse_chat(await self._body(request))
         self._check_model(req.model)
+        self.gw.admit(caller)
+        client = self.gw.client
         try:
-            prompt_ids = self.gw.client.encode_chat(req.messages)
+            prompt_ids = await asyncio.to_thread(client.encode_chat, req.messages)
         except SwarmError as exc:
             raise translate(exc) from exc
-        return await self._respond("chat.completions", caller, req, prompt_ids)
+        return await self._respond(request, "chat.completions", caller, req, prompt_ids)
 
-    async def _respond(self, endpoint: str, caller: Caller, req: RequestBase, prompt_ids: list[int]) -> Response:
-        self.gw.admit(caller)
+    async def _respond(
+        self, request: Request, endpoint: str, caller: Caller, req: RequestBase, prompt_ids: list[int]
+    ) -> Response:
         events = self.gw.generate(endpoint, caller, prompt_ids, req.options)
         # Pull the first event before answering, so that a request that cannot start
         # (prompt too long, no route) gets a proper status code instead of a broken stream.
@@ -166,19 +176,46 @@ class OpenAIRoutes:
             return StreamingResponse(
                 chunks(req, prompt_ids, first, events), media_type="text/event-stream", headers=SSE_HEADERS
             )
-        try:
-            result = first.result
-            async for event in events:
-                result = event.result or result
-        except Exception as exc:
-            raise translate(exc) from exc
-        finally:
-            await events.aclose()
+        result = await self._collect(request, first, events)
         assert result is not None
         if isinstance(req, ChatRequest):
             return JSONResponse(self._chat_response(req, result))
         assert isinstance(req, CompletionRequest)
         return JSONResponse(self._completion_response(req, result))
+
+    async def _collect(
+        self, request: Request, first: StreamEvent, events: AsyncIterator[StreamEvent]
+    ) -> GenerationResult | None:
+        """The result of a non-streamed generation; it stops (its session closes along the
+        route) as soon as the caller hangs up instead of running to its end for nobody."""
+
+        async def consume() -> GenerationResult | None:
+            result = first.result
+            async for event in events:
+                result = event.result or result
+            return result
+
+        work = asyncio.ensure_future(consume())
+        gone = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                log.info("the caller hung up: generation stopped")
+                work.cancel()
+                await asyncio.wait({work})
+                if not work.cancelled():
+                    work.exception()  # retrieved: nobody is left to tell
+                raise OpenAIError(499, "the caller closed the connection", code="client_closed_request")
+            return work.result()
+        except OpenAIError:
+            raise
+        except Exception as exc:
+            raise translate(exc) from exc
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+            await events.aclose()  # type: ignore[attr-defined]
 
     def _base(self, prefix: str, kind: str) -> dict[str, Any]:
         return {
