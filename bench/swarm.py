@@ -62,11 +62,11 @@ TEXT = (
 class Node:
     """A ``swarm-node`` process; ``address`` once it listens."""
 
-    def __init__(self, model: Path, layers: tuple[int, int], threads: int, log: Path) -> None:
+    def __init__(self, model: Path, layers: tuple[int, int], threads: int, log: Path, extra: Sequence[str] = ()) -> None:
         exe = Path(sys.executable).parent / "swarm-node"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "swarm_node.cli"]
         cmd += ["--model", str(model), "--layers", f"{layers[0]}:{layers[1]}", "--port", "0"]
-        cmd += ["--threads", str(threads), "--log-level", "WARNING", "--metrics-port", "0"]
+        cmd += ["--threads", str(threads), "--log-level", "WARNING", "--metrics-port", "0", *extra]
         self.layers = layers
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
         self._address: list[str] = []

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,3 +103,41 @@ class ByteHF:
 
     def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+
+
+class Oracle:
+    """Drafts the known continuation, wrong at every ``every``-th drafted position, so
+    steps see full acceptance, partial acceptance and a first draft refused."""
+
+    cheap = True
+
+    def __init__(self, runs: dict[tuple[int, ...], list[int]], every: int = 3, vocab: int = 320) -> None:
+        self.runs = runs
+        self.vocab = vocab
+        self.every = every
+        self.calls = 0
+
+    def start(self, max_length: int) -> _OracleSession:
+        return _OracleSession(self)
+
+
+class _OracleSession:
+    def __init__(self, oracle: Oracle) -> None:
+        self.oracle = oracle
+
+    async def propose(self, history: Sequence[int], k: int) -> list[int]:
+        o = self.oracle
+        for prompt, out in o.runs.items():
+            if tuple(history[: len(prompt)]) == prompt:
+                full = [*prompt, *out]
+                if list(history) == full[: len(history)]:
+                    drafts = full[len(history) : len(history) + k]
+                    o.calls += 1
+                    wrong = o.calls % o.every
+                    if wrong < len(drafts):
+                        drafts[wrong] = (drafts[wrong] + 1) % o.vocab
+                    return drafts
+        return []
+
+    def close(self) -> None:
+        return None

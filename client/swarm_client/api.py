@@ -24,6 +24,7 @@ from typing import Any, cast
 from swarm_client.errors import InvalidRequestError
 from swarm_client.failover import FailoverPolicy
 from swarm_client.params import SamplingOptions
+from swarm_client.speculation import DEFAULT_K
 from swarm_client.tokenizer import Tokenizer, load_tokenizer
 from swarm_client.types import (
     AsyncTokenSource,
@@ -290,11 +291,13 @@ class SwarmClient(_Base):
         token: str | None = None,
         timeout: float | None = None,
         policy: FailoverPolicy | None = None,
+        speculate: int = 0,
+        draft: str | os.PathLike[str] | None = None,
     ) -> SwarmClient:
         """The blocking face of ``AsyncSwarmClient.remote`` (same arguments)."""
         from swarm_client.blocking import BlockingTokenSource
 
-        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy)
+        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, speculate, draft)
         return cls(BlockingTokenSource(backend), tokenizer, defaults=defaults)
 
     def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> Iterator[StreamEvent]:
@@ -330,6 +333,8 @@ def _remote_backend(
     token: str | None,
     timeout: float | None = None,
     policy: FailoverPolicy | None = None,
+    speculate: int = 0,
+    draft: str | os.PathLike[str] | None = None,
 ) -> tuple[AsyncTokenSource, Tokenizer]:
     from swarm_client.routed import CoordinatorRoutes, RoutedBackend, RouteProvider, StaticRoutes, parse_route
     from swarm_proto.model_args import read_args
@@ -346,8 +351,23 @@ def _remote_backend(
     policy = policy or FailoverPolicy()
     if timeout is not None:
         policy = replace(policy, busy_wait=timeout)
+    speculation = None
+    if speculate < 0:
+        raise InvalidRequestError(f"speculate must be >= 0 (drafts per step at most), got {speculate}")
+    if draft is not None and not speculate:
+        speculate = DEFAULT_K
+    if speculate:
+        from swarm_client.speculation import DraftModel, PromptLookup, Speculation
+
+        drafter = DraftModel.load(draft, vocab_size=args.vocab_size) if draft is not None else PromptLookup()
+        speculation = Speculation(max_draft=speculate, drafter=drafter)
     backend = RoutedBackend(
-        routes, max_context=args.max_position_embeddings, eos_token_ids=args.eos_token_ids, token=token, policy=policy
+        routes,
+        max_context=args.max_position_embeddings,
+        eos_token_ids=args.eos_token_ids,
+        token=token,
+        policy=policy,
+        speculation=speculation,
     )
     return backend, load_tokenizer(path)
 
@@ -392,6 +412,8 @@ class AsyncSwarmClient(_Base):
         token: str | None = None,
         timeout: float | None = None,
         policy: FailoverPolicy | None = None,
+        speculate: int = 0,
+        draft: str | os.PathLike[str] | None = None,
     ) -> AsyncSwarmClient:
         """A client generating over the swarm: routes from the coordinator at
         ``HOST:PORT`` (with failover), or along a fixed ``route``
@@ -401,8 +423,13 @@ class AsyncSwarmClient(_Base):
         the nodes ask for (default: ``$SWARM_TOKEN``, none when unset). ``timeout``:
         how long a generation waits in all for room while the swarm is busy (full, not
         failing) before it raises ``BusyError`` (default: 300 s). ``policy``: failover and
-        busy-wait settings (``FailoverPolicy``; ``timeout`` overrides its ``busy_wait``)."""
-        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy)
+        busy-wait settings (``FailoverPolicy``; ``timeout`` overrides its ``busy_wait``).
+        ``speculate``: speculative decoding with at most this many drafted tokens a step
+        (0, the default: off; the tokens are the same either way, docs/speculation.md);
+        drafts come from prompt lookup, or from ``draft``, a small local model sharing the
+        model's tokenizer (which turns speculation on with ``DEFAULT_K`` drafts if
+        ``speculate`` is 0)."""
+        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, speculate, draft)
         return cls(backend, tokenizer, defaults=defaults)
 
     def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncGenerator[StreamEvent, None]:

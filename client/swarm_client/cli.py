@@ -5,6 +5,7 @@
     swarm generate PROMPT --local [options]    stream a completion, model in-process
     swarm generate PROMPT --coordinator H:P    stream a completion over the swarm (with failover)
     swarm generate PROMPT --route HOPS         ... along fixed hops host:port=0:10,host:port=10:30
+    swarm generate ... --speculate [K]         ... drafting up to K tokens a step (same tokens, fewer round trips)
     swarm up [--nodes N] [--replicas R]        a coordinator and N nodes on this machine, the model split
                                                across them (each layer R times), until Ctrl-C
 
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from swarm_client.speculation import DEFAULT_K
 from swarm_proto.model_args import DTYPE_BYTES
 
 __all__ = ["main", "build_parser"]
@@ -63,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize", default="auto", choices=("auto", "none", "int8", "int4"),
                      help="--local weights, as swarm-node --quantize")
     gen.add_argument("--device", default="cpu", help="torch device for --local (cpu, cuda, mps)")
-    gen.add_argument("--stats", action="store_true", help="print timing and the finish reason to stderr")
+    gen.add_argument("--stats", action="store_true", help="print timing, the finish reason and tokens per network round trip to stderr")
+    gen.add_argument("--speculate", type=int, nargs="?", const=DEFAULT_K, default=0, metavar="K",
+                     help=f"speculative decoding over the swarm: draft up to K tokens a step (K: {DEFAULT_K} when omitted; "
+                     "adaptive, same tokens as without)")
+    gen.add_argument("--draft", default=None, metavar="MODEL",
+                     help="draft with this small local model (same tokenizer) instead of prompt lookup; implies --speculate")
     gen.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for room while the swarm is busy (default 300)")
     gen.add_argument("--token", default=None, help="swarm token for --route/--coordinator (default: $SWARM_TOKEN; the env var keeps it out of ps)")
 
@@ -147,6 +154,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if sum(map(bool, (args.local, args.coordinator, args.route))) != 1:
         sys.stderr.write("swarm: error: give one of --local, --coordinator HOST:PORT or --route HOPS\n")
         return 2
+    if args.local and (args.speculate or args.draft):
+        sys.stderr.write("swarm: error: --speculate and --draft save network round trips: use them with --coordinator or --route\n")
+        return 2
+    if args.speculate < 0:
+        sys.stderr.write("swarm: error: --speculate K needs K >= 0\n")
+        return 2
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     options = SamplingOptions().merged(
         max_tokens=args.max_tokens,
@@ -180,7 +193,8 @@ async def _generate_over_swarm(args: argparse.Namespace, prompt: str, messages: 
     from swarm_client.routed import RoutedBackend
 
     client = AsyncSwarmClient.remote(
-        coordinator=args.coordinator, route=args.route, model=args.model, token=args.token, timeout=args.timeout
+        coordinator=args.coordinator, route=args.route, model=args.model, token=args.token, timeout=args.timeout,
+        speculate=args.speculate, draft=args.draft,
     )
     async with client:
         events = client.stream_chat(messages, options) if args.chat else client.stream(prompt, options)
@@ -191,6 +205,7 @@ async def _generate_over_swarm(args: argparse.Namespace, prompt: str, messages: 
             sys.stderr.write(
                 f"busy: {backend.busy_refusals} refusal(s) for capacity, waited {backend.busy_wait_s:.2f} s for room; "
                 f"failovers: {backend.failovers}\n"
+                f"steps: {backend.decode_stats.summary()}\n"
             )
     return 0
 

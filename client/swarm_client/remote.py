@@ -9,6 +9,10 @@ tokens come back), so each token costs K + 1 network traversals for K nodes::
         while not out.finished:
             out = await s.decode(out.token)
 
+Speculative decoding sends a token and drafted ones after it in one step
+(:meth:`RouteSession.verify`); the tail returns the drafts it accepted and its next
+token, and the session goes on right after them.
+
 Failures raise ``RouteError`` with the gRPC status and the address of the node where
 the failure happened, which is what failover needs: report that node, get a new
 route, open the session again and replay the history -- under a new session id
@@ -96,6 +100,9 @@ class StepOutput:
     top: tuple[tuple[int, float], ...] = ()
     finished: bool = False
     logits: torch.Tensor | None = None  # [T, V] when asked for
+    # A step with drafts (`verify`): the drafts the tail accepted, with their logprobs, at
+    # the positions before `position`; the run the step produced is these + `token`.
+    accepted: tuple[tuple[int, float], ...] = ()
 
 
 class RouteSession(Service):
@@ -223,6 +230,29 @@ class RouteSession(Service):
         assert future is not None
         return await self._wait(future, timeout)
 
+    async def verify(
+        self, token: int, drafts: Sequence[int], *, timeout: float | None = None
+    ) -> StepOutput:
+        """Speculative decoding: feed ``token`` and the drafted tokens after it in one step;
+        the tail accepts the drafts that equal its own samples and returns them (``accepted``)
+        with its next sample (``token``). The positions of rejected drafts are given back:
+        the next step starts right after the accepted run (a rewind on every node)."""
+        if not drafts:
+            return await self.decode(token, timeout=timeout)
+        start = self.position
+        future = await self._send([token, *drafts], sample=True, return_logits=False, draft=len(drafts))
+        assert future is not None
+        out = await self._wait(future, timeout)
+        if out.position != start + 1 + len(out.accepted) or len(out.accepted) > len(drafts):
+            # An older tail (or a node dropping `draft` on the way) sampled only after the
+            # drafts, as if all were right: its token cannot be trusted.
+            raise GenerationError(
+                f"a node on the route to {self.hops[-1].address} does not verify drafts (speculative decoding): "
+                "upgrade it, or generate without speculation"
+            )
+        self.position = start + 1 + len(out.accepted)
+        return out
+
     async def close(self) -> None:
         """End the session along the route (frees every node's KV cache)."""
         if self._head is not None:
@@ -247,7 +277,7 @@ class RouteSession(Service):
     # --- internals ------------------------------------------------------------------
 
     async def _send(
-        self, tokens: Sequence[int], *, sample: bool, return_logits: bool, replay: bool = False
+        self, tokens: Sequence[int], *, sample: bool, return_logits: bool, replay: bool = False, draft: int = 0
     ) -> asyncio.Future[StepOutput] | None:
         if self._failure is not None:
             raise self._failure
@@ -266,6 +296,7 @@ class RouteSession(Service):
             sample=sample,
             return_logits=return_logits,
             replay=replay,
+            draft=draft,
         )
         try:
             await self._head.write(swarm_pb2.SessionRequest(step=step))
@@ -334,6 +365,7 @@ class RouteSession(Service):
                         top=tuple((t.token, t.logprob) for t in result.top),
                         finished=result.finished,
                         logits=logits,
+                        accepted=tuple(zip(result.accepted, result.accepted_logprobs)),
                     )
                 )
         except grpc.aio.AioRpcError as exc:

@@ -22,6 +22,12 @@ hint and asks for a route again (the coordinator sends new sessions where there 
 room), within ``FailoverPolicy.busy_wait`` in all, then raises :class:`BusyError`; with
 ``busy_at_start="raise"`` a refusal before the first token raises at once, for a
 caller that keeps its own line (the gateway's queue).
+
+With ``speculation`` (:mod:`swarm_client.speculation`), each decode step carries the
+last token and up to k drafted ones; the tail returns the drafts it accepted and its
+own next token, so a step may bring several tokens, always the ones one-token steps
+would have brought. The history kept for failover holds accepted tokens only.
+``decode_stats`` counts round trips and tokens (``swarm generate --stats``).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import grpc
 from swarm_client.errors import BusyError, GenerationError
 from swarm_client.failover import FailoverPolicy, FailoverRecord, StepClock, blame, hop_key, patch_route
 from swarm_client.remote import Hop, RouteError, RouteSession
+from swarm_client.speculation import DecodeStats, Speculation, SpeculativeRun
 from swarm_client.types import AsyncTokenSource, SampledToken
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
@@ -315,6 +322,7 @@ class RoutedBackend(AsyncTokenSource):
         eos_token_ids: Sequence[int],
         policy: FailoverPolicy | None = None,
         token: str = "",
+        speculation: Speculation | None = None,
     ) -> None:
         self.token = token  # the swarm token, sent to every node of every route
         self.policy = policy or FailoverPolicy()
@@ -327,6 +335,9 @@ class RoutedBackend(AsyncTokenSource):
         self.busy_wait_s = 0.0  # time spent waiting for room, over all generations
         self.records: deque[FailoverRecord] = deque(maxlen=1000)  # the recovered ones, newest last
         self.last_route: Route | None = None
+        self.speculation = speculation if speculation is not None and speculation.max_draft > 0 else None
+        self.decode_stats = DecodeStats()  # round trips and tokens over all generations
+        self._draft_times: dict[int, float] | None = None  # the last generation's step times by drafts (relative)
         self._reports: set[asyncio.Task[None]] = set()
 
     @property
@@ -345,18 +356,42 @@ class RoutedBackend(AsyncTokenSource):
     ) -> AsyncGenerator[SampledToken, None]:
         if not prompt_ids:
             raise GenerationError("the prompt has no tokens")
-        policy = self.policy
-        span = policy.replay == "span"
         history = [int(t) for t in prompt_ids]
         max_length = min(self._max_context, len(history) + max_new_tokens + 1)
-        generated = 0
+        spec = self.speculation.start(max_length, self._draft_times) if self.speculation else None
+        self.decode_stats.generations += 1
+        steps = self._generate(history, params, max_new_tokens, max_length, spec)
+        try:
+            async for token in steps:
+                yield token
+        finally:
+            await steps.aclose()  # now, not when collected: it frees the session along the route
+            if spec is not None:
+                spec.close()
+                if spec.k.cost_samples:  # measured: the next generation starts from it
+                    self._draft_times = dict(spec.k.relative)
+
+    async def _generate(
+        self,
+        history: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        max_length: int,
+        spec: SpeculativeRun | None,
+    ) -> AsyncGenerator[SampledToken, None]:
+        """The generation of ``tokens``: ``history`` (the prompt) grows by every token."""
+        policy = self.policy
+        span = policy.replay == "span"
+        stats = self.decode_stats
+        prompt_length = len(history)
         route = await self._route(max_length)
         session_id = route.session_id or uuid.uuid4().hex
         capability = secrets.token_urlsafe(24)  # the sessions' secret: their Results and resumes need it
-        pending: FailoverRecord | None = None  # a failover not yet followed by a token
-        failures = 0
         clock = StepClock(policy)  # this session's: its timeouts follow its own routes' speed
         busy_deadline = time.monotonic() + policy.busy_wait
+        generated = 0
+        pending: FailoverRecord | None = None  # a failover not yet followed by a token
+        failures = 0
         while generated < max_new_tokens:
             self.last_route = route
             clock.prior(route.expected_step_s)
@@ -364,7 +399,7 @@ class RoutedBackend(AsyncTokenSource):
                 route.hops,
                 max_length=max_length,
                 sampling=params,
-                prompt_length=len(prompt_ids),
+                prompt_length=prompt_length,
                 session_id=session_id,
                 timeout=policy.open_timeout,
                 resumable=span,
@@ -388,20 +423,34 @@ class RoutedBackend(AsyncTokenSource):
                     else:
                         out = await session.prefill(history, timeout=clock.timeout(n))
                     clock.observe(n if pending is None else pending.replayed_tokens, time.monotonic() - sent)
+                    drafts: list[int] = []
+                    took: float | None = None  # the last decode step's round trip (None: a prefill or replay)
                     while True:
                         if out.token is None:
                             raise GenerationError("the tail returned no token")
                         if pending is not None:
                             self._recovered(pending)
                             pending = None
-                        history.append(out.token)
-                        generated += 1
-                        yield SampledToken(out.token, out.logprob)
-                        if generated >= max_new_tokens:
-                            return
+                        run = [*out.accepted, (out.token, out.logprob)]
+                        stats.round_trips += 1
+                        stats.tokens += len(run)
+                        stats.drafted += len(drafts)
+                        stats.accepted += len(out.accepted)
+                        for token, logprob in run:
+                            history.append(token)
+                            generated += 1
+                            yield SampledToken(token, logprob)
+                            if generated >= max_new_tokens:
+                                return
+                        if spec is not None:
+                            spec.judge(history, drafts, [t for t, _ in run], took)
+                            # The run may bring up to len(drafts) + 1 tokens: within max_new_tokens and the session.
+                            limit = min(max_new_tokens - generated - 1, max_length - len(history))
+                            drafts = await spec.drafts_for(history, limit)
                         sent = time.monotonic()
-                        out = await session.decode(out.token, timeout=clock.timeout(1))
-                        clock.observe(1, time.monotonic() - sent)
+                        out = await session.verify(history[-1], drafts, timeout=clock.timeout(1 + len(drafts)))
+                        took = time.monotonic() - sent
+                        clock.observe(1 + len(drafts), took)
             except RouteError as err:
                 if err.busy:
                     # Full, not failed: no blame, no avoidance, no report; wait and ask again.

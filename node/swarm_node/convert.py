@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from swarm_node.scheduler import BatchStats
 
 MAX_SESSION_ID = 128
+MAX_DRAFT = 64  # drafted tokens a step may carry: each is a sampled row of vocabulary size at the tail
 
 
 class ProtocolError(Exception):
@@ -58,6 +59,7 @@ class StepIn:
     sample: bool
     return_logits: bool
     replay: bool = False  # a failover replay: may be skipped where already cached
+    draft: int = 0  # the last `draft` tokens are drafted guesses for the tail to verify (speculation)
 
     @property
     def length(self) -> int:
@@ -76,6 +78,7 @@ class StepResult:
     top: tuple[tuple[int, float], ...] = ()
     finished: bool = False
     logits: torch.Tensor | None = None  # [T, V] float32
+    accepted: tuple[tuple[int, float], ...] = ()  # drafts the tail's samples confirmed, before `token`
 
 
 # --- sampling -----------------------------------------------------------------------
@@ -193,6 +196,12 @@ def step_from_proto(
     tokens = torch.tensor(msg.tokens, dtype=torch.int64)  # [T]
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
         raise invalid(f"step {msg.step_id}: token ids must be in 0..{vocab_size - 1}")
+    if not 0 <= msg.draft <= min(n - 1, MAX_DRAFT):
+        raise invalid(
+            f"step {msg.step_id}: draft must be in 0..{min(n - 1, MAX_DRAFT)} (drafted tokens after the first), got {msg.draft}"
+        )
+    if msg.draft and (not msg.sample or msg.replay):
+        raise invalid(f"step {msg.step_id}: drafts are verified by sampling: they need `sample` and no `replay`")
     hidden = None
     if is_head:
         if msg.HasField("hidden"):
@@ -204,7 +213,7 @@ def step_from_proto(
             hidden = codec.decode(msg.hidden, dtype, shape=(n, hidden_size), max_elements=n * hidden_size)
         except WireError as exc:
             raise invalid(f"step {msg.step_id}: {exc}") from exc
-    return StepIn(msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay)
+    return StepIn(msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay, msg.draft)
 
 
 def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_pb2.Step:
@@ -217,6 +226,7 @@ def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_
         sample=step.sample,
         return_logits=step.return_logits,
         replay=step.replay,
+        draft=step.draft,
     )
 
 
@@ -249,6 +259,8 @@ def result_to_proto(r: StepResult) -> swarm_pb2.Result:
         logprob=r.logprob,
         finished=r.finished,
         top=[swarm_pb2.TokenLogprob(token=t, logprob=lp) for t, lp in r.top],
+        accepted=[t for t, _ in r.accepted],
+        accepted_logprobs=[lp for _, lp in r.accepted],
     )
     if r.token is not None:
         msg.token = r.token

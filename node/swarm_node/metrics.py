@@ -134,7 +134,12 @@ class NodeMetrics:
             "swarm_node_tokens", "Positions run through this node's layers, by phase", ["phase"], registry=r
         )
         self.sampled = Counter("swarm_node_sampled_tokens", "Tokens sampled here (the tail of a route)", registry=r)
-        self.steps = Counter("swarm_node_steps", "Steps computed, by phase", ["phase"], registry=r)
+        self.drafted = Counter(
+            "swarm_node_drafted_tokens", "Drafted tokens verified here (speculative decoding, at the tail)", registry=r
+        )
+        self.steps = Counter(
+            "swarm_node_steps", "Steps computed, by phase (verify: a step with drafted tokens)", ["phase"], registry=r
+        )
         self.step_seconds = Histogram(
             "swarm_node_step_duration_seconds",
             "Time a step spends on this node: waiting for a batch plus the forward pass",
@@ -159,7 +164,7 @@ class NodeMetrics:
         )
         for label in ("closed", "failed", "expired", "abandoned", "invalid", "evicted", "unread"):
             self.sessions_ended.labels(label)
-        for phase in ("prefill", "decode"):
+        for phase in ("prefill", "decode", "verify"):
             self.tokens.labels(phase)
             self.steps.labels(phase)
         self._live: _Live | None = None
@@ -199,12 +204,13 @@ class NodeMetrics:
         self.batch_tokens.observe(sum(j.length for j in jobs))
 
     def observe_step(self, job: Job, seconds: float) -> None:
-        phase = "decode" if job.length == 1 else "prefill"
+        phase = "decode" if job.length == 1 else "verify" if job.draft else "prefill"
         self.steps.labels(phase).inc()
         self.tokens.labels(phase).inc(job.length)
         self.step_seconds.labels(phase).observe(seconds)
         if job.sample is not None:
-            self.sampled.inc()
+            self.sampled.inc(1 + job.draft)
+            self.drafted.inc(job.draft)
 
     def session_ended(self, reason: str) -> None:
         self.sessions_ended.labels(outcome(reason)).inc()

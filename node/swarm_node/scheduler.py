@@ -6,7 +6,8 @@ matrices multiply. Whenever the worker is free it takes every waiting job it can
 at most one per session (a session's next chunk needs the cache its previous chunk
 writes) and at most ``max_batch_tokens`` positions -- packs them along the token axis
 and runs them as one forward. At the tail it also samples, batched, in the same
-thread.
+thread. A job with drafts (speculative decoding) is sampled at each of its last
+``draft + 1`` positions, in the same batched call; the session decides what to accept.
 
 If a merged forward raises, its jobs are retried one by one so that only the job at
 fault fails (a failed forward leaves the caches' lengths untouched, so a retry is
@@ -35,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -50,12 +51,23 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """Sample the token for ``position`` from the last logits of a chunk."""
+    """Sample the token for ``position`` from the last logits of a chunk; with ``draft``
+    > 0 also the tokens for the ``draft`` positions before it (each from the logits of
+    the position before it, with the history up to there)."""
 
     params: SamplingParams
     position: int
     history: Sequence[int]  # the tokens before `position`, prompt included
     top_logprobs: int = 0
+    draft: int = 0
+
+
+class Sampled(NamedTuple):
+    """One sampled position of a job: token, its logprob, top alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -70,6 +82,7 @@ class Job:
     # opened on before a reload); None: the scheduler's model. Only jobs of the same
     # slice share a forward.
     model: ModelSlice | None = None
+    draft: int = 0  # drafted tokens among the positions (speculative decoding; the tail samples them via `sample`)
 
     @property
     def length(self) -> int:
@@ -83,6 +96,9 @@ class JobOutput:
     token: int | None = None
     logprob: float = 0.0
     top: tuple[tuple[int, float], ...] = ()
+    # A job with drafts: the samples at its last draft + 1 positions, in order (`token`
+    # is the first of them).
+    samples: tuple[Sampled, ...] = ()
 
 
 @dataclass
@@ -276,7 +292,7 @@ class Scheduler:
         device = model.device
         seqs = [SeqChunk(j.cache, j.start_pos, j.length) for j in batch]
         x = torch.cat([j.x for j in batch]).to(device)  # [T] or [T, C]
-        all_logits = any(j.return_logits for j in batch)
+        all_logits = any(j.return_logits or (j.sample is not None and j.sample.draft > 0) for j in batch)
         out = model(x, seqs, all_logits=all_logits)
         if not model.is_tail:
             hidden = out.to("cpu")  # [T, C]
@@ -285,34 +301,57 @@ class Scheduler:
         # out: [T, V] with all_logits, else [N, V] (each chunk's last position)
         if all_logits:
             per_job = list(out.split([j.length for j in batch]))
-            last = torch.stack([rows[-1] for rows in per_job])  # [N, V]
         else:
             per_job = [out[i : i + 1] for i in range(len(batch))]
-            last = out
-        tokens: dict[int, tuple[int, float]] = {}
-        tops: dict[int, tuple[tuple[int, float], ...]] = {}
-        rows = [i for i, j in enumerate(batch) if j.sample is not None]
-        if rows:
-            reqs = [batch[i].sample for i in rows]
-            assert all(r is not None for r in reqs)
-            picked = sample(
-                last[rows],
-                [r.params for r in reqs if r is not None],
-                [r.position for r in reqs if r is not None],
-                [r.history for r in reqs if r is not None],
-            )
-            for k, i in enumerate(rows):
-                tokens[i] = (int(picked.tokens[k]), float(picked.logprobs[k]))
-            want = max((r.top_logprobs for r in reqs if r is not None), default=0)
-            if want:
-                logprobs = torch.log_softmax(last[rows].float(), dim=-1)  # [n, V]
-                values, ids = logprobs.topk(want, dim=-1)
-                for k, i in enumerate(rows):
-                    n = batch[i].sample.top_logprobs  # type: ignore[union-attr]
-                    tops[i] = tuple(zip(ids[k, :n].tolist(), values[k, :n].tolist()))
+        samples = self._sample(batch, per_job)
         outputs = []
         for i, job in enumerate(batch):
-            token, logprob = tokens.get(i, (None, 0.0))
+            picked = samples.get(i, ())
+            first = picked[0] if picked else Sampled(-1, 0.0)
             logits = per_job[i].to("cpu") if job.return_logits else None
-            outputs.append(JobOutput(logits=logits, token=token, logprob=logprob, top=tops.get(i, ())))
+            outputs.append(
+                JobOutput(
+                    logits=logits,
+                    token=first.token if picked else None,
+                    logprob=first.logprob,
+                    top=first.top,
+                    samples=picked if len(picked) > 1 else (),
+                )
+            )
         return outputs
+
+    @staticmethod
+    def _sample(batch: list[Job], per_job: list[torch.Tensor]) -> dict[int, tuple[Sampled, ...]]:
+        """Every sampling row of the batch in one call: each sampling job's last position,
+        and for a job with drafts the positions before it too."""
+        logits: list[torch.Tensor] = []
+        params: list[SamplingParams] = []
+        positions: list[int] = []
+        histories: list[Sequence[int]] = []
+        owners: list[tuple[int, int]] = []  # (job index, its top_logprobs) per row
+        for i, job in enumerate(batch):
+            req = job.sample
+            if req is None:
+                continue
+            rows = req.draft + 1
+            logits.append(per_job[i][-rows:])  # [rows, V]
+            penalised = req.params.repetition_penalty != 1.0
+            for r in range(rows):
+                pos = req.position - req.draft + r
+                params.append(req.params)
+                positions.append(pos)
+                histories.append(req.history[:pos] if penalised and r < req.draft else req.history)
+                owners.append((i, req.top_logprobs))
+        if not owners:
+            return {}
+        stacked = torch.cat(logits)  # [R, V]
+        picked = sample(stacked, params, positions, histories)
+        want = max(n for _, n in owners)
+        tops: list[tuple[tuple[int, float], ...]] = [()] * len(owners)
+        if want:
+            values, ids = torch.log_softmax(stacked.float(), dim=-1).topk(want, dim=-1)  # [R, want]
+            tops = [tuple(zip(ids[r, :n].tolist(), values[r, :n].tolist())) for r, (_, n) in enumerate(owners)]
+        out: dict[int, list[Sampled]] = {}
+        for r, (i, _) in enumerate(owners):
+            out.setdefault(i, []).append(Sampled(int(picked.tokens[r]), float(picked.logprobs[r]), tops[r]))
+        return {i: tuple(rows) for i, rows in out.items()}

@@ -1,10 +1,19 @@
 """One session's state on a node: its KV cache and slice, its link to the successor,
-and at the tail the token history and the queue of results for the client."""
+and at the tail the token history and the queue of results for the client.
+
+Speculative decoding at the tail (docs/speculation.md): a step whose last ``draft``
+tokens are drafts is sampled at each of its last ``draft + 1`` positions by the
+``(seed, position)`` rule; :func:`accept` keeps the samples while each equals the draft
+at its position (and is no stop token, within max_new_tokens), so the tokens returned
+are those one-token steps would have produced. The drafts past the accepted run stay in
+the cache and the history only until the next step rewinds them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -14,7 +23,7 @@ from swarm_node import convert
 from swarm_node.convert import StepIn, StepResult
 from swarm_node.engine.kv_cache import KVCache
 from swarm_node.engine.model import ModelSlice
-from swarm_node.scheduler import Job, JobOutput, SampleRequest
+from swarm_node.scheduler import Job, JobOutput, Sampled, SampleRequest
 from swarm_proto import swarm_pb2
 from swarm_proto.wire import OpenSpec
 
@@ -82,27 +91,59 @@ class NodeSession:
         self.history.extend(step.tokens.tolist())
         self.valid = min(self.valid, step.start_pos)
         if not self.model.is_tail:
-            return Job(self.cache, step.start_pos, x, model=self.model)
+            return Job(self.cache, step.start_pos, x, model=self.model, draft=step.draft)
         request = None
         if step.sample:
             gen = self.spec.generation
             position = step.start_pos + step.length
-            request = SampleRequest(gen.sampling, position, list(self.history), gen.top_logprobs)
-        return Job(self.cache, step.start_pos, x, sample=request, return_logits=step.return_logits, model=self.model)
+            request = SampleRequest(gen.sampling, position, list(self.history), gen.top_logprobs, step.draft)
+        return Job(
+            self.cache, step.start_pos, x, sample=request, return_logits=step.return_logits, model=self.model,
+            draft=step.draft,
+        )
 
     def result(self, step: StepIn, out: JobOutput) -> swarm_pb2.Result | None:
         """The tail's Result for a computed step (None when the step asked for nothing)."""
         if not (step.sample or step.return_logits):
             return None
-        gen = self.spec.generation
         position = step.start_pos + step.length
-        finished = False
-        if out.token is not None:
-            generated = position + 1 - gen.prompt_length
-            finished = (
-                out.token in gen.stop_token_ids
-                or (gen.max_new_tokens > 0 and gen.prompt_length > 0 and generated >= gen.max_new_tokens)
-                or position >= self.spec.max_length
-            )
-        r = StepResult(self.sid, step.step_id, position, out.token, out.logprob, out.top, finished, out.logits)
+        token, logprob, top = out.token, out.logprob, out.top
+        accepted: tuple[Sampled, ...] = ()
+        if step.draft and out.samples:
+            drafts = step.tokens[step.length - step.draft :].tolist()
+            first = position - step.draft  # where the first sample goes
+            accepted, last = accept(out.samples, drafts, lambda i: self._finished(first + i, out.samples[i].token))
+            position = first + len(accepted)
+            token, logprob, top = last
+        finished = token is not None and self._finished(position, token)
+        r = StepResult(
+            self.sid, step.step_id, position, token, logprob, top, finished, out.logits,
+            tuple((s.token, s.logprob) for s in accepted),
+        )
         return convert.result_to_proto(r)
+
+    def _finished(self, position: int, token: int) -> bool:
+        """A token sampled for ``position`` ends the generation (as far as the tail knows)."""
+        gen = self.spec.generation
+        generated = position + 1 - gen.prompt_length
+        return (
+            token in gen.stop_token_ids
+            or (gen.max_new_tokens > 0 and gen.prompt_length > 0 and generated >= gen.max_new_tokens)
+            or position >= self.spec.max_length
+        )
+
+
+def accept(
+    samples: Sequence[Sampled], drafts: Sequence[int], ends: Callable[[int], bool]
+) -> tuple[tuple[Sampled, ...], Sampled]:
+    """Split the samples of a drafted step into (accepted, last).
+
+    ``samples[i]`` is the tail's sample where ``drafts[i]`` was guessed (one more sample
+    follows the last draft); ``ends(i)`` tells whether sample i ends the generation. A
+    sample is accepted while it equals its draft and does not end the generation; the
+    first one that does not qualify is ``last``, the token the step returns."""
+    assert len(samples) == len(drafts) + 1, (len(samples), len(drafts))
+    i = 0
+    while i < len(drafts) and samples[i].token == drafts[i] and not ends(i):
+        i += 1
+    return tuple(samples[:i]), samples[i]

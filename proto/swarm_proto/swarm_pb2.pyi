@@ -208,7 +208,7 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., wire_dtype: _Optional[str] = ..., prompt_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., resumable: _Optional[bool] = ..., resume: _Optional[bool] = ..., protocol_version: _Optional[int] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "start_pos", "tokens", "hidden", "sample", "return_logits", "replay")
+    __slots__ = ("step_id", "start_pos", "tokens", "hidden", "sample", "return_logits", "replay", "draft")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,7 @@ class Step(_message.Message):
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     start_pos: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -223,7 +224,8 @@ class Step(_message.Message):
     sample: bool
     return_logits: bool
     replay: bool
-    def __init__(self, step_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., replay: _Optional[bool] = ...) -> None: ...
+    draft: int
+    def __init__(self, step_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., replay: _Optional[bool] = ..., draft: _Optional[int] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ()
@@ -276,7 +278,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("session_id", "step_id", "position", "token", "logprob", "top", "finished", "logits", "error")
+    __slots__ = ("session_id", "step_id", "position", "token", "logprob", "top", "finished", "logits", "error", "accepted", "accepted_logprobs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +288,8 @@ class Result(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
     position: int
@@ -295,7 +299,9 @@ class Result(_message.Message):
     finished: bool
     logits: Tensor
     error: Error
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    accepted: _containers.RepeatedScalarFieldContainer[int]
+    accepted_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., accepted: _Optional[_Iterable[int]] = ..., accepted_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("model", "max_length", "exclude_node_ids", "exclude_addresses", "client_rtt_s")

@@ -35,6 +35,7 @@ from e2e.gateway_helpers import Proc, local_cli, scrape, script, total
 from swarm_client.api import AsyncSwarmClient, SwarmClient
 from swarm_client.errors import GenerationError
 from swarm_client.remote import Hop, RouteError, RouteSession
+from swarm_client.speculation import Speculation
 from swarm_proto import PROTOCOL_VERSION, codec, swarm_pb2, swarm_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -175,6 +176,42 @@ async def test_sixteen_concurrent_sessions_are_batched_and_unchanged(
         # stages), so not every forward holds all 16; most hold several.
         assert steps / batches > 2.5, (node.address, steps, batches)
         assert (await info(node.address)).stats.max_batch >= 8
+
+
+REWRITE = [{"role": "user", "content": "Rewrite this function with `total` renamed to `acc`, nothing else:\n"
+             "```python\ndef add_all(items):\n    total = 0\n    for item in items:\n        total += item\n"
+             "    return total\n```"}]
+
+
+async def test_speculation_by_prompt_lookup_brings_several_tokens_a_round_trip_and_the_same_text(
+    nodes: Nodes, local: SwarmClient, default_model: Path
+) -> None:
+    """A rewrite (the output repeats the prompt) over three float32 nodes: greedy and
+    seeded tokens equal ``--local``'s, with fewer round trips than tokens."""
+    options: list[dict[str, Any]] = [{"max_tokens": 40}, {"max_tokens": 40, "temperature": 0.7, "top_p": 0.9, "seed": 5}]
+    for opts in options:
+        want = list(local.chat(REWRITE, **opts).token_ids)
+        async with AsyncSwarmClient.remote(route=nodes.route_text(3), model=default_model, speculate=6) as client:
+            greedy = "temperature" not in opts
+            if greedy:  # always 6 drafts: how many are accepted must not hang on this machine's timings
+                client.backend.speculation = Speculation(max_draft=6, adaptive=False)  # type: ignore[attr-defined]
+            got = list((await client.chat(REWRITE, **opts)).token_ids)
+            stats = client.backend.decode_stats  # type: ignore[attr-defined]
+        assert got == want, opts
+        assert stats.tokens == len(want), stats
+        if greedy:  # (sampled text strays from the prompt: drafts may all miss)
+            assert stats.tokens_per_round_trip > 1.6, stats
+    # The command line: `--speculate --stats` prints what `--local` prints, and the round trips.
+    flags = ["--max-tokens", "24"]
+    prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    routed = subprocess.run(
+        script("swarm") + ["generate", "--route", nodes.route_text(2), "--model", str(default_model), prompt,
+                           "--speculate", "--stats", *flags],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert routed.returncode == 0, routed.stderr
+    assert routed.stdout[:-1] == local.generate(prompt, max_tokens=24).text
+    assert re.search(r"steps: 24 tokens in \d+ round trips \(\d+\.\d+ tokens/round trip\)", routed.stderr), routed.stderr
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pytest
 from e2e.chaos import GREEDY, SEEDED, ChaosSwarm, NodeSpec, add_tokenizer, generate, prompts
-from helpers import make_tiny_model
+from helpers import Oracle, make_tiny_model
 
 from swarm_client.errors import GenerationError
 from swarm_client.failover import FailoverPolicy
-from swarm_client.routed import RoutedBackend
+from swarm_client.routed import CoordinatorRoutes, RoutedBackend
+from swarm_client.speculation import Speculation
 from swarm_proto.wire import SamplingParams, session_label
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -134,6 +135,41 @@ def test_sigkill_of_head_middle_and_tail_at_random_steps(swarm: ChaosSwarm, refe
     while _failovers(swarm) < len(records) and time.monotonic() < deadline:
         time.sleep(0.3)
     assert _failovers(swarm) >= len(records)
+
+
+def test_speculative_generations_keep_their_tokens_through_a_kill(swarm: ChaosSwarm, references: list[list[int]]) -> None:
+    """Speculation on (drafts that are partly wrong): head, middle and tail killed in
+    turn mid-generation; the tokens are those of plain decoding without failures, and
+    the history replayed holds accepted tokens only."""
+    rng = random.Random(14)
+    runs = {tuple(p): r for (p, _), r in zip(CASES, references)}
+
+    async def run() -> RoutedBackend:
+        backend = RoutedBackend(
+            CoordinatorRoutes(swarm.address), max_context=swarm.max_length, eos_token_ids=(), policy=SPAN,
+            speculation=Speculation(max_draft=4, drafter=Oracle(runs, every=3), adaptive=False),
+        )
+        try:
+            for g, role in enumerate(("head", "middle", "tail")):
+                await asyncio.to_thread(swarm.wait_nodes, NAMES, 90)
+                prompt, params = CASES[g + 1]
+                step, before = rng.randrange(3, MAX_NEW - 6), len(backend.records)
+
+                def chaos(i: int, role: str = role, step: int = step) -> None:
+                    if i == step:
+                        victim = victim_at(backend, role)
+                        swarm.kill(victim)
+                        swarm.restart(victim)
+
+                got = await generate(backend, prompt, params, MAX_NEW, chaos)
+                assert got == references[g + 1], f"{role} killed after token {step}"
+                assert len(backend.records) == before + 1
+            return backend
+        finally:
+            await backend.aclose()
+
+    stats = asyncio.run(run()).decode_stats
+    assert stats.accepted > 0 and stats.tokens_per_round_trip > 1.3, stats
 
 
 def _failovers(swarm: ChaosSwarm) -> float:

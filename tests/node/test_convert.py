@@ -113,3 +113,24 @@ def test_spec_is_frozen() -> None:
     spec = OpenSpec("s", 4, 0, 1, (), Generation(), "exact")
     with pytest.raises(AttributeError):
         spec.max_length = 5  # type: ignore[misc]
+
+
+def test_drafts_are_checked_and_travel_on() -> None:
+    from swarm_node.convert import step_to_proto
+
+    def decode(**kw: object) -> object:
+        msg = swarm_pb2.Step(**{"step_id": 1, "tokens": [3, 4, 5], "sample": True, **kw})  # type: ignore[arg-type]
+        return step_from_proto(msg, is_head=True, hidden_size=8, vocab_size=10, dtype=torch.float32, max_tokens=128)
+
+    step = decode(draft=2)
+    assert step.draft == 2  # type: ignore[attr-defined]
+    assert step_to_proto(step, torch.zeros(3, 8), "exact").draft == 2  # type: ignore[arg-type]
+    for bad in ({"draft": 3}, {"draft": -1}, {"draft": 1, "sample": False}, {"draft": 1, "replay": True}):
+        with pytest.raises(ProtocolError, match="draft") as err:
+            decode(**bad)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ProtocolError, match="draft"):
+        step_from_proto(swarm_pb2.Step(step_id=1, tokens=[3] * 100, sample=True, draft=99), is_head=True,
+                        hidden_size=8, vocab_size=10, dtype=torch.float32, max_tokens=128)  # fmt: skip
+    r = result_to_proto(StepResult("s", 1, 12, 7, -0.1, (), False, None, ((4, -0.2), (5, -0.3))))
+    assert list(r.accepted) == [4, 5] and [round(x, 3) for x in r.accepted_logprobs] == [-0.2, -0.3]

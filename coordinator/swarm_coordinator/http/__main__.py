@@ -54,7 +54,10 @@ def _backend(ns: argparse.Namespace) -> object:
 
     # busy_at_start="raise": the gateway's line orders the generations waiting for room
     policy = FailoverPolicy(busy_at_start="raise")
-    return AsyncSwarmClient.remote(coordinator=ns.coordinator, route=ns.route, model=model, token=ns.token, policy=policy)
+    return AsyncSwarmClient.remote(
+        coordinator=ns.coordinator, route=ns.route, model=model, token=ns.token, policy=policy,
+        speculate=getattr(ns, "speculate", 0) or 0,
+    )
 
 
 async def _serve(_: object, ns: argparse.Namespace) -> None:

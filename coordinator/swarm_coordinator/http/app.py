@@ -89,6 +89,7 @@ class GatewayConfig:
     max_body_bytes: int = 2 << 20  # a bigger request body gets 413
     max_concurrent: int = 256  # generation requests in flight (tokenizing, waiting, streaming); one more gets 503
     allowed_hosts: tuple[str, ...] | None = None  # Host names answered (IP literals always); None: no check
+    speculate: int = 0  # speculative decoding for HTTP requests: drafts a step at most (0 = off; same tokens)
 
     def __post_init__(self) -> None:
         KeyLimits(self.requests_per_minute, self.tokens_per_minute)  # validates
@@ -98,6 +99,8 @@ class GatewayConfig:
             raise ValueError("queue_size must be >= 0 and queue_timeout_s positive")
         if self.max_body_bytes <= 0 or self.max_concurrent <= 0:
             raise ValueError("max_body_bytes and max_concurrent must be positive")
+        if not 0 <= self.speculate <= 64:
+            raise ValueError("speculate must be in 0..64")
 
 
 def model_id_for(model: str) -> str:

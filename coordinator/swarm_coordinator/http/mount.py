@@ -35,7 +35,7 @@ __all__ = ["add_gateway_flags", "coordinator_app", "gateway_config_from_args"]
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     """``--api-key`` (repeatable), ``--api-keys-file``, ``--rate-limit-rpm/-tpm``,
     ``--queue-size``, ``--queue-timeout``, ``--model-id``, ``--max-body-bytes``, ``--max-concurrent``,
-    ``--allowed-host``; each falls back to its ``SWARM_<FLAG>`` environment variable
+    ``--allowed-host``, ``--speculate``; each falls back to its ``SWARM_<FLAG>`` environment variable
     (``SWARM_API_KEY`` holds a comma-separated list)."""
     add = flag_adder(parser.add_argument_group("HTTP gateway"))
     add("--api-key", str, None, "accept this API key on /v1 (repeatable, or comma-separated in the env var; "
@@ -53,6 +53,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     add("--allowed-host", str, None, "a Host name the gateway answers to besides loopback names, the bound host and "
         "IP addresses (repeatable, or comma-separated in the env var; '*' turns the DNS-rebinding check off)",
         action="append", metavar="NAME")
+    add("--speculate", int, 0, "speculative decoding for HTTP requests: draft up to K tokens a step by prompt "
+        "lookup (0 = off; the tokens are the same either way)", metavar="K")
 
 
 def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
@@ -69,6 +71,7 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
         max_body_bytes=getattr(ns, "max_body_bytes", 2 << 20),
         max_concurrent=getattr(ns, "max_concurrent", 256),
         allowed_hosts=default_allowed_hosts(getattr(ns, "host", "") or "", getattr(ns, "allowed_host", None) or ()),
+        speculate=getattr(ns, "speculate", 0) or 0,
     )
 
 
@@ -83,11 +86,13 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
     config = config or GatewayConfig()
     # The daemon always checks Host: the loopback names, its bound host and the extra names.
     config = replace(config, allowed_hosts=default_allowed_hosts(coordinator.config.host, config.allowed_hosts or ()))
+    speculate = config.speculate
 
     def client() -> AsyncSwarmClient:
         # busy_at_start="raise": the gateway's line orders the generations waiting for room
         return AsyncSwarmClient.remote(
-            coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise")
+            coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise"),
+            speculate=speculate,
         )
 
     return create_app(client, coordinator.registry, config)
