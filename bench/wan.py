@@ -6,9 +6,8 @@ test bed (tests/wan/bed.py); every link delayed by the same one-way delay, chang
 place (0, 10, 25, 50 ms by default). --runs rounds, each visiting every delay in turn
 (so the shared machine's drift hits all delays alike): a warm-up generation, then
 [repetitive task, free text] x [speculation off, on] side by side (greedy, --max-new
-tokens each); figures are medians over the rounds. Speculation runs only where the client
-library has it (``RoutedBackend(speculation=Speculation(max_draft=K))``, prompt lookup);
-otherwise it is reported as unavailable.
+tokens each); figures are medians over the rounds. Speculation is the client's prompt
+lookup with adaptive k (``RoutedBackend(speculation=Speculation(max_draft=K))``).
 
 Per-token latency is decode time / (tokens - 1); tokens/s its inverse; TTFT the time
 to the first token (route, prefill, K+1 traversals). The model checked: without
@@ -24,7 +23,6 @@ to bench/results/wan.png, and prints a table. Needs root (network namespaces).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -61,10 +59,6 @@ TASKS = {
 NODES = [WanNode("a", "0:10"), WanNode("b", "10:20"), WanNode("c", "20:30")]
 
 
-def has_speculation() -> bool:
-    return importlib.util.find_spec("swarm_client.speculation") is not None
-
-
 def summarize(gens: list[dict[str, Any]]) -> dict[str, float]:
     per_token = [(g["times"][-1] - g["times"][0]) / (len(g["times"]) - 1) for g in gens if len(g["times"]) > 1]
     ttft = [g["times"][0] for g in gens if g["times"]]
@@ -99,10 +93,10 @@ def main() -> None:
     tokenizer = load_tokenizer(str(model))
     prompts = {name: tokenizer.apply_chat([{"role": "user", "content": text}]) for name, text in TASKS.items()}
     delays = [float(d) for d in args.delays.split(",")]
-    modes = ["off", "on"] if has_speculation() else ["off"]
+    modes = ["off", "on"]
     results: dict[str, Any] = {
         "model": model.name, "nodes": [n.layers for n in NODES], "max_new": args.max_new, "runs": args.runs,
-        "speculate": args.speculate, "speculation": "available" if "on" in modes else "unavailable on this branch",
+        "speculate": args.speculate,
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
         "delays_ms": delays, "series": {},
     }
@@ -163,6 +157,10 @@ def main() -> None:
         if "measured_over_model" in series[str(delays[0])]:
             print(f"{key + ' meas/model':<22}"
                   + "".join(f"{series[str(d)]['measured_over_model']:>13.2f}" for d in delays))
+    for task, by_delay in results.get("speedup", {}).items():
+        print(f"{task + ' spec speedup':<22}" + "".join(f"{by_delay[str(d)]:>12.2f}x" for d in delays))
+        trips = results["series"][f"{task}/on"]
+        print(f"{task + ' tok/round trip':<22}" + "".join(f"{trips[str(d)]['tokens_per_round_trip']:>13.2f}" for d in delays))
     print(f"wrote {args.out} and {args.plot}")
 
 

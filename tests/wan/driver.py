@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from swarm_client.routed import CoordinatorRoutes, RoutedBackend
+from swarm_client.speculation import Speculation
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.wire import SamplingParams
 
@@ -55,8 +56,6 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
         if k not in backends:
             kwargs: dict[str, Any] = {}
             if k:
-                from swarm_client.speculation import Speculation  # where speculative decoding exists
-
                 kwargs["speculation"] = Speculation(max_draft=k)
             backends[k] = RoutedBackend(routes, max_context=job.get("max_context", 512), eos_token_ids=(), **kwargs)
         return backends[k]
@@ -70,8 +69,8 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
             times: list[float] = []
             routes_seen: list[list[str]] = []
             backend = backend_for(int(gen.get("speculate", job.get("speculate", 0))))
-            stats = getattr(backend, "decode_stats", None)  # where speculative decoding exists
-            trips_before = (stats.round_trips, stats.tokens) if stats is not None else (0, 0)
+            stats = backend.decode_stats
+            trips_before = (stats.round_trips, stats.tokens)
             before = len(backend.records)
             t0 = time.monotonic()
             async for t in backend.tokens(gen["prompt"], params, gen["max_new"]):
@@ -90,7 +89,7 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
                  "replay_s": r.replay_s}
                 for r in list(backend.records)[before:]
             ]
-            trips = (stats.round_trips - trips_before[0], stats.tokens - trips_before[1]) if stats is not None else (0, 0)
+            trips = (stats.round_trips - trips_before[0], stats.tokens - trips_before[1])
             out["generations"].append({"tokens": tokens, "times": times, "routes": routes_seen, "failovers": records,
                                        "round_trips": trips[0], "trip_tokens": trips[1]})
     finally:
