@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
     gen.add_argument("--local", action="store_true", help="run the whole model in this process")
-    gen.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="generate over the swarm of this coordinator")
+    gen.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="generate over the swarm of this coordinator (HOST:PORT,HOST:PORT: fail over between an active one and its standby)")
     gen.add_argument("--route", default=None, metavar="HOPS", help="generate along fixed hops: host:port,host:port (each hop's layers asked of it) or host:port=0:10,host:port=10:30")
     gen.add_argument("--model", default=None, help="model file/folder or name (default: smollm2-135m)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")

@@ -162,10 +162,16 @@ class StaticRoutes(RouteProvider):
         return Route(self.hops)
 
 
-class CoordinatorRoutes(RouteProvider):
-    """Routes from the coordinator's gRPC service at ``HOST:PORT``.
+_FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
-    The channel is made on first use, in the event loop that uses it. With
+
+class CoordinatorRoutes(RouteProvider):
+    """Routes from the coordinator's gRPC service at ``HOST:PORT``, or from the first
+    of ``HOST:PORT,HOST:PORT,...`` that answers (an active coordinator and its standby:
+    both answer routes; a call that finds one unreachable moves on to the next, and
+    later calls start from the one that answered).
+
+    Channels are made on first use, in the event loop that uses them. With
     ``probe_links`` (the default) the client measures its round trips to the swarm's
     nodes (:class:`swarm_proto.links.LinkProbe`; the node list and the figures are
     refreshed every ``links.ttl`` seconds) and sends them with each route request, so a
@@ -175,11 +181,14 @@ class CoordinatorRoutes(RouteProvider):
     def __init__(
         self, address: str, *, model: str = "", timeout: float = 10.0, token: str = "", probe_links: bool = True
     ) -> None:
-        self.address = address
+        self.addresses = tuple(a.strip() for a in address.split(",") if a.strip())
+        if not self.addresses:
+            raise ValueError(f"no coordinator address in {address!r}")
+        self.address = self.addresses[0]  # the one in use
         self.model = model
         self.timeout = timeout
         self._metadata = call_metadata(token)  # the swarm token, when the coordinator wants one
-        self._channel: grpc.aio.Channel | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.links = LinkProbe() if probe_links else None
         self._listed: list[tuple[str, str]] = []
@@ -214,12 +223,32 @@ class CoordinatorRoutes(RouteProvider):
         self._listed_at = time.monotonic()
         await self.links.rtts(self._listed, self._metadata)
 
-    def _stub(self) -> swarm_pb2_grpc.CoordinatorStub:
+    def _stub(self, address: str) -> swarm_pb2_grpc.CoordinatorStub:
         loop = asyncio.get_running_loop()
-        if self._channel is None or self._loop is not loop:
-            self._channel = grpc.aio.insecure_channel(self.address)
+        if self._loop is not loop:
+            self._channels = {}
             self._loop = loop
-        return swarm_pb2_grpc.CoordinatorStub(self._channel)
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return swarm_pb2_grpc.CoordinatorStub(self._channels[address])
+
+    async def _call(self, method: str, request: Any) -> Any:
+        """``method`` on the coordinator in use, then on the others while unreachable."""
+        start = self.addresses.index(self.address)
+        order = self.addresses[start:] + self.addresses[:start]
+        for n, address in enumerate(order):
+            try:
+                call = getattr(self._stub(address), method)
+                reply = await call(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _FAILOVER_CODES or n == len(order) - 1:
+                    self.address = address
+                    raise
+                logger.warning("coordinator %s: %s; trying %s", address, exc.code().name, order[n + 1])
+                continue
+            self.address = address
+            return reply
+        raise AssertionError("unreachable")
 
     async def route(
         self, *, max_length: int, exclude_node_ids: Collection[str] = (), exclude_addresses: Collection[str] = ()
@@ -232,7 +261,7 @@ class CoordinatorRoutes(RouteProvider):
             client_rtt_s=await self.client_rtts(exclude_node_ids, exclude_addresses),
         )
         try:
-            reply = await self._stub().GetRoute(request, timeout=self.timeout, metadata=self._metadata)
+            reply = await self._call("GetRoute", request)
         except grpc.aio.AioRpcError as exc:
             raise RouteError(exc.code(), f"coordinator {self.address}: {exc.details()}") from exc
         hops = tuple(Hop(h.address, h.start, h.end, h.node_id) for h in reply.hops)
@@ -247,7 +276,7 @@ class CoordinatorRoutes(RouteProvider):
             message=error.message[:1000],
         )
         try:
-            await self._stub().ReportFailure(report, timeout=self.timeout, metadata=self._metadata)
+            await self._call("ReportFailure", report)
         except grpc.aio.AioRpcError as exc:  # the report is advice; the retry goes on
             logger.warning("could not report the failure to %s: %s", self.address, exc.details())
 
@@ -269,15 +298,13 @@ class CoordinatorRoutes(RouteProvider):
             mode=record.mode,
         )
         try:
-            await self._stub().ReportFailure(report, timeout=self.timeout, metadata=self._metadata)
+            await self._call("ReportFailure", report)
         except grpc.aio.AioRpcError as exc:
             logger.warning("could not report the failover to %s: %s", self.address, exc.details())
 
     async def list_nodes(self) -> list[NodeSummary]:
         try:
-            reply = await self._stub().ListNodes(
-                swarm_pb2.ListNodesRequest(model=self.model), timeout=self.timeout, metadata=self._metadata
-            )
+            reply = await self._call("ListNodes", swarm_pb2.ListNodesRequest(model=self.model))
         except grpc.aio.AioRpcError as exc:
             raise RouteError(exc.code(), f"coordinator {self.address}: {exc.details()}") from exc
         return [NodeSummary(n.node_id, n.address, n.start, n.end, n.device, n.active_sessions) for n in reply.nodes]
@@ -287,9 +314,9 @@ class CoordinatorRoutes(RouteProvider):
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
         self._refresher = None
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
 
 
 # Failures worth another route: the hop is gone, busy, overloaded, silent or was reassigned.

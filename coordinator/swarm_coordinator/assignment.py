@@ -46,10 +46,11 @@ _EPS = 1e-9
 class AssignmentPolicy:
     replicas: int = 1  # copies of each layer wanted, where memory allows
     min_gain: float = 0.2  # a working swarm is reshuffled only for more than this gain
+    replica_floor: int = 2  # below this many copies a fresh proposal wins outright; above, only by min_gain
 
     def __post_init__(self) -> None:
-        if self.replicas < 1 or self.min_gain < 0:
-            raise ValueError("replicas must be >= 1 and min_gain >= 0")
+        if self.replicas < 1 or self.min_gain < 0 or self.replica_floor < 1:
+            raise ValueError("replicas and replica_floor must be >= 1 and min_gain >= 0")
 
 
 def eligible(state: SwarmState) -> tuple[NodeView, ...]:
@@ -168,8 +169,11 @@ def propose(state: SwarmState, policy: AssignmentPolicy = AssignmentPolicy()) ->
             pos += sizes[node_id]
     assignment = Assignment(ranges)
     by_id = {v.node_id: v for v in nodes}
-    for node_id in sorted(extras, key=lambda n: (-speeds[n], n)):
-        assignment = _place_best(state, assignment, by_id[node_id], speeds[node_id], policy.replicas)
+    if extras:
+        placer = _Placer(state, assignment, policy.replicas)
+        for node_id in sorted(extras, key=lambda n: (-speeds[n], n)):
+            placer.place(by_id[node_id], speeds[node_id])
+        assignment = placer.a
     _check_coverage(state, assignment)
     return assignment
 
@@ -212,13 +216,40 @@ def _range_min(values: Sequence[float]) -> list[list[float]]:
     return table
 
 
+class _Placer:
+    """Places idle nodes one after another, keeping per-layer replica counts and
+    throughput up to date instead of recomputing them from the whole assignment."""
+
+    def __init__(self, state: SwarmState, a: Assignment, replicas: int) -> None:
+        self.state = state
+        self.a = a
+        self.replicas = replicas
+        self.counts = list(a.coverage(state.num_layers))
+        self.thr = list(layer_throughput(state, a))
+
+    def place(self, node: NodeView, speed: float) -> LayerRange:
+        r = _best_window(self.state, node, speed, self.replicas, self.counts, self.thr)
+        self.a = self.a.with_range(node.node_id, r)
+        for layer in range(r.start, r.end):
+            self.counts[layer] += 1
+            self.thr[layer] += speed / len(r)
+        return r
+
+
 def _place_best(state: SwarmState, a: Assignment, node: NodeView, speed: float, replicas: int) -> Assignment:
     """Give an idle node the window that most raises (replica level, weakest layer),
     then covers the most of the current weakest layers, then is largest."""
+    placer = _Placer(state, a, replicas)
+    placer.place(node, speed)
+    return placer.a
+
+
+def _best_window(
+    state: SwarmState, node: NodeView, speed: float, replicas: int, coverage: Sequence[int], thr: Sequence[float]
+) -> LayerRange:
     L = state.num_layers
     cap = min(L, node.capacity(state.bytes_per_layer))
-    counts = [float(min(c, replicas)) for c in a.coverage(L)]
-    thr = layer_throughput(state, a)
+    counts = [float(min(c, replicas)) for c in coverage]
     count_min, thr_min = _range_min(counts), _range_min(thr)
     inf = float("inf")
 
@@ -231,40 +262,44 @@ def _place_best(state: SwarmState, a: Assignment, node: NodeView, speed: float, 
     at_weakest = [0]  # prefix counts of layers at the weakest throughput
     for x in thr:
         at_weakest.append(at_weakest[-1] + (x <= weakest * (1 + _EPS) + _EPS))
-    best: tuple[tuple[float, float, int, int, int], LayerRange] | None = None
+    best: tuple[tuple[float, int, int, int, int], LayerRange] | None = None
     for size in range(1, cap + 1):
         boost = speed / size
         for start in range(L - size + 1):
             end = start + size
             rep = min(outside(count_min, start, end), min(count_min[start][size - 1] + 1, replicas))
             low = min(outside(thr_min, start, end), thr_min[start][size - 1] + boost)
-            key = (rep, round(low, 9), at_weakest[end] - at_weakest[start], size, -start)
+            key = (rep, int(low * 1e9 + 0.5), at_weakest[end] - at_weakest[start], size, -start)  # low to 1e-9
             if best is None or key > best[0]:
                 best = (key, LayerRange(start, end))
     assert best is not None
-    return a.with_range(node.node_id, best[1])
+    return best[1]
 
 
-def _repair(state: SwarmState, a: Assignment, nodes: Sequence[NodeView], speeds: dict[str, float]) -> Assignment | None:
-    """Cover the holes by growing survivors' ranges or using idle nodes; ``None`` if not possible."""
+def _repair(
+    state: SwarmState, a: Assignment, nodes: Sequence[NodeView], speeds: dict[str, float], need: int = 1
+) -> Assignment | None:
+    """Bring every layer to ``need`` copies (1: cover the holes) by growing survivors'
+    ranges or using idle nodes, one move at a time; ``None`` if not possible."""
     L = state.num_layers
     while True:
         counts = a.coverage(L)
-        if min(counts) > 0:
+        if min(counts) >= need:
             return a
-        holes = [0]  # holes[i]: uncovered layers below i
+        holes = [0]  # holes[i]: layers short of copies below i
         for c in counts:
-            holes.append(holes[-1] + (c == 0))
+            holes.append(holes[-1] + (c < need))
         best: tuple[tuple[int, int, float, str], str, LayerRange] | None = None
         for v in nodes:
             cap = min(L, v.capacity(state.bytes_per_layer))
             cur = a.get(v.node_id)
-            lo_range = range(0, L) if cur is None else range(0, cur.start + 1)
+            lo_range = range(L) if cur is None else range(cur.start + 1)
+            own = holes[cur.end] - holes[cur.start] if cur is not None else 0  # no new copy where it is already
             for lo in lo_range:
                 min_hi = lo + 1 if cur is None else cur.end
                 for hi in range(max(min_hi, lo + 1), min(L, lo + cap) + 1):
-                    gained = holes[hi] - holes[lo]
-                    if gained == 0:
+                    gained = holes[hi] - holes[lo] - own
+                    if gained <= 0:
                         continue
                     added = (hi - lo) - (len(cur) if cur else 0)
                     key = (gained, -added, speeds[v.node_id], v.node_id)
@@ -279,11 +314,16 @@ def plan(
     state: SwarmState,
     current: Assignment | None = None,
     policy: AssignmentPolicy = AssignmentPolicy(),
+    *,
+    full: bool = True,
 ) -> Assignment:
     """The assignment the swarm should move to, given what it has now.
 
-    ``current`` defaults to ``state.current_assignment()``. Raises :class:`CoverageError`
-    when no assignment can cover the model.
+    ``current`` defaults to ``state.current_assignment()``. With ``full=False`` the plan
+    is incremental: survivors keep their ranges, holes are repaired and newcomers
+    placed, and a fresh :func:`propose` is computed only when that cannot cover the
+    model (a large swarm plans this way on every change, and in full now and then).
+    Raises :class:`CoverageError` when no assignment can cover the model.
     """
     if current is None:
         current = state.current_assignment()
@@ -298,17 +338,24 @@ def plan(
             if n in by_id and r.end <= L and len(r) <= by_id[n].capacity(state.bytes_per_layer)
         }
     )
-    proposal = propose(state, policy)  # raises CoverageError when nothing can cover
-    if not kept:
-        return proposal
-    base = _repair(state, kept, nodes, speeds)
+    base = _repair(state, kept, nodes, speeds) if kept else None
     if base is None:
-        return proposal
-    for v in sorted(nodes, key=lambda v: (-speeds[v.node_id], v.node_id)):
-        if v.node_id not in base:
-            base = _place_best(state, base, v, speeds[v.node_id], policy.replicas)
-    covered_b, rep_b, thr_b = _score(state, base, policy.replicas)
-    covered_p, rep_p, thr_p = _score(state, proposal, policy.replicas)
+        return propose(state, policy)  # raises CoverageError when nothing can cover
+    newcomers = sorted((v for v in nodes if v.node_id not in base), key=lambda v: (-speeds[v.node_id], v.node_id))
+    if newcomers:
+        placer = _Placer(state, base, policy.replicas)
+        for v in newcomers:
+            placer.place(v, speeds[v.node_id])
+        base = placer.a
+    floor = min(policy.replicas, policy.replica_floor)
+    if not full:
+        if base.replicas(L) < floor:  # grow survivors back to the floor before reshuffling anyone
+            base = _repair(state, base, nodes, speeds, need=floor) or base
+        if base.replicas(L) >= floor:
+            return base
+    proposal = propose(state, policy)
+    covered_b, rep_b, thr_b = _score(state, base, floor)
+    covered_p, rep_p, thr_p = _score(state, proposal, floor)
     if (covered_p, rep_p) > (covered_b, rep_b):
         return proposal
     if (covered_p, rep_p) == (covered_b, rep_b) and thr_p > thr_b * (1 + policy.min_gain):

@@ -138,6 +138,7 @@ class MosquittoBroker:
             f"listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
             "persistence false\n"
+            "sys_interval 1\n"  # $SYS counters each second (the scale bench reads messages/s)
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
         )

@@ -39,7 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", str, defaults["dtype"].default, "the nodes' compute dtype (sizes layers against memory budgets)",
         choices=list(DTYPE_BYTES))
     add("--node-timeout", float, defaults["node_timeout"].default, "seconds of silence before a node counts as offline")
+    add("--forget-after", float, defaults["forget_after"].default,
+        "seconds offline after which a node is forgotten and its retained status cleared")
     add("--settle", float, defaults["settle"].default, "seconds changes gather before a plan (a burst of joins: one plan)")
+    add("--rebalance-interval", float, defaults["rebalance_interval"].default,
+        "seconds between whole-swarm proposals (plans in between only repair and place newcomers)")
+    add("--reload-budget", int, defaults["reload_budget"].default,
+        "times a node may be moved off a range it hosts per --reload-window (coverage comes first)")
+    add("--reload-window", float, defaults["reload_window"].default, "the reload budget's window, seconds")
+    add("--coordinator-id", str, "", "this coordinator's name on the planning lease (unique per swarm; default: random)")
     add("--token", str, "", "swarm token required on every gRPC call and sent to the nodes; prefer the env var, flags show in ps")
     daemon.add_log_level(add)
     from swarm_coordinator.http.mount import add_gateway_flags
@@ -63,7 +71,12 @@ def config_from_args(ns: argparse.Namespace) -> CoordinatorConfig:
         min_gain=ns.min_gain,
         dtype=ns.dtype,
         node_timeout=ns.node_timeout,
+        forget_after=ns.forget_after,
         settle=ns.settle,
+        rebalance_interval=ns.rebalance_interval,
+        reload_budget=ns.reload_budget,
+        reload_window=ns.reload_window,
+        coordinator_id=ns.coordinator_id,
         token=ns.token,
     )
 

@@ -30,10 +30,15 @@ class CoordinatorConfig:
     min_gain: float = 0.2  # hysteresis: reshuffle a working swarm only for more than this gain
     dtype: str = "float32"  # the nodes' compute dtype, for bytes per layer
     node_timeout: float = 10.0  # silence after which a node counts as offline
+    forget_after: float = 600.0  # a node offline this long is forgotten (its retained status cleared)
     keepalive: int = 5  # MQTT keepalive of the registry's connection, seconds
     settle: float = 1.0  # seconds to let changes (joins in a burst, retained messages) gather before planning
     failure_backoff: float = 2.0  # a reported node is avoided this long, doubling per report
     failure_backoff_max: float = 60.0
+    rebalance_interval: float = 60.0  # seconds between whole-swarm proposals; plans in between are incremental
+    reload_budget: int = 2  # times a node may be moved off a range it hosts per reload_window (coverage comes first)
+    reload_window: float = 3600.0
+    coordinator_id: str = ""  # this coordinator's name on the lease (unique per swarm); "" draws one
     token: str = field(default="", repr=False)  # the swarm token: asked of every gRPC caller, sent to the nodes
 
     def __post_init__(self) -> None:
@@ -50,9 +55,13 @@ class CoordinatorConfig:
             raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
-        for name in ("node_timeout", "failure_backoff", "failure_backoff_max"):
+        for name in ("node_timeout", "forget_after", "failure_backoff", "failure_backoff_max"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.rebalance_interval <= 0 or self.reload_window <= 0 or self.reload_budget < 0:
+            raise ValueError("rebalance_interval and reload_window must be positive, reload_budget >= 0")
+        if self.coordinator_id:
+            check_id("coordinator id", self.coordinator_id)
         if self.keepalive < 1 or self.settle < 0:
             raise ValueError("keepalive must be >= 1 s and settle >= 0 s")
 

@@ -19,20 +19,28 @@ full one answers "busy", which clients wait on). A span may use part of a node's
 The search is a shortest path over (layer boundary, node that ends there): a link's
 delay depends on both its ends. Switching nodes only pays off at the start or end of
 some node's range (cost is linear in the switch point between two such boundaries), so
-those are the only positions searched.
+those are the only positions searched. Of the nodes serving the same range only the
+cheapest can be on the best route when no link is measured; when links are, the
+``MAX_LINK_CANDIDATES`` cheapest of each range are searched (a near replica may beat a
+faster far one).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from swarm_coordinator.errors import NoRouteError, format_ranges
 from swarm_coordinator.state import NodeView, SwarmState, runs
 
-__all__ = ["LinkDelays", "RecentRoutes", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
+__all__ = ["LinkDelays", "RecentRoutes", "RouteIndex", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
+
+
+MAX_LINK_CANDIDATES = 8  # nodes per distinct range searched when link delays are known
+
+Candidate = tuple[float, str, NodeView]  # (seconds per layer, node id, view)
 
 
 @dataclass(frozen=True)
@@ -107,13 +115,13 @@ def find_route(
     the round trips the client measured to nodes (seconds; the head's and the tail's
     links to the client count).
     """
-    rtts = client_rtts or {}
+    links = LinkDelays.of(state, policy).with_client(client_rtts or {})
     try:
-        return _find_route(state, max_length, exclude, recent or {}, policy, rtts, need_room=True)
+        return _find_route(state, max_length, exclude, recent or {}, policy, links, need_room=True)
     except NoRouteError as roomy:
         # Nothing with room (as last reported): the nodes themselves decide, "busy" or not.
         try:
-            return _find_route(state, max_length, exclude, recent or {}, policy, rtts, need_room=False)
+            return _find_route(state, max_length, exclude, recent or {}, policy, links, need_room=False)
         except NoRouteError:
             raise roomy from None  # it names the full nodes too
 
@@ -124,18 +132,45 @@ def _find_route(
     exclude: Collection[str],
     recent: Mapping[str, int],
     policy: RoutingPolicy,
-    client_rtts: Mapping[str, float],
+    links: LinkDelays,
     *,
     need_room: bool,
 ) -> tuple[Span, ...]:
     L = state.num_layers
     usable, skipped = _usable(state, exclude, max_length, need_room)
-    points = sorted({0, L} | {p for v in usable for p in (v.serving.start, v.serving.end)})  # type: ignore[union-attr]
-    cost_per_layer = {v.node_id: seconds_per_layer(v, recent.get(v.node_id, 0), policy) for v in usable}
-    links = LinkDelays(state, client_rtts, policy)
+    # Of the nodes serving the same range only the cheapest few can be on the best
+    # route, so the search runs over distinct ranges (tens, even with thousands of nodes).
+    keep = links.candidates_per_range
+    groups: dict[tuple[int, int], list[Candidate]] = {}
+    for v in usable:
+        r = v.serving
+        assert r is not None
+        groups.setdefault((r.start, r.end), []).append((seconds_per_layer(v, recent.get(v.node_id, 0), policy), v.node_id, v))
+    cheapest = {key: sorted(members, key=lambda m: m[:2])[:keep] for key, members in groups.items()}
+    spans = _search(L, cheapest, links)
+    if spans is None:
+        hosted = [False] * L
+        for v in usable:
+            r = v.serving
+            assert r is not None
+            for layer in range(r.start, r.end):
+                hosted[layer] = True
+        uncovered = runs(not h for h in hosted)
+        reasons = "; ".join(f"{why}: {', '.join(ids)}" for why, ids in skipped.items() if ids)
+        raise NoRouteError(
+            f"no route for model {state.model!r}: no usable node hosts layers "
+            f"{format_ranges(uncovered)}" + (f" (skipped {reasons})" if reasons else ""),
+            uncovered,
+        )
+    return spans
 
-    # Dijkstra over (boundary position, node that ends there): the next hop's link delay
-    # depends on who sends it. Ties go to fewer hops, then smaller node ids.
+
+def _search(L: int, candidates: Mapping[tuple[int, int], Sequence[Candidate]], links: LinkDelays) -> tuple[Span, ...] | None:
+    """Dijkstra over (boundary position, node that ends there), a few candidates per
+    distinct range; ties go to fewer hops, then smaller node ids. ``None`` when ``[0, L)``
+    cannot be chained."""
+    points = sorted({0, L} | {p for key in candidates for p in key})
+    by_start = sorted(candidates.items())
     Key = tuple[float, int, tuple[str, ...]]
     Node = tuple[int, str]  # (position, last node id; "" = the client)
     best: dict[Node, Key] = {(0, ""): (0.0, 0, ())}
@@ -153,39 +188,26 @@ def _find_route(
             goal = here
             break
         cost, hops, ids = key
-        for view in usable:
-            r = view.serving
-            assert r is not None
-            if not r.start <= pos < r.end or view.node_id == last:
+        for (start, end), members in by_start:
+            if start > pos:
+                break
+            if pos >= end:
                 continue
-            enter = links.one_way(last, view.node_id)
-            for q in points:
-                if pos < q <= r.end:
-                    leave = links.one_way(view.node_id, "") if q == L else 0.0  # the tail answers the client
-                    new: Key = (
-                        cost + enter + (q - pos) * cost_per_layer[view.node_id] + leave,
-                        hops + 1,
-                        ids + (view.node_id,),
-                    )
-                    there = (q, view.node_id)
-                    if there not in best or new < best[there]:
-                        best[there] = new
-                        back[there] = (here, view)
-                        heapq.heappush(heap, (new, there))
+            for per_layer, node_id, view in members:
+                if node_id == last:
+                    continue
+                enter = links.one_way(last, node_id)
+                for q in points:
+                    if pos < q <= end:
+                        leave = links.one_way(node_id, "") if q == L else 0.0  # the tail answers the client
+                        new: Key = (cost + enter + (q - pos) * per_layer + leave, hops + 1, ids + (node_id,))
+                        there = (q, node_id)
+                        if there not in best or new < best[there]:
+                            best[there] = new
+                            back[there] = (here, view)
+                            heapq.heappush(heap, (new, there))
     if goal is None:
-        hosted = [False] * L
-        for v in usable:
-            r = v.serving
-            assert r is not None
-            for layer in range(r.start, r.end):
-                hosted[layer] = True
-        uncovered = runs(not h for h in hosted)
-        reasons = "; ".join(f"{why}: {', '.join(ids)}" for why, ids in skipped.items() if ids)
-        raise NoRouteError(
-            f"no route for model {state.model!r}: no usable node hosts layers "
-            f"{format_ranges(uncovered)}" + (f" (skipped {reasons})" if reasons else ""),
-            uncovered,
-        )
+        return None
     spans: list[Span] = []
     at = goal
     while at[0] != 0:
@@ -195,6 +217,63 @@ def _find_route(
     return tuple(reversed(spans))
 
 
+class RouteIndex:
+    """Routing over one snapshot, with the per-node work done once per snapshot.
+
+    The ready nodes of the state's model are grouped by served range and sorted by their
+    cost with no recent sessions; a request then scans each group only until no later
+    node can be cheaper (recent sessions only add cost), skipping excluded and full
+    nodes, so a route costs about one look per distinct range instead of one per node.
+    Same answers as :func:`find_route` (which it falls back on to explain a failure).
+    The nodes' link delays are gathered once per snapshot too.
+    """
+
+    def __init__(self, state: SwarmState, policy: RoutingPolicy = RoutingPolicy()) -> None:
+        self.state = state
+        self.policy = policy
+        self.links = LinkDelays.of(state, policy)
+        groups: dict[tuple[int, int], list[tuple[float, str, NodeView]]] = {}
+        for view in state.nodes.values():
+            r = view.serving
+            if r is None or not state.serves_model(view) or r.end > state.num_layers:
+                continue
+            groups.setdefault((r.start, r.end), []).append((seconds_per_layer(view, 0, policy), view.node_id, view))
+        for members in groups.values():
+            members.sort(key=lambda m: (m[0], m[1]))
+        self._groups = groups
+
+    def route(
+        self, *, max_length: int = 1, exclude: Collection[str] = frozenset(), recent: Mapping[str, int] | None = None,
+        client_rtts: Mapping[str, float] | None = None,
+    ) -> tuple[Span, ...]:
+        recent = recent or {}
+        links = self.links.with_client(client_rtts or {})
+        keep = links.candidates_per_range
+        for need_room in (True, False):
+            cheapest: dict[tuple[int, int], list[Candidate]] = {}
+            for key, members in self._groups.items():
+                picks: list[Candidate] = []  # the `keep` cheapest so far, sorted
+                for base, node_id, view in members:
+                    if len(picks) >= keep and (base, node_id) >= picks[-1][:2]:
+                        break  # sorted by cost with no recent sessions: nothing later is cheaper
+                    if node_id in exclude or (need_room and not has_room(view, max_length)):
+                        continue
+                    cost = seconds_per_layer(view, recent.get(node_id, 0), self.policy) if node_id in recent else base
+                    picks.append((cost, node_id, view))
+                    picks.sort(key=lambda m: m[:2])
+                    del picks[keep:]
+                if picks:
+                    cheapest[key] = picks
+            spans = _search(self.state.num_layers, cheapest, links)
+            if spans is not None:
+                return spans
+        # no route: the full search says why, naming the skipped nodes
+        return find_route(
+            self.state, max_length=max_length, exclude=exclude, recent=recent, policy=self.policy,
+            client_rtts=client_rtts,
+        )
+
+
 def route_latency(
     state: SwarmState,
     spans: Iterable[Span],
@@ -202,11 +281,12 @@ def route_latency(
     recent: Mapping[str, int] | None = None,
     policy: RoutingPolicy = RoutingPolicy(),
     client_rtts: Mapping[str, float] | None = None,
+    links: LinkDelays | None = None,
 ) -> float:
     """Estimated seconds per decode step along ``spans`` (K spans cost K+1 hops, each
     its link's one-way delay where measured, ``hop_latency_s`` where not)."""
     recent = recent or {}
-    links = LinkDelays(state, client_rtts or {}, policy)
+    links = (links or LinkDelays.of(state, policy)).with_client(client_rtts or {})
     total, last = 0.0, ""
     for span in spans:
         view = state.nodes[span.node_id]
@@ -223,17 +303,32 @@ class LinkDelays:
     Node ``a`` to node ``b``: half the round trip ``a`` reported to ``b`` (or ``b`` to
     ``a``: links are taken as symmetric); client to node and back: half the round trip
     the client measured (``""`` names the client). An unmeasured link costs
-    ``policy.hop_latency_s``, the cost of a traversal on a fast local network.
+    ``policy.hop_latency_s``, the cost of a traversal on a fast local network. The
+    nodes' part is gathered once per state (:meth:`of`); :meth:`with_client` adds a
+    request's figures without copying it.
     """
 
-    def __init__(self, state: SwarmState, client_rtts: Mapping[str, float], policy: RoutingPolicy) -> None:
-        self.default = policy.hop_latency_s
-        self.client = client_rtts
-        self.peers: dict[tuple[str, str], float] = {}
+    def __init__(self, peers: Mapping[tuple[str, str], float], client: Mapping[str, float], default: float) -> None:
+        self.peers = peers
+        self.client = client
+        self.default = default
+
+    @classmethod
+    def of(cls, state: SwarmState, policy: RoutingPolicy = RoutingPolicy()) -> LinkDelays:
+        peers: dict[tuple[str, str], float] = {}
         for view in state.nodes.values():
             if view.load is not None:
                 for peer in view.load.peer_rtts:
-                    self.peers[(view.node_id, peer.node_id)] = peer.rtt_s
+                    peers[(view.node_id, peer.node_id)] = peer.rtt_s
+        return cls(peers, {}, policy.hop_latency_s)
+
+    def with_client(self, client_rtts: Mapping[str, float]) -> LinkDelays:
+        return LinkDelays(self.peers, client_rtts, self.default) if client_rtts else self
+
+    @property
+    def candidates_per_range(self) -> int:
+        """Without measured links the cheapest node of a range is the only candidate."""
+        return MAX_LINK_CANDIDATES if self.peers or self.client else 1
 
     def rtt(self, a: str, b: str) -> float | None:
         if not a or not b:
@@ -249,21 +344,36 @@ class LinkDelays:
 class RecentRoutes:
     """Sessions routed through each node within the last ``window_s`` seconds.
 
-    The caller owns the clock (``now``), so this stays deterministic in tests.
+    The counts are kept up to date as routes are recorded and expire, so reading them
+    costs nothing per route given. The caller owns the clock (``now``), so this stays
+    deterministic in tests; the log holds at most ``max_routes`` routes (the oldest go
+    first), so a flood of requests cannot grow it without bound.
     """
 
-    def __init__(self, window_s: float = 10.0) -> None:
+    def __init__(self, window_s: float = 10.0, max_routes: int = 100_000) -> None:
         self.window_s = window_s
+        self.max_routes = max_routes
         self._log: deque[tuple[float, tuple[str, ...]]] = deque()
+        self._counts: dict[str, int] = {}
 
     def record(self, spans: Iterable[Span], now: float) -> None:
-        self._log.append((now, tuple(s.node_id for s in spans)))
+        ids = tuple(s.node_id for s in spans)
+        self._log.append((now, ids))
+        for node_id in ids:
+            self._counts[node_id] = self._counts.get(node_id, 0) + 1
+        while len(self._log) > self.max_routes:
+            self._drop()
 
-    def counts(self, now: float) -> dict[str, int]:
+    def _drop(self) -> None:
+        _, ids = self._log.popleft()
+        for node_id in ids:
+            left = self._counts[node_id] - 1
+            if left:
+                self._counts[node_id] = left
+            else:
+                del self._counts[node_id]
+
+    def counts(self, now: float) -> Mapping[str, int]:
         while self._log and self._log[0][0] < now - self.window_s:
-            self._log.popleft()
-        out: dict[str, int] = {}
-        for _, ids in self._log:
-            for node_id in ids:
-                out[node_id] = out.get(node_id, 0) + 1
-        return out
+            self._drop()
+        return self._counts

@@ -16,13 +16,14 @@ import logging
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Collection, Mapping
 
 import grpc
 
 from swarm_coordinator.errors import NoRouteError
 from swarm_coordinator.registry import Registry
-from swarm_coordinator.routing import RecentRoutes, RoutingPolicy, Span, find_route, route_latency
+from swarm_coordinator.routing import RecentRoutes, RouteIndex, RoutingPolicy, Span, route_latency
 from swarm_coordinator.state import NodeView, SwarmState
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
@@ -35,6 +36,7 @@ __all__ = ["CoordinatorService"]
 
 MAX_EXCLUDES = 256
 MAX_CLIENT_RTTS = 64  # round trips one route request may carry
+ROUTE_STATE_MAX_AGE_S = 0.1  # what routing reads is at most this old (Registry.snapshot)
 
 
 class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
@@ -54,14 +56,18 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         self.failures = failures or Backoff()  # node ids reported as failed (the client's schedule)
         self.policy = policy
         self.recent = RecentRoutes()
+        self._index: RouteIndex | None = None  # of the last snapshot routed on
         self._clock = clock
         self.routes_given = 0
+        self.route_seconds: deque[float] = deque(maxlen=20_000)  # time in GetRoute, the most recent calls
+        self.route_cpu_seconds: deque[float] = deque(maxlen=20_000)  # CPU time of this thread in them
         self.failovers = 0  # recovered failovers reported by clients
 
     # --- GetRoute ---------------------------------------------------------------------
 
     async def GetRoute(self, request: swarm_pb2.RouteRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.Route:  # type: ignore[type-arg]
-        state = self.registry.state
+        started, cpu = time.perf_counter(), time.thread_time()
+        state = self.registry.snapshot(ROUTE_STATE_MAX_AGE_S)
         if request.model and request.model != state.model:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"this swarm serves {state.model!r}, not {request.model!r}")
         if request.max_length < 0:
@@ -79,9 +85,14 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             spans = self._route(state, request.max_length or 1, asked, self.failures.avoided(now), now, rtts)
         except NoRouteError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        expected = route_latency(state, spans, recent=self.recent.counts(now), policy=self.policy, client_rtts=rtts)
+        links = self._index.links if self._index is not None and self._index.state is state else None
+        expected = route_latency(
+            state, spans, recent=self.recent.counts(now), policy=self.policy, client_rtts=rtts, links=links
+        )
         self.recent.record(spans, now)
         self.routes_given += 1
+        self.route_seconds.append(time.perf_counter() - started)
+        self.route_cpu_seconds.append(time.thread_time() - cpu)
         return swarm_pb2.Route(
             hops=[swarm_pb2.Hop(address=s.address, start=s.start, end=s.end, node_id=s.node_id) for s in spans],
             session_id=uuid.uuid4().hex,
@@ -94,18 +105,17 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         rtts: Mapping[str, float],
     ) -> tuple[Span, ...]:
         recent = self.recent.counts(now)
+        if self._index is None or self._index.state is not state:
+            self._index = RouteIndex(state, self.policy)
         try:
-            return find_route(
-                state, max_length=max_length, exclude=set(asked) | set(avoided), recent=recent, policy=self.policy,
-                client_rtts=rtts,
+            return self._index.route(
+                max_length=max_length, exclude=set(asked) | set(avoided), recent=recent, client_rtts=rtts
             )
         except NoRouteError:
             if not set(avoided) - set(asked):
                 raise
             log.info("no route without the recently failed nodes %s: using them anyway", sorted(avoided))
-            return find_route(
-                state, max_length=max_length, exclude=asked, recent=recent, policy=self.policy, client_rtts=rtts
-            )
+            return self._index.route(max_length=max_length, exclude=asked, recent=recent, client_rtts=rtts)
 
     # --- ReportFailure ----------------------------------------------------------------
 

@@ -16,7 +16,9 @@ the HTTP port.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +28,8 @@ from swarm_coordinator.assignment import AssignmentPolicy
 from swarm_coordinator.broker import EmbeddedBroker
 from swarm_coordinator.config import CoordinatorConfig
 from swarm_coordinator.errors import BrokerError
-from swarm_coordinator.planner import Planner
+from swarm_coordinator.lease import LeaseKeeper
+from swarm_coordinator.planner import Planner, ReloadBudget
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_coordinator.rpc import CoordinatorService
 from swarm_coordinator.state import SwarmState
@@ -51,6 +54,7 @@ class CoordinatorServer(Service):
         self.broker: EmbeddedBroker | None = None
         self._registry: Registry | None = None
         self.planner: Planner | None = None
+        self.lease: LeaseKeeper | None = None
         self.service: CoordinatorService | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: Any = None  # swarm_coordinator.http.HttpServer when an app is given
@@ -66,6 +70,12 @@ class CoordinatorServer(Service):
     def registry(self) -> Registry:
         assert self._registry is not None, "coordinator not started"
         return self._registry
+
+    @property
+    def advertised_address(self) -> str:
+        """The gRPC address as others should dial it (the lease names it)."""
+        host, _, port = self.address.rpartition(":")
+        return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "[::]") else self.address
 
     @property
     def state(self) -> SwarmState:
@@ -92,6 +102,7 @@ class CoordinatorServer(Service):
                 num_layers=args.num_layers,
                 bytes_per_layer=layer_bytes(args, cfg.dtype),
                 node_timeout_s=cfg.node_timeout,
+                forget_after_s=cfg.forget_after,
                 keepalive=cfg.keepalive,
             )
         )
@@ -99,7 +110,14 @@ class CoordinatorServer(Service):
             await self._registry.start(wait=30.0)
         except PresenceError as exc:
             raise BrokerError(f"no MQTT broker at {self.broker_url}: {exc}") from exc
-        self.planner = Planner(self._registry, AssignmentPolicy(cfg.replicas, cfg.min_gain), settle=cfg.settle)
+        self.planner = Planner(
+            self._registry,
+            AssignmentPolicy(cfg.replicas, cfg.min_gain),
+            settle=cfg.settle,
+            rebalance_interval=cfg.rebalance_interval,
+            budget=ReloadBudget(cfg.reload_budget, cfg.reload_window),
+        )
+        self.planner.active = False  # until this coordinator holds the lease
         self.planner.start()
         self.service = CoordinatorService(
             self._registry,
@@ -115,6 +133,14 @@ class CoordinatorServer(Service):
         await server.start()
         self._grpc = server
         self.address = f"{cfg.host}:{port}"
+        self.lease = LeaseKeeper(
+            self._registry,
+            cfg.coordinator_id or f"c-{secrets.token_hex(4)}",
+            self.advertised_address,
+            self.planner.activate,
+            keepalive=cfg.keepalive,
+        )
+        self.lease.start()
         await self._start_http()
         log.info(
             "coordinator of swarm %s (model %s, %d layers) on %s, broker %s%s",
@@ -137,13 +163,39 @@ class CoordinatorServer(Service):
         """Wait until :meth:`stop` is called."""
         await self._stopped.wait()
 
+    def stats(self) -> dict[str, float]:
+        """What the scale bench reads: route handling times, planner work, reloads."""
+        times = sorted(self.service.route_seconds) if self.service is not None else []
+        cpu = sorted(self.service.route_cpu_seconds) if self.service is not None else []
+        planner = self.planner
+
+        def pct(q: float, values: list[float] = times) -> float:
+            return round(1000 * values[min(len(values) - 1, int(q * len(values)))], 3) if values else 0.0
+
+        return {
+            "routes": self.service.routes_given if self.service is not None else 0,
+            "route_p50_ms": pct(0.5),
+            "route_p99_ms": pct(0.99),
+            "route_cpu_p50_ms": pct(0.5, cpu),  # CPU time: the work, whatever else the machine runs
+            "route_cpu_p99_ms": pct(0.99, cpu),
+            "plans": planner.runs if planner else 0,
+            "plan_ms_mean": round(1000 * planner.plan_seconds / planner.runs, 3) if planner and planner.runs else 0.0,
+            "reloads": planner.reloads if planner else 0,
+            "first_loads": planner.first_loads if planner else 0,
+            "mqtt_messages": self._registry.messages if self._registry else 0,
+            "nodes_known": len(self._registry.state.nodes) if self._registry else 0,
+        }
+
     async def stop(self) -> None:
+        log.info("coordinator stats %s", json.dumps(self.stats()))
         if self._http is not None:
             await self._http.stop()
             self._http = None
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None
+        if self.lease is not None:
+            await self.lease.stop()
         if self.planner is not None:
             await self.planner.stop()
         if self._registry is not None:

@@ -89,25 +89,33 @@ def _broker(url: str, coordinator_host: str) -> BrokerAddress:
 
 
 async def fetch_swarm_info(coordinator: str, *, timeout: float = 60.0, metadata: Metadata = None) -> SwarmInfo:
-    """Ask the coordinator at ``HOST:PORT`` for the swarm's id and broker; retries while
-    it starts (``timeout`` seconds in all)."""
+    """Ask the coordinator at ``HOST:PORT`` (or the first of ``HOST:PORT,HOST:PORT,...``
+    that answers: an active coordinator and its standby) for the swarm's id and broker;
+    retries while they start (``timeout`` seconds in all)."""
+    addresses = [a.strip() for a in coordinator.split(",") if a.strip()]
+    if not addresses:
+        raise AgentError(f"no coordinator address in {coordinator!r}")
     deadline = time.monotonic() + timeout
     delay = 0.2
-    async with grpc.aio.insecure_channel(coordinator) as channel:
-        stub = swarm_pb2_grpc.CoordinatorStub(channel)
-        while True:
+    attempt = 0
+    while True:
+        address = addresses[attempt % len(addresses)]
+        attempt += 1
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = swarm_pb2_grpc.CoordinatorStub(channel)
             try:
                 info = await stub.GetSwarmInfo(swarm_pb2.SwarmInfoRequest(), timeout=5.0, metadata=metadata)
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise AgentError(f"coordinator {coordinator}: {exc.code().name}: {exc.details()}") from exc
+                    raise AgentError(f"coordinator {address}: {exc.code().name}: {exc.details()}") from exc
                 if time.monotonic() + delay > deadline:
                     raise AgentError(f"coordinator {coordinator} unreachable for {timeout:g} s: {exc.details()}") from exc
-                log.info("waiting for the coordinator at %s: %s", coordinator, exc.details())
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-    host = coordinator.rsplit(":", 1)[0].strip("[]")
+                log.info("waiting for the coordinator at %s: %s", address, exc.details())
+        if attempt % len(addresses) == 0:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    host = address.rsplit(":", 1)[0].strip("[]")
     return SwarmInfo(info.swarm_id, _broker(info.mqtt_url, host), info.model, info.num_layers)
 
 

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-batch-tokens", int, defaults["max_batch_tokens"].default, "positions merged into one forward")
     add("--token", str, "", "swarm token required on every call and sent to successors; prefer the env var, flags show in ps")
     add("--node-id", str, None, "identity reported to the swarm (default: host-pid)")
-    add("--coordinator", str, None, "join the swarm of the coordinator at HOST:PORT and host the layers it assigns")
+    add("--coordinator", str, None, "join the swarm of the coordinator at HOST:PORT (or the first that answers of HOST:PORT,HOST:PORT: active and standby) and host the layers it assigns")
     add("--memory-budget", str, None, "bytes of weights this node may hold, e.g. 2G (default: 80%% of free memory)")
     add("--speed", float, 0.0, "announce this decode speed (layer-steps/s) instead of measuring it")
     add("--advertise", str, "", "HOST[:PORT] other nodes and clients reach this node at (default: the bound address)")

@@ -9,6 +9,7 @@ topic                       retained  publisher     payload
 ``node/<id>/load``          no        node          :class:`NodeLoad`, every ~2 s
 ``assign/<id>``             yes       coordinator   :class:`Assign`
 ``events``                  no        anyone        :class:`Event`
+``coordinator/lease``       yes       coordinator   :class:`Lease` (Last Will: deleted)
 ==========================  ========  ============  ==========================================
 
 Every payload is a msgpack map carrying ``"v"`` (:data:`PAYLOAD_VERSION`). Decoding is
@@ -67,6 +68,7 @@ class TopicKind(str, enum.Enum):
     LOAD = "load"
     ASSIGN = "assign"
     EVENTS = "events"
+    LEASE = "lease"
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ class Topics:
     def assign(self, node_id: str) -> str:
         return f"{self.prefix}assign/{check_id('node id', node_id)}"
 
+    @property
+    def lease(self) -> str:
+        return f"{self.prefix}coordinator/lease"
+
     def parse(self, topic: str) -> tuple[TopicKind, str | None]:
         """Split a topic of this swarm into its kind and node id (``None`` for events)."""
         if not topic.startswith(self.prefix):
@@ -106,6 +112,8 @@ class Topics:
         parts = topic[len(self.prefix) :].split("/")
         if parts == ["events"]:
             return TopicKind.EVENTS, None
+        if parts == ["coordinator", "lease"]:
+            return TopicKind.LEASE, None
         if len(parts) == 2 and parts[0] == "assign":
             return TopicKind.ASSIGN, check_id("node id", parts[1])
         if len(parts) == 3 and parts[0] == "node" and parts[2] in ("status", "load"):
@@ -291,7 +299,25 @@ class Event:
     ts: float = field(default_factory=time.time)
 
 
-Payload = Union[NodeStatus, NodeLoad, Assign, Event]
+@dataclass(frozen=True)
+class Lease:
+    """Which coordinator plans the swarm (retained; deleted by its Last Will).
+
+    ``epoch`` grows with every claim, so a holder that was cut off and comes back sees
+    that it was replaced; ``address`` is the holder's gRPC address.
+    """
+
+    holder: str
+    address: str = ""
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        check_id("coordinator id", self.holder)
+        if self.epoch < 0 or len(self.address) > 256:
+            raise PayloadError(f"lease of {self.holder}: negative epoch or overlong address")
+
+
+Payload = Union[NodeStatus, NodeLoad, Assign, Event, Lease]
 
 
 def _pack(fields: dict[str, Any]) -> bytes:
@@ -359,6 +385,8 @@ def encode(payload: Payload) -> bytes:
                 "ts": float(payload.ts),
             }
         )
+    if isinstance(payload, Lease):
+        return _pack({"holder": payload.holder, "address": payload.address, "epoch": payload.epoch})
     raise TypeError(f"not a presence payload: {type(payload).__name__}")
 
 
@@ -502,6 +530,11 @@ def decode_event(data: bytes) -> Event:
     )
 
 
+def decode_lease(data: bytes) -> Lease:
+    f = _unpack("lease", data)
+    return Lease(f.get("holder", str), f.get("address", str, ""), f.get("epoch", int, 0))
+
+
 def decode(topics: Topics, topic: str, data: bytes) -> tuple[TopicKind, str | None, Payload | None]:
     """Decode any message of the swarm: ``(kind, node id, payload or None if deleted)``."""
     kind, node_id = topics.parse(topic)
@@ -516,6 +549,8 @@ def decode(topics: Topics, topic: str, data: bytes) -> tuple[TopicKind, str | No
     if kind is TopicKind.ASSIGN:
         assert node_id is not None
         return kind, node_id, decode_assign(node_id, data)
+    if kind is TopicKind.LEASE:
+        return kind, node_id, decode_lease(data)
     return kind, node_id, decode_event(data)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Union
@@ -156,6 +157,24 @@ class ReconnectingClient(Service):
     async def before_disconnect(self, client: aiomqtt.Client) -> None:
         """Last words before a clean disconnect."""
 
+    async def abort(self) -> None:
+        """Drop the connection as a crash would: the socket closes without an MQTT
+        DISCONNECT, so the broker publishes the Last Will; no reconnect follows.
+        (Simulations and tests: a process that dies does this by itself.)"""
+        client = self._client
+        if client is not None:
+            sock = client._client.socket()  # paho's socket: the only way to cut it
+            if isinstance(sock, socket.socket):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # aiomqtt's exit may wait for a DISCONNECT acknowledgement that never comes
+            await asyncio.wait([task], timeout=5.0)
+
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> bool:
         """Publish now if connected; ``False`` if not (re-announcing is on_connect's job)."""
         client = self._client
@@ -288,6 +307,8 @@ class PresenceClient(ReconnectingClient):
             await asyncio.sleep(self.load_interval)
 
     async def on_message(self, message: aiomqtt.Message) -> None:
+        if not message.topic.value.startswith(self.topics.prefix):
+            return  # amqtt 0.12 also sends the retained messages of other swarms (see below)
         try:
             kind, node_id, payload = decode(self.topics, message.topic.value, bytes(message.payload))
         except PayloadError as exc:

@@ -180,6 +180,43 @@ def test_many_overlapping_nodes_give_a_valid_chain() -> None:
         assert hosted is not None and hosted.start <= span.start and span.end <= hosted.end
 
 
+def test_route_index_answers_as_find_route_on_random_swarms() -> None:
+    """RouteIndex (per-snapshot groups, early-exit scans) gives find_route's routes."""
+    import random
+
+    from swarm_coordinator.routing import RouteIndex
+
+    rng = random.Random(5)
+    for trial in range(60):
+        L = rng.choice((8, 30, 80))
+        views = []
+        for i in range(rng.randrange(1, 40)):
+            start = rng.randrange(0, L)
+            end = rng.randrange(start + 1, L + 1) if rng.random() < 0.8 else L
+            load = NodeLoad(
+                active_sessions=rng.randrange(4), queued_steps=rng.randrange(3),
+                free_kv_tokens=rng.choice((0, 100, 5000)), kv_tokens=5000, free_sessions=rng.randrange(3),
+            )
+            status = NodeStatus(f"n{i:02d}", f"h:{i}", "m", LayerRange(start, end), speed=rng.choice((50.0, 100.0, 300.0)),
+                                state=NodeState.READY if rng.random() < 0.9 else NodeState.LOADING)
+            views.append(NodeView(status, load if rng.random() < 0.8 else None))
+        state = SwarmState.of("m", L, 1, views)
+        index = RouteIndex(state)
+        for _ in range(5):
+            ids = [v.node_id for v in views]
+            exclude = set(rng.sample(ids, k=rng.randrange(0, min(3, len(ids)) + 1)))
+            recent = {n: rng.randrange(1, 4) for n in rng.sample(ids, k=rng.randrange(0, len(ids) + 1))}
+            max_length = rng.choice((1, 200, 4000))
+            try:
+                want = find_route(state, max_length=max_length, exclude=exclude, recent=recent)
+            except NoRouteError as exc:
+                with pytest.raises(NoRouteError) as got:
+                    index.route(max_length=max_length, exclude=exclude, recent=recent)
+                assert str(got.value) == str(exc)
+                continue
+            assert index.route(max_length=max_length, exclude=exclude, recent=recent) == want, trial
+
+
 # --- link-aware routing (docs/wan.md) ---------------------------------------------------
 
 
@@ -240,3 +277,17 @@ def test_route_latency_counts_measured_links() -> None:
     assert got == pytest.approx(compute + 0.01 + 0.025 + 0.02)
     # unmeasured links cost a local hop each: K + 1 of them
     assert route_latency(s, route) == pytest.approx(compute + 0.025 + 2 * policy.hop_latency_s)
+
+
+def test_the_route_index_weighs_links_like_find_route() -> None:
+    from swarm_coordinator.routing import RouteIndex
+
+    # ten replicas of the middle range; the compute-cheapest is far from its neighbours
+    a = with_rtts(node("a", 0, 4), **{f"m{i}": (0.2 if i == 0 else 0.02) for i in range(10)})
+    middles = [with_rtts(node(f"m{i}", 4, 8, speed=200.0 if i == 0 else 100.0 - i), c=0.2 if i == 0 else 0.02)
+               for i in range(10)]
+    s = swarm(a, *middles, node("c", 8, 12))
+    index = RouteIndex(s)
+    for rtts in ({}, {"a": 0.01, "c": 0.01}, {"a": 0.3, "c": 0.3}):
+        assert index.route(client_rtts=rtts) == find_route(s, client_rtts=rtts)
+    assert chain(index.route())[1] == ("m1", 4, 8)  # near, and the fastest of the near ones
