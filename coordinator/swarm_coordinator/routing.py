@@ -20,9 +20,9 @@ The search is a shortest path over (layer boundary, node that ends there): a lin
 delay depends on both its ends. Switching nodes only pays off at the start or end of
 some node's range (cost is linear in the switch point between two such boundaries), so
 those are the only positions searched. Of the nodes serving the same range only the
-cheapest can be on the best route when no link is measured; when links are, the
-``MAX_LINK_CANDIDATES`` cheapest of each range are searched (a near replica may beat a
-faster far one).
+cheapest can be on the best route when no link is measured; when links are, the few
+cheapest of each range are searched (``MAX_LINK_CANDIDATES``, fewer when there are many
+ranges: a near replica may beat a faster far one).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from swarm_coordinator.state import NodeView, SwarmState, runs
 __all__ = ["LinkDelays", "RecentRoutes", "RouteIndex", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
 
 
-MAX_LINK_CANDIDATES = 8  # nodes per distinct range searched when link delays are known
+MAX_LINK_CANDIDATES = 8  # nodes per distinct range searched when link delays are known ...
+MAX_LINK_CANDIDATES_TOTAL = 64  # ... and over all ranges (a swarm of many ranges gets fewer per range)
 
 Candidate = tuple[float, str, NodeView]  # (seconds per layer, node id, view)
 
@@ -140,12 +141,12 @@ def _find_route(
     usable, skipped = _usable(state, exclude, max_length, need_room)
     # Of the nodes serving the same range only the cheapest few can be on the best
     # route, so the search runs over distinct ranges (tens, even with thousands of nodes).
-    keep = links.candidates_per_range
     groups: dict[tuple[int, int], list[Candidate]] = {}
     for v in usable:
         r = v.serving
         assert r is not None
         groups.setdefault((r.start, r.end), []).append((seconds_per_layer(v, recent.get(v.node_id, 0), policy), v.node_id, v))
+    keep = links.candidates_per_range(len(groups))
     cheapest = {key: sorted(members, key=lambda m: m[:2])[:keep] for key, members in groups.items()}
     spans = _search(L, cheapest, links)
     if spans is None:
@@ -171,8 +172,11 @@ def _search(L: int, candidates: Mapping[tuple[int, int], Sequence[Candidate]], l
     cannot be chained."""
     points = sorted({0, L} | {p for key in candidates for p in key})
     by_start = sorted(candidates.items())
+    # With no link measured every hop costs the same, and the sender does not matter:
+    # the search collapses to boundary positions alone (as many states as boundaries).
+    by_sender = links.measured
     Key = tuple[float, int, tuple[str, ...]]
-    Node = tuple[int, str]  # (position, last node id; "" = the client)
+    Node = tuple[int, str]  # (position, last node id; "" = the client, or anyone when not by_sender)
     best: dict[Node, Key] = {(0, ""): (0.0, 0, ())}
     back: dict[Node, tuple[Node, NodeView]] = {}
     heap: list[tuple[Key, Node]] = [((0.0, 0, ()), (0, ""))]
@@ -201,7 +205,7 @@ def _search(L: int, candidates: Mapping[tuple[int, int], Sequence[Candidate]], l
                     if pos < q <= end:
                         leave = links.one_way(node_id, "") if q == L else 0.0  # the tail answers the client
                         new: Key = (cost + enter + (q - pos) * per_layer + leave, hops + 1, ids + (node_id,))
-                        there = (q, node_id)
+                        there = (q, node_id if by_sender else "")
                         if there not in best or new < best[there]:
                             best[there] = new
                             back[there] = (here, view)
@@ -248,7 +252,7 @@ class RouteIndex:
     ) -> tuple[Span, ...]:
         recent = recent or {}
         links = self.links.with_client(client_rtts or {})
-        keep = links.candidates_per_range
+        keep = links.candidates_per_range(len(self._groups))
         for need_room in (True, False):
             cheapest: dict[tuple[int, int], list[Candidate]] = {}
             for key, members in self._groups.items():
@@ -326,9 +330,15 @@ class LinkDelays:
         return LinkDelays(self.peers, client_rtts, self.default) if client_rtts else self
 
     @property
-    def candidates_per_range(self) -> int:
-        """Without measured links the cheapest node of a range is the only candidate."""
-        return MAX_LINK_CANDIDATES if self.peers or self.client else 1
+    def measured(self) -> bool:
+        return bool(self.peers or self.client)
+
+    def candidates_per_range(self, ranges: int) -> int:
+        """Without measured links the cheapest node of a range is the only candidate;
+        with them a few, within a total that keeps the search small on big swarms."""
+        if not self.measured:
+            return 1
+        return max(1, min(MAX_LINK_CANDIDATES, MAX_LINK_CANDIDATES_TOTAL // max(1, ranges)))
 
     def rtt(self, a: str, b: str) -> float | None:
         if not a or not b:
