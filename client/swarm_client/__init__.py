@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from swarm_client.api import AsyncSwarmClient, SwarmClient
 from swarm_client.errors import (
+    ContentPolicyError,
     GenerationError,
     InvalidRequestError,
     ModelUnavailableError,
@@ -28,6 +29,7 @@ from swarm_client.types import (
 __all__ = [
     "AsyncSwarmClient",
     "AsyncTokenSource",
+    "ContentPolicyError",
     "FinishReason",
     "GenerationError",
     "GenerationResult",

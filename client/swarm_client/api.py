@@ -26,6 +26,7 @@ from swarm_client.failover import FailoverPolicy
 from swarm_client.params import SamplingOptions
 from swarm_client.speculation import DEFAULT_K
 from swarm_client.tokenizer import Tokenizer, load_tokenizer
+from swarm_client.verify import VerifyPolicy
 from swarm_client.types import (
     AsyncTokenSource,
     FinishReason,
@@ -103,6 +104,7 @@ class StreamAssembler:
         self._pending = 0  # tokens not yet reported in an event
         self._finish: FinishReason | None = None
         self._stop_reason: str | int | None = None
+        self._checked = 0  # positions verified by spot checks (the backend's count)
         self._t0 = self._t_first = self._t_last = time.perf_counter()
 
     @property
@@ -130,6 +132,7 @@ class StreamAssembler:
             self._t_first = self._t_last
         self._ids.append(int(token.token_id))
         self._logprobs.append(float(token.logprob))
+        self._checked = max(self._checked, token.checked)
         self._pending += 1
         if token.token_id in self.stop_token_ids:
             self._end("stop", int(token.token_id))
@@ -172,6 +175,7 @@ class StreamAssembler:
             timing=timing,
             logprobs=tuple(self._logprobs) if self.options.logprobs else None,
             stop_reason=self._stop_reason,
+            checked_steps=self._checked,
         )
         event = self._event(self._text[self._emitted :])
         self._emitted = len(self._text)
@@ -293,11 +297,12 @@ class SwarmClient(_Base):
         policy: FailoverPolicy | None = None,
         speculate: int = 0,
         draft: str | os.PathLike[str] | None = None,
+        verify: VerifyPolicy | None = None,
     ) -> SwarmClient:
         """The blocking face of ``AsyncSwarmClient.remote`` (same arguments)."""
         from swarm_client.blocking import BlockingTokenSource
 
-        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, speculate, draft)
+        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, speculate, draft, verify)
         return cls(BlockingTokenSource(backend), tokenizer, defaults=defaults)
 
     def stream(self, prompt: Prompt, options: SamplingOptions | None = None, **overrides: Any) -> Iterator[StreamEvent]:
@@ -335,6 +340,7 @@ def _remote_backend(
     policy: FailoverPolicy | None = None,
     speculate: int = 0,
     draft: str | os.PathLike[str] | None = None,
+    verify: VerifyPolicy | None = None,
 ) -> tuple[AsyncTokenSource, Tokenizer]:
     from swarm_client.routed import CoordinatorRoutes, RoutedBackend, RouteProvider, StaticRoutes, parse_route
     from swarm_proto.model_args import read_args
@@ -368,6 +374,7 @@ def _remote_backend(
         token=token,
         policy=policy,
         speculation=speculation,
+        verify=verify,
     )
     return backend, load_tokenizer(path)
 
@@ -414,6 +421,7 @@ class AsyncSwarmClient(_Base):
         policy: FailoverPolicy | None = None,
         speculate: int = 0,
         draft: str | os.PathLike[str] | None = None,
+        verify: VerifyPolicy | None = None,
     ) -> AsyncSwarmClient:
         """A client generating over the swarm: routes from the coordinator at
         ``HOST:PORT`` (with failover), or along a fixed ``route``
@@ -428,8 +436,9 @@ class AsyncSwarmClient(_Base):
         (0, the default: off; the tokens are the same either way, docs/speculation.md);
         drafts come from prompt lookup, or from ``draft``, a small local model sharing the
         model's tokenizer (which turns speculation on with ``DEFAULT_K`` drafts if
-        ``speculate`` is 0)."""
-        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, speculate, draft)
+        ``speculate`` is 0). ``verify``: spot checks of the nodes' results (``VerifyPolicy``, default: a check
+        on 5% of steps; ``rate=0`` turns them off; docs/verification.md)."""
+        backend, tokenizer = _remote_backend(coordinator, route, model, token, timeout, policy, speculate, draft, verify)
         return cls(backend, tokenizer, defaults=defaults)
 
     def _stream_ids(self, ids: list[int], opts: SamplingOptions) -> AsyncGenerator[StreamEvent, None]:

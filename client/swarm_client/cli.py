@@ -65,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize", default="auto", choices=("auto", "none", "int8", "int4"),
                      help="--local weights, as swarm-node --quantize")
     gen.add_argument("--device", default="cpu", help="torch device for --local (cpu, cuda, mps)")
-    gen.add_argument("--stats", action="store_true", help="print timing, the finish reason and tokens per network round trip to stderr")
+    gen.add_argument("--stats", action="store_true", help="print timing, the finish reason tokens per network round trip and the checked positions to stderr")
     gen.add_argument("--speculate", type=int, nargs="?", const=DEFAULT_K, default=0, metavar="K",
                      help=f"speculative decoding over the swarm: draft up to K tokens a step (K: {DEFAULT_K} when omitted; "
                      "adaptive, same tokens as without)")
     gen.add_argument("--draft", default=None, metavar="MODEL",
                      help="draft with this small local model (same tokenizer) instead of prompt lookup; implies --speculate")
+    gen.add_argument("--verify-rate", type=float, default=0.05, metavar="P",
+                     help="share of steps that trigger a spot check of the nodes' results on other nodes (default 0.05; 0 = off; docs/verification.md)")
     gen.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for room while the swarm is busy (default 300)")
     gen.add_argument("--token", default=None, help="swarm token for --route/--coordinator (default: $SWARM_TOKEN; the env var keeps it out of ps)")
 
@@ -191,10 +193,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 async def _generate_over_swarm(args: argparse.Namespace, prompt: str, messages: Any, options: Any) -> int:
     from swarm_client.api import AsyncSwarmClient
     from swarm_client.routed import RoutedBackend
+    from swarm_client.verify import VerifyPolicy
 
     client = AsyncSwarmClient.remote(
         coordinator=args.coordinator, route=args.route, model=args.model, token=args.token, timeout=args.timeout,
         speculate=args.speculate, draft=args.draft,
+        verify=VerifyPolicy(rate=args.verify_rate),
     )
     async with client:
         events = client.stream_chat(messages, options) if args.chat else client.stream(prompt, options)
@@ -204,7 +208,7 @@ async def _generate_over_swarm(args: argparse.Namespace, prompt: str, messages: 
         if args.stats and isinstance(backend, RoutedBackend):
             sys.stderr.write(
                 f"busy: {backend.busy_refusals} refusal(s) for capacity, waited {backend.busy_wait_s:.2f} s for room; "
-                f"failovers: {backend.failovers}\n"
+                f"failovers: {backend.failovers}; liars caught: {len(backend.blames)}\n"
                 f"steps: {backend.decode_stats.summary()}\n"
             )
     return 0
@@ -223,7 +227,7 @@ def _print_event(event: Any, args: argparse.Namespace) -> None:
             sys.stderr.write(
                 f"[{r.finish_reason}] prompt {t.prompt_tokens} tokens, generated {t.completion_tokens}; "
                 f"first token {t.time_to_first_token_s * 1000:.0f} ms, {t.tokens_per_s:.1f} tokens/s, "
-                f"seed {r.seed}\n"
+                f"seed {r.seed}; {r.checked_steps} positions checked on other nodes\n"
             )
 
 

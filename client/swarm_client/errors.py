@@ -4,6 +4,8 @@
     ├── InvalidRequestError   bad sampling options, empty or too long prompt
     ├── ModelUnavailableError the model cannot be found or loaded (run `swarm model pull`)
     ├── TokenizerError        no tokenizer for the source, or no chat template
+    ├── ContentPolicyError    a gateway's acceptable-use policy refused the prompt or
+    │                         stopped the completion (``rule``, ``stage``, ``text``)
     └── GenerationError       generation failed while running
         └── BusyError         the swarm had no room within the caller's wait (retry later)
 
@@ -20,6 +22,7 @@ __all__ = [
     "TokenizerError",
     "GenerationError",
     "BusyError",
+    "ContentPolicyError",
 ]
 
 
@@ -51,3 +54,16 @@ class BusyError(GenerationError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ContentPolicyError(SwarmError):
+    """A gateway's acceptable-use policy refused the prompt (``stage == "prompt"``, HTTP
+    400 ``content_policy_violation``) or stopped the completion (``stage ==
+    "completion"``, ``finish_reason`` ``content_filter``). ``rule`` is the rule's id;
+    ``text`` what the gateway sent before it stopped ("" for a prompt)."""
+
+    def __init__(self, message: str, rule: str, stage: str, text: str = "") -> None:
+        super().__init__(message)
+        self.rule = rule
+        self.stage = stage
+        self.text = text

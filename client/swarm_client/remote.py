@@ -36,6 +36,7 @@ import grpc
 
 from swarm_client.errors import GenerationError
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.commit import Commit, from_proto
 from swarm_proto.daemon import Service
 from swarm_proto.transport import DEFAULT_MAX_RECEIVE, ChannelPool, call_metadata
 from swarm_proto.wire import Generation, Hop, OpenSpec, SamplingParams, open_to_proto, status_code
@@ -103,6 +104,10 @@ class StepOutput:
     # A step with drafts (`verify`): the drafts the tail accepted, with their logprobs, at
     # the positions before `position`; the run the step produced is these + `token`.
     accepted: tuple[tuple[int, float], ...] = ()
+    commits: tuple[Commit, ...] = ()  # every hop's commitment for the step's positions, head first
+    sampled: tuple[int, ...] = ()  # recompute(): the token after each position of the chunk
+    sampled_logprobs: tuple[float, ...] = ()  # ... its raw log-probability
+    given_logprobs: tuple[float, ...] = ()  # ... and that of the token that actually follows (NaN: unknown)
 
 
 class RouteSession(Service):
@@ -224,6 +229,27 @@ class RouteSession(Service):
         assert future is not None
         return await self._wait(future, timeout)
 
+    async def recompute(
+        self, tokens: Sequence[int], *, next_token: int | None = None, timeout: float | None = None
+    ) -> list[StepOutput]:
+        """A verifier's pass: send ``tokens`` from the current position (chunked) and
+        have the tail sample after every position and score the token that follows it
+        (``next_token`` after the last); one output per chunk, each with the hops'
+        commitments, ``sampled`` and the log-probabilities."""
+        futures = []
+        n = self.prefill_chunk
+        for i in range(0, len(tokens), n):
+            after = tokens[i + n] if i + n < len(tokens) else next_token
+            futures.append(await self._send(tokens[i : i + n], sample=True, return_logits=False, sample_all=True, next_token=after))
+        return [await self._wait(f, timeout) for f in futures if f is not None]
+
+    def rewind(self, position: int) -> None:
+        """Send the next step from ``position`` (at most the current one): the nodes
+        replace what they hold from there on."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to {position} from {self.position}")
+        self.position = position
+
     async def decode(self, token: int, *, return_logits: bool = False, timeout: float | None = None) -> StepOutput:
         """Feed one token at the next position and return the token sampled after it."""
         future = await self._send([token], sample=True, return_logits=return_logits)
@@ -277,7 +303,15 @@ class RouteSession(Service):
     # --- internals ------------------------------------------------------------------
 
     async def _send(
-        self, tokens: Sequence[int], *, sample: bool, return_logits: bool, replay: bool = False, draft: int = 0
+        self,
+        tokens: Sequence[int],
+        *,
+        sample: bool,
+        return_logits: bool,
+        replay: bool = False,
+        sample_all: bool = False,
+        next_token: int | None = None,
+        draft: int = 0,
     ) -> asyncio.Future[StepOutput] | None:
         if self._failure is not None:
             raise self._failure
@@ -297,6 +331,8 @@ class RouteSession(Service):
             return_logits=return_logits,
             replay=replay,
             draft=draft,
+            sample_all=sample_all,
+            next_token=next_token,
         )
         try:
             await self._head.write(swarm_pb2.SessionRequest(step=step))
@@ -366,6 +402,10 @@ class RouteSession(Service):
                         finished=result.finished,
                         logits=logits,
                         accepted=tuple(zip(result.accepted, result.accepted_logprobs)),
+                        commits=tuple(from_proto(c) for c in result.commits),
+                        sampled=tuple(result.sampled),
+                        sampled_logprobs=tuple(result.sampled_logprobs),
+                        given_logprobs=tuple(result.given_logprobs),
                     )
                 )
         except grpc.aio.AioRpcError as exc:

@@ -50,6 +50,7 @@ from swarm_client.failover import FailoverPolicy, FailoverRecord, StepClock, bla
 from swarm_client.remote import Hop, RouteError, RouteSession
 from swarm_client.speculation import DecodeStats, Speculation, SpeculativeRun
 from swarm_client.types import AsyncTokenSource, SampledToken
+from swarm_client.verify import Blame, CheckResult, Verifier, VerifyPolicy
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
 from swarm_proto.links import LinkProbe
@@ -100,6 +101,14 @@ class RouteProvider(Protocol):
         asks for a whole new route)."""
         return []
 
+    async def report_liar(self, blame: Blame, session_id: str) -> None:
+        """Tell the route's source that a spot check caught a node lying (advice: never raises)."""
+        return  # (an empty body would make it abstract)
+
+    def has_alternatives(self) -> bool:
+        """Whether routes through other nodes may exist (somewhere to spot-check on)."""
+        return True
+
     async def aclose(self) -> None:
         return  # (an empty body would make it abstract)
 
@@ -144,6 +153,9 @@ class StaticRoutes(RouteProvider):
     def __init__(self, hops: Sequence[Hop], *, token: str = "") -> None:
         self.hops = tuple(hops)
         self._metadata = call_metadata(token)
+
+    def has_alternatives(self) -> bool:
+        return False  # one chain: nowhere to check its results
 
     async def route(
         self, *, max_length: int, exclude_node_ids: Collection[str] = (), exclude_addresses: Collection[str] = ()
@@ -302,6 +314,29 @@ class CoordinatorRoutes(RouteProvider):
         except grpc.aio.AioRpcError as exc:
             logger.warning("could not report the failover to %s: %s", self.address, exc.details())
 
+    async def report_liar(self, blame: Blame, session_id: str) -> None:
+        """The evidence of a failed spot check: the coordinator quarantines the node."""
+        report = swarm_pb2.FailureReport(
+            node_id=blame.node_id,
+            address=blame.address,
+            session_id=session_id,
+            code=wire_code(grpc.StatusCode.DATA_LOSS),
+            message=f"spot check: {blame.detail}"[:1000],
+            evidence=swarm_pb2.Evidence(
+                position=blame.position,
+                start=blame.start,
+                end=blame.end,
+                detail=blame.detail[:1000],
+                claimed=list(blame.claimed),
+                recomputed=list(blame.recomputed),
+                witnesses=list(blame.witnesses),
+            ),
+        )
+        try:
+            await self._call("ReportFailure", report)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("could not report the liar to %s: %s", self.address, exc.details())
+
     async def list_nodes(self) -> list[NodeSummary]:
         try:
             reply = await self._call("ListNodes", swarm_pb2.ListNodesRequest(model=self.model))
@@ -350,9 +385,14 @@ class RoutedBackend(AsyncTokenSource):
         policy: FailoverPolicy | None = None,
         token: str = "",
         speculation: Speculation | None = None,
+        verify: VerifyPolicy | None = None,
     ) -> None:
         self.token = token  # the swarm token, sent to every node of every route
         self.policy = policy or FailoverPolicy()
+        self.verify = verify or VerifyPolicy()  # spot checks (docs/verification.md); rate 0 = off
+        self.quarantined: set[str] = set()  # addresses caught lying: never routed through again
+        self.blames: deque[Blame] = deque(maxlen=100)  # the liars caught, newest last
+        self.checked_steps = 0  # positions verified, over all generations
         self.routes = routes
         self._max_context = max_context
         self._eos = tuple(eos_token_ids)
@@ -419,118 +459,210 @@ class RoutedBackend(AsyncTokenSource):
         generated = 0
         pending: FailoverRecord | None = None  # a failover not yet followed by a token
         failures = 0
-        while generated < max_new_tokens:
-            self.last_route = route
-            clock.prior(route.expected_step_s)
-            session = RouteSession(
-                route.hops,
-                max_length=max_length,
-                sampling=params,
-                prompt_length=prompt_length,
-                session_id=session_id,
-                timeout=policy.open_timeout,
-                resumable=span,
-                resume=span and pending is not None,
-                token=self.token,
-                capability=capability,
-            )
-            sent = time.monotonic()  # when the step now awaited was sent
-            try:
-                async with session:
-                    n = len(history)
-                    if pending is not None:
-                        pending.t_opened = time.monotonic()
-                        pending.reroute_s = pending.t_opened - pending.t_detected
-                        pending.kept, pending.hops = session.kept, route.hops
-                        fresh = [h for h, k in zip(route.hops, session.kept) if k < n - 1] if span else route.hops
-                        pending.replayed_tokens = n - min(session.kept, default=0) if span else n
-                        pending.replayed_layers = sum(h.end - h.start for h in fresh)
-                    if pending is not None and span:
-                        out = await session.replay(history, timeout=clock.timeout(pending.replayed_tokens))
-                    else:
-                        out = await session.prefill(history, timeout=clock.timeout(n))
-                    clock.observe(n if pending is None else pending.replayed_tokens, time.monotonic() - sent)
-                    drafts: list[int] = []
-                    took: float | None = None  # the last decode step's round trip (None: a prefill or replay)
-                    while True:
-                        if out.token is None:
-                            raise GenerationError("the tail returned no token")
+        verifier = self._verifier(params, max_length, prompt_length)
+        released = len(history)  # history[:released] is the prompt plus what the caller got
+        check: asyncio.Task[CheckResult] | None = None
+        restart = False  # the next session recomputes everything (after a lie)
+        logprobs: dict[int, float] = {}  # history index -> the tail's logprob of that token
+        try:
+            while generated < max_new_tokens or released < len(history):
+                self.last_route = route
+                clock.prior(route.expected_step_s)
+                if restart:
+                    session_id = uuid.uuid4().hex
+                session = RouteSession(
+                    route.hops,
+                    max_length=max_length,
+                    sampling=params,
+                    prompt_length=prompt_length,
+                    session_id=session_id,
+                    timeout=policy.open_timeout,
+                    resumable=span,
+                    resume=span and pending is not None and not restart,
+                    token=self.token,
+                    capability=capability,
+                )
+                restart = False
+                sent = time.monotonic()  # when the step now awaited was sent
+                try:
+                    async with session:
+                        n = len(history)
                         if pending is not None:
-                            self._recovered(pending)
-                            pending = None
-                        run = [*out.accepted, (out.token, out.logprob)]
-                        stats.round_trips += 1
-                        stats.tokens += len(run)
-                        stats.drafted += len(drafts)
-                        stats.accepted += len(out.accepted)
-                        for token, logprob in run:
-                            history.append(token)
-                            generated += 1
-                            yield SampledToken(token, logprob)
-                            if generated >= max_new_tokens:
-                                return
-                        if spec is not None:
-                            spec.judge(history, drafts, [t for t, _ in run], took)
-                            # The run may bring up to len(drafts) + 1 tokens: within max_new_tokens and the session.
-                            limit = min(max_new_tokens - generated - 1, max_length - len(history))
-                            drafts = await spec.drafts_for(history, limit)
-                        sent = time.monotonic()
-                        out = await session.verify(history[-1], drafts, timeout=clock.timeout(1 + len(drafts)))
-                        took = time.monotonic() - sent
-                        clock.observe(1 + len(drafts), took)
-            except RouteError as err:
-                if err.busy:
-                    # Full, not failed: no blame, no avoidance, no report; wait and ask again.
-                    self.busy_refusals += 1
-                    at_start = generated == 0 and pending is None
-                    if at_start and policy.busy_at_start == "raise":
-                        raise BusyError(f"the swarm is busy: {err.message}", err.retry_after) from err
-                    wait = min(err.retry_after, busy_deadline - time.monotonic())
-                    if wait <= 0:
-                        raise BusyError(
-                            f"no room in the swarm within {policy.busy_wait:g} s: {err.message}", err.retry_after
-                        ) from err
-                    logger.info("hop %s is busy (%s); retrying in %.2f s", err.address, err.message, wait)
-                    t0 = time.monotonic()
-                    await asyncio.sleep(wait)
-                    self.busy_wait_s += time.monotonic() - t0
+                            pending.t_opened = time.monotonic()
+                            pending.reroute_s = pending.t_opened - pending.t_detected
+                            pending.kept, pending.hops = session.kept, route.hops
+                            fresh = [h for h, k in zip(route.hops, session.kept) if k < n - 1] if span else route.hops
+                            pending.replayed_tokens = n - min(session.kept, default=0) if span else n
+                            pending.replayed_layers = sum(h.end - h.start for h in fresh)
+                        if pending is not None and span and session.resume:
+                            out = await session.replay(history, timeout=clock.timeout(pending.replayed_tokens))
+                        else:
+                            out = await session.prefill(history, timeout=clock.timeout(n))
+                        clock.observe(n if pending is None else pending.replayed_tokens, time.monotonic() - sent)
+                        drafts: list[int] = []
+                        took: float | None = None  # the last decode step's round trip (None: a prefill or replay)
+                        while True:
+                            if out.token is None:
+                                raise GenerationError("the tail returned no token")
+                            if pending is not None:
+                                self._recovered(pending)
+                                pending = None
+                            run = [*out.accepted, (out.token, out.logprob)]
+                            stats.round_trips += 1
+                            stats.tokens += len(run)
+                            stats.drafted += len(drafts)
+                            stats.accepted += len(out.accepted)
+                            done = False
+                            for token, logprob in run:
+                                history.append(token)
+                                logprobs[len(history) - 1] = logprob
+                                generated += 1
+                                if verifier is None:
+                                    released = len(history)
+                                    yield SampledToken(token, logprob)
+                                done = generated >= max_new_tokens or (verifier is not None and token in self._eos)
+                                if done:
+                                    break
+                            if verifier is None:
+                                if generated >= max_new_tokens:
+                                    return
+                            else:
+                                verifier.record(out)
+                                wanted = done or released == prompt_length or verifier.want_check()
+                                if check is None and not verifier.unavailable and wanted:
+                                    check = asyncio.get_running_loop().create_task(verifier.check(list(history), route.hops))
+                                if check is not None and (done or check.done()):
+                                    for _ in range(3):  # a verifier caught lying: check again on another
+                                        result = await check
+                                        check = None
+                                        self.checked_steps += result.checked
+                                        if result.blame is None:
+                                            break
+                                        await self._caught(result.blame, session_id)
+                                        if result.blame.on_main:
+                                            raise _Lied(result.blame)
+                                        if not done:
+                                            break
+                                        check = asyncio.get_running_loop().create_task(verifier.check(list(history), route.hops))
+                                    if check is not None:  # verifiers kept lying: give up checking this one
+                                        check.cancel()
+                                        check = None
+                                        logger.warning("no honest verifier found: the last tokens are released unchecked")
+                                    upto = len(history) if done else min(len(history), verifier.checked_upto + 1)
+                                    while released < upto:
+                                        released += 1
+                                        yield SampledToken(history[released - 1], logprobs[released - 1], verifier.checked)
+                                if check is None and verifier.unavailable:  # nowhere to check: stop holding back
+                                    while released < len(history):
+                                        released += 1
+                                        yield SampledToken(history[released - 1], logprobs[released - 1], verifier.checked)
+                                if done and released >= len(history):
+                                    return
+                            if spec is not None:
+                                spec.judge(history, drafts, [t for t, _ in run], took)
+                                # The run may bring up to len(drafts) + 1 tokens: within max_new_tokens and the session.
+                                limit = min(max_new_tokens - generated - 1, max_length - len(history))
+                                drafts = await spec.drafts_for(history, limit)
+                            sent = time.monotonic()
+                            out = await session.verify(history[-1], drafts, timeout=clock.timeout(1 + len(drafts)))
+                            took = time.monotonic() - sent
+                            clock.observe(1 + len(drafts), took)
+                except _Lied as lie:
+                    # Its results from the first wrong position on are void: cut the history
+                    # there and recompute it on a route without the liar (a fresh session:
+                    # survivors downstream of it hold caches built on its output).
+                    q = lie.blame.position
+                    if check is not None:
+                        check.cancel()
+                        check = None
+                    del history[max(q + 1, prompt_length) :]
+                    generated = len(history) - prompt_length
+                    assert verifier is not None
+                    verifier.rewind(q)
+                    self.failovers += 1
+                    restart = True
+                    pending = None
                     route = await self._route(max_length)
-                    if not span or pending is None:  # a fresh session (the refused open left nothing)
-                        session_id = route.session_id or uuid.uuid4().hex
                     continue
-                failures += 1
-                if err.code not in _RETRYABLE or failures > policy.max_failovers:
-                    raise GenerationError(f"generation failed after {failures} failure(s): {err}") from err
-                detected = time.monotonic()
-                culprits = await blame(err, route.hops, clock.probe_timeout(), call_metadata(self.token))
-                if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and not culprits:
-                    clock.slower()  # every hop answers: the route is slow, not dead
-                for hop in culprits:
-                    backoff = self.avoid.record(hop_key(hop))
-                    logger.warning("hop %s (layers [%d, %d)) failed: %s; avoided for %.0f s", hop.address, hop.start, hop.end, err, backoff)
-                    self._background(self.routes.report_failure(_naming(err, hop), session_id))
-                if pending is None:
-                    first = culprits[0] if culprits else None
-                    pending = FailoverRecord(
-                        session_id=session_id,
-                        node_id=first.node_id if first else err.node_id,
-                        address=first.address if first else err.address,
-                        code=err.code.name,
-                        message=err.message,
-                        history_tokens=len(history),
-                        mode=policy.replay,
-                        t_failed=sent,
-                        t_detected=detected,
-                    )
-                    pending.detect_s = detected - sent
-                else:
-                    pending.attempts += 1
-                self.failovers += 1
-                if err.code == grpc.StatusCode.FAILED_PRECONDITION and not culprits:
-                    await asyncio.sleep(policy.retry_delay)  # a hop was reassigned: let it announce its new range
-                route = await self._reroute(route, culprits, max_length)
-                if not span:
-                    session_id = route.session_id or uuid.uuid4().hex
+                except RouteError as err:
+                    if err.busy:
+                        # Full, not failed: no blame, no avoidance, no report; wait and ask again.
+                        self.busy_refusals += 1
+                        at_start = generated == 0 and pending is None
+                        if at_start and policy.busy_at_start == "raise":
+                            raise BusyError(f"the swarm is busy: {err.message}", err.retry_after) from err
+                        wait = min(err.retry_after, busy_deadline - time.monotonic())
+                        if wait <= 0:
+                            raise BusyError(
+                                f"no room in the swarm within {policy.busy_wait:g} s: {err.message}", err.retry_after
+                            ) from err
+                        logger.info("hop %s is busy (%s); retrying in %.2f s", err.address, err.message, wait)
+                        t0 = time.monotonic()
+                        await asyncio.sleep(wait)
+                        self.busy_wait_s += time.monotonic() - t0
+                        route = await self._route(max_length)
+                        if not span or pending is None:  # a fresh session (the refused open left nothing)
+                            session_id = route.session_id or uuid.uuid4().hex
+                        continue
+                    failures += 1
+                    if err.code not in _RETRYABLE or failures > policy.max_failovers:
+                        raise GenerationError(f"generation failed after {failures} failure(s): {err}") from err
+                    detected = time.monotonic()
+                    culprits = await blame(err, route.hops, clock.probe_timeout(), call_metadata(self.token))
+                    if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and not culprits:
+                        clock.slower()  # every hop answers: the route is slow, not dead
+                    for hop in culprits:
+                        backoff = self.avoid.record(hop_key(hop))
+                        logger.warning("hop %s (layers [%d, %d)) failed: %s; avoided for %.0f s", hop.address, hop.start, hop.end, err, backoff)
+                        self._background(self.routes.report_failure(_naming(err, hop), session_id))
+                    if pending is None:
+                        first = culprits[0] if culprits else None
+                        pending = FailoverRecord(
+                            session_id=session_id,
+                            node_id=first.node_id if first else err.node_id,
+                            address=first.address if first else err.address,
+                            code=err.code.name,
+                            message=err.message,
+                            history_tokens=len(history),
+                            mode=policy.replay,
+                            t_failed=sent,
+                            t_detected=detected,
+                        )
+                        pending.detect_s = detected - sent
+                    else:
+                        pending.attempts += 1
+                    self.failovers += 1
+                    if err.code == grpc.StatusCode.FAILED_PRECONDITION and not culprits:
+                        await asyncio.sleep(policy.retry_delay)  # a hop was reassigned: let it announce its new range
+                    route = await self._reroute(route, culprits, max_length)
+                    if not span:
+                        session_id = route.session_id or uuid.uuid4().hex
+
+        finally:
+            if check is not None:
+                check.cancel()
+            if verifier is not None:
+                await verifier.aclose()
+
+    def _verifier(self, params: SamplingParams, max_length: int, prompt_length: int) -> Verifier | None:
+        if self.verify.rate <= 0 or not self.routes.has_alternatives():
+            return None
+        verifier = Verifier(
+            self.routes, policy=self.verify, max_length=max_length, sampling=params,
+            prompt_length=prompt_length, token=self.token,
+        )
+        verifier.excluded |= self.quarantined
+        return verifier
+
+    async def _caught(self, blame: Blame, session_id: str) -> None:
+        """A liar caught by a spot check: never route through it again, and report it."""
+        logger.warning(
+            "spot check: %s (layers [%d, %d)) lied at %s; witnesses %s",
+            blame.address, blame.start, blame.end, blame.detail, ", ".join(blame.witnesses),
+        )
+        self.quarantined.add(blame.address)
+        self.blames.append(blame)
+        self._background(self.routes.report_liar(blame, session_id))
 
     async def _reroute(self, old: Route, culprits: Sequence[Hop], max_length: int) -> Route:
         """A route avoiding the failed hops: the old one patched where possible (its
@@ -541,7 +673,7 @@ class RoutedBackend(AsyncTokenSource):
             except RouteError as err:
                 logger.info("no node list (%s): asking for a new route", err)
             else:
-                hops = patch_route(old.hops, culprits, nodes, self.avoid.avoided())
+                hops = patch_route(old.hops, culprits, nodes, set(self.avoid.avoided()) | self.quarantined)
                 if hops is not None:
                     return Route(hops, old.session_id, old.expected_step_s)
         return await self._route(max_length)
@@ -551,7 +683,7 @@ class RoutedBackend(AsyncTokenSource):
         deadline = time.monotonic() + self.policy.no_route_wait
         delay = self.policy.retry_delay
         while True:
-            avoided = self.avoid.avoided()
+            avoided = set(self.avoid.avoided()) | self.quarantined
             try:
                 return await self.routes.route(max_length=max_length, exclude_addresses=avoided)
             except RouteError as err:
@@ -580,6 +712,14 @@ class RoutedBackend(AsyncTokenSource):
         if self._reports:
             await asyncio.wait(set(self._reports), timeout=2.0)
         await self.routes.aclose()
+
+
+class _Lied(Exception):
+    """A spot check caught a node of the current route lying (internal to ``tokens``)."""
+
+    def __init__(self, blame: Blame) -> None:
+        super().__init__(blame.detail)
+        self.blame = blame
 
 
 def _naming(error: RouteError, hop: Hop) -> RouteError:

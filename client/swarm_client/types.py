@@ -30,7 +30,7 @@ __all__ = [
 
 # "stop": an EOS/stop token or a stop string ended the text; "length": max_tokens
 # (or the model's context) ran out.
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "content_filter"]  # content_filter: the gateway's policy stopped it
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class SampledToken:
 
     token_id: int
     logprob: float
+    checked: int = 0  # positions of this generation verified by spot checks so far (docs/verification.md)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class GenerationResult:
     timing: Timing
     logprobs: tuple[float, ...] | None = None  # one per token id when asked for
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
+    checked_steps: int = 0  # positions recomputed on other nodes and found equal (spot checks)
 
     @property
     def num_tokens(self) -> int:

@@ -9,7 +9,9 @@
           │                        best assignment that was possible)
           ├── NoRouteError         no chain of usable nodes covers [0, L)
           │                        (``uncovered`` names the layers nobody usable hosts)
-          └── BrokerError          the embedded or external MQTT broker failed to start
+          ├── BrokerError          the embedded or external MQTT broker failed to start
+          └── PolicyError          an acceptable-use policy file is invalid (names the
+                                   file and the rule; ``http.policy``)
 
 Malformed MQTT payloads are not errors here: they are logged and ignored
 (:class:`swarm_proto.presence.PayloadError` never escapes the registry).
@@ -53,3 +55,8 @@ class NoRouteError(CoordinatorError):
 
 class BrokerError(CoordinatorError):
     """An MQTT broker (embedded or external process) did not start or stop."""
+
+
+class PolicyError(CoordinatorError, ValueError):
+    """An acceptable-use policy file (``--policy``) cannot be used: bad TOML, an unknown
+    key, a bad pattern, a classifier that does not import, a duplicate id."""

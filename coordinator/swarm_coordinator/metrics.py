@@ -143,6 +143,19 @@ class CoordinatorMetrics:
             ["kind"],
             registry=r,
         )
+        self.policy_decisions = Counter(
+            "swarm_gateway_policy_decisions",
+            "Generation requests by acceptable-use decision (allowed, refused, stopped) and rule id ('' when allowed)",
+            ["decision", "rule"],
+            registry=r,
+        )
+        self.policy_reloads = Counter(
+            "swarm_gateway_policy_reloads", "Policy file reloads by result (ok, error: the old rules stay)", ["result"], registry=r
+        )
+        self.policy_rules = Gauge("swarm_gateway_policy_rules", "Rules of the acceptable-use policy in use", registry=r)
+        self.audit_dropped = Counter(
+            "swarm_gateway_audit_dropped", "Audit log lines dropped because the disk could not keep up", registry=r
+        )
         self.events = Counter("swarm_events", "Swarm events seen (joins, leaves, failovers, ...)", ["kind"], registry=r)
         self.failovers = Counter("swarm_failovers", "Failovers reported in the swarm", registry=r)
         if state is not None:

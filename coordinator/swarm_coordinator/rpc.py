@@ -7,6 +7,11 @@ spell (:class:`swarm_proto.backoff.Backoff`, the very mechanism clients use; cli
 never report a node that only refused for capacity); when leaving the reported nodes out would leave no route at all, they are used
 anyway (a report may say more about the client's network than about the node).
 
+A report with ``evidence`` says a spot check caught the node lying (docs/verification.md):
+the node is quarantined -- left out of every route and of the node list for good (until
+the coordinator restarts), a ``quarantine`` event published with the evidence. Evidence
+needs two witnesses, known nodes other than the accused, that agreed against it.
+
 This is the only module of the coordinator that reads or builds ``swarm_pb2`` messages.
 """
 
@@ -37,6 +42,7 @@ __all__ = ["CoordinatorService"]
 MAX_EXCLUDES = 256
 MAX_CLIENT_RTTS = 64  # round trips one route request may carry
 ROUTE_STATE_MAX_AGE_S = 0.1  # what routing reads is at most this old (Registry.snapshot)
+MIN_WITNESSES = 2
 
 
 class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
@@ -62,6 +68,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         self.route_seconds: deque[float] = deque(maxlen=20_000)  # time in GetRoute, the most recent calls
         self.route_cpu_seconds: deque[float] = deque(maxlen=20_000)  # CPU time of this thread in them
         self.failovers = 0  # recovered failovers reported by clients
+        self.quarantined: dict[str, str] = {}  # node id -> the evidence, one line (bounded by the known nodes)
 
     # --- GetRoute ---------------------------------------------------------------------
 
@@ -80,7 +87,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         if not all(math.isfinite(v) and 0 <= v <= MAX_RTT_S for v in rtts.values()):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"client round trips must be in [0, {MAX_RTT_S:g}] s")
         now = self._clock()
-        asked = set(request.exclude_node_ids) | _ids_at(state, request.exclude_addresses)
+        asked = set(request.exclude_node_ids) | _ids_at(state, request.exclude_addresses) | self.quarantined.keys()
         try:
             spans = self._route(state, request.max_length or 1, asked, self.failures.avoided(now), now, rtts)
         except NoRouteError as exc:
@@ -140,6 +147,9 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             # Unknown nodes cannot be routed to anyway; acknowledge so clients move on.
             log.info("failure report for an unknown node %r at %r", request.node_id[:64], request.address[:64])
             return swarm_pb2.FailureAck()
+        if request.HasField("evidence"):
+            await self._quarantine(state, node_id, request)
+            return swarm_pb2.FailureAck()
         backoff = self.failures.record(node_id, self._clock())
         log.warning(
             "node %s reported failing (%s: %s, session %s): avoided for %.0f s",
@@ -147,11 +157,30 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         )
         return swarm_pb2.FailureAck()
 
+    async def _quarantine(self, state: SwarmState, node_id: str, request: swarm_pb2.FailureReport) -> None:
+        ev = request.evidence
+        witnesses = {w for w in ev.witnesses if w in state.nodes and w != node_id}
+        if len(witnesses) < MIN_WITNESSES:
+            log.warning("evidence against %s ignored: %d known witnesses, %d needed", node_id, len(witnesses), MIN_WITNESSES)
+            return
+        if node_id in self.quarantined:
+            return
+        detail = (
+            f"layers [{ev.start}, {ev.end}) wrong at position {ev.position}: {ev.detail[:300]}; "
+            f"claimed {_floats(ev.claimed)}, recomputed {_floats(ev.recomputed)}; witnesses {', '.join(sorted(witnesses))}"
+        )
+        self.quarantined[node_id] = detail
+        log.warning("node %s quarantined: %s", node_id, detail)
+        await self.registry.publish_event(Event(EventKind.QUARANTINE, node_id, detail))
+
     # --- ListNodes --------------------------------------------------------------------
 
     async def ListNodes(self, request: swarm_pb2.ListNodesRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.NodeList:  # type: ignore[type-arg]
         state = self.registry.state
-        nodes = [_node_info(state, v) for v in state.online() if not request.model or v.status.model == request.model]
+        nodes = [
+            _node_info(state, v) for v in state.online()
+            if (not request.model or v.status.model == request.model) and v.node_id not in self.quarantined
+        ]
         return swarm_pb2.NodeList(nodes=nodes)
 
     # --- GetSwarmInfo -----------------------------------------------------------------
@@ -167,6 +196,8 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         )
 
 
+def _floats(values: Collection[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in list(values)[:8]) + "]"
 MAX_REPORT_FIELD = 256  # characters of a report's ids and address
 MAX_REPORT_MESSAGE = 4096  # characters of its message (the event shows 120 of them)
 
@@ -179,6 +210,11 @@ def check_report(report: swarm_pb2.FailureReport) -> str:
             return f"{name} is longer than {MAX_REPORT_FIELD} characters"
     if len(report.message) > MAX_REPORT_MESSAGE:
         return f"message is longer than {MAX_REPORT_MESSAGE} characters"
+    ev = report.evidence
+    if len(ev.detail) > MAX_REPORT_MESSAGE or len(ev.witnesses) > 16 or max(len(ev.claimed), len(ev.recomputed)) > 64:
+        return "evidence too large (detail 4096 characters, 16 witnesses, 64 values at most)"
+    if any(len(w) > MAX_REPORT_FIELD for w in ev.witnesses):
+        return f"a witness id is longer than {MAX_REPORT_FIELD} characters"
     return ""
 
 

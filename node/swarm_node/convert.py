@@ -18,6 +18,7 @@ import torch
 
 from swarm_node.config import NodeConfig
 from swarm_proto import PROTOCOL_VERSION, codec, swarm_pb2
+from swarm_proto.commit import MAX_K
 from swarm_proto.errors import WireError
 from swarm_proto.model_args import ModelArgs
 from swarm_proto.wire import MAX_CAPABILITY, Generation, Hop, OpenSpec, SamplingParams, check_address, wire_code
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 MAX_SESSION_ID = 128
 MAX_DRAFT = 64  # drafted tokens a step may carry: each is a sampled row of vocabulary size at the tail
+MAX_COMMITS = 64  # commitments a step may carry: one per hop of the route before this node
 
 
 class ProtocolError(Exception):
@@ -60,6 +62,9 @@ class StepIn:
     return_logits: bool
     replay: bool = False  # a failover replay: may be skipped where already cached
     draft: int = 0  # the last `draft` tokens are drafted guesses for the tail to verify (speculation)
+    commits: tuple[swarm_pb2.Commitment, ...] = ()  # upstream hops' commitments, relayed
+    sample_all: bool = False  # tail: sample after every position (a verifier's recomputation)
+    next_token: int | None = None  # with sample_all: the token after the chunk
 
     @property
     def length(self) -> int:
@@ -79,6 +84,10 @@ class StepResult:
     finished: bool = False
     logits: torch.Tensor | None = None  # [T, V] float32
     accepted: tuple[tuple[int, float], ...] = ()  # drafts the tail's samples confirmed, before `token`
+    commits: tuple[swarm_pb2.Commitment, ...] = ()  # every hop's, head first (spot checks)
+    sampled: tuple[int, ...] = ()  # sample_all: the token after each position
+    sampled_logprobs: tuple[float, ...] = ()  # ... its raw log-probability
+    given_logprobs: tuple[float, ...] = ()  # ... and that of the token that actually follows (NaN: unknown)
 
 
 # --- sampling -----------------------------------------------------------------------
@@ -213,11 +222,37 @@ def step_from_proto(
             hidden = codec.decode(msg.hidden, dtype, shape=(n, hidden_size), max_elements=n * hidden_size)
         except WireError as exc:
             raise invalid(f"step {msg.step_id}: {exc}") from exc
-    return StepIn(msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay, msg.draft)
+    if len(msg.commits) > MAX_COMMITS:
+        raise invalid(f"step {msg.step_id} carries {len(msg.commits)} commitments; at most {MAX_COMMITS}")
+    for c in msg.commits:
+        if not 0 < c.k <= MAX_K or len(c.indices) != len(c.values) or len(c.indices) > n * c.k:
+            raise invalid(f"step {msg.step_id}: malformed commitment from {c.node_id or c.address or '?'}")
+    next_token = msg.next_token if msg.HasField("next_token") else None
+    if next_token is not None and not 0 <= next_token < vocab_size:
+        raise invalid(f"step {msg.step_id}: next_token must be in 0..{vocab_size - 1}")
+    return StepIn(
+        msg.step_id, msg.start_pos, tokens, hidden, msg.sample, msg.return_logits, msg.replay, msg.draft,
+        tuple(msg.commits), msg.sample_all, next_token,
+    )
 
 
-def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_pb2.Step:
-    """The Step this node forwards: same ids and flags, its own output as hidden."""
+def commitment(step: StepIn, commit: tuple[list[int], list[float]], *, node_id: str, address: str, start: int, end: int) -> swarm_pb2.Commitment | None:
+    """This node's commitment for ``step`` (None when it made none)."""
+    indices, values = commit
+    if not indices:
+        return None
+    k = len(indices) // step.length
+    return swarm_pb2.Commitment(
+        node_id=node_id, address=address, start=start, end=end, start_pos=step.start_pos, k=k,
+        indices=indices, values=values,
+    )
+
+
+def step_to_proto(
+    step: StepIn, hidden: torch.Tensor, wire_codec: str, commit: swarm_pb2.Commitment | None = None
+) -> swarm_pb2.Step:
+    """The Step this node forwards: same ids and flags, its own output as hidden, the
+    upstream commitments with its own appended."""
     return swarm_pb2.Step(
         step_id=step.step_id,
         start_pos=step.start_pos,
@@ -227,6 +262,9 @@ def step_to_proto(step: StepIn, hidden: torch.Tensor, wire_codec: str) -> swarm_
         return_logits=step.return_logits,
         replay=step.replay,
         draft=step.draft,
+        commits=[*step.commits, *([commit] if commit is not None else [])],
+        sample_all=step.sample_all,
+        next_token=step.next_token,
     )
 
 
@@ -266,6 +304,10 @@ def result_to_proto(r: StepResult) -> swarm_pb2.Result:
         msg.token = r.token
     if r.logits is not None:
         msg.logits.CopyFrom(codec.encode(r.logits))
+    msg.commits.extend(r.commits)
+    msg.sampled.extend(r.sampled)
+    msg.sampled_logprobs.extend(r.sampled_logprobs)
+    msg.given_logprobs.extend(r.given_logprobs)
     return msg
 
 

@@ -365,13 +365,19 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
             resume.confirm(session, step, out.hidden)
             session.steps += 1
             session.tokens += step.length
+            model = session.model
+            commit = convert.commitment(
+                step, out.commit, node_id=self.config.node_id, address=self.address, start=model.start, end=model.end
+            )
             if session.model.is_tail:
-                result = session.result(step, out)
+                result = session.result(step, out, commit)
                 if result is not None:
                     await self._publish(session, result)
             else:
                 assert out.hidden is not None and session.downstream is not None
-                request = swarm_pb2.SessionRequest(step=convert.step_to_proto(step, out.hidden, session.spec.wire_codec))
+                request = swarm_pb2.SessionRequest(
+                    step=convert.step_to_proto(step, out.hidden, session.spec.wire_codec, commit)
+                )
                 try:
                     await session.downstream.write(request)
                 except grpc.aio.AioRpcError as exc:

@@ -43,6 +43,7 @@ import torch
 from swarm_node.engine.kv_cache import KVCache
 from swarm_node.engine.model import ModelSlice, SeqChunk
 from swarm_node.engine.sampler import sample
+from swarm_node.verify import Lie, commit_rows
 from swarm_proto.wire import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ class Job:
     # slice share a forward.
     model: ModelSlice | None = None
     draft: int = 0  # drafted tokens among the positions (speculative decoding; the tail samples them via `sample`)
+    # Tail only (a verifier's recomputation): also sample after every position, one
+    # request per position of the chunk.
+    sample_all: Sequence[SampleRequest] = ()
+    given: Sequence[int] = ()  # with sample_all: the token that follows each position (-1: unknown)
 
     @property
     def length(self) -> int:
@@ -99,6 +104,12 @@ class JobOutput:
     # A job with drafts: the samples at its last draft + 1 positions, in order (`token`
     # is the first of them).
     samples: tuple[Sampled, ...] = ()
+    # The commitment of this chunk's output: row-major [T, k] indices and values
+    # (swarm_node.verify.commit_rows); empty when commitments are off.
+    commit: tuple[list[int], list[float]] = ([], [])
+    sampled: tuple[int, ...] = ()  # sample_all: the token after each position
+    sampled_logprobs: tuple[float, ...] = ()  # ... its raw log-probability
+    given_logprobs: tuple[float, ...] = ()  # ... and that of Job.given's token (NaN where unknown)
 
 
 @dataclass
@@ -123,8 +134,12 @@ class BatchStats:
 class Scheduler:
     """Merges submitted jobs into forward passes of ``model`` on one worker thread."""
 
-    def __init__(self, model: ModelSlice, *, max_batch_tokens: int = 2048, linger: float = 0.002) -> None:
+    def __init__(
+        self, model: ModelSlice, *, max_batch_tokens: int = 2048, linger: float = 0.002, commit_k: int = 8
+    ) -> None:
         self.model = model
+        self.commit_k = commit_k  # entries per position in each step's commitment; 0 = none
+        self.lie = Lie.from_env()  # test-only fault injection (swarm_node.verify)
         self.max_batch_tokens = max_batch_tokens
         self.linger = linger
         self._recent: dict[int, float] = {}  # id(cache) -> when it last submitted
@@ -292,11 +307,15 @@ class Scheduler:
         device = model.device
         seqs = [SeqChunk(j.cache, j.start_pos, j.length) for j in batch]
         x = torch.cat([j.x for j in batch]).to(device)  # [T] or [T, C]
-        all_logits = any(j.return_logits or (j.sample is not None and j.sample.draft > 0) for j in batch)
-        out = model(x, seqs, all_logits=all_logits)
-        if not model.is_tail:
-            hidden = out.to("cpu")  # [T, C]
-            return [JobOutput(hidden=h) for h in hidden.split([j.length for j in batch])]
+        all_logits = any(j.return_logits or j.sample_all or (j.sample is not None and j.sample.draft > 0) for j in batch)
+        h, out = model.run(x, seqs, all_logits=all_logits)
+        lengths = [j.length for j in batch]
+        if self.lie is not None:
+            h = torch.cat([self.lie.perturb(r, j.start_pos) for r, j in zip(h.split(lengths), batch)])
+        commits = [commit_rows(r, self.commit_k) if self.commit_k else ([], []) for r in h.split(lengths)]
+        if out is None:
+            hidden = h.to("cpu")  # [T, C]
+            return [JobOutput(hidden=r, commit=c) for r, c in zip(hidden.split(lengths), commits)]
 
         # out: [T, V] with all_logits, else [N, V] (each chunk's last position)
         if all_logits:
@@ -309,13 +328,32 @@ class Scheduler:
             picked = samples.get(i, ())
             first = picked[0] if picked else Sampled(-1, 0.0)
             logits = per_job[i].to("cpu") if job.return_logits else None
+            token = first.token if picked else None
+            if self.lie is not None and token is not None and job.sample is not None and not job.sample.draft:
+                token = self.lie.token(token, job.sample.position, per_job[i].shape[-1])
+            sampled: tuple[int, ...] = ()
+            sampled_lp: tuple[float, ...] = ()
+            given_lp: tuple[float, ...] = ()
+            if job.sample_all:
+                every = list(job.sample_all)
+                drawn = sample(per_job[i], [r.params for r in every], [r.position for r in every], [r.history for r in every])
+                sampled = tuple(int(t) for t in drawn.tokens)
+                lp = torch.log_softmax(per_job[i].float(), dim=-1)  # [T, V]
+                rows_t = torch.arange(lp.shape[0])
+                sampled_lp = tuple(lp[rows_t, drawn.tokens.to(torch.int64)].tolist())
+                given = torch.tensor([max(g, 0) for g in job.given], dtype=torch.int64)
+                given_lp = tuple(v if g >= 0 else float("nan") for v, g in zip(lp[rows_t, given].tolist(), job.given))
             outputs.append(
                 JobOutput(
                     logits=logits,
-                    token=first.token if picked else None,
+                    token=token,
                     logprob=first.logprob,
                     top=first.top,
                     samples=picked if len(picked) > 1 else (),
+                    commit=commits[i],
+                    sampled=sampled,
+                    sampled_logprobs=sampled_lp,
+                    given_logprobs=given_lp,
                 )
             )
         return outputs

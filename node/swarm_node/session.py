@@ -93,16 +93,24 @@ class NodeSession:
         if not self.model.is_tail:
             return Job(self.cache, step.start_pos, x, model=self.model, draft=step.draft)
         request = None
+        gen = self.spec.generation
         if step.sample:
-            gen = self.spec.generation
             position = step.start_pos + step.length
             request = SampleRequest(gen.sampling, position, list(self.history), gen.top_logprobs, step.draft)
+        every: list[SampleRequest] = []
+        given: list[int] = []
+        if step.sample_all:  # the token after each position, each with its own history
+            for p in range(step.start_pos + 1, step.start_pos + step.length + 1):
+                every.append(SampleRequest(gen.sampling, p, self.history[:p]))
+            given = [*step.tokens.tolist()[1:], -1 if step.next_token is None else step.next_token]
         return Job(
             self.cache, step.start_pos, x, sample=request, return_logits=step.return_logits, model=self.model,
-            draft=step.draft,
+            draft=step.draft, sample_all=every, given=given,
         )
 
-    def result(self, step: StepIn, out: JobOutput) -> swarm_pb2.Result | None:
+    def result(
+        self, step: StepIn, out: JobOutput, commit: swarm_pb2.Commitment | None = None
+    ) -> swarm_pb2.Result | None:
         """The tail's Result for a computed step (None when the step asked for nothing)."""
         if not (step.sample or step.return_logits):
             return None
@@ -119,6 +127,8 @@ class NodeSession:
         r = StepResult(
             self.sid, step.step_id, position, token, logprob, top, finished, out.logits,
             tuple((s.token, s.logprob) for s in accepted),
+            (*step.commits, *([commit] if commit is not None else [])),
+            out.sampled, out.sampled_logprobs, out.given_logprobs,
         )
         return convert.result_to_proto(r)
 

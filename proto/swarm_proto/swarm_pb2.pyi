@@ -208,7 +208,7 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., wire_dtype: _Optional[str] = ..., prompt_length: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., resumable: _Optional[bool] = ..., resume: _Optional[bool] = ..., protocol_version: _Optional[int] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "start_pos", "tokens", "hidden", "sample", "return_logits", "replay", "draft")
+    __slots__ = ("step_id", "start_pos", "tokens", "hidden", "sample", "return_logits", "replay", "draft", "commits", "sample_all", "next_token")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,9 @@ class Step(_message.Message):
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_ALL_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     start_pos: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -225,7 +228,30 @@ class Step(_message.Message):
     return_logits: bool
     replay: bool
     draft: int
-    def __init__(self, step_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., replay: _Optional[bool] = ..., draft: _Optional[int] = ...) -> None: ...
+    commits: _containers.RepeatedCompositeFieldContainer[Commitment]
+    sample_all: bool
+    next_token: int
+    def __init__(self, step_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., replay: _Optional[bool] = ..., draft: _Optional[int] = ..., commits: _Optional[_Iterable[_Union[Commitment, _Mapping]]] = ..., sample_all: _Optional[bool] = ..., next_token: _Optional[int] = ...) -> None: ...
+
+class Commitment(_message.Message):
+    __slots__ = ("node_id", "address", "start", "end", "start_pos", "k", "indices", "values")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    START_POS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    start: int
+    end: int
+    start_pos: int
+    k: int
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., start_pos: _Optional[int] = ..., k: _Optional[int] = ..., indices: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ()
@@ -278,7 +304,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("session_id", "step_id", "position", "token", "logprob", "top", "finished", "logits", "error", "accepted", "accepted_logprobs")
+    __slots__ = ("session_id", "step_id", "position", "token", "logprob", "top", "finished", "logits", "error", "accepted", "accepted_logprobs", "commits", "sampled", "sampled_logprobs", "given_logprobs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +316,10 @@ class Result(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    GIVEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
     position: int
@@ -301,7 +331,11 @@ class Result(_message.Message):
     error: Error
     accepted: _containers.RepeatedScalarFieldContainer[int]
     accepted_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., accepted: _Optional[_Iterable[int]] = ..., accepted_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    commits: _containers.RepeatedCompositeFieldContainer[Commitment]
+    sampled: _containers.RepeatedScalarFieldContainer[int]
+    sampled_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    given_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., accepted: _Optional[_Iterable[int]] = ..., accepted_logprobs: _Optional[_Iterable[float]] = ..., commits: _Optional[_Iterable[_Union[Commitment, _Mapping]]] = ..., sampled: _Optional[_Iterable[int]] = ..., sampled_logprobs: _Optional[_Iterable[float]] = ..., given_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("model", "max_length", "exclude_node_ids", "exclude_addresses", "client_rtt_s")
@@ -337,7 +371,7 @@ class Route(_message.Message):
     def __init__(self, hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., session_id: _Optional[str] = ..., num_layers: _Optional[int] = ..., expected_step_s: _Optional[float] = ...) -> None: ...
 
 class FailureReport(_message.Message):
-    __slots__ = ("node_id", "address", "session_id", "code", "message", "recovered", "stall_s", "detect_s", "reroute_s", "replay_s", "replayed_tokens", "history_tokens", "mode")
+    __slots__ = ("node_id", "address", "session_id", "code", "message", "recovered", "stall_s", "detect_s", "reroute_s", "replay_s", "replayed_tokens", "history_tokens", "mode", "evidence")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +385,7 @@ class FailureReport(_message.Message):
     REPLAYED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     session_id: str
@@ -364,7 +399,26 @@ class FailureReport(_message.Message):
     replayed_tokens: int
     history_tokens: int
     mode: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., session_id: _Optional[str] = ..., code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., recovered: _Optional[bool] = ..., stall_s: _Optional[float] = ..., detect_s: _Optional[float] = ..., reroute_s: _Optional[float] = ..., replay_s: _Optional[float] = ..., replayed_tokens: _Optional[int] = ..., history_tokens: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
+    evidence: Evidence
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., session_id: _Optional[str] = ..., code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., recovered: _Optional[bool] = ..., stall_s: _Optional[float] = ..., detect_s: _Optional[float] = ..., reroute_s: _Optional[float] = ..., replay_s: _Optional[float] = ..., replayed_tokens: _Optional[int] = ..., history_tokens: _Optional[int] = ..., mode: _Optional[str] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ...) -> None: ...
+
+class Evidence(_message.Message):
+    __slots__ = ("position", "start", "end", "detail", "claimed", "recomputed", "witnesses")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
+    WITNESSES_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    start: int
+    end: int
+    detail: str
+    claimed: _containers.RepeatedScalarFieldContainer[float]
+    recomputed: _containers.RepeatedScalarFieldContainer[float]
+    witnesses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, position: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., detail: _Optional[str] = ..., claimed: _Optional[_Iterable[float]] = ..., recomputed: _Optional[_Iterable[float]] = ..., witnesses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FailureAck(_message.Message):
     __slots__ = ()

@@ -159,3 +159,34 @@ async def test_swarm_token_guards_the_coordinator(default_model: Path) -> None:
         assert await routes.list_nodes() == []
         await routes.aclose()
         assert "s3cret" not in repr(config)
+
+
+async def test_evidence_quarantines_a_node_for_good(coordinator: tuple[CoordinatorServer, Join]) -> None:
+    server, join = coordinator
+    whole = LayerRange(0, 30)
+    for name, speed in (("p", 1000.0), ("q", 100.0), ("r", 100.0)):
+        await join(name, speed, 30, hosted=whole, state=NodeState.READY, pinned=True)
+    await until(server, lambda s: all(n in s.nodes and s.nodes[n].serving == whole for n in "pqr"))
+    observer_events = server.registry.events
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = swarm_pb2_grpc.CoordinatorStub(channel)
+        assert [h.node_id for h in (await stub.GetRoute(swarm_pb2.RouteRequest())).hops] == ["p"]
+        evidence = swarm_pb2.Evidence(position=7, start=0, end=30, detail="values differ", claimed=[1.3], recomputed=[1.0])
+        # One known witness is not enough (a single client's word, or an unknown node's).
+        weak = swarm_pb2.Evidence()
+        weak.CopyFrom(evidence)
+        weak.witnesses.extend(["q", "nobody"])
+        await stub.ReportFailure(swarm_pb2.FailureReport(node_id="p", code=swarm_pb2.DATA_LOSS, evidence=weak))
+        assert server.service is not None and not server.service.quarantined
+        evidence.witnesses.extend(["q", "r"])
+        await stub.ReportFailure(swarm_pb2.FailureReport(node_id="p", code=swarm_pb2.DATA_LOSS, evidence=evidence))
+        assert set(server.service.quarantined) == {"p"}
+        for _ in range(3):  # unlike a failure's backoff, never used again, even when asked without exclusions
+            assert "p" not in [h.node_id for h in (await stub.GetRoute(swarm_pb2.RouteRequest())).hops]
+        assert "p" not in {n.node_id for n in (await stub.ListNodes(swarm_pb2.ListNodesRequest())).nodes}
+        deadline = asyncio.get_running_loop().time() + 5
+        while not any(e.kind.value == "quarantine" for e in observer_events):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        event = next(e for e in observer_events if e.kind.value == "quarantine")
+        assert event.node_id == "p" and "position 7" in event.detail and "q, r" in event.detail

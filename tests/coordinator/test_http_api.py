@@ -43,9 +43,10 @@ class Script(TokenSource):
     def tokens(self, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int) -> Iterator[SampledToken]:
         self.calls.append((tuple(prompt_ids), params, max_new_tokens))
         try:
-            for t in ByteHF().encode(REPLY) + [EOS]:
+            for i, t in enumerate(ByteHF().encode(REPLY) + [EOS]):
                 time.sleep(self.delay)
-                yield SampledToken(t, -0.25)
+                # `checked`: what a verifying backend reports (positions checked so far)
+                yield SampledToken(t, -0.25, len(prompt_ids) + i)
         finally:
             self.closed += 1
 
@@ -89,6 +90,7 @@ async def test_chat_completion() -> None:
     assert r.usage is not None
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), len(REPLY) + 1)
     assert r.usage.total_tokens == len(prompt) + len(REPLY) + 1
+    assert r.usage.checked_tokens == len(prompt) + len(REPLY)  # type: ignore[attr-defined]  # our extension
 
 
 async def test_completion_with_stop_and_max_tokens() -> None:

@@ -12,6 +12,7 @@ models have no tokenizer).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import grpc
 
 from swarm_client.failover import FailoverPolicy
 from swarm_client.routed import CoordinatorRoutes, RoutedBackend
+from swarm_client.verify import VerifyPolicy
 from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.wire import SamplingParams
@@ -41,13 +43,15 @@ class Daemon:
     log: Path
     proc: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None  # extra environment variables (a test hook such as SWARM_TEST_LIE)
 
     def start(self) -> Daemon:
         self.lines = []
         with self.log.open("a") as log:
             log.write(f"\n=== start {time.strftime('%H:%M:%S')} ===\n")
             log.flush()
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True)
+            env = {**os.environ, **self.env} if self.env else None
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         lines = self.lines
         out = self.proc.stdout
         assert out is not None
@@ -105,6 +109,7 @@ class NodeSpec:
     layers: str | None = None  # "A:B" pins the node; None: the coordinator assigns
     speed: float = 100.0
     budget: str | None = None  # --memory-budget
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of the node process
 
 
 class ChaosSwarm:
@@ -155,7 +160,7 @@ class ChaosSwarm:
             argv += ["--layers", spec.layers]
         if spec.budget:
             argv += ["--memory-budget", spec.budget]
-        daemon = Daemon(spec.name, argv, self.tmp / f"{spec.name}.log").start()
+        daemon = Daemon(spec.name, argv, self.tmp / f"{spec.name}.log", env=dict(spec.env) or None).start()
         self.daemons[spec.name] = daemon
         return daemon
 
@@ -227,8 +232,14 @@ class ChaosSwarm:
 
     # --- generating -------------------------------------------------------------------
 
-    def backend(self, policy: FailoverPolicy | None = None) -> RoutedBackend:
-        return RoutedBackend(CoordinatorRoutes(self.address), max_context=self.max_length, eos_token_ids=(), policy=policy)
+    def backend(self, policy: FailoverPolicy | None = None, verify: VerifyPolicy | None = None) -> RoutedBackend:
+        """A client of the swarm. Spot checks are off unless ``verify`` asks: they hold
+        tokens back until checked, and the chaos tests time their kills by the tokens
+        the caller has received."""
+        verify = verify or VerifyPolicy(rate=0.0)
+        return RoutedBackend(
+            CoordinatorRoutes(self.address), max_context=self.max_length, eos_token_ids=(), policy=policy, verify=verify
+        )
 
 
 async def generate(

@@ -154,6 +154,7 @@ def start_swarm(
     node_args: Sequence[str] = (),
     node_timeout: float = 3.0,
     key: str = "",
+    coordinator_env: dict[str, str] | None = None,
 ) -> Swarm:
     """``swarm-coordinator`` with its gateway on a free port, and ``n_nodes`` nodes (one
     torch thread each, metrics on) that join it; returns once the model is covered."""
@@ -162,6 +163,7 @@ def start_swarm(
         + ["--model", str(model), "--port", "0", "--http-port", "0", "--mqtt-port", "0"]
         + ["--node-timeout", str(node_timeout), *coordinator_args],
         logs / "coordinator.log",
+        env=coordinator_env,
     )
     nodes: dict[str, Proc] = {}
     try:

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from starlette.staticfiles import StaticFiles
 from swarm_client.api import AsyncSwarmClient, SwarmClient
 from swarm_client.errors import BusyError, SwarmError
 from swarm_client.params import SamplingOptions
-from swarm_client.types import StreamEvent
+from swarm_client.types import StreamEvent, Timing
 from swarm_coordinator.http.auth import ApiKeys, Caller, KeyLimits, RateLimiter, extract_key
 from swarm_coordinator.http.dashboard import Activity, SwarmView, snapshot
 from swarm_coordinator.http.errors import OpenAIError, invalid, translate
@@ -63,6 +64,8 @@ from swarm_coordinator.http.guard import (
     read_body,
 )
 from swarm_coordinator.http.openai_api import SSE_HEADERS, OpenAIRoutes
+from swarm_coordinator.http.policy import Match
+from swarm_coordinator.http.policy_gate import PolicyGate, refusal
 from swarm_coordinator.http.queue import FairQueue, QueueBusy, QueueFull, Ticket
 from swarm_coordinator.metrics import CONTENT_TYPE_LATEST, CoordinatorMetrics
 from swarm_proto.presence import Event
@@ -86,10 +89,15 @@ class GatewayConfig:
     feed_interval_s: float = 1.0  # dashboard refresh when nothing changes
     queue_size: int = 64  # generations that may wait for room in the swarm; one more gets 429
     queue_timeout_s: float = 60.0  # the longest a generation waits for room before 429
+    verify_rate: float = 0.05  # share of steps that trigger a spot check (docs/verification.md); 0 = off
     max_body_bytes: int = 2 << 20  # a bigger request body gets 413
     max_concurrent: int = 256  # generation requests in flight (tokenizing, waiting, streaming); one more gets 503
     allowed_hosts: tuple[str, ...] | None = None  # Host names answered (IP literals always); None: no check
     speculate: int = 0  # speculative decoding for HTTP requests: drafts a step at most (0 = off; same tokens)
+    policy_file: str | None = None  # acceptable-use rules (TOML, :mod:`.policy`); None: no rules
+    policy_watch_s: float = 1.0  # how often the rules file is checked for changes; 0: only SIGHUP reloads
+    audit_log: str | None = None  # one JSON line per generation request (:mod:`.audit`)
+    audit_log_text: bool = False  # the audit log also holds prompt and completion texts
 
     def __post_init__(self) -> None:
         KeyLimits(self.requests_per_minute, self.tokens_per_minute)  # validates
@@ -101,6 +109,8 @@ class GatewayConfig:
             raise ValueError("max_body_bytes and max_concurrent must be positive")
         if not 0 <= self.speculate <= 64:
             raise ValueError("speculate must be in 0..64")
+        if self.policy_watch_s < 0:
+            raise ValueError("policy_watch_s must be >= 0")
 
 
 def model_id_for(model: str) -> str:
@@ -138,6 +148,10 @@ class Gateway:
         self.metrics.queue_length.set_function(lambda: len(self.queue))
         self.activity = Activity()
         self.login = DashboardLogin()  # dashboard cookies, when keys are set
+        self.policy = PolicyGate(
+            config.policy_file, self.metrics, audit_log=config.audit_log, audit_text=config.audit_log_text,
+            watch_s=config.policy_watch_s,
+        )
         self.created = int(time.time())
         self._factory: BackendFactory | None = None
         self._load_error = ""
@@ -246,10 +260,32 @@ class Gateway:
             raise invalid(f"token ids in 'prompt' must be below the vocabulary size {vocab}", "prompt")
         return ids
 
+    # -- acceptable-use policy --
+
+    async def check_prompt(self, endpoint: str, caller: Caller, texts: Sequence[str], prompt: Any, param: str) -> None:
+        """Refuse (400 ``content_policy_violation``) a prompt a rule matches, before any
+        node sees it; the refusal is recorded (metrics, dashboard, audit log)."""
+        match = await self.policy.check_prompt(texts)
+        if match is not None:
+            self.policy.record(
+                key=caller.name, endpoint=endpoint, model=self.model_id, match=match, outcome="refused",
+                finish_reason=None, prompt=prompt, prompt_tokens=0, completion_tokens=0,
+            )
+            raise refusal(match, param)
+
     async def generate(
-        self, endpoint: str, caller: Caller, prompt_ids: Sequence[int], options: SamplingOptions
+        self,
+        endpoint: str,
+        caller: Caller,
+        prompt_ids: Sequence[int],
+        options: SamplingOptions,
+        prompt: Any = None,
     ) -> AsyncGenerator[StreamEvent, None]:
         """The client's event stream, counted in metrics, activity and the caller's budget.
+
+        Completions pass the policy's filter (:mod:`.policy`): a generation that crosses
+        a rule is closed at once (no more steps) and ends with ``content_filter``.
+        ``prompt`` (as the caller sent it) is what the audit log hashes.
 
         When the swarm is busy the generation waits in the gateway's line (fair across
         API keys, bounded in length and time; :mod:`.queue`): a refusal before the first
@@ -265,6 +301,10 @@ class Gateway:
         status, finish = "cancelled", None
         last = 0.0
         started = False
+        filt, threaded = self.policy.completion_filter()  # this generation keeps this policy
+        match: Match | None = None
+        sent_tokens = 0
+        sent_text: list[str] = []  # for an audit log with texts
         events = self.client.stream(list(prompt_ids), options)
         try:
             while True:
@@ -297,14 +337,38 @@ class Gateway:
                             m.token_seconds.observe(per_token)
                     last = now
                     self.activity.tokens(info, n, now)
-                if event.result is not None:
-                    status, finish = "done", event.result.finish_reason
-                yield event
+                if filt is None:
+                    if event.result is not None:
+                        status, finish = "done", event.result.finish_reason
+                    sent_tokens += n
+                    sent_text.append(event.text)
+                    yield event
+                    continue
+                for out in await self.policy.push(filt, event, threaded):
+                    if out.result is not None:
+                        status, finish = "done", out.result.finish_reason
+                    sent_tokens += len(out.token_ids)
+                    sent_text.append(out.text)
+                    yield out
+                if filt.match is not None:
+                    match = filt.match
+                    await events.aclose()  # the generation stops here: no more steps
+                    timing = Timing(len(prompt_ids), info.tokens, info.ttft_s or 0.0, time.perf_counter() - info.t0)
+                    final = filt.final(prompt_ids, options.seed or 0, timing)
+                    status, finish = "done", "content_filter"
+                    yield final
+                    break
         except Exception:
             status = "error"
             raise
         finally:
             await events.aclose()
+            self.policy.record(
+                key=caller.name, endpoint=endpoint, model=self.model_id, match=match, outcome=status,
+                finish_reason=finish, prompt=prompt if prompt is not None else list(prompt_ids),
+                prompt_tokens=len(prompt_ids), completion_tokens=sent_tokens,
+                completion="".join(sent_text),
+            )
             if started:
                 self.queue.finished(ticket)
             m.active.dec()
@@ -372,7 +436,8 @@ class Gateway:
     def snapshot(self) -> dict[str, Any]:
         self.sync_events()
         return snapshot(
-            self.view, self.activity, model_id=self.model_id, auth_required=self.keys.enabled, queue=self.queue
+            self.view, self.activity, model_id=self.model_id, auth_required=self.keys.enabled, queue=self.queue,
+            policy=self.policy.snapshot(),
         )
 
 
@@ -465,13 +530,20 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gw._changed = asyncio.Event()  # bind to the serving loop
         await gw.load()
-        watcher = asyncio.get_running_loop().create_task(gw.watch(), name="gateway-watch")
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(gw.watch(), name="gateway-watch")
+        policy_watch = loop.create_task(gw.policy.watch(), name="policy-watch")
+        hup = _on_sighup(loop, gw.policy)
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            for task in (watcher, policy_watch):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            gw.policy.close()
 
     routes = [
         Route("/", index),
@@ -498,6 +570,19 @@ def create_app(
         app.add_middleware(HostCheck, allowed=cfg.allowed_hosts)
     app.state.gateway = gw
     return app
+
+
+def _on_sighup(loop: asyncio.AbstractEventLoop, gate: PolicyGate) -> bool:
+    """SIGHUP reloads the policy and reopens the audit log, when there is either and
+    the app runs in the main thread (a threaded test server cannot take signals)."""
+    if not (gate.path or gate.audit) or not hasattr(signal, "SIGHUP"):
+        return False
+    try:
+        loop.add_signal_handler(signal.SIGHUP, gate.on_sighup)
+    except (RuntimeError, ValueError):
+        log.debug("SIGHUP not handled here (not the main thread): the policy reloads on file changes only")
+        return False
+    return True
 
 
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/models": "models"}

@@ -276,6 +276,7 @@ def snapshot(
     auth_required: bool,
     now_mono: float | None = None,
     queue: FairQueue | None = None,
+    policy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the dashboard shows, JSON-ready."""
     now_perf = time.perf_counter()
@@ -312,6 +313,7 @@ def snapshot(
             "refused": queue.refused,
             "limit": queue.max_waiting,
         },
+        "policy": policy,  # the acceptable-use panel (policy_gate.PolicyGate.snapshot), None without a gateway
         "totals": {
             "requests": activity.total_requests,
             "tokens": activity.total_tokens,

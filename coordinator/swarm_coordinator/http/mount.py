@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from swarm_client.api import AsyncSwarmClient
 from swarm_client.failover import FailoverPolicy
+from swarm_client.verify import VerifyPolicy
 from swarm_coordinator.http.app import GatewayConfig, create_app
 from swarm_coordinator.http.guard import default_allowed_hosts
+from swarm_coordinator.http.policy import load_policy
 from swarm_proto.flags import flag_adder
 
 if TYPE_CHECKING:
@@ -35,7 +37,8 @@ __all__ = ["add_gateway_flags", "coordinator_app", "gateway_config_from_args"]
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     """``--api-key`` (repeatable), ``--api-keys-file``, ``--rate-limit-rpm/-tpm``,
     ``--queue-size``, ``--queue-timeout``, ``--model-id``, ``--max-body-bytes``, ``--max-concurrent``,
-    ``--allowed-host``, ``--speculate``; each falls back to its ``SWARM_<FLAG>`` environment variable
+    ``--allowed-host``, ``--speculate``, ``--policy``, ``--policy-watch``, ``--audit-log``, ``--audit-log-text``;
+    each falls back to its ``SWARM_<FLAG>`` environment variable
     (``SWARM_API_KEY`` holds a comma-separated list)."""
     add = flag_adder(parser.add_argument_group("HTTP gateway"))
     add("--api-key", str, None, "accept this API key on /v1 (repeatable, or comma-separated in the env var; "
@@ -47,6 +50,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         metavar="N")
     add("--queue-timeout", float, 60.0, "the longest a request waits for room before 429", metavar="SECONDS")
     add("--model-id", str, None, "the model id /v1/models lists (default: the model file's name)", metavar="NAME")
+    add("--verify-rate", float, 0.05, "share of decode steps that trigger a spot check of the nodes' results "
+        "on other nodes (docs/verification.md); 0 = off", metavar="P")
     add("--max-body-bytes", int, 2 << 20, "largest request body accepted; a bigger one gets 413", metavar="BYTES")
     add("--max-concurrent", int, 256, "generation requests in flight at once; one more gets 503 with Retry-After",
         metavar="N")
@@ -55,6 +60,23 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         action="append", metavar="NAME")
     add("--speculate", int, 0, "speculative decoding for HTTP requests: draft up to K tokens a step by prompt "
         "lookup (0 = off; the tokens are the same either way)", metavar="K")
+    add("--policy", str, None, "acceptable-use rules (TOML [[rule]] tables, see docs/gateway.md); reloaded on SIGHUP "
+        "and when the file changes", metavar="FILE")
+    add("--policy-watch", float, 1.0, "seconds between checks of the policy file for changes; 0: reload on SIGHUP only",
+        metavar="SECONDS")
+    add("--audit-log", str, None, "append one JSON line per generation request (decision, rule, key fingerprint, "
+        "token counts, prompt hash)", metavar="FILE")
+    add("--audit-log-text", _yes, False, "also write prompt and completion texts to the audit log",
+        nargs="?", const=True, metavar="yes|no")
+
+
+def _yes(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
 
 
 def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
@@ -68,11 +90,24 @@ def gateway_config_from_args(ns: argparse.Namespace) -> GatewayConfig:
         tokens_per_minute=getattr(ns, "rate_limit_tpm", 0) or 0,
         queue_size=getattr(ns, "queue_size", 64),
         queue_timeout_s=getattr(ns, "queue_timeout", 60.0),
+        verify_rate=getattr(ns, "verify_rate", 0.05),
         max_body_bytes=getattr(ns, "max_body_bytes", 2 << 20),
         max_concurrent=getattr(ns, "max_concurrent", 256),
         allowed_hosts=default_allowed_hosts(getattr(ns, "host", "") or "", getattr(ns, "allowed_host", None) or ()),
         speculate=getattr(ns, "speculate", 0) or 0,
+        policy_file=_checked_policy(getattr(ns, "policy", None) or None),
+        policy_watch_s=getattr(ns, "policy_watch", 1.0),
+        audit_log=getattr(ns, "audit_log", None) or None,
+        audit_log_text=_yes(str(getattr(ns, "audit_log_text", False))),
     )
+
+
+def _checked_policy(path: str | None) -> str | None:
+    """The policy file, validated now so that a bad one stops the daemon at start with
+    its error (PolicyError names the file and the rule)."""
+    if path:
+        load_policy(path)
+    return path
 
 
 def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> Starlette:
@@ -84,6 +119,7 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
         address = f"127.0.0.1:{port}"
     model, token = str(coordinator.config.model), coordinator.config.token
     config = config or GatewayConfig()
+    verify = VerifyPolicy(rate=config.verify_rate)
     # The daemon always checks Host: the loopback names, its bound host and the extra names.
     config = replace(config, allowed_hosts=default_allowed_hosts(coordinator.config.host, config.allowed_hosts or ()))
     speculate = config.speculate
@@ -92,7 +128,7 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
         # busy_at_start="raise": the gateway's line orders the generations waiting for room
         return AsyncSwarmClient.remote(
             coordinator=address, model=model, token=token, policy=FailoverPolicy(busy_at_start="raise"),
-            speculate=speculate,
+            speculate=speculate, verify=verify,
         )
 
     return create_app(client, coordinator.registry, config)

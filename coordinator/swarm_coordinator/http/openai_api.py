@@ -9,6 +9,8 @@ error shape (``{"error": {"message", "type", "param", "code"}}``) and status cod
 ====  ==========================  ===============================================
 400   invalid_request_error       malformed JSON, a missing or out-of-range field,
                                   a prompt longer than the context, n > 1
+400   invalid_request_error       a prompt the acceptable-use policy refuses (code
+                                  content_policy_violation; the message names the rule)
 401   invalid_request_error       missing or wrong API key (code invalid_api_key)
 404   invalid_request_error       unknown model (code model_not_found) or path
 429   requests / tokens           a rate limit; ``Retry-After`` says when to retry
@@ -18,6 +20,9 @@ error shape (``{"error": {"message", "type", "param", "code"}}``) and status cod
 503   server_error                the swarm cannot serve the model right now
 500   server_error                anything unexpected (logged with its traceback)
 ====  ==========================  ===============================================
+
+A completion the policy stops ends with ``finish_reason`` ``content_filter`` and the
+rule id as the choice's ``stop_reason`` (streamed or not; :mod:`.policy`).
 
 A streamed response that fails after its first chunk ends with an ``error`` chunk
 (what OpenAI's clients raise on) instead of ``data: [DONE]``.
@@ -56,11 +61,13 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # --- responses ---------------------------------------------------------------------------
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, checked_tokens: int = 0) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        # an extension: positions recomputed on other nodes and found equal (docs/verification.md)
+        "checked_tokens": checked_tokens,
     }
 
 
@@ -144,24 +151,27 @@ class OpenAIRoutes:
         self._check_model(req.model)
         self.gw.admit(caller)
         prompt_ids = await asyncio.to_thread(self.gw.encode, req.prompt)
-        return await self._respond(request, "completions", caller, req, prompt_ids)
+        texts = [req.prompt] if isinstance(req.prompt, str) else [self.gw.client.tokenizer.decode(prompt_ids)]
+        await self.gw.check_prompt("completions", caller, texts, req.prompt, "prompt")
+        return await self._respond(request, "completions", caller, req, prompt_ids, req.prompt)
 
     async def chat_completions(self, request: Request) -> Response:
         caller = self.gw.authenticate(request)
         req = parse_chat(await self._body(request))
         self._check_model(req.model)
         self.gw.admit(caller)
+        await self.gw.check_prompt("chat.completions", caller, [m["content"] for m in req.messages], req.messages, "messages")
         client = self.gw.client
         try:
             prompt_ids = await asyncio.to_thread(client.encode_chat, req.messages)
         except SwarmError as exc:
             raise translate(exc) from exc
-        return await self._respond(request, "chat.completions", caller, req, prompt_ids)
+        return await self._respond(request, "chat.completions", caller, req, prompt_ids, req.messages)
 
     async def _respond(
-        self, request: Request, endpoint: str, caller: Caller, req: RequestBase, prompt_ids: list[int]
+        self, request: Request, endpoint: str, caller: Caller, req: RequestBase, prompt_ids: list[int], prompt: Any
     ) -> Response:
-        events = self.gw.generate(endpoint, caller, prompt_ids, req.options)
+        events = self.gw.generate(endpoint, caller, prompt_ids, req.options, prompt)
         # Pull the first event before answering, so that a request that cannot start
         # (prompt too long, no route) gets a proper status code instead of a broken stream.
         try:
@@ -234,9 +244,10 @@ class OpenAIRoutes:
                 "message": {"role": "assistant", "content": result.text, "refusal": None},
                 "logprobs": self._chat_logprobs(result.token_ids, result.logprobs) if req.logprobs else None,
                 "finish_reason": result.finish_reason,
+                **_filtered(result),
             }
         ]
-        body["usage"] = _usage(len(result.prompt_token_ids), result.num_tokens)
+        body["usage"] = _usage(len(result.prompt_token_ids), result.num_tokens, result.checked_steps)
         return body
 
     def _completion_response(self, req: CompletionRequest, result: GenerationResult) -> dict[str, Any]:
@@ -250,9 +261,10 @@ class OpenAIRoutes:
                 "text": prefix + result.text,
                 "logprobs": self._completion_logprobs(result.token_ids, result.logprobs, len(prefix)) if req.logprobs else None,
                 "finish_reason": result.finish_reason,
+                **_filtered(result),
             }
         ]
-        body["usage"] = _usage(len(result.prompt_token_ids), result.num_tokens)
+        body["usage"] = _usage(len(result.prompt_token_ids), result.num_tokens, result.checked_steps)
         return body
 
     async def _chat_chunks(
@@ -262,8 +274,9 @@ class OpenAIRoutes:
         if req.include_usage:
             base["usage"] = None
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
-            return _sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None, extra: Any = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **(extra or {})}
+            return _sse({**base, "choices": [choice]})
 
         yield chunk({"role": "assistant", "content": ""})
         async for event in _chain(first, events, self._error_chunk):
@@ -274,9 +287,9 @@ class OpenAIRoutes:
             if event.text or lp:
                 yield chunk({"content": event.text}, logprobs=lp)
             if event.result is not None:
-                yield chunk({}, event.result.finish_reason)
+                yield chunk({}, event.result.finish_reason, extra=_filtered(event.result))
                 if req.include_usage:
-                    usage = _usage(len(event.result.prompt_token_ids), event.result.num_tokens)
+                    usage = _usage(len(event.result.prompt_token_ids), event.result.num_tokens, event.result.checked_steps)
                     yield _sse({**base, "choices": [], "usage": usage})
         yield SSE_DONE
 
@@ -289,8 +302,9 @@ class OpenAIRoutes:
             base["usage"] = None
         offset = 0
 
-        def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> bytes:
-            return _sse({**base, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+        def chunk(text: str, finish: str | None = None, logprobs: Any = None, extra: Any = None) -> bytes:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish, **(extra or {})}
+            return _sse({**base, "choices": [choice]})
 
         if req.echo:
             prefix = req.prompt if isinstance(req.prompt, str) else self.gw.client.tokenizer.decode(req.prompt)
@@ -304,14 +318,20 @@ class OpenAIRoutes:
             offset += len(event.text)
             finish = event.result.finish_reason if event.result is not None else None
             if event.text or lp or finish:
-                yield chunk(event.text, finish, lp)
+                yield chunk(event.text, finish, lp, _filtered(event.result) if event.result is not None else None)
             if event.result is not None and req.include_usage:
-                usage = _usage(len(event.result.prompt_token_ids), event.result.num_tokens)
+                usage = _usage(len(event.result.prompt_token_ids), event.result.num_tokens, event.result.checked_steps)
                 yield _sse({**base, "choices": [], "usage": usage})
         yield SSE_DONE
 
     def _error_chunk(self, exc: BaseException) -> bytes:
         return _sse(translate(exc).body())
+
+
+def _filtered(result: GenerationResult) -> dict[str, Any]:
+    """The rule that stopped a completion (``finish_reason`` ``content_filter``), as the
+    choice's ``stop_reason`` (vLLM's field for why a choice stopped); nothing otherwise."""
+    return {"stop_reason": result.stop_reason} if result.finish_reason == "content_filter" else {}
 
 
 async def _chain(

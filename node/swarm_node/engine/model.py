@@ -301,6 +301,15 @@ class ModelSlice(nn.Module):
         Returns hidden states [T, C], or at the tail logits [len(seqs), V] of
         each chunk's last position ([T, V] with all_logits).
         """
+        h, logits = self.run(x, seqs, all_logits=all_logits)
+        return h if logits is None else logits
+
+    @torch.inference_mode()
+    def run(
+        self, x: torch.Tensor, seqs: Sequence[SeqChunk], *, all_logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward``, also returning the blocks' output hidden states [T, C] at the
+        tail (what a spot check's commitment covers): (hidden, logits or None)."""
         total = sum(s.length for s in seqs)
         if x.shape[0] != total:
             raise ValueError(f"{x.shape[0]} inputs for chunks totalling {total} positions")
@@ -317,11 +326,12 @@ class ModelSlice(nn.Module):
             s.cache.length = s.start_pos + s.length
 
         if self.norm is None or self.lm_head is None:
-            return h
+            return h, None
+        out = h
         if not all_logits:
             last = torch.tensor([s.length for s in seqs]).cumsum(0) - 1
-            h = h[to_device(last, self.device)]
-        return self.lm_head(self.norm(h)).float()
+            out = h[to_device(last, self.device)]
+        return h, self.lm_head(self.norm(out)).float()
 
 
 def check_range(args: ModelArgs, start: int, end: int) -> None:

@@ -251,6 +251,40 @@ function renderEvents(s) {
   $("events-empty").hidden = s.events.length > 0;
 }
 
+// ---------------------------------------------------------------- policy
+
+function renderPolicy(s) {
+  const p = s.policy;
+  $("policy-card").hidden = !p || (!p.file && !p.audit_log);
+  if (!p) return;
+  $("policy-hint").textContent = p.file
+    ? `${p.rules.length} rules from ${p.file} · loaded ${fmtClock(p.loaded_at)}` + (p.audit_log ? " · audit log on" : "")
+    : "no rules · audit log on";
+  $("policy-error").hidden = !p.reload_error;
+  $("policy-error").textContent = p.reload_error ? `Reload rejected, old rules kept: ${p.reload_error}` : "";
+  const keys = $("policy-keys").querySelector("tbody");
+  keys.replaceChildren();
+  for (const [key, n] of Object.entries(p.refusals_by_key)) {
+    keys.append(el("tr", {}, el("td", { text: key }), el("td", { class: "num", text: fmtInt(n) })));
+  }
+  $("policy-keys").hidden = Object.keys(p.refusals_by_key).length === 0;
+  const list = $("policy-events");
+  list.replaceChildren();
+  for (const e of p.events) {
+    const what = e.rule ? `${e.rule}${e.label ? " (" + e.label + ")" : ""} · ${e.key || ""} · ${e.endpoint || ""}` : e.detail || "";
+    list.append(
+      el(
+        "li",
+        { class: "event", "data-kind": e.kind },
+        el("span", { class: "ts", text: fmtClock(e.ts) }),
+        el("span", { class: `kind ${e.kind}`, text: e.kind.replaceAll("_", " ") }),
+        el("span", { class: "what", text: what }),
+      ),
+    );
+  }
+  $("policy-empty").hidden = p.events.length > 0;
+}
+
 // ---------------------------------------------------------------- charts
 
 function niceStep(v) {
@@ -385,6 +419,7 @@ function render(s) {
   renderSessions(s);
   renderSwarmSessions(s);
   renderEvents(s);
+  renderPolicy(s);
   renderCharts(s);
 }
 
