@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[torch.dtype, str, torch.dtype | None]] = {
     "float32": (torch.float32, "float", None),
     "bfloat16": (torch.bfloat16, "float", None),
     "quantized": (torch.float32, "gguf", torch.bfloat16),  # the node's default on CPU
+    # the same without batch invariance (causal prefill kernel, pooled batched decode): its price
+    "quantized-noinv": (torch.float32, "gguf", torch.bfloat16),
 }
 
 
@@ -120,12 +122,14 @@ def write_1b(kind: str, donor: Path) -> Path:
     return out
 
 
-def ours(path: Path, dtype: torch.dtype, weights: str, kdtype: torch.dtype | None) -> tuple[Any, dict[str, Callable[[int], float]]]:
+def ours(path: Path, dtype: torch.dtype, weights: str, kdtype: torch.dtype | None,
+         invariant: bool = True) -> tuple[Any, dict[str, Callable[[int], float]]]:
     from swarm_node.engine.loading import load_slice
     from swarm_node.engine.model import SeqChunk
     from swarm_proto.model_args import read_args
 
     model = load_slice(path, 0, read_args(path).num_layers, dtype=dtype, weights=weights, kernel_dtype=kdtype)
+    model.batch_invariant = model.batch_invariant and invariant
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 1000, (128,), generator=gen)
 
@@ -176,7 +180,7 @@ def bench_model(
     held: dict[str, int] = {}
     for variant in variants:
         dtype, weights, kdtype = VARIANTS[variant]
-        model, fns = ours(path, dtype, weights, kdtype)
+        model, fns = ours(path, dtype, weights, kdtype, invariant=not variant.endswith("-noinv"))
         engines[variant] = fns  # type: ignore[assignment]
         held[variant] = model_bytes(model)
     file_bytes = file_tensor_bytes(path)
@@ -223,7 +227,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--models", default="smollm2,1b-q4_0,1b-q8_0")
     ap.add_argument("--no-llama", action="store_true", help="our engine only (no llama-bench binary)")
-    ap.add_argument("--engines", default=",".join(VARIANTS), help="our variants to run (float32,bfloat16,quantized)")
+    ap.add_argument("--engines", default="float32,bfloat16,quantized",
+                    help=f"our variants to run (of {','.join(VARIANTS)})")
     ap.add_argument("--out", default="bench/results/quant.json")
     args = ap.parse_args()
 

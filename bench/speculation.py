@@ -11,8 +11,8 @@ in turns within each run, so machine noise hits both alike. Two tasks:
 Per task and mode, the median over --runs of: decode tokens/s (tokens after the first
 over the time they took), time to first token, tokens per network round trip (one step
 along the route and its result back), and whether the tokens equal speculation off's
-(they must on float32 nodes; on the bfloat16/quantized default, a (k+1)-position forward
-may round differently from a 1-position one and flip a near-tie: docs/speculation.md).
+(they must: the quantized default is batch-invariant, and float32 nodes agree to the
+last bits that matter: docs/speculation.md).
 Link delay is not modelled here (bench/wan.py adds it); on loopback a traversal costs
 ~0.5 ms, so the gain comes from the compute a step costs.
 

@@ -33,16 +33,16 @@ MAX_TOKENS = 72
 @pytest.fixture(scope="module")
 def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
 
-    from swarm_proto.model_args import layer_bytes, read_args
+    from swarm_proto.model_args import read_args
+    from swarm_proto.weight_format import format_layer_bytes
 
     # Room for 16 of the 30 layers per node: one node cannot hold the model, so routes
-    # span nodes, and any two can still cover it once the third is gone.
-    # float32 nodes: the failover below must keep the text, and a replay (the history as one
-    # prefill) reproduces incremental decode closely enough only on the exact path; bfloat16
-    # kernel inputs can flip a near-tie after a replay (docs/engine.md, Quantized weights).
-    budget = 16 * layer_bytes(read_args(default_model), "float32")
+    # span nodes, and any two can still cover it once the third is gone. The nodes run the
+    # default (quantized, bfloat16 kernels): the failover below keeps the text because the
+    # engine is batch-invariant (docs/engine.md), the replay computing what the steps did.
+    budget = 16 * format_layer_bytes(read_args(default_model), "bfloat16", "gguf", default_model)
     swarm = start_swarm(
-        default_model, 3, tmp_path_factory.mktemp("dashboard-swarm"), node_args=["--memory-budget", str(budget), "--dtype", "float32"]
+        default_model, 3, tmp_path_factory.mktemp("dashboard-swarm"), node_args=["--memory-budget", str(budget)]
     )
     try:
         yield swarm

@@ -1,7 +1,7 @@
 """Busy is not broken: a memory-limited swarm loaded past its capacity through the gateway.
 
-A coordinator and three float32 nodes started with ``--memory-budget 300M`` (the default
-model split over them, one node per span) and a small ``--kv-budget``, so a span holds
+A coordinator and three nodes (the default, quantized path) started with a memory budget
+of 16 layers each (the default model split over them, one node per span) and a small ``--kv-budget``, so a span holds
 only a few sessions at once. The official ``openai`` client sends twice a span's
 capacity of chat completions at once: every one completes with the text it gets alone,
 the nodes' refusals are "busy" (waited on in the gateway's line), and no node is ever
@@ -27,7 +27,7 @@ from swarm_node.admission import slot_length
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-KV_BUDGET = "3M"  # two or three short chats (64-position slots) per span of this model (float32)
+KV_BUDGET = "3M"  # two or three short chats (64-position slots) per span of this model (float32 KV)
 MAX_TOKENS = 12
 QUESTIONS = [
     "Name a planet.",
@@ -43,15 +43,19 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    from swarm_proto.model_args import read_args
+    from swarm_proto.weight_format import format_layer_bytes
+
     logs = tmp_path_factory.mktemp("load-swarm")
+    layer_bytes = format_layer_bytes(read_args(default_model), "bfloat16", "gguf", default_model)
     swarm = start_swarm(
         default_model,
         3,
         logs,
         coordinator_args=["--queue-size", "32", "--queue-timeout", "120"],
-        # float32: the one path on which a failover's replay is bit-exact (docs/failover.md),
-        # so the kill test can ask for every solo text after the failover too.
-        node_args=["--dtype", "float32", "--memory-budget", "300M", "--kv-budget", KV_BUDGET],
+        # The default path is batch-invariant (docs/engine.md): batched and replayed sessions
+        # compute what they compute alone, so the kill test asks for every solo text.
+        node_args=["--memory-budget", str(16 * layer_bytes), "--kv-budget", KV_BUDGET],
     )
     try:
         # Two nodes can cover the model before the third is assigned: wait for the layout

@@ -28,6 +28,12 @@ from swarm_proto.weight_format import kept_quantized
 
 log = logging.getLogger(__name__)
 
+# An int4-kernel LM head in bfloat16 recomputes each position's top logits exactly
+# (quant.QuantLinear._refine): near-ties at the argmax are decided in float32. It and a
+# quantized embedding keep their scales' rounding residual, so embedding rows are exact
+# on a head node and through a tied head alike.
+HEAD_REFINE_TOP = 16
+
 TensorReader = Callable[[Iterable[str]], dict[str, torch.Tensor]]
 
 
@@ -146,7 +152,7 @@ def _build_quantized(
     def dequantized(name: str) -> torch.Tensor:
         return gguf_loader.read_tensors(path, args, [name])[name]
 
-    def make(names: list[str], bias_names: Sequence[str] = ()) -> nn.Module:
+    def make(names: list[str], bias_names: Sequence[str] = (), refine_top: int = 0) -> nn.Module:
         """One linear layer over the matrices `names` stacked along the output."""
         bias = torch.cat([floats.pop(b) if not gguf else dequantized(b) for b in bias_names]) if bias_names else None
         if not gguf:
@@ -160,7 +166,7 @@ def _build_quantized(
         mods: list[nn.Module] = []
         kept = [p for p in parts if kept_quantized(p[0], (p[1].shape[0], k))]
         if len(kept) == len(parts):
-            mod = quant.linear_from_gguf(parts, k, kdtype, None if bias is None else bias.to(kdtype))
+            mod = quant.linear_from_gguf(parts, k, kdtype, None if bias is None else bias.to(kdtype), refine_top)
             _check_finite(mod, names[0])
             return mod
         col = 0
@@ -196,12 +202,13 @@ def _build_quantized(
     if end == args.num_layers:
         state["norm.weight"] = norm("model.norm.weight")
         if gguf:
-            model.lm_head = make([head_name])
+            model.lm_head = make([head_name], refine_top=HEAD_REFINE_TOP)
         else:
             model.lm_head = dense(floats.pop(head_name) if not (start == 0 and args.tie_word_embeddings)
                                   else floats["model.embed_tokens.weight"], None)
     if start == 0:
         model.embed_tokens = _embedding(model, args, gguf, end == args.num_layers, make, dequantized, floats, dtype)
+    mark_batch_invariant(model)
     model.load_state_dict(state, assign=True, strict=False)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n != "rotary.inv_freq"]
     if left:
@@ -209,6 +216,19 @@ def _build_quantized(
     model.rotary.inv_freq = inv_freq(args)
     model.eval()
     return model
+
+
+def mark_batch_invariant(model: ModelSlice) -> None:
+    """Mark the slice batch-invariant (swarm_node.engine.model) when every layer matrix runs
+    the int4 kernel, whose rows are computed independently; a head that is not such a
+    matrix then runs row by row (one row per sequence at decode, so the cost is small)."""
+    layers = [m for b in model.layers if isinstance(b, Block)
+              for m in (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2)]
+    if not all(quant.rows_independent(m) for m in layers):
+        return
+    if model.lm_head is not None and not quant.rows_independent(model.lm_head):
+        model.lm_head = quant.EachRow(model.lm_head)
+    model.batch_invariant = True
 
 
 def _embedding(model: ModelSlice, args: ModelArgs, gguf: bool, tail: bool, make: Callable[[list[str]], nn.Module],
@@ -220,7 +240,7 @@ def _embedding(model: ModelSlice, args: ModelArgs, gguf: bool, tail: bool, make:
     if gguf and args.tie_word_embeddings and tail:
         table = model.lm_head
     elif gguf:
-        table = make([name])
+        table = make([name], refine_top=HEAD_REFINE_TOP)  # its residual: the rows are exact, as the tied head's
     if isinstance(table, quant.GroupedInt8Linear) or (
         isinstance(table, quant.QuantLinear) and quant.packed_layout_known()
     ):

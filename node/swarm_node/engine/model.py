@@ -7,6 +7,13 @@ cache and start position, so a node can batch sessions that are at different
 positions and lengths: the matrix work runs once on the packed tokens, the
 attention runs per sequence against that sequence's cache, or, for a batch
 of single decode steps, once over all the sequences' slots of the KV pool.
+
+Batch invariance: a slice whose every matrix product computes each row on its own
+(`batch_invariant`, set by the loader for the int4-kernel formats) attends each
+position alone, over exactly its keys 0..p, the very call a decode step makes; the
+rotary tables are computed per fixed block of positions. A position's outputs are
+then bitwise the same however it was batched: one step, a chunk of a prefill, a
+replay after a failover, beside other sessions or drafted tokens.
 """
 
 from __future__ import annotations
@@ -93,17 +100,42 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+_ROTARY_BLOCK = 256  # positions whose cos/sin are computed by one call
+
+
 class Rotary(nn.Module):
-    """cos/sin tables for explicit positions, computed in float32 as transformers does."""
+    """cos/sin tables for explicit positions, computed in float32 as transformers does.
+
+    The tables are kept for the positions seen so far (bounded by the caches' max
+    length), grown one block of `_ROTARY_BLOCK` positions at a time: a position's
+    values never depend on which other positions a forward carries (a vectorized
+    cos and its scalar tail may differ in the last bit)."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inv_freq(args), persistent=False)
+        # (inv_freq they were made from, cos [P, D], sin [P, D]) in float32
+        self._tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+    def forward(self, positions: torch.Tensor, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, D] for `positions` [T] on the device, all below `end`."""
+        tables = self._tables
+        if tables is None or tables[0] is not self.inv_freq or tables[1].shape[0] < end:
+            tables = self._tables = self._grow(tables, end)
+        _, cos, sin = tables
+        return cos[positions].to(dtype), sin[positions].to(dtype)
+
+    def _grow(self, tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, end: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inv = self.inv_freq
+        cos, sin = ([tables[1]], [tables[2]]) if tables is not None and tables[0] is inv else ([], [])
+        for first in range(sum(c.shape[0] for c in cos), max(end, 1), _ROTARY_BLOCK):
+            pos = torch.arange(first, first + _ROTARY_BLOCK, device=inv.device)
+            freqs = pos[:, None].float() * inv[None, :]  # [B, D/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [B, D]
+            cos.append(emb.cos())
+            sin.append(emb.sin())
+        return inv, torch.cat(cos), torch.cat(sin)
 
 
 class Attention(nn.Module):
@@ -123,6 +155,7 @@ class Attention(nn.Module):
         layer: int,
         seqs: Sequence[SeqChunk],
         decode: DecodeBatch | None,
+        each: bool = False,
     ) -> torch.Tensor:
         a = self.args
         t = x.shape[0]
@@ -143,7 +176,8 @@ class Attention(nn.Module):
             for seq in seqs:
                 sl = slice(offset, offset + seq.length)
                 keys, values = seq.cache.write(layer, seq.start_pos, k[sl], v[sl])  # [P, Hkv, D]
-                out[sl] = _attend(q[sl], keys, values, seq.start_pos, groups)
+                attend = _attend_each if each else _attend
+                out[sl] = attend(q[sl], keys, values, seq.start_pos, groups)
                 offset += seq.length
         return self.wo(out.reshape(t, a.q_size))
 
@@ -170,6 +204,19 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, g
     causal = n > 1 and start_pos == 0
     out = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, groups, causal)
     return out[0].transpose(0, 1)  # [n, H, D]
+
+
+def _attend_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, groups: int) -> torch.Tensor:
+    """`_attend`, one query at a time over exactly its keys: each position's result is
+    the one a decode step at that position computes, bit for bit (a causal kernel's
+    blocking over queries and keys would make it depend on the chunk's size)."""
+    if q.shape[0] == 1:
+        return _attend(q, k, v, start_pos, groups)
+    out = torch.empty_like(q)  # [n, H, D]
+    for i in range(q.shape[0]):
+        end = start_pos + i + 1
+        out[i : i + 1] = _attend(q[i : i + 1], k[:end], v[:end], start_pos + i, groups)
+    return out
 
 
 @dataclass
@@ -245,8 +292,9 @@ class Block(nn.Module):
         layer: int,
         seqs: Sequence[SeqChunk],
         decode: DecodeBatch | None,
+        each: bool = False,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, layer, seqs, decode)
+        h = x + self.attention(self.attention_norm(x), cos, sin, layer, seqs, decode, each)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -264,6 +312,9 @@ class ModelSlice(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if self.is_tail else None
         self.lm_head: nn.Module | None = Linear(args.hidden_size, args.vocab_size) if self.is_tail else None
         self._pool: KVPool | None = None
+        # Every product computes each row on its own (the loader decides): then positions
+        # are attended one by one too, and outputs do not depend on the batch (module doc).
+        self.batch_invariant = False
 
     @property
     def is_head(self) -> bool:
@@ -318,10 +369,11 @@ class ModelSlice(nn.Module):
         positions = to_device(torch.cat([torch.arange(s.start_pos, s.start_pos + s.length) for s in seqs]), self.device)
 
         h = self.embed_tokens(x) if self.embed_tokens is not None else x.to(self.dtype)  # [T, C]
-        cos, sin = self.rotary(positions, h.dtype)
-        decode = DecodeBatch.of(seqs, positions)
+        cos, sin = self.rotary(positions, max((s.start_pos + s.length for s in seqs), default=0), h.dtype)
+        each = self.batch_invariant
+        decode = None if each else DecodeBatch.of(seqs, positions)
         for i, block in enumerate(self.layers):
-            h = block(h, cos, sin, i, seqs, decode)
+            h = block(h, cos, sin, i, seqs, decode, each)
         for s in seqs:
             s.cache.length = s.start_pos + s.length
 

@@ -41,7 +41,7 @@ from swarm_proto.weight_format import GROUP, KEPT_GGUF_TYPES, PACK_ROWS, QK_K, k
 log = logging.getLogger(__name__)
 
 _ROWS_PER_BAND = 256  # rows converted at a time at load (a multiple of PACK_ROWS)
-__all__ = ["KEPT_GGUF_TYPES", "held_bytes", "kept_quantized", "linear_from_float", "linear_from_gguf", "module_bytes"]
+__all__ = ["KEPT_GGUF_TYPES", "EachRow", "held_bytes", "kept_quantized", "linear_from_float", "linear_from_gguf", "module_bytes", "rows_independent"]
 
 
 @dataclass(frozen=True)
@@ -213,24 +213,33 @@ class QuantLinear(nn.Module):
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
+    residual: torch.Tensor | None
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, splits: int,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, refine_top: int = 0) -> None:
         super().__init__()
         self.in_features, self.splits = in_features, splits
         self.out_features = scales_and_zeros.shape[1]
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
+        # What the kernel dtype's rounding took off the float32 scales and offsets (same
+        # shape and dtype): ``rows`` adds it back, so dequantized rows are exact.
+        self.register_buffer("residual", residual)
+        self.refine_top = refine_top if residual is not None else 0
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @staticmethod
     def from_bands(bands: Sequence[Affine4], in_features: int, dtype: torch.dtype,
-                   bias: torch.Tensor | None = None) -> QuantLinear:
+                   bias: torch.Tensor | None = None, refine_top: int = 0) -> QuantLinear:
+        """``refine_top`` > 0 (an LM head run in a narrow kernel dtype): keep the scales'
+        residual and recompute each row's top ``refine_top`` outputs exactly (`forward`)."""
         packed = torch.from_numpy(np.concatenate([_pack(b.codes) for b in bands]))
         scale = np.concatenate([b.scale for b in bands])  # [N, G]
         zero = np.concatenate([b.zero for b in bands])
-        sz = torch.from_numpy(np.stack([scale, zero], axis=-1)).transpose(0, 1).contiguous().to(dtype)  # [G, N, 2]
-        return QuantLinear(packed, sz, in_features, bands[0].splits, bias)
+        sz32 = torch.from_numpy(np.stack([scale, zero], axis=-1)).transpose(0, 1).contiguous()  # [G, N, 2] float32
+        sz = sz32.to(dtype)
+        residual = (sz32 - sz.float()).to(dtype) if refine_top and dtype != torch.float32 else None
+        return QuantLinear(packed, sz, in_features, bands[0].splits, bias, residual, refine_top)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -241,15 +250,34 @@ class QuantLinear(nn.Module):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if self.refine_top and x.dtype == torch.float32:
+            y = self._refine(x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)).reshape(y.shape)
+        return y
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Dequantized rows ``ids`` [R] -> [R, in_features] in the compute dtype."""
+    def _refine(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each row's top ``refine_top`` outputs [T, N] recomputed in float32 from exact
+        rows: an LM head's near-tied logits are decided without the kernel's rounding of
+        its input, scales and output (each row alone: batch invariance holds)."""
+        ids = y.topk(min(self.refine_top, y.shape[-1]), dim=-1).indices  # [T, k]
+        w = self.rows(ids.reshape(-1), exact=True).float().view(*ids.shape, self.in_features)  # [T, k, K]
+        exact = (w * x[:, None, :]).sum(-1)  # [T, k]: elementwise, one reduction per output
+        if self.bias is not None:
+            exact = exact + self.bias.float()[ids]
+        return y.scatter(1, ids, exact)
+
+    def rows(self, ids: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """Dequantized rows ``ids`` [R] -> [R, in_features] in the compute dtype (float32
+        with ``exact`` and a residual: the scales as the file has them)."""
         kp = self.in_features * self.splits
         q = _unpack_rows(self.packed, ids, kp).float()  # [R, K']
-        sz = self.scales_and_zeros[:, ids].float().repeat_interleave(GROUP, dim=0)  # [K', R, 2]
+        sz = self.scales_and_zeros[:, ids].float()  # [G, R, 2]
+        if exact and self.residual is not None:
+            sz = sz + self.residual[:, ids].float()
+        sz = sz.repeat_interleave(GROUP, dim=0)  # [K', R, 2]
         w = (q - 8) * sz[..., 0].t() + sz[..., 1].t()
-        return w.reshape(len(ids), self.splits, self.in_features).sum(1).to(self.scales_and_zeros.dtype)
+        w = w.reshape(len(ids), self.splits, self.in_features).sum(1)
+        return w if exact and self.residual is not None else w.to(self.scales_and_zeros.dtype)
 
 
 class GroupedInt8Linear(nn.Module):
@@ -277,7 +305,7 @@ class GroupedInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.scales.dtype), self._weight(), self.bias).to(x.dtype)
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+    def rows(self, ids: torch.Tensor, exact: bool = False) -> torch.Tensor:
         return self._weight(ids)
 
 
@@ -293,6 +321,31 @@ class ConcatLinear(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
+class EachRow(nn.Module):
+    """A product run one row at a time: each row's result is then the one a single-row
+    call gives, whatever else the batch holds (the LM head of an otherwise batch-invariant
+    slice when the head is a dense or Q6_K matrix; see `rows_independent`)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return self.inner(x)  # type: ignore[no-any-return]
+        return torch.cat([self.inner(x[i : i + 1].clone()) for i in range(x.shape[0])])
+
+
+def rows_independent(module: nn.Module) -> bool:
+    """Whether each output row of ``module`` is computed from its input row alone, bit for
+    bit whatever the other rows are. PyTorch's int4 kernel does so (tests/node/test_quant.py
+    checks it); dense BLAS products do not (their blocking and threading depend on the
+    number of rows), nor does `GroupedInt8Linear`, a dense product."""
+    if isinstance(module, ConcatLinear):
+        return all(rows_independent(p) for p in module.parts)
+    return isinstance(module, (QuantLinear, EachRow))
+
+
 class QuantEmbedding(nn.Module):
     """Token embedding read as dequantized rows of a quantized [V, C] matrix (the LM
     head's own when the two are tied: one copy)."""
@@ -303,13 +356,13 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        return self.table.rows(flat).to(self.dtype).reshape(*ids.shape, -1)
+        return self.table.rows(flat, exact=True).to(self.dtype).reshape(*ids.shape, -1)
 
 
 # --- building from GGUF blocks ----------------------------------------------------------
 
 def linear_from_gguf(parts: Sequence[tuple[str, np.ndarray]], k: int, dtype: torch.dtype,
-                     bias: torch.Tensor | None = None) -> nn.Module:
+                     bias: torch.Tensor | None = None, refine_top: int = 0) -> nn.Module:
     """A linear layer over GGUF row blocks ``parts`` [(type name, raw [n_i, bytes])],
     stacked along the output dimension (a fused q/k/v, say). Parts of one type become
     one kernel call; mixed types become a `ConcatLinear`."""
@@ -336,7 +389,7 @@ def linear_from_gguf(parts: Sequence[tuple[str, np.ndarray]], k: int, dtype: tor
             if band is None:
                 raise ValueError(f"GGUF type {kind} has no quantized form here")
             bands.append(band)
-    return QuantLinear.from_bands(bands, k, dtype, bias)
+    return QuantLinear.from_bands(bands, k, dtype, bias, refine_top)
 
 
 def linear_from_float(w: torch.Tensor, bits: int, dtype: torch.dtype, bias: torch.Tensor | None = None) -> QuantLinear:

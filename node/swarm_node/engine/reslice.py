@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swarm_node.engine.loading import load_slice
+from swarm_node.engine.loading import load_slice, mark_batch_invariant
 from swarm_node.engine.model import ModelSlice, check_range
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def compose(
         assert norm is not None and head is not None, "a tail slice needs the final norm and head"
         out.norm = norm  # type: ignore[assignment]
         out.lm_head = head  # type: ignore[assignment]
+    mark_batch_invariant(out)
     out.eval()
     return out
 
