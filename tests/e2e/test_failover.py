@@ -215,7 +215,10 @@ def test_a_frozen_node_is_timed_out_and_harmless_once_thawed(swarm: ChaosSwarm, 
         for name in frozen:
             swarm.thaw(name)
     assert got == references[1]
-    assert elapsed < 10.0  # the step timeout (a multiple of the measured step, at least 1 s), not a TCP timeout
+    # the step timeout (a multiple of the measured step, at least 1 s) fired, not a TCP timeout: a
+    # frozen node holds a stream forever otherwise. The bound is loose because the measured step,
+    # and so the timeout, stretches on a loaded machine (seen: 31 s at a load average of 9 on 2 cores).
+    assert elapsed < 90.0
     assert later == references[:3]
     assert swarm.daemons[victim].alive
     swarm.wait_nodes(NAMES, 30)
