@@ -102,6 +102,13 @@ class StepClock:
             return None
         return self.step_s + max(0, positions - 1) * (self.position_s or 0.0)
 
+    def probe_timeout(self) -> float:
+        """How long a hop may take to answer an Info probe: the policy's figure, or two
+        measured decode steps where links are slow (a step costs at least a round trip
+        to the route's head and back from its tail, so the bound scales with the RTT)."""
+        expected = self.expected(1)
+        return max(self.policy.probe_timeout, 2.0 * expected if expected is not None else 0.0)
+
     def timeout(self, positions: int = 1) -> float:
         p = self.policy
         expected = self.expected(positions)

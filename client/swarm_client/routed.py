@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -52,6 +53,7 @@ from swarm_client.types import AsyncTokenSource, SampledToken
 from swarm_client.verify import Blame, CheckResult, Verifier, VerifyPolicy
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
+from swarm_proto.links import LinkProbe
 from swarm_proto.tls import TlsFiles, secure_aio_channel
 from swarm_proto.transport import Metadata, call_metadata
 from swarm_proto.wire import SamplingParams, wire_code
@@ -183,11 +185,22 @@ class CoordinatorRoutes(RouteProvider):
     both answer routes; a call that finds one unreachable moves on to the next, and
     later calls start from the one that answered).
 
-    Channels are made on first use, in the event loop that uses them.
+    Channels are made on first use, in the event loop that uses them. With
+    ``probe_links`` (the default) the client measures its round trips to the swarm's
+    nodes (:class:`swarm_proto.links.LinkProbe`; the node list and the figures are
+    refreshed every ``links.ttl`` seconds) and sends them with each route request, so a
+    client far from the swarm gets a head and a tail near it (docs/wan.md).
     """
 
     def __init__(
-        self, address: str, *, model: str = "", timeout: float = 10.0, token: str = "", tls: TlsFiles | None = None
+        self,
+        address: str,
+        *,
+        model: str = "",
+        timeout: float = 10.0,
+        token: str = "",
+        tls: TlsFiles | None = None,
+        probe_links: bool = True,
     ) -> None:
         self.tls = tls
         self.addresses = tuple(a.strip() for a in address.split(",") if a.strip())
@@ -199,6 +212,38 @@ class CoordinatorRoutes(RouteProvider):
         self._metadata = call_metadata(token)  # the swarm token, when the coordinator wants one
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.links = LinkProbe(tls=tls) if probe_links else None
+        self._listed: list[tuple[str, str]] = []
+        self._listed_at = -math.inf
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def client_rtts(self, exclude_node_ids: Collection[str], exclude_addresses: Collection[str]) -> dict[str, float]:
+        """This client's measured round trips to the nodes it may be routed through.
+
+        Only the first call waits for the probes; later ones answer from the cache and
+        refresh stale figures in the background, so a failover never waits on a probe
+        of a dead or frozen node."""
+        if self.links is None:
+            return {}
+        loop = asyncio.get_running_loop()
+        if self._listed_at == -math.inf:
+            await self._refresh_links()
+        elif time.monotonic() - self._listed_at > self.links.ttl and (
+            self._refresher is None or self._refresher.done() or self._refresher.get_loop() is not loop
+        ):
+            self._listed_at = time.monotonic()
+            self._refresher = loop.create_task(self._refresh_links(), name="swarm-link-probes")
+        avoid = {n for n, a in self._listed if n in exclude_node_ids or a in exclude_addresses}
+        return {n: rtt for n, rtt in self.links.cached().items() if n not in avoid}
+
+    async def _refresh_links(self) -> None:
+        assert self.links is not None
+        try:
+            self._listed = [(n.node_id, n.address) for n in await self.list_nodes() if n.address and n.node_id]
+        except RouteError as exc:  # the route request will say what is wrong
+            logger.debug("no node list for link probes: %s", exc)
+        self._listed_at = time.monotonic()
+        await self.links.rtts(self._listed, self._metadata)
 
     def _stub(self, address: str) -> swarm_pb2_grpc.CoordinatorStub:
         loop = asyncio.get_running_loop()
@@ -235,6 +280,7 @@ class CoordinatorRoutes(RouteProvider):
             max_length=max_length,
             exclude_node_ids=sorted(exclude_node_ids),
             exclude_addresses=sorted(exclude_addresses),
+            client_rtt_s=await self.client_rtts(exclude_node_ids, exclude_addresses),
         )
         try:
             reply = await self._call("GetRoute", request)
@@ -309,6 +355,10 @@ class CoordinatorRoutes(RouteProvider):
         return [NodeSummary(n.node_id, n.address, n.start, n.end, n.device, n.active_sessions) for n in reply.nodes]
 
     async def aclose(self) -> None:
+        if self._refresher is not None and not self._refresher.done():
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        self._refresher = None
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()
@@ -571,7 +621,7 @@ class RoutedBackend(AsyncTokenSource):
                     if err.code not in _RETRYABLE or failures > policy.max_failovers:
                         raise GenerationError(f"generation failed after {failures} failure(s): {err}") from err
                     detected = time.monotonic()
-                    culprits = await blame(err, route.hops, policy.probe_timeout, call_metadata(self.token), self.tls)
+                    culprits = await blame(err, route.hops, clock.probe_timeout(), call_metadata(self.token), self.tls)
                     if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and not culprits:
                         clock.slower()  # every hop answers: the route is slow, not dead
                     for hop in culprits:

@@ -1,8 +1,11 @@
 """Routes: the chain of nodes a session's activations flow through, chosen from state.
 
 A route is a tuple of :class:`Span` covering layers ``[0, L)`` in order. :func:`find_route`
-picks the chain with the lowest estimated latency per token: every span costs one hop
-plus ``layers * seconds_per_layer`` on its node, where a node's seconds per layer is
+picks the chain with the lowest estimated latency per token: every span costs the
+one-way delay of the link into it (client -> head, node -> successor) plus ``layers *
+seconds_per_layer`` on its node, and the tail's link back to the client is added
+(:class:`LinkDelays`: measured round trips / 2, nodes' from their load reports, the
+client's from the route request; ``hop_latency_s`` where unmeasured), where a node's seconds per layer is
 ``1 / speed`` stretched by its load (queued steps, active sessions) and by the sessions
 this coordinator routed through it recently (load reports lag by a couple of seconds,
 so the recent count is what spreads a burst of sessions over replicas).
@@ -13,22 +16,32 @@ free session are preferred: full nodes are used only when no route exists withou
 (their reports lag by a couple of seconds; the node's own admission decides, and a
 full one answers "busy", which clients wait on). A span may use part of a node's range.
 
-The search is a shortest path over layer boundaries. Switching nodes only pays off at
-the start or end of some node's range (cost is linear in the switch point between
-two such boundaries), so those are the only positions searched.
+The search is a shortest path over (layer boundary, node that ends there): a link's
+delay depends on both its ends. Switching nodes only pays off at the start or end of
+some node's range (cost is linear in the switch point between two such boundaries), so
+those are the only positions searched. Of the nodes serving the same range only the
+cheapest can be on the best route when no link is measured; when links are, the few
+cheapest of each range are searched (``MAX_LINK_CANDIDATES``, fewer when there are many
+ranges: a near replica may beat a faster far one).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from swarm_coordinator.errors import NoRouteError, format_ranges
 from swarm_coordinator.state import NodeView, SwarmState, runs
 
-__all__ = ["RecentRoutes", "RouteIndex", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
+__all__ = ["LinkDelays", "RecentRoutes", "RouteIndex", "RoutingPolicy", "Span", "find_route", "has_room", "route_latency", "seconds_per_layer"]
+
+
+MAX_LINK_CANDIDATES = 8  # nodes per distinct range searched when link delays are known ...
+MAX_LINK_CANDIDATES_TOTAL = 64  # ... and over all ranges (a swarm of many ranges gets fewer per range)
+
+Candidate = tuple[float, str, NodeView]  # (seconds per layer, node id, view)
 
 
 @dataclass(frozen=True)
@@ -93,19 +106,23 @@ def find_route(
     exclude: Collection[str] = frozenset(),
     recent: Mapping[str, int] | None = None,
     policy: RoutingPolicy = RoutingPolicy(),
+    client_rtts: Mapping[str, float] | None = None,
 ) -> tuple[Span, ...]:
     """The lowest-latency chain covering ``[0, L)``; raises :class:`NoRouteError`.
 
     ``max_length`` is the session's KV length in tokens; ``exclude`` holds nodes the
     caller saw fail (backoff is the caller's business); ``recent`` counts sessions
-    routed through each node lately (see :class:`RecentRoutes`).
+    routed through each node lately (see :class:`RecentRoutes`); ``client_rtts`` holds
+    the round trips the client measured to nodes (seconds; the head's and the tail's
+    links to the client count).
     """
+    links = LinkDelays.of(state, policy).with_client(client_rtts or {})
     try:
-        return _find_route(state, max_length, exclude, recent or {}, policy, need_room=True)
+        return _find_route(state, max_length, exclude, recent or {}, policy, links, need_room=True)
     except NoRouteError as roomy:
         # Nothing with room (as last reported): the nodes themselves decide, "busy" or not.
         try:
-            return _find_route(state, max_length, exclude, recent or {}, policy, need_room=False)
+            return _find_route(state, max_length, exclude, recent or {}, policy, links, need_room=False)
         except NoRouteError:
             raise roomy from None  # it names the full nodes too
 
@@ -116,22 +133,22 @@ def _find_route(
     exclude: Collection[str],
     recent: Mapping[str, int],
     policy: RoutingPolicy,
+    links: LinkDelays,
     *,
     need_room: bool,
 ) -> tuple[Span, ...]:
     L = state.num_layers
     usable, skipped = _usable(state, exclude, max_length, need_room)
-    # Of the nodes serving the same range only the cheapest can be on the best route,
-    # so the search runs over distinct ranges (tens, even with thousands of nodes).
-    cheapest: dict[tuple[int, int], tuple[float, str, NodeView]] = {}
+    # Of the nodes serving the same range only the cheapest few can be on the best
+    # route, so the search runs over distinct ranges (tens, even with thousands of nodes).
+    groups: dict[tuple[int, int], list[Candidate]] = {}
     for v in usable:
         r = v.serving
         assert r is not None
-        entry = (seconds_per_layer(v, recent.get(v.node_id, 0), policy), v.node_id, v)
-        key = (r.start, r.end)
-        if key not in cheapest or entry[:2] < cheapest[key][:2]:
-            cheapest[key] = entry
-    spans = _search(L, cheapest, policy)
+        groups.setdefault((r.start, r.end), []).append((seconds_per_layer(v, recent.get(v.node_id, 0), policy), v.node_id, v))
+    keep = links.candidates_per_range(len(groups))
+    cheapest = {key: sorted(members, key=lambda m: m[:2])[:keep] for key, members in groups.items()}
+    spans = _search(L, cheapest, links)
     if spans is None:
         hosted = [False] * L
         for v in usable:
@@ -149,46 +166,58 @@ def _find_route(
     return spans
 
 
-def _search(
-    L: int, cheapest: Mapping[tuple[int, int], tuple[float, str, NodeView]], policy: RoutingPolicy
-) -> tuple[Span, ...] | None:
-    """Dijkstra over boundary positions, one candidate per distinct range; ties go to
-    fewer hops, then smaller node ids. ``None`` when ``[0, L)`` cannot be chained."""
-    points = sorted({0, L} | {p for key in cheapest for p in key})
-    by_start = sorted(cheapest.items())
+def _search(L: int, candidates: Mapping[tuple[int, int], Sequence[Candidate]], links: LinkDelays) -> tuple[Span, ...] | None:
+    """Dijkstra over (boundary position, node that ends there), a few candidates per
+    distinct range; ties go to fewer hops, then smaller node ids. ``None`` when ``[0, L)``
+    cannot be chained."""
+    points = sorted({0, L} | {p for key in candidates for p in key})
+    by_start = sorted(candidates.items())
+    # With no link measured every hop costs the same, and the sender does not matter:
+    # the search collapses to boundary positions alone (as many states as boundaries).
+    by_sender = links.measured
     Key = tuple[float, int, tuple[str, ...]]
-    best: dict[int, Key] = {0: (0.0, 0, ())}
-    back: dict[int, tuple[int, NodeView]] = {}
-    heap: list[tuple[Key, int]] = [((0.0, 0, ()), 0)]
-    done: set[int] = set()
+    Node = tuple[int, str]  # (position, last node id; "" = the client, or anyone when not by_sender)
+    best: dict[Node, Key] = {(0, ""): (0.0, 0, ())}
+    back: dict[Node, tuple[Node, NodeView]] = {}
+    heap: list[tuple[Key, Node]] = [((0.0, 0, ()), (0, ""))]
+    done: set[Node] = set()
+    goal: Node | None = None
     while heap:
-        key, pos = heapq.heappop(heap)
-        if pos in done or key != best.get(pos):
+        key, here = heapq.heappop(heap)
+        if here in done or key != best.get(here):
             continue
-        done.add(pos)
+        done.add(here)
+        pos, last = here
         if pos == L:
+            goal = here
             break
         cost, hops, ids = key
-        for (start, end), (per_layer, node_id, view) in by_start:
+        for (start, end), members in by_start:
             if start > pos:
                 break
             if pos >= end:
                 continue
-            for q in points:
-                if pos < q <= end:
-                    new: Key = (cost + policy.hop_latency_s + (q - pos) * per_layer, hops + 1, ids + (node_id,))
-                    if q not in best or new < best[q]:
-                        best[q] = new
-                        back[q] = (pos, view)
-                        heapq.heappush(heap, (new, q))
-    if L not in done:
+            for per_layer, node_id, view in members:
+                if node_id == last:
+                    continue
+                enter = links.one_way(last, node_id)
+                for q in points:
+                    if pos < q <= end:
+                        leave = links.one_way(node_id, "") if q == L else 0.0  # the tail answers the client
+                        new: Key = (cost + enter + (q - pos) * per_layer + leave, hops + 1, ids + (node_id,))
+                        there = (q, node_id if by_sender else "")
+                        if there not in best or new < best[there]:
+                            best[there] = new
+                            back[there] = (here, view)
+                            heapq.heappush(heap, (new, there))
+    if goal is None:
         return None
     spans: list[Span] = []
-    pos = L
-    while pos != 0:
-        prev, view = back[pos]
-        spans.append(Span(view.node_id, view.address, prev, pos))
-        pos = prev
+    at = goal
+    while at[0] != 0:
+        prev, view = back[at]
+        spans.append(Span(view.node_id, view.address, prev[0], at[0]))
+        at = prev
     return tuple(reversed(spans))
 
 
@@ -200,11 +229,13 @@ class RouteIndex:
     node can be cheaper (recent sessions only add cost), skipping excluded and full
     nodes, so a route costs about one look per distinct range instead of one per node.
     Same answers as :func:`find_route` (which it falls back on to explain a failure).
+    The nodes' link delays are gathered once per snapshot too.
     """
 
     def __init__(self, state: SwarmState, policy: RoutingPolicy = RoutingPolicy()) -> None:
         self.state = state
         self.policy = policy
+        self.links = LinkDelays.of(state, policy)
         groups: dict[tuple[int, int], list[tuple[float, str, NodeView]]] = {}
         for view in state.nodes.values():
             r = view.serving
@@ -216,28 +247,35 @@ class RouteIndex:
         self._groups = groups
 
     def route(
-        self, *, max_length: int = 1, exclude: Collection[str] = frozenset(), recent: Mapping[str, int] | None = None
+        self, *, max_length: int = 1, exclude: Collection[str] = frozenset(), recent: Mapping[str, int] | None = None,
+        client_rtts: Mapping[str, float] | None = None,
     ) -> tuple[Span, ...]:
         recent = recent or {}
+        links = self.links.with_client(client_rtts or {})
+        keep = links.candidates_per_range(len(self._groups))
         for need_room in (True, False):
-            cheapest: dict[tuple[int, int], tuple[float, str, NodeView]] = {}
+            cheapest: dict[tuple[int, int], list[Candidate]] = {}
             for key, members in self._groups.items():
-                pick: tuple[float, str, NodeView] | None = None
+                picks: list[Candidate] = []  # the `keep` cheapest so far, sorted
                 for base, node_id, view in members:
-                    if pick is not None and (base, node_id) >= pick[:2]:
+                    if len(picks) >= keep and (base, node_id) >= picks[-1][:2]:
                         break  # sorted by cost with no recent sessions: nothing later is cheaper
                     if node_id in exclude or (need_room and not has_room(view, max_length)):
                         continue
                     cost = seconds_per_layer(view, recent.get(node_id, 0), self.policy) if node_id in recent else base
-                    if pick is None or (cost, node_id) < pick[:2]:
-                        pick = (cost, node_id, view)
-                if pick is not None:
-                    cheapest[key] = pick
-            spans = _search(self.state.num_layers, cheapest, self.policy)
+                    picks.append((cost, node_id, view))
+                    picks.sort(key=lambda m: m[:2])
+                    del picks[keep:]
+                if picks:
+                    cheapest[key] = picks
+            spans = _search(self.state.num_layers, cheapest, links)
             if spans is not None:
                 return spans
         # no route: the full search says why, naming the skipped nodes
-        return find_route(self.state, max_length=max_length, exclude=exclude, recent=recent, policy=self.policy)
+        return find_route(
+            self.state, max_length=max_length, exclude=exclude, recent=recent, policy=self.policy,
+            client_rtts=client_rtts,
+        )
 
 
 def route_latency(
@@ -246,16 +284,71 @@ def route_latency(
     *,
     recent: Mapping[str, int] | None = None,
     policy: RoutingPolicy = RoutingPolicy(),
+    client_rtts: Mapping[str, float] | None = None,
+    links: LinkDelays | None = None,
 ) -> float:
-    """Estimated seconds per decode step along ``spans`` (K spans cost K+1 hops)."""
+    """Estimated seconds per decode step along ``spans`` (K spans cost K+1 hops, each
+    its link's one-way delay where measured, ``hop_latency_s`` where not)."""
     recent = recent or {}
-    total = policy.hop_latency_s
+    links = (links or LinkDelays.of(state, policy)).with_client(client_rtts or {})
+    total, last = 0.0, ""
     for span in spans:
         view = state.nodes[span.node_id]
-        total += policy.hop_latency_s + (span.end - span.start) * seconds_per_layer(
+        total += links.one_way(last, span.node_id) + (span.end - span.start) * seconds_per_layer(
             view, recent.get(span.node_id, 0), policy
         )
-    return total
+        last = span.node_id
+    return total + links.one_way(last, "")
+
+
+class LinkDelays:
+    """One-way delays between the parties of a route, from measured round trips.
+
+    Node ``a`` to node ``b``: half the round trip ``a`` reported to ``b`` (or ``b`` to
+    ``a``: links are taken as symmetric); client to node and back: half the round trip
+    the client measured (``""`` names the client). An unmeasured link costs
+    ``policy.hop_latency_s``, the cost of a traversal on a fast local network. The
+    nodes' part is gathered once per state (:meth:`of`); :meth:`with_client` adds a
+    request's figures without copying it.
+    """
+
+    def __init__(self, peers: Mapping[tuple[str, str], float], client: Mapping[str, float], default: float) -> None:
+        self.peers = peers
+        self.client = client
+        self.default = default
+
+    @classmethod
+    def of(cls, state: SwarmState, policy: RoutingPolicy = RoutingPolicy()) -> LinkDelays:
+        peers: dict[tuple[str, str], float] = {}
+        for view in state.nodes.values():
+            if view.load is not None:
+                for peer in view.load.peer_rtts:
+                    peers[(view.node_id, peer.node_id)] = peer.rtt_s
+        return cls(peers, {}, policy.hop_latency_s)
+
+    def with_client(self, client_rtts: Mapping[str, float]) -> LinkDelays:
+        return LinkDelays(self.peers, client_rtts, self.default) if client_rtts else self
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.peers or self.client)
+
+    def candidates_per_range(self, ranges: int) -> int:
+        """Without measured links the cheapest node of a range is the only candidate;
+        with them a few, within a total that keeps the search small on big swarms."""
+        if not self.measured:
+            return 1
+        return max(1, min(MAX_LINK_CANDIDATES, MAX_LINK_CANDIDATES_TOTAL // max(1, ranges)))
+
+    def rtt(self, a: str, b: str) -> float | None:
+        if not a or not b:
+            return self.client.get(a or b)
+        got = self.peers.get((a, b))
+        return got if got is not None else self.peers.get((b, a))
+
+    def one_way(self, a: str, b: str) -> float:
+        rtt = self.rtt(a, b)
+        return self.default if rtt is None else max(rtt / 2, self.default / 2)
 
 
 class RecentRoutes:

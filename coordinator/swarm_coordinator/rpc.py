@@ -18,10 +18,11 @@ This is the only module of the coordinator that reads or builds ``swarm_pb2`` me
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 import grpc
 
@@ -31,7 +32,7 @@ from swarm_coordinator.routing import RecentRoutes, RouteIndex, RoutingPolicy, S
 from swarm_coordinator.state import NodeView, SwarmState
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.backoff import Backoff
-from swarm_proto.presence import Event, EventKind
+from swarm_proto.presence import MAX_RTT_S, Event, EventKind
 from swarm_proto.wire import code_name, printable, session_label
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CoordinatorService"]
 
 MAX_EXCLUDES = 256
+MAX_CLIENT_RTTS = 64  # round trips one route request may carry
 ROUTE_STATE_MAX_AGE_S = 0.1  # what routing reads is at most this old (Registry.snapshot)
 MIN_WITNESSES = 2
 
@@ -81,13 +83,21 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_length must be >= 0")
         if len(request.exclude_node_ids) + len(request.exclude_addresses) > MAX_EXCLUDES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_EXCLUDES} exclusions")
+        if len(request.client_rtt_s) > MAX_CLIENT_RTTS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_CLIENT_RTTS} client round trips")
+        rtts = dict(request.client_rtt_s)
+        if not all(math.isfinite(v) and 0 <= v <= MAX_RTT_S for v in rtts.values()):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"client round trips must be in [0, {MAX_RTT_S:g}] s")
         now = self._clock()
         asked = set(request.exclude_node_ids) | _ids_at(state, request.exclude_addresses) | self.quarantined.keys()
         try:
-            spans = self._route(state, request.max_length or 1, asked, self.failures.avoided(now), now)
+            spans = self._route(state, request.max_length or 1, asked, self.failures.avoided(now), now, rtts)
         except NoRouteError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        expected = route_latency(state, spans, recent=self.recent.counts(now), policy=self.policy)
+        links = self._index.links if self._index is not None and self._index.state is state else None
+        expected = route_latency(
+            state, spans, recent=self.recent.counts(now), policy=self.policy, client_rtts=rtts, links=links
+        )
         self.recent.record(spans, now)
         self.routes_given += 1
         self.route_seconds.append(time.perf_counter() - started)
@@ -100,18 +110,21 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
         )
 
     def _route(
-        self, state: SwarmState, max_length: int, asked: Collection[str], avoided: Collection[str], now: float
+        self, state: SwarmState, max_length: int, asked: Collection[str], avoided: Collection[str], now: float,
+        rtts: Mapping[str, float],
     ) -> tuple[Span, ...]:
         recent = self.recent.counts(now)
         if self._index is None or self._index.state is not state:
             self._index = RouteIndex(state, self.policy)
         try:
-            return self._index.route(max_length=max_length, exclude=set(asked) | set(avoided), recent=recent)
+            return self._index.route(
+                max_length=max_length, exclude=set(asked) | set(avoided), recent=recent, client_rtts=rtts
+            )
         except NoRouteError:
             if not set(avoided) - set(asked):
                 raise
             log.info("no route without the recently failed nodes %s: using them anyway", sorted(avoided))
-            return self._index.route(max_length=max_length, exclude=asked, recent=recent)
+            return self._index.route(max_length=max_length, exclude=asked, recent=recent, client_rtts=rtts)
 
     # --- ReportFailure ----------------------------------------------------------------
 
@@ -237,4 +250,5 @@ def _node_info(state: SwarmState, view: NodeView) -> swarm_pb2.NodeInfo:
         active_sessions=load.active_sessions if load else 0,
         address=view.address,
         stats=swarm_pb2.NodeStats(queued_steps=load.queued_steps if load else 0),
+        peer_rtt_s={p.node_id: p.rtt_s for p in load.peer_rtts} if load else {},
     )

@@ -9,7 +9,11 @@
    ~2 s: :class:`swarm_proto.presence_client.PresenceClient`);
 4. load the layer range the coordinator assigns (``assign/<id>``, retained), start
    serving, announce ``ready``; later assignments reload layers in place
-   (:meth:`NodeService.reload`), keeping the sessions on the layers it keeps.
+   (:meth:`NodeService.reload`), keeping the sessions on the layers it keeps;
+5. every ``probe_interval`` seconds, measure round trips to peers it may forward to
+   (``Info`` pings, :class:`swarm_proto.links.LinkProbe`; peers from ``ListNodes``,
+   the ones whose range holds this node's end first, at most ``MAX_PEER_RTTS``) and
+   report them with its load, for link-aware routing (docs/wan.md).
 
 With ``--layers A:B`` the node is *pinned*: it serves that range from the start,
 announces it, and ignores assignments (the coordinator plans around it).
@@ -44,9 +48,12 @@ from swarm_node.errors import SwarmNodeError
 from swarm_node.server import NodeServer
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.errors import SwarmProtoError
+from swarm_proto.links import LinkProbe
 from swarm_proto.model_args import ModelArgs, model_id, read_args
 from swarm_proto.presence import (
     MAX_LOAD_SESSIONS,
+    MAX_PEER_RTTS,
+    MAX_RTT_S,
     Assign,
     Event,
     EventKind,
@@ -54,6 +61,7 @@ from swarm_proto.presence import (
     NodeLoad,
     NodeState,
     NodeStatus,
+    PeerRtt,
     PresenceError,
     SessionLoad,
 )
@@ -161,6 +169,7 @@ class NodeAgent:
         load_interval: float = 2.0,
         keepalive: int = 5,
         identity: Identity | None = None,
+        probe_interval: float = 10.0,
     ) -> None:
         self.config = config
         self.identity = identity or Identity.generate()
@@ -183,6 +192,10 @@ class NodeAgent:
         self.hosted: LayerRange | None = None
         self.budget, self.layer_bytes, self.num_layers = 0, 0, 0  # set by start()
         self.applied = asyncio.Event()  # set whenever an assignment has been applied
+        self.probe_interval = probe_interval
+        self.links = LinkProbe(ttl=probe_interval / 2, max_nodes=MAX_PEER_RTTS, tls=config.tls)
+        self.peer_rtts: dict[str, float] = {}
+        self._prober: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -250,6 +263,8 @@ class NodeAgent:
             tls_context=cfg.tls.client_context() if cfg.tls and broker.tls else None,
         )
         self._applier = asyncio.get_running_loop().create_task(self._apply_loop(), name="swarm-assign")
+        if self.probe_interval > 0:
+            self._prober = asyncio.get_running_loop().create_task(self._probe_loop(), name="swarm-links")
         try:
             await self.presence.start(wait=30.0)
         except PresenceError as exc:
@@ -261,9 +276,10 @@ class NodeAgent:
         """Announce draining, drain the sessions, then leave (status offline, no Will)."""
         if self.presence is not None and self.presence.connected:
             await self.presence.set_status(replace(self.presence.status, state=NodeState.DRAINING))
-        if self._applier is not None:
-            self._applier.cancel()
-            await asyncio.gather(self._applier, return_exceptions=True)
+        for task in (self._applier, self._prober):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.server is not None:
             await self.server.stop()
         if self.presence is not None:
@@ -341,6 +357,30 @@ class NodeAgent:
         )
         log.info("hosting layers %s (epoch %d), ready after %.1f s", layers, assign.epoch, time.monotonic() - t0)
 
+    # --- links ------------------------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        metadata = call_metadata(self.config.token)
+        while True:
+            if self.hosted is not None:
+                try:
+                    peers = await self._peers(metadata)
+                    self.peer_rtts = await self.links.rtts(peers, metadata)
+                except grpc.aio.AioRpcError as exc:
+                    log.debug("no peer list from the coordinator: %s", exc.code().name)
+            await asyncio.sleep(self.probe_interval)
+
+    async def _peers(self, metadata: Metadata) -> list[tuple[str, str]]:
+        """Serving peers, the ones this node may forward to (its end in their range) first."""
+        async with grpc.aio.insecure_channel(self.coordinator) as channel:
+            reply = await swarm_pb2_grpc.CoordinatorStub(channel).ListNodes(
+                swarm_pb2.ListNodesRequest(), timeout=10.0, metadata=metadata
+            )
+        end = self.hosted.end if self.hosted is not None else -1
+        peers = [n for n in reply.nodes if n.node_id != self.config.node_id and n.address and n.end > n.start]
+        peers.sort(key=lambda n: (not n.start <= end < n.end, n.node_id))
+        return [(n.node_id, n.address) for n in peers[:MAX_PEER_RTTS]]
+
     # --- reporting --------------------------------------------------------------------
 
     def _address(self) -> str:
@@ -380,6 +420,7 @@ class NodeAgent:
             free_sessions=service.admission.free_sessions,
             opening_sessions=service.admission.opening,
             sessions=sessions,
+            peer_rtts=tuple(PeerRtt(n, min(rtt, MAX_RTT_S)) for n, rtt in list(self.peer_rtts.items())[:MAX_PEER_RTTS]),
         )
 
     async def _publish_event(self, kind: EventKind, detail: str) -> None:

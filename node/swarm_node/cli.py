@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--memory-budget", str, None, "bytes of weights this node may hold, e.g. 2G (default: 80%% of free memory)")
     add("--speed", float, 0.0, "announce this decode speed (layer-steps/s) instead of measuring it")
     add("--advertise", str, "", "HOST[:PORT] other nodes and clients reach this node at (default: the bound address)")
+    add("--probe-interval", float, 10.0, "seconds between round-trip probes to peers, reported for link-aware routing (0: off)")
     add("--metrics-port", int, None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a port; default: off)")
     add_tls_flags(add)
     daemon.add_log_level(add)
@@ -183,6 +184,7 @@ def _agent(config: NodeConfig, ns: argparse.Namespace) -> NodeAgent:
         pinned=bool(ns.layers),
         advertise=ns.advertise,
         identity=identity,
+        probe_interval=ns.probe_interval,
     )
 
 

@@ -200,6 +200,8 @@ class NodeStatus:
 MAX_EPOCH: Final = 2**53  # assignment epochs; plans use milliseconds since 1970 (~2**41)
 MAX_LOAD_SESSIONS: Final = 32  # sessions one load lists: the most recently active
 MAX_SESSION_ID: Final = 128  # as a node accepts in OpenSession
+MAX_PEER_RTTS: Final = 32  # peers one load reports round trips to
+MAX_RTT_S: Final = 60.0  # a longer "round trip" is a broken measurement
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,19 @@ class SessionLoad:
 
 
 @dataclass(frozen=True)
+class PeerRtt:
+    """A round trip this node measured to a peer it may forward to (link-aware routing)."""
+
+    node_id: str
+    rtt_s: float
+
+    def __post_init__(self) -> None:
+        check_id("node id", self.node_id)
+        if not (isinstance(self.rtt_s, float) and math.isfinite(self.rtt_s) and 0 <= self.rtt_s <= MAX_RTT_S):
+            raise PayloadError(f"peer {self.node_id}: bad round trip {self.rtt_s!r}")
+
+
+@dataclass(frozen=True)
 class NodeLoad:
     """Current load of a node; published every ~2 s, also serves as a heartbeat."""
 
@@ -238,6 +253,7 @@ class NodeLoad:
     kv_tokens: int = 0  # token positions its KV budget holds in all (0: not reported)
     free_sessions: int = 0  # sessions it can still open (its count cap; KV room is free_kv_tokens)
     opening_sessions: int = 0  # admitted, waiting for their KV cache (counted in active_sessions' room)
+    peer_rtts: tuple[PeerRtt, ...] = ()  # at most MAX_PEER_RTTS: measured round trips to peers
 
     def __post_init__(self) -> None:
         counters = (self.active_sessions, self.queued_steps, self.free_kv_tokens)
@@ -247,6 +263,8 @@ class NodeLoad:
             raise PayloadError(f"bad tokens_per_s {self.tokens_per_s!r}")
         if len(self.sessions) > MAX_LOAD_SESSIONS:
             raise PayloadError(f"{len(self.sessions)} sessions in one load; at most {MAX_LOAD_SESSIONS}")
+        if len(self.peer_rtts) > MAX_PEER_RTTS:
+            raise PayloadError(f"{len(self.peer_rtts)} peer round trips in one load; at most {MAX_PEER_RTTS}")
 
 
 @dataclass(frozen=True)
@@ -354,6 +372,7 @@ def encode(payload: Payload) -> bytes:
                      float(x.age_s), float(x.idle_s)]
                     for x in payload.sessions
                 ],
+                "peer_rtts": {p.node_id: float(p.rtt_s) for p in payload.peer_rtts},
             }
         )
     if isinstance(payload, Assign):
@@ -468,7 +487,20 @@ def decode_load(node_id: str, data: bytes) -> NodeLoad:
         free_sessions=f.get("free_sessions", int, 0),
         opening_sessions=f.get("opening_sessions", int, 0),
         sessions=_sessions(f),
+        peer_rtts=_peer_rtts(f),
     )
+
+
+def _peer_rtts(f: _Fields) -> tuple[PeerRtt, ...]:
+    items = f.get("peer_rtts", dict, {})  # absent from older nodes
+    if len(items) > MAX_PEER_RTTS:
+        raise PayloadError(f"{f.what}: {len(items)} peer round trips; at most {MAX_PEER_RTTS}")
+    out = []
+    for peer, rtt in items.items():
+        if not isinstance(peer, str) or isinstance(rtt, bool) or not isinstance(rtt, (int, float)):
+            raise PayloadError(f"{f.what}: a peer round trip has bad fields: {peer!r:.100} {rtt!r:.100}")
+        out.append(PeerRtt(peer, float(rtt)))
+    return tuple(out)
 
 
 def _sessions(f: _Fields) -> tuple[SessionLoad, ...]:

@@ -111,7 +111,14 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model", "start", "end", "num_layers", "device", "dtype", "max_sessions", "active_sessions", "max_length", "version", "hidden_size", "vocab_size", "address", "stats", "protocol_version", "weight_format", "weight_bytes")
+    __slots__ = ("node_id", "model", "start", "end", "num_layers", "device", "dtype", "max_sessions", "active_sessions", "max_length", "version", "hidden_size", "vocab_size", "address", "stats", "protocol_version", "weight_format", "weight_bytes", "peer_rtt_s")
+    class PeerRttSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +137,7 @@ class NodeInfo(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEER_RTT_S_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model: str
     start: int
@@ -148,7 +156,8 @@ class NodeInfo(_message.Message):
     protocol_version: int
     weight_format: str
     weight_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., address: _Optional[str] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., protocol_version: _Optional[int] = ..., weight_format: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    peer_rtt_s: _containers.ScalarMap[str, float]
+    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., address: _Optional[str] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., protocol_version: _Optional[int] = ..., weight_format: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., peer_rtt_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class NodeStats(_message.Message):
     __slots__ = ("steps", "tokens", "batches", "batched_steps", "max_batch", "queued_steps", "sessions_opened", "sessions_refused")
@@ -329,16 +338,25 @@ class Result(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finished: _Optional[bool] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., accepted: _Optional[_Iterable[int]] = ..., accepted_logprobs: _Optional[_Iterable[float]] = ..., commits: _Optional[_Iterable[_Union[Commitment, _Mapping]]] = ..., sampled: _Optional[_Iterable[int]] = ..., sampled_logprobs: _Optional[_Iterable[float]] = ..., given_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("model", "max_length", "exclude_node_ids", "exclude_addresses")
+    __slots__ = ("model", "max_length", "exclude_node_ids", "exclude_addresses", "client_rtt_s")
+    class ClientRttSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_RTT_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_length: int
     exclude_node_ids: _containers.RepeatedScalarFieldContainer[str]
     exclude_addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., max_length: _Optional[int] = ..., exclude_node_ids: _Optional[_Iterable[str]] = ..., exclude_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    client_rtt_s: _containers.ScalarMap[str, float]
+    def __init__(self, model: _Optional[str] = ..., max_length: _Optional[int] = ..., exclude_node_ids: _Optional[_Iterable[str]] = ..., exclude_addresses: _Optional[_Iterable[str]] = ..., client_rtt_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Route(_message.Message):
     __slots__ = ("hops", "session_id", "num_layers", "expected_step_s")

@@ -43,6 +43,16 @@ def test_the_coordinators_estimate_times_the_first_steps() -> None:
     assert clock.timeout(1) == 2.0
 
 
+def test_the_probe_timeout_scales_with_slow_links() -> None:
+    clock = StepClock(FailoverPolicy(probe_timeout=0.5))
+    assert clock.probe_timeout() == 0.5  # nothing known
+    clock.observe(1, 0.03)  # a fast route: the policy's figure
+    assert clock.probe_timeout() == 0.5
+    for _ in range(60):
+        clock.observe(1, 0.4)  # 50 ms one way x 4 links + compute
+    assert clock.probe_timeout() == pytest.approx(0.8, rel=0.01)
+
+
 def test_patch_route_replaces_only_the_failed_hop() -> None:
     nodes = [node("a", 0, 2), node("b", 2, 4), node("c", 4, 6), node("d", 0, 4, 3), node("e", 2, 4, 1)]
     patched = patch_route((A, B, C), [B], nodes, avoid={B.address})

@@ -97,6 +97,13 @@ async def test_join_assign_route_and_list(coordinator: tuple[CoordinatorServer, 
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.GetRoute(swarm_pb2.RouteRequest(model="other"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # the client's round trips: bounded, finite, and used
+        near = await stub.GetRoute(swarm_pb2.RouteRequest(client_rtt_s={"a": 0.01, "b": 0.3, "c": 0.3}))
+        assert near.expected_step_s > route.expected_step_s
+        for bad in ({"a": -1.0}, {"a": float("nan")}, {"a": 1e9}, {f"n{i}": 0.1 for i in range(65)}):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetRoute(swarm_pb2.RouteRequest(client_rtt_s=bad))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_failures_steer_routes_and_joiners_do_not_reshuffle(coordinator: tuple[CoordinatorServer, Join]) -> None:

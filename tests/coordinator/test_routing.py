@@ -215,3 +215,79 @@ def test_route_index_answers_as_find_route_on_random_swarms() -> None:
                 assert str(got.value) == str(exc)
                 continue
             assert index.route(max_length=max_length, exclude=exclude, recent=recent) == want, trial
+
+
+# --- link-aware routing (docs/wan.md) ---------------------------------------------------
+
+
+def with_rtts(view: NodeView, **rtts: float) -> NodeView:
+    from swarm_proto.presence import PeerRtt
+
+    return NodeView(view.status, NodeLoad(free_kv_tokens=10**6, peer_rtts=tuple(PeerRtt(k, v) for k, v in rtts.items())))
+
+
+def test_picks_the_replica_behind_the_shorter_link() -> None:
+    # b1 and b2 differ only in their link delay from the head (a) and to the tail (c)
+    far, near = 0.100, 0.020
+    for slow in ("b1", "b2"):
+        fast = "b2" if slow == "b1" else "b1"
+        a = with_rtts(node("a", 0, 4), **{slow: far, fast: near})
+        b1 = with_rtts(node("b1", 4, 8), c=far if slow == "b1" else near)
+        b2 = with_rtts(node("b2", 4, 8), c=far if slow == "b2" else near)
+        route = find_route(swarm(a, b1, b2, node("c", 8, 12)))
+        assert chain(route) == [("a", 0, 4), (fast, 4, 8), ("c", 8, 12)]
+
+
+def test_a_link_reported_by_one_end_counts_both_ways() -> None:
+    # only the successors report: b1 measured a slow link to a
+    a = node("a", 0, 4)
+    b1 = with_rtts(node("b1", 4, 12), a=0.2)
+    b2 = with_rtts(node("b2", 4, 12), a=0.01)
+    assert chain(find_route(swarm(a, b1, b2))) == [("a", 0, 4), ("b2", 4, 12)]
+
+
+def test_link_delays_trade_against_compute_and_cut_points() -> None:
+    # one slow node hosting everything vs. two fast ones behind a long link
+    whole = with_rtts(node("whole", 0, 12, speed=100.0), b=0.4)  # 12 layers x 10 ms = 120 ms
+    a = with_rtts(node("a", 0, 6, speed=1000.0), b=0.4, whole=0.4)  # 6 + 6 ms, but 200 ms to the next
+    b = node("b", 6, 12, speed=1000.0)
+    assert chain(find_route(swarm(whole, a, b))) == [("whole", 0, 12)]
+    a_near = with_rtts(node("a", 0, 6, speed=1000.0), b=0.01, whole=0.4)
+    assert chain(find_route(swarm(whole, a_near, b))) == [("a", 0, 6), ("b", 6, 12)]
+
+
+def test_a_far_client_gets_a_head_and_tail_near_it() -> None:
+    near = (node("n1", 0, 6), node("n2", 6, 12))
+    far = (node("f1", 0, 6), node("f2", 6, 12))
+    s = swarm(*near, *far)
+    rtts = {"n1": 0.01, "n2": 0.01, "f1": 0.2, "f2": 0.2}
+    assert chain(find_route(s, client_rtts=rtts)) == [("n1", 0, 6), ("n2", 6, 12)]
+    flipped = {k: 0.21 - v for k, v in rtts.items()}
+    assert chain(find_route(s, client_rtts=flipped)) == [("f1", 0, 6), ("f2", 6, 12)]
+
+
+def test_route_latency_counts_measured_links() -> None:
+    policy = RoutingPolicy()
+    a = with_rtts(node("a", 0, 6), b=0.05)
+    b = node("b", 6, 12)
+    s = swarm(a, b)
+    route = find_route(s)
+    compute = 12 * seconds_per_layer(s.nodes["a"])
+    got = route_latency(s, route, client_rtts={"a": 0.02, "b": 0.04}, policy=policy)
+    assert got == pytest.approx(compute + 0.01 + 0.025 + 0.02)
+    # unmeasured links cost a local hop each: K + 1 of them
+    assert route_latency(s, route) == pytest.approx(compute + 0.025 + 2 * policy.hop_latency_s)
+
+
+def test_the_route_index_weighs_links_like_find_route() -> None:
+    from swarm_coordinator.routing import RouteIndex
+
+    # ten replicas of the middle range; the compute-cheapest is far from its neighbours
+    a = with_rtts(node("a", 0, 4), **{f"m{i}": (0.2 if i == 0 else 0.02) for i in range(10)})
+    middles = [with_rtts(node(f"m{i}", 4, 8, speed=200.0 if i == 0 else 100.0 - i), c=0.2 if i == 0 else 0.02)
+               for i in range(10)]
+    s = swarm(a, *middles, node("c", 8, 12))
+    index = RouteIndex(s)
+    for rtts in ({}, {"a": 0.01, "c": 0.01}, {"a": 0.3, "c": 0.3}):
+        assert index.route(client_rtts=rtts) == find_route(s, client_rtts=rtts)
+    assert chain(index.route())[1] == ("m1", 4, 8)  # near, and the fastest of the near ones

@@ -30,6 +30,7 @@ from swarm_client.errors import GenerationError
 from swarm_client.failover import FailoverPolicy
 from swarm_client.routed import CoordinatorRoutes, RoutedBackend
 from swarm_client.speculation import Speculation
+from swarm_client.verify import VerifyPolicy
 from swarm_proto.wire import SamplingParams, session_label
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -148,6 +149,7 @@ def test_speculative_generations_keep_their_tokens_through_a_kill(swarm: ChaosSw
         backend = RoutedBackend(
             CoordinatorRoutes(swarm.address), max_context=swarm.max_length, eos_token_ids=(), policy=SPAN,
             speculation=Speculation(max_draft=4, drafter=Oracle(runs, every=3), adaptive=False),
+            verify=VerifyPolicy(rate=0.0),  # kills are timed by tokens received: no held-back checks
         )
         try:
             for g, role in enumerate(("head", "middle", "tail")):
@@ -213,7 +215,10 @@ def test_a_frozen_node_is_timed_out_and_harmless_once_thawed(swarm: ChaosSwarm, 
         for name in frozen:
             swarm.thaw(name)
     assert got == references[1]
-    assert elapsed < 10.0  # the step timeout (a multiple of the measured step, at least 1 s), not a TCP timeout
+    # the step timeout (a multiple of the measured step, at least 1 s) fired, not a TCP timeout: a
+    # frozen node holds a stream forever otherwise. The bound is loose because the measured step,
+    # and so the timeout, stretches on a loaded machine (seen: 31 s at a load average of 9 on 2 cores).
+    assert elapsed < 90.0
     assert later == references[:3]
     assert swarm.daemons[victim].alive
     swarm.wait_nodes(NAMES, 30)

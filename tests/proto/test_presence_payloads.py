@@ -180,3 +180,29 @@ def test_bad_session_lists_are_payload_errors(sessions: object) -> None:
 def test_a_node_cannot_list_more_sessions_than_the_bound() -> None:
     with pytest.raises(PayloadError, match="at most"):
         NodeLoad(sessions=tuple(SessionLoad(f"s{i}", 0, 1, 0, 0, 0, 0.0, 0.0) for i in range(MAX_LOAD_SESSIONS + 1)))
+
+
+def test_load_reports_peer_round_trips() -> None:
+    from swarm_proto.presence import PeerRtt
+
+    load = NodeLoad(1, 0, 64, 2.0, peer_rtts=(PeerRtt("n2", 0.021), PeerRtt("n3", 0.05)))
+    assert decode(T, T.load("n1"), encode(load)) == (TopicKind.LOAD, "n1", load)
+
+
+@pytest.mark.parametrize(
+    "rtts",
+    [
+        ["n2", 0.02],  # not a map
+        {"n2": "fast"},  # not a number
+        {"n2": True},  # bool
+        {"n2": -0.01},  # negative
+        {"n2": float("inf")},  # not finite
+        {"n2": 3600.0},  # beyond any real round trip
+        {"bad/id": 0.02},  # would break a topic
+        {f"n{i}": 0.01 for i in range(33)},  # unbounded
+    ],
+)
+def test_bad_peer_round_trips_are_payload_errors(rtts: object) -> None:
+    fields = {"v": 1, "active_sessions": 1, "queued_steps": 0, "free_kv_tokens": 0, "tokens_per_s": 0.0}
+    with pytest.raises(PayloadError):
+        decode(T, T.load("n1"), bytes(msgpack.packb({**fields, "peer_rtts": rtts})))

@@ -1,0 +1,1 @@
+"""The WAN test bed: namespaces, delayed links, a swarm across them (docs/wan.md)."""
