@@ -218,15 +218,18 @@ async def echo_round_trip(address: str, payload: int, n: int, busy: float = 0.0)
         return statistics.median(times[min(5, n // 4):])
 
 
-async def throughput(hops: Sequence[Hop], prompts: Sequence[list[int]], tokens: int) -> float:
-    """Aggregate decode tokens/s of ``len(prompts)`` sessions at once (prefills excluded)."""
+async def throughput(
+    hops: Sequence[Hop], prompts: Sequence[list[int]], tokens: int, kw: dict[str, Any] | None = None
+) -> float:
+    """Aggregate decode tokens/s of ``len(prompts)`` sessions at once (prefills excluded);
+    ``kw``: RouteSession options (TLS, token)."""
     ready = 0
     go = asyncio.Event()
     ends: list[float] = []
 
     async def one(prompt: list[int]) -> None:
         nonlocal ready
-        async with RouteSession(hops, max_length=len(prompt) + tokens + 1) as s:
+        async with RouteSession(hops, max_length=len(prompt) + tokens + 1, **(kw or {})) as s:
             out = await s.prefill(prompt)
             ready += 1
             if ready == len(prompts):
@@ -486,7 +489,7 @@ async def security(args: argparse.Namespace) -> dict[str, Any]:
             prompts = [tok.encode(f"{TEXT[: 40 + 7 * i]}") for i in range(16)]
             for k in order:
                 hops, kw = kinds[k]
-                value = await throughput_with(hops, prompts, args.tokens, kw)
+                value = await throughput(hops, prompts, args.tokens, kw)
                 if run_index:
                     tput[k].append(value)
     finally:
@@ -534,31 +537,6 @@ async def security(args: argparse.Namespace) -> dict[str, Any]:
         "targets": {"TLS + signing <= 5% per token": cost <= 0.05},
         "samples": {"decode_latency_s": lat, "tokens_per_s": tput},
     }
-
-
-async def throughput_with(hops: Sequence[Hop], prompts: Sequence[list[int]], tokens: int, kw: dict[str, Any]) -> float:
-    """:func:`throughput` with RouteSession options (TLS, token)."""
-    ready = 0
-    go = asyncio.Event()
-    ends: list[float] = []
-
-    async def one(prompt: list[int]) -> None:
-        nonlocal ready
-        async with RouteSession(hops, max_length=len(prompt) + tokens + 1, **kw) as s:
-            out = await s.prefill(prompt)
-            ready += 1
-            if ready == len(prompts):
-                go.set()
-            await go.wait()
-            for _ in range(tokens):
-                out = await s.decode(out.token)  # type: ignore[arg-type]
-            ends.append(time.perf_counter())
-
-    tasks = [asyncio.ensure_future(one(p)) for p in prompts]
-    await go.wait()
-    t0 = time.perf_counter()
-    await asyncio.gather(*tasks)
-    return len(prompts) * tokens / (max(ends) - t0)
 
 
 def print_security(r: dict[str, Any]) -> None:
