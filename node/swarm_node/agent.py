@@ -66,7 +66,7 @@ from swarm_proto.presence import (
     SessionLoad,
 )
 from swarm_proto.presence_client import BrokerAddress, PresenceClient
-from swarm_proto.tls import TlsFiles, secure_aio_channel
+from swarm_proto.tls import TlsFiles, exposed, secure_aio_channel
 from swarm_proto.transport import Metadata, call_metadata
 from swarm_proto.trust import Identity, Sealer, membership_proof, mqtt_password
 from swarm_proto.weight_format import describe, format_layer_bytes
@@ -238,6 +238,7 @@ class NodeAgent:
             pinned=self.pinned,
             layer_bytes=per_layer,
             weight_format=weight_format,
+            exposed=exposed(cfg.host, token=cfg.token, tls=cfg.tls),
         )
         if self.pinned:
             self.server = NodeServer(cfg)
