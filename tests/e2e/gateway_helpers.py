@@ -3,6 +3,7 @@ plain or with mutual TLS and a swarm token (:class:`~e2e.trust.Trust`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import ssl
@@ -95,8 +96,10 @@ class Proc:
             self.proc.wait()
 
 
+@functools.cache
 def local_cli(model: Path, prompt: str, *args: str) -> str:
-    """What ``swarm generate --local`` prints (without the newline it ends with)."""
+    """What ``swarm generate --local`` prints (without the newline it ends with);
+    remembered, as the plain and TLS passes of a module compare with the same text."""
     done = subprocess.run(
         script("swarm") + ["generate", "--local", "--model", str(model), prompt, *args],
         capture_output=True,

@@ -112,11 +112,35 @@ def nodes(default_model: Path, tmp_path_factory: pytest.TempPathFactory, trust: 
             p.stop()
 
 
+class Remembered:
+    """The local client with its answers remembered: the plain and TLS passes of this
+    module compare with the same references, computed once."""
+
+    def __init__(self, client: SwarmClient) -> None:
+        self.client = client
+        self._answers: dict[str, Any] = {}
+
+    def _once(self, method: str, *args: Any, **options: Any) -> Any:
+        key = repr((method, args, sorted(options.items())))
+        if key not in self._answers:
+            self._answers[key] = getattr(self.client, method)(*args, **options)
+        return self._answers[key]
+
+    def generate(self, prompt: str, **options: Any) -> Any:
+        return self._once("generate", prompt, **options)
+
+    def chat(self, messages: Any, **options: Any) -> Any:
+        return self._once("chat", messages, **options)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.client.encode(text))
+
+
 @pytest.fixture(scope="module")
-def local(default_model: Path) -> Iterator[SwarmClient]:
+def local(default_model: Path) -> Iterator[Remembered]:
     """The whole model in this process: what ``swarm generate --local`` runs."""
     with SwarmClient.local(default_model, dtype="float32") as client:
-        yield client
+        yield Remembered(client)
 
 
 async def remote_ids(nodes: Nodes, k: int, model: Path, prompt: str, **options: Any) -> list[int]:
@@ -142,7 +166,7 @@ async def wait_active(nodes: Sequence[Node], want: int, timeout: float = 15.0) -
 
 
 async def test_greedy_over_one_two_and_three_nodes_equals_local_and_transformers(
-    nodes: Nodes, local: SwarmClient, default_model: Path, default_reference: Any
+    nodes: Nodes, local: Remembered, default_model: Path, default_reference: Any
 ) -> None:
     for prompt in PROMPTS:
         want = list(local.generate(prompt, max_tokens=12).token_ids)
@@ -154,7 +178,7 @@ async def test_greedy_over_one_two_and_three_nodes_equals_local_and_transformers
             assert await remote_ids(nodes, k, default_model, prompt, max_tokens=12) == want, (prompt, k)
 
 
-async def test_seeded_sampling_over_three_nodes_equals_local(nodes: Nodes, local: SwarmClient, default_model: Path) -> None:
+async def test_seeded_sampling_over_three_nodes_equals_local(nodes: Nodes, local: Remembered, default_model: Path) -> None:
     options = dict(temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1, max_tokens=20)
     for seed, prompt in zip((3, 11), PROMPTS):
         want = list(local.generate(prompt, seed=seed, **options).token_ids)
@@ -167,7 +191,7 @@ async def test_seeded_sampling_over_three_nodes_equals_local(nodes: Nodes, local
 
 
 async def test_sixteen_concurrent_sessions_are_batched_and_unchanged(
-    nodes: Nodes, local: SwarmClient, default_model: Path
+    nodes: Nodes, local: Remembered, default_model: Path
 ) -> None:
     prompts = [f"{PROMPTS[i % 3]} {word}" for i, word in enumerate("one two three four five six seven eight".split() * 2)]
     options = [dict(max_tokens=8, temperature=0.8 * (i % 2), seed=i) for i in range(16)]
@@ -193,7 +217,7 @@ REWRITE = [{"role": "user", "content": "Rewrite this function with `total` renam
 
 
 async def test_speculation_by_prompt_lookup_brings_several_tokens_a_round_trip_and_the_same_text(
-    nodes: Nodes, local: SwarmClient, default_model: Path
+    nodes: Nodes, local: Remembered, default_model: Path
 ) -> None:
     """A rewrite (the output repeats the prompt) over three float32 nodes: greedy and
     seeded tokens equal ``--local``'s, with fewer round trips than tokens."""
@@ -222,7 +246,7 @@ async def test_speculation_by_prompt_lookup_brings_several_tokens_a_round_trip_a
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-async def test_k_nodes_cost_k_plus_one_messages_per_token(nodes: Nodes, local: SwarmClient, k: int) -> None:
+async def test_k_nodes_cost_k_plus_one_messages_per_token(nodes: Nodes, local: Remembered, k: int) -> None:
     prompt = local.encode(PROMPTS[0])
     totals = []
     for decodes in (2, 10):
@@ -312,7 +336,7 @@ asyncio.run(main())
 """
 
 
-async def test_bad_input_gets_a_clear_status_while_a_session_goes_on(nodes: Nodes, local: SwarmClient) -> None:
+async def test_bad_input_gets_a_clear_status_while_a_session_goes_on(nodes: Nodes, local: Remembered) -> None:
     prompt = local.encode(PROMPTS[1])
     want = list(local.generate(PROMPTS[1], max_tokens=len(PROBES) + 6, ignore_eos=True).token_ids)
     got: list[int] = []
