@@ -372,11 +372,20 @@ class NodeAgent:
             await asyncio.sleep(self.probe_interval)
 
     async def _peers(self, metadata: Metadata) -> list[tuple[str, str]]:
-        """Serving peers, the ones this node may forward to (its end in their range) first."""
-        async with grpc.aio.insecure_channel(self.coordinator) as channel:
-            reply = await swarm_pb2_grpc.CoordinatorStub(channel).ListNodes(
-                swarm_pb2.ListNodesRequest(), timeout=10.0, metadata=metadata
-            )
+        """Serving peers, the ones this node may forward to (its end in their range) first;
+        from the first of the coordinators (``HOST:PORT,HOST:PORT``) that answers, over
+        mutual TLS when the swarm has it."""
+        addresses = [a.strip() for a in self.coordinator.split(",") if a.strip()]
+        for i, address in enumerate(addresses):
+            async with secure_aio_channel(address, self.config.tls) as channel:
+                try:
+                    reply = await swarm_pb2_grpc.CoordinatorStub(channel).ListNodes(
+                        swarm_pb2.ListNodesRequest(), timeout=10.0, metadata=metadata
+                    )
+                    break
+                except grpc.aio.AioRpcError:
+                    if i == len(addresses) - 1:
+                        raise
         end = self.hosted.end if self.hosted is not None else -1
         peers = [n for n in reply.nodes if n.node_id != self.config.node_id and n.address and n.end > n.start]
         peers.sort(key=lambda n: (not n.start <= end < n.end, n.node_id))

@@ -148,7 +148,8 @@ def test_speculative_generations_keep_their_tokens_through_a_kill(swarm: ChaosSw
 
     async def run() -> RoutedBackend:
         backend = RoutedBackend(
-            CoordinatorRoutes(swarm.address), max_context=swarm.max_length, eos_token_ids=(), policy=SPAN,
+            CoordinatorRoutes(swarm.address, token=swarm.token, tls=swarm.client_tls), max_context=swarm.max_length,
+            eos_token_ids=(), policy=SPAN, token=swarm.token, tls=swarm.client_tls,
             speculation=Speculation(max_draft=4, drafter=Oracle(runs, every=3), adaptive=False),
             verify=VerifyPolicy(rate=0.0),  # kills are timed by tokens received: no held-back checks
         )
