@@ -206,7 +206,11 @@ def test_nodes_load_the_layers_they_are_assigned(swarm: Swarm) -> None:
     assert swarm.list_nodes() == {n: (r.start, r.end) for n, r in assignment.items()}
     # each node measures round trips to its peers (the peer list from the coordinator,
     # over mutual TLS in a TLS swarm) and reports them in its load
-    swarm.observe(lambda s: all(v.load is not None and v.load.peer_rtts for v in s.online()), 60)
+    def measured(s: SwarmState) -> bool:
+        online = s.online()
+        return len(online) == len(swarm.nodes) and all(v.load is not None and v.load.peer_rtts for v in online)
+
+    swarm.observe(measured, 60)
 
 
 def test_generation_through_the_coordinator_equals_local(swarm: Swarm) -> None:
