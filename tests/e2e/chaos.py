@@ -6,7 +6,9 @@ restart, and a way to generate over it while doing so.
 ``restart`` starts a killed node again under the same id (on a new port), and
 ``wait_nodes`` waits until the coordinator lists the named nodes serving. Generation
 goes through :class:`swarm_client.routed.RoutedBackend` on token ids (tiny random
-models have no tokenizer).
+models have no tokenizer). A :class:`~e2e.trust.Trust` makes it a TLS swarm with a
+token; :class:`EventWatch` follows the swarm's events on the coordinator's dashboard
+(the broker of a swarm with a token admits only the swarm's own logins).
 """
 
 from __future__ import annotations
