@@ -239,19 +239,23 @@ class MosquittoBroker:
         *,
         executable: str | None = None,
         users: dict[str, str] | None = None,
+        tls: tuple[str, str, str] | None = None,
     ) -> None:
         """``users`` (name -> password): refuse anonymous clients and apply
-        :data:`MOSQUITTO_ACL` (the ``coordinator`` user may do anything)."""
+        :data:`MOSQUITTO_ACL` (the ``coordinator`` user may do anything). ``tls``: (cert,
+        key, ca) files: listen with TLS only (``mqtts://``); clients are not asked for a
+        certificate (they log in with ``users``)."""
         self.host = host
         self.port = port or free_port(host)
         self.users = users
+        self.tls = tls
         self.executable = executable or find_mosquitto()
         self._dir = tempfile.TemporaryDirectory(prefix="swarm-mosquitto-")
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -273,8 +277,16 @@ class MosquittoBroker:
             passwd.write_text("".join(mosquitto_password_line(u, p) + "\n" for u, p in self.users.items()))
             acl.write_text(MOSQUITTO_ACL)
             access = f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
+        listener = f"listener {self.port} {self.host}\n"
+        if self.tls is not None:
+            # copies in the broker's own folder: mosquitto drops to its user, who must read the key
+            folder = Path(self._dir.name)
+            for source, name in zip(self.tls, ("server.pem", "server.key", "ca.pem")):
+                shutil.copyfile(source, folder / name)
+                os.chmod(folder / name, 0o600)
+            listener += f"certfile {folder / 'server.pem'}\nkeyfile {folder / 'server.key'}\ncafile {folder / 'ca.pem'}\n"
         conf.write_text(
-            f"listener {self.port} {self.host}\n"
+            listener
             + access
             + "persistence false\n"
             "sys_interval 1\n"  # $SYS counters each second (the scale bench reads messages/s)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from swarm_proto.model_args import DTYPE_BYTES
 from swarm_proto.presence import check_id
-from swarm_proto.tls import TlsFiles
+from swarm_proto.tls import TlsFiles, exposed
 
 __all__ = ["CoordinatorConfig", "DEFAULT_GRPC_PORT", "DEFAULT_HTTP_PORT", "DEFAULT_MQTT_PORT"]
 
@@ -78,4 +78,4 @@ class CoordinatorConfig:
     def exposed(self) -> bool:
         """Bound to more than loopback with neither TLS nor a token: anyone who can reach
         the ports can join, read and steer the swarm."""
-        return self.host not in ("127.0.0.1", "localhost", "::1") and not self.token and self.tls is None
+        return exposed(self.host, token=self.token, tls=self.tls)

@@ -39,6 +39,7 @@ from swarm_proto.daemon import Service
 from swarm_proto.model_args import layer_bytes, model_id, read_args
 from swarm_proto.presence import PresenceError
 from swarm_proto.presence_client import BrokerAddress, redact
+from swarm_proto.tls import exposure_warning
 from swarm_proto.transport import TokenInterceptor
 from swarm_proto.trust import Identity, key_path, read_allowed_keys
 
@@ -93,10 +94,7 @@ class CoordinatorServer(Service):
         self.identity = await asyncio.to_thread(Identity.load_or_create, key_path(cfg.state_dir, f"coordinator-{cfg.swarm_id}"))
         allowed = await asyncio.to_thread(read_allowed_keys, cfg.allow_keys)
         if cfg.exposed:
-            self.warnings.append(
-                f"listening on {cfg.host} with neither TLS nor a swarm token: anyone who can reach these ports "
-                "can join the swarm, read prompts and steer routes (set SWARM_TOKEN)"
-            )
+            self.warnings.append(exposure_warning("swarm-coordinator", cfg.host))
         for line in self.warnings:
             log.warning("%s", line)
         if cfg.embedded:

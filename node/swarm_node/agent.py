@@ -66,7 +66,7 @@ from swarm_proto.presence import (
     SessionLoad,
 )
 from swarm_proto.presence_client import BrokerAddress, PresenceClient
-from swarm_proto.tls import TlsFiles, secure_aio_channel
+from swarm_proto.tls import TlsFiles, exposed, secure_aio_channel
 from swarm_proto.transport import Metadata, call_metadata
 from swarm_proto.trust import Identity, Sealer, membership_proof, mqtt_password
 from swarm_proto.weight_format import describe, format_layer_bytes
@@ -238,6 +238,7 @@ class NodeAgent:
             pinned=self.pinned,
             layer_bytes=per_layer,
             weight_format=weight_format,
+            exposed=exposed(cfg.host, token=cfg.token, tls=cfg.tls),
         )
         if self.pinned:
             self.server = NodeServer(cfg)
@@ -371,11 +372,20 @@ class NodeAgent:
             await asyncio.sleep(self.probe_interval)
 
     async def _peers(self, metadata: Metadata) -> list[tuple[str, str]]:
-        """Serving peers, the ones this node may forward to (its end in their range) first."""
-        async with grpc.aio.insecure_channel(self.coordinator) as channel:
-            reply = await swarm_pb2_grpc.CoordinatorStub(channel).ListNodes(
-                swarm_pb2.ListNodesRequest(), timeout=10.0, metadata=metadata
-            )
+        """Serving peers, the ones this node may forward to (its end in their range) first;
+        from the first of the coordinators (``HOST:PORT,HOST:PORT``) that answers, over
+        mutual TLS when the swarm has it."""
+        addresses = [a.strip() for a in self.coordinator.split(",") if a.strip()]
+        for i, address in enumerate(addresses):
+            async with secure_aio_channel(address, self.config.tls) as channel:
+                try:
+                    reply = await swarm_pb2_grpc.CoordinatorStub(channel).ListNodes(
+                        swarm_pb2.ListNodesRequest(), timeout=10.0, metadata=metadata
+                    )
+                    break
+                except grpc.aio.AioRpcError:
+                    if i == len(addresses) - 1:
+                        raise
         end = self.hosted.end if self.hosted is not None else -1
         peers = [n for n in reply.nodes if n.node_id != self.config.node_id and n.address and n.end > n.start]
         peers.sort(key=lambda n: (not n.start <= end < n.end, n.node_id))

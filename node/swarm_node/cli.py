@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from swarm_node.config import DEVICES, DTYPE_CHOICES, NodeConfig, parse_layers
 from swarm_proto import daemon
 from swarm_proto.flags import flag_adder
-from swarm_proto.tls import add_tls_flags, tls_from_args
+from swarm_proto.tls import add_tls_flags, exposed, exposure_warning, tls_from_args
 from swarm_proto.weight_format import QUANTIZE_CHOICES
 
 if TYPE_CHECKING:
@@ -141,6 +141,8 @@ async def _serve(
     """Start ``running``, say ``started()``, and drain it on SIGTERM/SIGINT; ``server``
     gives the current NodeServer to the metrics (an agent replaces it on reassignment)."""
     stop = daemon.stop_event()
+    if exposed(config.host, token=config.token, tls=config.tls):
+        log.warning("%s", exposure_warning("swarm-node", config.host))
     metrics = _start_metrics(config, server)
     await running.start()
     daemon.announce(started())

@@ -169,6 +169,8 @@ class NodeStatus:
     assignments; the coordinator plans around it. ``layer_bytes`` is what one layer
     costs this node in its weight format (``weight_format``: ``bfloat16``, ``int4``,
     ``Q4_1+Q8_0``...); 0 (an older node) lets the coordinator assume the swarm default.
+    ``exposed``: the node listens beyond loopback with neither TLS nor a swarm token
+    (``swarm_proto.tls.exposed``); the dashboard warns about it.
     """
 
     node_id: str
@@ -183,6 +185,7 @@ class NodeStatus:
     pinned: bool = False
     layer_bytes: int = 0
     weight_format: str = ""
+    exposed: bool = False
 
     def __post_init__(self) -> None:
         check_id("node id", self.node_id)
@@ -354,6 +357,7 @@ def encode(payload: Payload) -> bytes:
                 "pinned": payload.pinned,
                 "layer_bytes": payload.layer_bytes,
                 "weight_format": payload.weight_format,
+                "exposed": payload.exposed,
             }
         )
     if isinstance(payload, NodeLoad):
@@ -473,6 +477,7 @@ def decode_status(node_id: str, data: bytes) -> NodeStatus:
         pinned=f.flag("pinned"),
         layer_bytes=f.get("layer_bytes", int, 0),
         weight_format=f.get("weight_format", str, ""),
+        exposed=f.flag("exposed"),
     )
 
 

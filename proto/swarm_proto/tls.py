@@ -4,13 +4,15 @@ Every daemon and the client take ``--tls-cert/--tls-key/--tls-ca`` (env
 ``SWARM_TLS_CERT``...; :func:`add_tls_flags`), which make a :class:`TlsFiles`. With
 them a gRPC server asks every caller for a certificate signed by the swarm CA (mutual
 TLS), and a channel presents its own and checks the server's against the CA. Without
-them everything stays in clear (the coordinator warns when that is exposed).
+them everything stays in clear: :func:`exposed` says when that is reachable beyond
+loopback with no token either (both daemons warn at start; the dashboard shows it).
 Certificates come from :mod:`swarm_proto.certs` (``swarm certs``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import grpc
 
 from swarm_proto.errors import SwarmProtoError
 
-__all__ = ["TlsFiles", "add_tls_flags", "tls_from_args"]
+__all__ = ["TlsFiles", "add_tls_flags", "exposed", "exposure_warning", "tls_from_args"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,31 @@ def secure_aio_channel(address: str, tls: TlsFiles | None, options: list[tuple[s
     if tls is None:
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (a bind address or name) reaches only this machine."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a name or "" (all interfaces): reachable from elsewhere
+
+
+def exposed(host: str, *, token: str, tls: TlsFiles | None) -> bool:
+    """A daemon bound to ``host`` is open to the network: beyond loopback, with neither
+    TLS nor a swarm token, anyone who can reach its ports can join, read and steer."""
+    return not is_loopback(host) and not token and tls is None
+
+
+def exposure_warning(what: str, host: str) -> str:
+    """The warning an exposed daemon logs at start and the dashboard shows."""
+    return (
+        f"{what} listening on {host} with neither TLS nor a swarm token: anyone who can reach these ports "
+        "can join the swarm, read prompts and steer routes (set SWARM_TOKEN, and --tls-cert/--tls-key/--tls-ca)"
+    )
 
 
 def add_tls_flags(add: Callable[..., None]) -> None:

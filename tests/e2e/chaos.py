@@ -6,30 +6,34 @@ restart, and a way to generate over it while doing so.
 ``restart`` starts a killed node again under the same id (on a new port), and
 ``wait_nodes`` waits until the coordinator lists the named nodes serving. Generation
 goes through :class:`swarm_client.routed.RoutedBackend` on token ids (tiny random
-models have no tokenizer).
+models have no tokenizer). A :class:`~e2e.trust.Trust` makes it a TLS swarm with a
+token; :class:`EventWatch` follows the swarm's events on the coordinator's dashboard
+(the broker of a swarm with a token admits only the swarm's own logins).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+from e2e.trust import Trust
 
 from swarm_client.failover import FailoverPolicy
 from swarm_client.routed import CoordinatorRoutes, RoutedBackend
 from swarm_client.verify import VerifyPolicy
-from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
+from swarm_proto.presence import Event, EventKind
 from swarm_proto.tls import TlsFiles
 from swarm_proto.transport import call_metadata
 from swarm_proto.wire import SamplingParams
@@ -129,23 +133,26 @@ class ChaosSwarm:
         token: str = "",
         mqtt: str = "",
         tls: bool = False,
+        trust: Trust | None = None,
     ) -> None:
         """``token``: the swarm token (SWARM_TOKEN of every daemon); ``mqtt``: an external
         broker for the coordinator (``mqtt://user:pass@host:port``) instead of the embedded one;
         ``tls``: a swarm CA in ``tmp/certs`` and a certificate for every daemon and the client
-        (mutual TLS on gRPC, MQTT over TLS, HTTPS)."""
-        self.token = token
-        self.mqtt = mqtt
-        self.certs: Path | None = None
-        self.client_tls: TlsFiles | None = None
-        if tls:
-            from swarm_proto.certs import init_ca, issue
+        (mutual TLS on gRPC, MQTT over TLS, HTTPS). ``trust`` (the e2e fixture's) replaces
+        ``token`` and ``tls``."""
+        if trust is None:
+            trust = Trust("plain", token=token)
+            if tls:
+                from swarm_proto.certs import init_ca
 
-            self.certs = tmp / "certs"
-            init_ca(self.certs)
-            got = issue(self.certs, "client")
-            self.client_tls = TlsFiles(str(got.cert), str(got.key), str(got.ca))
-        self.env = {"SWARM_TOKEN": token} if token else None
+                init_ca(tmp / "certs")
+                trust = Trust("tls", tmp / "certs", token)
+        self.trust = trust
+        self.token = trust.token
+        self.mqtt = mqtt
+        self.certs: Path | None = trust.certs
+        self.client_tls: TlsFiles | None = trust.client
+        self.env = trust.env if trust.token else None
         self.model = model
         self.settle = settle
         self.max_length = max_length
@@ -191,18 +198,11 @@ class ChaosSwarm:
         return daemon
 
     def _tls_flags(self, name: str) -> list[str]:
-        if self.certs is None:
-            return []
-        from swarm_proto.certs import issue
-
-        got = issue(self.certs, name)
-        return ["--tls-cert", str(got.cert), "--tls-key", str(got.key), "--tls-ca", str(got.ca)]
+        return self.trust.flags(name)
 
     def channel(self, address: str) -> grpc.Channel:
         """A blocking channel to a daemon of this swarm (mutual TLS when the swarm has it)."""
-        if self.client_tls is None:
-            return grpc.insecure_channel(address)
-        return grpc.secure_channel(address, self.client_tls.channel_credentials())
+        return self.trust.channel(address)
 
     # --- chaos ------------------------------------------------------------------------
 
@@ -256,8 +256,13 @@ class ChaosSwarm:
         except grpc.RpcError:
             return False
 
+    @property
+    def url(self) -> str:
+        """The coordinator's HTTP side (the gateway: HTTPS when the swarm has TLS)."""
+        return f"{self.trust.scheme}://{self.http}"
+
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=5) as reply:
+        with self.trust.urlopen(f"{self.url}/metrics", timeout=5) as reply:
             text: str = reply.read().decode()
         return text
 
@@ -267,18 +272,11 @@ class ChaosSwarm:
         if self.coordinator is not None:
             self.coordinator.stop()
 
-    def observer(self) -> Registry:
-        """A second registry on the swarm's broker (async context manager): ``.events``
-        holds what is published from then on (events are not retained)."""
-        with self.channel(self.address) as channel:  # whose events to believe: the coordinator's key
-            info = swarm_pb2_grpc.CoordinatorStub(channel).GetSwarmInfo(
-                swarm_pb2.SwarmInfoRequest(), timeout=5, metadata=call_metadata(self.token)
-            )
-        config = RegistryConfig(
-            self.mqtt_url, self.swarm_id, self.model.name, 1, 1, client_id="chaos-observer",
-            coordinator_key=info.coordinator_key,
-        )
-        return Registry(config)
+    def observer(self) -> EventWatch:
+        """The swarm's events as the coordinator's dashboard shows them (async context
+        manager): ``.events`` holds those seen from then on. It reads the dashboard, not
+        the broker: with a swarm token the broker admits only the swarm's own logins."""
+        return EventWatch(self)
 
     # --- generating -------------------------------------------------------------------
 
@@ -291,6 +289,49 @@ class ChaosSwarm:
             CoordinatorRoutes(self.address, token=self.token, tls=self.client_tls), max_context=self.max_length,
             eos_token_ids=(), policy=policy, token=self.token, tls=self.client_tls, verify=verify,
         )
+
+
+class EventWatch:
+    """Polls the coordinator's ``/dashboard/state`` and keeps the events that appear
+    after it started (newest last), as :class:`Event` s."""
+
+    def __init__(self, swarm: ChaosSwarm, interval: float = 0.1) -> None:
+        self.swarm = swarm
+        self.interval = interval
+        self.events: list[Event] = []
+        self._seen: set[tuple[str, str, str, float]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def _poll(self) -> list[dict[str, Any]]:
+        with self.swarm.trust.urlopen(f"{self.swarm.url}/dashboard/state", timeout=5) as reply:
+            events: list[dict[str, Any]] = json.loads(reply.read())["events"]
+        return events[::-1]  # the dashboard lists the newest first
+
+    def _take(self, listed: list[dict[str, Any]], keep: bool) -> None:
+        for e in listed:
+            key = (e["kind"], e["node"], e["detail"], e["ts"])
+            if key not in self._seen:
+                self._seen.add(key)
+                if keep:
+                    self.events.append(Event(EventKind(e["kind"]), e["node"], e["detail"], ts=e["ts"]))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self._take(await asyncio.to_thread(self._poll), keep=True)
+            except OSError:
+                continue  # the coordinator may be restarting
+
+    async def __aenter__(self) -> EventWatch:
+        self._take(await asyncio.to_thread(self._poll), keep=False)  # what happened before is not ours
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 async def generate(

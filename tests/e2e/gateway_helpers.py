@@ -1,9 +1,12 @@
-"""Helpers of the gateway and dashboard end-to-end tests: real processes on 127.0.0.1."""
+"""Helpers of the gateway and dashboard end-to-end tests: real processes on 127.0.0.1,
+plain or with mutual TLS and a swarm token (:class:`~e2e.trust.Trust`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from e2e.trust import Trust
 from prometheus_client.parser import text_string_to_metric_families
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -92,8 +96,10 @@ class Proc:
             self.proc.wait()
 
 
+@functools.cache
 def local_cli(model: Path, prompt: str, *args: str) -> str:
-    """What ``swarm generate --local`` prints (without the newline it ends with)."""
+    """What ``swarm generate --local`` prints (without the newline it ends with);
+    remembered, as the plain and TLS passes of a module compare with the same text."""
     done = subprocess.run(
         script("swarm") + ["generate", "--local", "--model", str(model), prompt, *args],
         capture_output=True,
@@ -115,6 +121,27 @@ class Swarm:
     nodes: dict[str, Proc]
     node_metrics: dict[str, str]  # node id -> its /metrics URL
     key: str = ""  # an API key of the gateway, when it has keys (the dashboard needs one then)
+    trust: Trust = field(default_factory=Trust)
+
+    @property
+    def ssl(self) -> ssl.SSLContext | None:
+        """What an HTTPS caller of the gateway needs (None when plain)."""
+        return self.trust.ssl_context()
+
+    def openai(self, key: str, url: str = "", **kwargs: Any) -> Any:
+        """An OpenAI client of the gateway (or of the gateway at ``url``)."""
+        return self.trust.openai((url or self.url) + "/v1", key, **kwargs)
+
+    def async_openai(self, key: str, url: str = "", **kwargs: Any) -> Any:
+        return self.trust.async_openai((url or self.url) + "/v1", key, **kwargs)
+
+    def metrics(self, key: str = "", url: str = "") -> Samples:
+        """The gateway's /metrics, parsed."""
+        return scrape((url or self.url) + "/metrics", key, context=self.ssl)
+
+    def state(self) -> Any:
+        """One dashboard snapshot."""
+        return get_json(self.url + "/dashboard/state", self.key, context=self.ssl)
 
     def wait(self, predicate: Any, timeout: float = 120.0, what: str = "the swarm") -> Any:
         """Poll ``/dashboard/state`` until ``predicate(state)`` is true; returns that state."""
@@ -122,7 +149,7 @@ class Swarm:
         state = None
         while time.monotonic() < deadline:
             try:
-                state = get_json(self.url + "/dashboard/state", self.key)
+                state = self.state()
                 if predicate(state):
                     return state
             except OSError:
@@ -155,31 +182,35 @@ def start_swarm(
     node_timeout: float = 3.0,
     key: str = "",
     coordinator_env: dict[str, str] | None = None,
+    trust: Trust | None = None,
 ) -> Swarm:
     """``swarm-coordinator`` with its gateway on a free port, and ``n_nodes`` nodes (one
-    torch thread each, metrics on) that join it; returns once the model is covered."""
+    torch thread each, metrics on) that join it; returns once the model is covered.
+    ``trust``: plain (the default), or TLS and a token for every daemon."""
+    trust = trust or Trust()
     coord = Proc.start(
         script("swarm-coordinator")
         + ["--model", str(model), "--port", "0", "--http-port", "0", "--mqtt-port", "0"]
-        + ["--node-timeout", str(node_timeout), *coordinator_args],
+        + ["--node-timeout", str(node_timeout), *coordinator_args, *trust.flags("coordinator")],
         logs / "coordinator.log",
-        env=coordinator_env,
+        env={**trust.env, **(coordinator_env or {})},
     )
     nodes: dict[str, Proc] = {}
     try:
         line = coord.wait_line("swarm-coordinator listening on")
         fields = dict(f.split("=", 1) for f in line.split()[1:])
-        address, url = line.split()[0], "http://" + fields["http"]
+        address, url = line.split()[0], f"{trust.scheme}://{fields['http']}"
         for i in range(n_nodes):
             node_id = f"node-{i}"
             nodes[node_id] = Proc.start(
                 script("swarm-node")
                 + ["--coordinator", address, "--model", str(model), "--port", "0", "--threads", "1"]
-                + ["--node-id", node_id, "--metrics-port", "0", *node_args],
+                + ["--node-id", node_id, "--metrics-port", "0", *node_args, *trust.flags(node_id)],
                 logs / f"{node_id}.log",
+                env=trust.env,
             )
         metrics = {node_id: proc.wait_line("metrics on") for node_id, proc in nodes.items()}
-        swarm = Swarm(coord, address, url, nodes, metrics, key)
+        swarm = Swarm(coord, address, url, nodes, metrics, key, trust)
         swarm.wait(ready(n_nodes), timeout=240, what=f"{n_nodes} nodes covering the model")
         return swarm
     except BaseException:
@@ -192,11 +223,11 @@ def start_swarm(
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(url: str, key: str = "") -> Samples:
-    """Fetch a Prometheus endpoint (with an API key when the gateway has keys) and parse
-    it with the official text parser."""
+def scrape(url: str, key: str = "", *, context: ssl.SSLContext | None = None) -> Samples:
+    """Fetch a Prometheus endpoint (with an API key when the gateway has keys; ``context``
+    for HTTPS) and parse it with the official text parser."""
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    with urllib.request.urlopen(request, timeout=10) as resp:
+    with urllib.request.urlopen(request, timeout=10, context=context) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = resp.read().decode()
@@ -215,9 +246,9 @@ def total(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
 
 
-def get_json(url: str, key: str = "") -> Any:
+def get_json(url: str, key: str = "", *, context: ssl.SSLContext | None = None) -> Any:
     import json
 
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    with urllib.request.urlopen(request, timeout=10) as resp:
+    with urllib.request.urlopen(request, timeout=10, context=context) as resp:
         return json.loads(resp.read())

@@ -14,7 +14,9 @@ the client and coordinator packages.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from typing import Any
 import grpc
 import pytest
 from e2e.chaos import Daemon
+from e2e.trust import Trust
 
 from swarm_client.api import AsyncSwarmClient, SwarmClient
 from swarm_coordinator.assignment import propose
@@ -37,6 +40,8 @@ from swarm_coordinator.registry import Registry, RegistryConfig
 from swarm_coordinator.state import SwarmState
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.presence import NodeState
+from swarm_proto.presence_client import BrokerAddress
+from swarm_proto.trust import mqtt_password
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,6 +56,9 @@ PROMPT = "The capital of France is"
 WITHOUT_TORCH = str(Path(__file__).resolve().parents[1] / "without_torch.py")
 
 
+NODE_IDS = ("fast", "mid", "slow", "late")
+
+
 @dataclass
 class Swarm:
     model: Path
@@ -59,12 +67,14 @@ class Swarm:
     nodes: dict[str, Daemon]
     address: str
     tmp: Path
+    trust: Trust
+    broker_password: str  # the coordinator's broker login ("" when the broker is open)
 
     def node(self, name: str, speed: float, budget_mb: int) -> Daemon:
         argv = [sys.executable, "-m", "swarm_node.cli", "--coordinator", self.address, "--model", str(self.model),
                 "--port", "0", "--node-id", name, "--threads", "1", "--speed", str(speed),
-                "--memory-budget", f"{budget_mb}M", "--max-length", "512"]
-        proc = Daemon(name, argv, self.tmp / f"{name}.log").start()
+                "--memory-budget", f"{budget_mb}M", "--max-length", "512", *self.trust.flags(name)]
+        proc = Daemon(name, argv, self.tmp / f"{name}.log", env=self.trust.env).start()
         self.nodes[name] = proc
         return proc
 
@@ -72,18 +82,31 @@ class Swarm:
         return swarm_pb2_grpc.CoordinatorStub(channel)
 
     def list_nodes(self) -> dict[str, tuple[int, int]]:
-        with grpc.insecure_channel(self.address) as ch:
-            nodes = self.stub(ch).ListNodes(swarm_pb2.ListNodesRequest(), timeout=5).nodes
+        with self.trust.channel(self.address) as ch:
+            nodes = self.stub(ch).ListNodes(swarm_pb2.ListNodesRequest(), timeout=5, metadata=self.trust.metadata).nodes
         return {n.node_id: (n.start, n.end) for n in nodes}
 
     def route(self) -> list[tuple[str, int, int]]:
-        with grpc.insecure_channel(self.address) as ch:
-            hops = self.stub(ch).GetRoute(swarm_pb2.RouteRequest(max_length=64), timeout=5).hops
+        with self.trust.channel(self.address) as ch:
+            request = swarm_pb2.RouteRequest(max_length=64)
+            hops = self.stub(ch).GetRoute(request, timeout=5, metadata=self.trust.metadata).hops
         return [(h.node_id, h.start, h.end) for h in hops]
+
+    def node_range(self, address: str) -> tuple[int, int]:
+        with self.trust.channel(address) as ch:
+            info = swarm_pb2_grpc.NodeStub(ch).Info(swarm_pb2.InfoRequest(), timeout=5, metadata=self.trust.metadata)
+        return info.start, info.end
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``swarm ARGS`` as a client process of this swarm (its token and certificate)."""
+        return subprocess.run(
+            [sys.executable, "-m", "swarm_client.cli", *args], capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, **self.trust.client_env()},
+        )
 
     def observe(self, predicate: Callable[[SwarmState], bool], timeout: float) -> SwarmState:
         """Watch the broker like a second coordinator would (retained messages + live)."""
-        return asyncio.run(_observe(self.broker.url, predicate, timeout))
+        return asyncio.run(_observe(self, predicate, timeout))
 
 
 class Observer(Registry):
@@ -93,9 +116,16 @@ class Observer(Registry):
         self._outbox.clear()
 
 
-async def _observe(url: str, predicate: Callable[[SwarmState], bool], timeout: float) -> SwarmState:
-    config = RegistryConfig(url, SWARM, "SmolLM2-135M-Instruct.Q4_1.gguf", 30, 14_160_384, client_id="observer")
-    registry = Observer(config)
+async def _observe(swarm: Swarm, predicate: Callable[[SwarmState], bool], timeout: float) -> SwarmState:
+    url = swarm.broker.url
+    config = RegistryConfig(url, SWARM, "SmolLM2-135M-Instruct.Q4_1.gguf", 30, 14_160_384, client_id="observer",
+                            token=swarm.trust.token)
+    login = None
+    if swarm.broker_password:  # the broker refuses anonymous clients: log in as the coordinator does
+        address = BrokerAddress.parse(url)
+        login = BrokerAddress(address.host, address.port, "coordinator", swarm.broker_password, address.tls)
+    client = swarm.trust.client
+    registry = Observer(config, broker=login, tls_context=client.client_context() if client else None)
     try:
         await registry.start(wait=timeout)
         return await registry.wait_until(predicate, timeout)
@@ -121,20 +151,33 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interva
     raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
-def coordinator_proc(model: Path, port: int, broker: str, tmp: Path) -> Daemon:
+def coordinator_proc(model: Path, port: int, broker: str, tmp: Path, trust: Trust, password: str) -> Daemon:
     argv = [sys.executable, WITHOUT_TORCH, "-m", "swarm_coordinator.cli", "--model", str(model), "--port", str(port),
-            "--http-port", "0", "--mqtt", broker, "--swarm-id", SWARM, "--settle", "3"]
-    return Daemon("coordinator", argv, tmp / "coordinator.log")
+            "--http-port", "0", "--mqtt", broker, "--swarm-id", SWARM, "--settle", "3", *trust.flags("coordinator")]
+    env = {**trust.env, "SWARM_MQTT_PASSWORD": password}
+    return Daemon("coordinator", argv, tmp / "coordinator.log", env=env)
+
+
+def trusted_broker(trust: Trust) -> tuple[MosquittoBroker, str]:
+    """mosquitto as the swarm's trust asks: open and in clear, or with TLS, a password
+    file (the coordinator, and each node's password derived from the token) and the ACL.
+    Returns it (not started) and the coordinator's broker password."""
+    tls = trust.files("broker")
+    if tls is None:
+        return MosquittoBroker(), ""
+    password = secrets.token_urlsafe(16)
+    users = {"coordinator": password, **{n: mqtt_password(trust.token, SWARM, n) for n in NODE_IDS}}
+    return MosquittoBroker(users=users, tls=(tls.cert, tls.key, tls.ca)), password
 
 
 @pytest.fixture(scope="module")
-def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory, trust: Trust) -> Iterator[Swarm]:
     tmp = tmp_path_factory.mktemp("control-plane")
-    broker = MosquittoBroker()
+    broker, password = trusted_broker(trust)
     broker.start()
     port = free_port()
-    coordinator = coordinator_proc(default_model, port, broker.url, tmp)
-    s = Swarm(default_model, broker, coordinator, {}, f"127.0.0.1:{port}", tmp)
+    coordinator = coordinator_proc(default_model, port, broker.url, tmp, trust, password)
+    s = Swarm(default_model, broker, coordinator, {}, f"127.0.0.1:{port}", tmp, trust, password)
     try:
         # Nodes first: they wait for the coordinator, so all three join within one settle window.
         s.node("fast", 300, 300)  # room for 21 layers of 14.2 MB
@@ -148,12 +191,6 @@ def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         broker.close()
 
 
-def node_range(address: str) -> tuple[int, int]:
-    with grpc.insecure_channel(address) as ch:
-        info = swarm_pb2_grpc.NodeStub(ch).Info(swarm_pb2.InfoRequest(), timeout=5)
-    return info.start, info.end
-
-
 def test_nodes_load_the_layers_they_are_assigned(swarm: Swarm) -> None:
     wait_for("a route over the whole model", swarm.route, timeout=120)
     state = swarm.observe(lambda s: all(v.serving for v in s.online()) and len(s.online()) == 3, 30)
@@ -165,15 +202,19 @@ def test_nodes_load_the_layers_they_are_assigned(swarm: Swarm) -> None:
     # ... and what each node process actually serves is what it was assigned
     for view in state.online():
         assert view.serving == assignment[view.node_id]
-        assert node_range(view.address) == (view.serving.start, view.serving.end)
+        assert swarm.node_range(view.address) == (view.serving.start, view.serving.end)
     assert swarm.list_nodes() == {n: (r.start, r.end) for n, r in assignment.items()}
+    # each node measures round trips to its peers (the peer list from the coordinator,
+    # over mutual TLS in a TLS swarm) and reports them in its load
+    def measured(s: SwarmState) -> bool:
+        online = s.online()
+        return len(online) == len(swarm.nodes) and all(v.load is not None and v.load.peer_rtts for v in online)
+
+    swarm.observe(measured, 60)
 
 
 def test_generation_through_the_coordinator_equals_local(swarm: Swarm) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "swarm_client.cli", "generate", "--coordinator", swarm.address, PROMPT, "--max-tokens", "12"],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = swarm.cli("generate", "--coordinator", swarm.address, PROMPT, "--max-tokens", "12")
     assert out.returncode == 0, out.stderr
     with SwarmClient.local(swarm.model) as local:
         want = local.generate(PROMPT, max_tokens=12).text
@@ -182,16 +223,19 @@ def test_generation_through_the_coordinator_equals_local(swarm: Swarm) -> None:
 
 
 _WITHOUT_TORCH_CLIENT = """
-import importlib, json, pkgutil, sys
+import importlib, json, os, pkgutil, sys
 import swarm_client, swarm_coordinator
 from swarm_client import SwarmClient
 from swarm_client.cli import main
+from swarm_proto.tls import TlsFiles
 
 address, model, prompt = sys.argv[1:]
 modules = [m.name for p in (swarm_client, swarm_coordinator) for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")]
 for name in modules:
     importlib.import_module(name)
-with SwarmClient.remote(coordinator=address, model=model) as client:
+env = os.environ  # the token and certificate (SWARM_TOKEN, SWARM_TLS_*), as the CLI reads them
+tls = TlsFiles(env["SWARM_TLS_CERT"], env["SWARM_TLS_KEY"], env["SWARM_TLS_CA"]) if env.get("SWARM_TLS_CERT") else None
+with SwarmClient.remote(coordinator=address, model=model, tls=tls) as client:
     text = client.generate(prompt, max_tokens=12).text
 status = main(["generate", "--coordinator", address, "--model", model, prompt, "--max-tokens", "12"])
 torch = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
@@ -203,9 +247,8 @@ def test_client_and_coordinator_run_without_torch(swarm: Swarm, tmp_path: Path) 
     """The coordinator of this swarm runs with torch hidden; so does this client, with
     an empty model cache (its tokenizer is converted from the GGUF without torch)."""
     import json
-    import os
 
-    env = {**os.environ, "SWARM_CACHE": str(tmp_path)}
+    env = {**os.environ, **swarm.trust.client_env(), "SWARM_CACHE": str(tmp_path)}
     out = subprocess.run(
         [sys.executable, WITHOUT_TORCH, "-c", _WITHOUT_TORCH_CLIENT, swarm.address, str(swarm.model), PROMPT],
         capture_output=True, text=True, timeout=180, env=env,
@@ -255,7 +298,7 @@ def test_coordinator_restart_leaves_a_running_generation_alone(swarm: Swarm) -> 
         want = local.generate("Once upon a time", max_tokens=48, ignore_eos=True).token_ids
 
     async def generate() -> Any:
-        async with AsyncSwarmClient.remote(coordinator=swarm.address, model=swarm.model) as client:
+        async with AsyncSwarmClient.remote(coordinator=swarm.address, model=swarm.model, **swarm.trust.library()) as client:
             return await client.generate("Once upon a time", max_tokens=48, ignore_eos=True)
 
     result: list[Any] = []
@@ -289,10 +332,7 @@ def test_a_killed_node_goes_offline_and_its_layers_are_covered_again(swarm: Swar
     assert victim not in state.current_assignment()
     assert any(r.start <= lost[0] and lost[1] <= r.end or r.start < lost[1] for _, r in state.current_assignment().items())
     # new sessions route around the dead node and still produce the right text
-    out = subprocess.run(
-        [sys.executable, "-m", "swarm_client.cli", "generate", "--coordinator", swarm.address, PROMPT, "--max-tokens", "6"],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = swarm.cli("generate", "--coordinator", swarm.address, PROMPT, "--max-tokens", "6")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
 

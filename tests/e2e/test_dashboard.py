@@ -6,7 +6,9 @@ gateway) among the sessions in the swarm, with its route; when a node is killed 
 must show the node offline, the events (leave, failover, reassignment) and coverage
 restored, all without a reload, while the generation finishes with the same text
 as without the failure; a prompt typed in the box must stream an answer. The test
-saves a screenshot under bench/results/ (and the test's temp dir).
+saves a screenshot under bench/results/ (and the test's temp dir). It runs plain and
+with TLS and a token (the page over HTTPS). A swarm bound to every interface with
+neither must show the exposure warning.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from typing import Any
 
 import openai
 import pytest
+from e2e.chaos import add_tokenizer
 from e2e.gateway_helpers import CHROMIUM, CHROMIUM_ARGS, Swarm, scrape, start_swarm, value
+from e2e.trust import Trust
+from helpers import make_tiny_model
 
 from swarm_client import SwarmClient
 
@@ -31,7 +36,7 @@ MAX_TOKENS = 72
 
 
 @pytest.fixture(scope="module")
-def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory, trust: Trust) -> Iterator[Swarm]:
 
     from swarm_proto.model_args import read_args
     from swarm_proto.weight_format import format_layer_bytes
@@ -42,7 +47,8 @@ def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     # engine is batch-invariant (docs/engine.md), the replay computing what the steps did.
     budget = 16 * format_layer_bytes(read_args(default_model), "bfloat16", "gguf", default_model)
     swarm = start_swarm(
-        default_model, 3, tmp_path_factory.mktemp("dashboard-swarm"), node_args=["--memory-budget", str(budget)]
+        default_model, 3, tmp_path_factory.mktemp("dashboard-swarm"), node_args=["--memory-budget", str(budget)],
+        trust=trust,
     )
     try:
         yield swarm
@@ -62,7 +68,7 @@ def test_dashboard_follows_the_swarm_live(swarm: Swarm, default_model: Path, tmp
         pytest.skip("chromium is not installed (make deps-system)")
     from playwright.sync_api import expect, sync_playwright
 
-    api = openai.OpenAI(base_url=swarm.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    api: openai.OpenAI = swarm.openai("none", max_retries=0, timeout=300)
     model = api.models.list().data[0].id
     messages: Any = [{"role": "user", "content": STORY}]
     expected = api.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
@@ -70,7 +76,8 @@ def test_dashboard_follows_the_swarm_live(swarm: Swarm, default_model: Path, tmp
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1366, "height": 900})
+        # the browser does not know the test's swarm CA: it is the HTTPS, not the CA, under test here
+        page = browser.new_page(viewport={"width": 1366, "height": 900}, ignore_https_errors=True)
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(swarm.url + "/")
@@ -82,13 +89,15 @@ def test_dashboard_follows_the_swarm_live(swarm: Swarm, default_model: Path, tmp
         expect(page.locator("#coverage .row.count .cell.gap")).to_have_count(0)
         expect(page.locator("#t-nodes")).to_have_text("3 / 3")
         expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+        expect(page.locator("#warnings")).to_be_hidden()  # bound to loopback: nothing exposed
+        expect(page.locator("#nodes .pill.exposed")).to_have_count(0)
         page.evaluate("window.__sameDocument = true")
 
         # A session of the client library, held open after its first token: the nodes
         # list it in their loads, so the page shows it, with a route over two nodes or
         # more (one cannot hold the model), though the gateway has no request running.
         expect(page.locator("#swarm-sessions tbody tr")).to_have_count(0)
-        with SwarmClient.remote(coordinator=swarm.address, model=default_model) as library:
+        with SwarmClient.remote(coordinator=swarm.address, model=default_model, **swarm.trust.library()) as library:
             events = library.stream(STORY, max_tokens=200, ignore_eos=True)
             assert next(events).token_ids
             row = page.locator("#swarm-sessions tbody tr")
@@ -151,7 +160,7 @@ def test_dashboard_follows_the_swarm_live(swarm: Swarm, default_model: Path, tmp
         assert not worker.is_alive() and not failures, failures
         assert "".join(streamed) == expected.choices[0].message.content  # failover kept the text
         expect(page.locator('#events li[data-kind="failover"]')).not_to_have_count(0, timeout=30_000)
-        metrics = scrape(swarm.url + "/metrics")
+        metrics = swarm.metrics()
         assert value(metrics, "swarm_gateway_failovers_total") >= 1 and value(metrics, "swarm_failovers_total") >= 1
         assert value(metrics, "swarm_node_up", node=victim) == 0
 
@@ -177,3 +186,38 @@ def test_dashboard_follows_the_swarm_live(swarm: Swarm, default_model: Path, tmp
         browser.close()
     RESULTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, RESULTS / "dashboard.png")
+
+
+def test_an_exposed_coordinator_and_node_are_flagged_on_the_dashboard(tmp_path: Path) -> None:
+    """Bound to every interface with neither TLS nor a token: the dashboard says so in
+    its warning banner, for the coordinator and for the node, and marks the node's row.
+    (A tiny model: only the exposure matters here; the ports are open for seconds.)"""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (make deps-system)")
+    from playwright.sync_api import expect, sync_playwright
+
+    tiny = add_tokenizer(make_tiny_model(tmp_path, "llama3"))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    swarm = start_swarm(
+        tiny, 1, logs, coordinator_args=["--host", "0.0.0.0"], node_args=["--host", "0.0.0.0", "--advertise", "127.0.0.1"]
+    )
+    try:
+        assert "neither TLS nor a swarm token" in swarm.coordinator.log.read_text()  # said at start, too
+        assert "neither TLS nor a swarm token" in swarm.nodes["node-0"].log.read_text()
+        url = swarm.url.replace("0.0.0.0", "127.0.0.1")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1366, "height": 900})
+                page.goto(url + "/")
+                banner = page.locator("#warnings")
+                expect(banner).to_be_visible()
+                expect(banner.locator("li")).to_have_count(2)
+                expect(banner).to_contain_text("swarm-coordinator listening on 0.0.0.0 with neither TLS nor a swarm token")
+                expect(banner).to_contain_text("node node-0 (127.0.0.1:")
+                expect(page.locator('#nodes tr[data-node-id="node-0"] .pill.exposed')).to_be_visible()
+            finally:
+                browser.close()
+    finally:
+        swarm.stop()

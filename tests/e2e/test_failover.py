@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from e2e.chaos import GREEDY, SEEDED, ChaosSwarm, NodeSpec, add_tokenizer, generate, prompts
+from e2e.trust import Trust
 from helpers import Oracle, make_tiny_model
 
 from swarm_client.errors import GenerationError
@@ -57,8 +58,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def swarm(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosSwarm]:
-    s = ChaosSwarm(tiny, tmp_path_factory.mktemp("failover-swarm"))
+def swarm(tiny: Path, tmp_path_factory: pytest.TempPathFactory, trust: Trust) -> Iterator[ChaosSwarm]:
+    s = ChaosSwarm(tiny, tmp_path_factory.mktemp("failover-swarm"), trust=trust)
     try:
         s.start(NODES, timeout=180)
         yield s
@@ -147,7 +148,8 @@ def test_speculative_generations_keep_their_tokens_through_a_kill(swarm: ChaosSw
 
     async def run() -> RoutedBackend:
         backend = RoutedBackend(
-            CoordinatorRoutes(swarm.address), max_context=swarm.max_length, eos_token_ids=(), policy=SPAN,
+            CoordinatorRoutes(swarm.address, token=swarm.token, tls=swarm.client_tls), max_context=swarm.max_length,
+            eos_token_ids=(), policy=SPAN, token=swarm.token, tls=swarm.client_tls,
             speculation=Speculation(max_draft=4, drafter=Oracle(runs, every=3), adaptive=False),
             verify=VerifyPolicy(rate=0.0),  # kills are timed by tokens received: no held-back checks
         )
@@ -331,11 +333,11 @@ def test_no_route_is_a_clear_error_in_bounded_time(swarm: ChaosSwarm, references
     swarm.wait_nodes(NAMES, 90)
 
 
-def test_without_a_replica_the_layers_are_reassigned_and_loaded(tiny: Path, tmp_path: Path) -> None:
+def test_without_a_replica_the_layers_are_reassigned_and_loaded(tiny: Path, tmp_path: Path, trust: Trust) -> None:
     """Assigned nodes with room for 3 of the 6 layers each: a node whose layers have no
     other copy dies, the coordinator gives them to a node with free memory, which
     loads them, and the generation resumes with the same tokens."""
-    swarm = ChaosSwarm(tiny, tmp_path, swarm_id="reassign", settle=4.0)  # the three joins: one plan
+    swarm = ChaosSwarm(tiny, tmp_path, swarm_id="reassign", settle=4.0, trust=trust)  # the three joins: one plan
     names = ["p", "q", "r"]
     try:
         swarm.start([NodeSpec(n, None, 100, "500K") for n in names], timeout=180)  # 164 kB a layer
@@ -374,12 +376,12 @@ def test_without_a_replica_the_layers_are_reassigned_and_loaded(tiny: Path, tmp_
         swarm.close()
 
 
-def test_the_default_model_streams_the_same_text_through_a_kill(default_model: Path, tmp_path: Path) -> None:
+def test_the_default_model_streams_the_same_text_through_a_kill(default_model: Path, tmp_path: Path, trust: Trust) -> None:
     """SmolLM2 over three nodes and a spare, through the public streaming API: the
     middle node dies mid-stream; the caller sees the same text, a little later."""
     from swarm_client.api import AsyncSwarmClient
 
-    swarm = ChaosSwarm(default_model, tmp_path, swarm_id="smol", max_length=256)
+    swarm = ChaosSwarm(default_model, tmp_path, swarm_id="smol", max_length=256, trust=trust)
     nodes = [NodeSpec("h", "0:10", 100), NodeSpec("m", "10:20", 100), NodeSpec("t", "20:30", 100),
              NodeSpec("s", "10:20", 40)]
     options = dict(max_tokens=20, temperature=0.7, top_p=0.9, seed=11, ignore_eos=True)
@@ -387,7 +389,7 @@ def test_the_default_model_streams_the_same_text_through_a_kill(default_model: P
         swarm.start(nodes, timeout=240)
 
         async def run() -> tuple[str, str, list[str]]:
-            async with AsyncSwarmClient.remote(coordinator=swarm.address, model=default_model) as client:
+            async with AsyncSwarmClient.remote(coordinator=swarm.address, model=default_model, **trust.library()) as client:
                 want = (await client.generate("The capital of France is", **options)).text
                 backend = client.backend
                 assert isinstance(backend, RoutedBackend)

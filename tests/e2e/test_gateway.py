@@ -15,6 +15,7 @@ from typing import Any
 import openai
 import pytest
 from e2e.gateway_helpers import Swarm, local_cli, scrape, start_swarm, total, value
+from e2e.trust import Trust
 
 from swarm_proto.model_args import read_args
 from swarm_proto.weight_format import format_layer_bytes
@@ -29,7 +30,7 @@ N = 20
 
 
 @pytest.fixture(scope="module")
-def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory, trust: Trust) -> Iterator[Swarm]:
     logs = tmp_path_factory.mktemp("gateway-swarm")
     keys = logs / "keys"
     keys.write_text(f"# test keys\n{KEY}\n{LIMITED} rpm=2\n")
@@ -37,7 +38,7 @@ def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     budget = 16 * format_layer_bytes(read_args(default_model), "bfloat16", "gguf", default_model)  # the nodes' default format
     swarm = start_swarm(
         default_model, 2, logs, coordinator_args=["--api-keys-file", str(keys)], node_args=["--memory-budget", str(budget)],
-        key=KEY,
+        key=KEY, trust=trust,
     )
     try:
         yield swarm
@@ -46,7 +47,8 @@ def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def _openai(swarm: Swarm, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=swarm.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    client: openai.OpenAI = swarm.openai(key, max_retries=0, timeout=120)
+    return client
 
 
 def test_openai_client_gets_what_the_local_cli_prints(swarm: Swarm, default_model: Path) -> None:
@@ -89,10 +91,10 @@ def test_errors_keys_and_metrics(swarm: Swarm) -> None:
     assert denied.value.status_code == 401
 
     urls = list(swarm.node_metrics.values())
-    gw_before = scrape(swarm.url + "/metrics", KEY)
+    gw_before = swarm.metrics(KEY)
     node_before = [scrape(url) for url in urls]
     api.completions.create(model=model, prompt=PROMPT, max_tokens=5)
-    gw_after = scrape(swarm.url + "/metrics", KEY)
+    gw_after = swarm.metrics(KEY)
     node_after = [scrape(url) for url in urls]
 
     assert value(gw_after, "swarm_gateway_completion_tokens_total") - value(gw_before, "swarm_gateway_completion_tokens_total") == 5

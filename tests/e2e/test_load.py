@@ -22,6 +22,7 @@ from typing import Any
 import openai
 import pytest
 from e2e.gateway_helpers import Proc, Swarm, get_json, scrape, start_swarm, total, value
+from e2e.trust import Trust
 
 from swarm_node.admission import slot_length
 
@@ -42,7 +43,7 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory, trust: Trust) -> Iterator[Swarm]:
     from swarm_proto.model_args import read_args
     from swarm_proto.weight_format import format_layer_bytes
 
@@ -56,6 +57,7 @@ def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         # The default path is batch-invariant (docs/engine.md): batched and replayed sessions
         # compute what they compute alone, so the kill test asks for every solo text.
         node_args=["--memory-budget", str(16 * layer_bytes), "--kv-budget", KV_BUDGET],
+        trust=trust,
     )
     try:
         # Two nodes can cover the model before the third is assigned: wait for the layout
@@ -69,12 +71,13 @@ def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def _model(swarm: Swarm) -> str:
-    return str(get_json(swarm.url + "/v1/models")["data"][0]["id"])
+    return str(get_json(swarm.url + "/v1/models", context=swarm.ssl)["data"][0]["id"])
 
 
-async def _ask(url: str, questions: list[str], model: str) -> list[tuple[int, Any]]:
-    """Each question at once; (200, text) or (status, the APIStatusError)."""
-    api = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+async def _ask(swarm: Swarm, questions: list[str], model: str, url: str = "") -> list[tuple[int, Any]]:
+    """Each question at once to the swarm's gateway (or the one at ``url``); (200, text)
+    or (status, the APIStatusError)."""
+    api = swarm.async_openai("x", url, max_retries=0, timeout=300)
 
     async def one(q: str) -> tuple[int, Any]:
         try:
@@ -93,7 +96,7 @@ async def _ask(url: str, questions: list[str], model: str) -> list[tuple[int, An
 
 def _solo(swarm: Swarm, questions: list[str], model: str) -> tuple[dict[str, str], int]:
     """Each question alone (one at a time), and the longest prompt in tokens."""
-    api = openai.OpenAI(base_url=swarm.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    api = swarm.openai("x", max_retries=0, timeout=300)
     out, longest = {}, 0
     for q in questions:
         r = api.chat.completions.create(
@@ -115,7 +118,7 @@ def _span_capacity(swarm: Swarm, longest_prompt: int) -> int:
 
 def _no_failure_state(swarm: Swarm) -> None:
     """Nothing held against any node: no reports, no avoidance, no failover."""
-    metrics = scrape(swarm.url + "/metrics")
+    metrics = swarm.metrics()
     assert total(metrics, "swarm_gateway_avoided_nodes") == 0
     assert total(metrics, "swarm_gateway_failovers_total") == 0
     assert value(metrics, "swarm_failovers_total") == 0
@@ -133,9 +136,9 @@ def test_twice_the_capacity_completes_and_the_excess_of_a_small_line_gets_429(
     load = QUESTIONS[: 2 * capacity]
 
     # Twice a span's capacity at once: all complete, each with its solo text.
-    answers = asyncio.run(_ask(swarm.url, load, model))
+    answers = asyncio.run(_ask(swarm, load, model))
     assert [a for _, a in answers] == [solo[q] for q in load], answers
-    metrics = scrape(swarm.url + "/metrics")
+    metrics = swarm.metrics()
     assert value(metrics, "swarm_gateway_busy_total", kind="refused") > 0  # the load did hit "busy"
     assert value(metrics, "swarm_gateway_queue_wait_seconds_count") == len(QUESTIONS) + len(load)
     assert value(metrics, "swarm_gateway_queue_length") == 0
@@ -146,13 +149,14 @@ def test_twice_the_capacity_completes_and_the_excess_of_a_small_line_gets_429(
     # A second gateway on the same swarm, with a line of one: the excess gets 429.
     gateway = Proc.start(
         [sys.executable, "-m", "swarm_coordinator.http", "--coordinator", swarm.address, "--model", str(default_model)]
-        + ["--port", "0", "--queue-size", "1"],
+        + ["--port", "0", "--queue-size", "1", *swarm.trust.flags("gateway")],
         tmp_path / "gateway.log",
+        env=swarm.trust.env,
     )
     try:
         url = gateway.wait_line("gateway listening on")
         burst = QUESTIONS[: 2 * capacity] + QUESTIONS[: 3]
-        answers = asyncio.run(_ask(url, burst, model))
+        answers = asyncio.run(_ask(swarm, burst, model, url))
         statuses = sorted({status for status, _ in answers})
         assert set(statuses) <= {200, 429} and 429 in statuses, answers
         for q, (status, answer) in zip(burst, answers):
@@ -162,18 +166,18 @@ def test_twice_the_capacity_completes_and_the_excess_of_a_small_line_gets_429(
                 assert int(answer.response.headers["Retry-After"]) >= 1
                 assert answer.body["type"] == "server_overloaded" and "busy" in answer.body["message"]
         assert sum(status == 200 for status, _ in answers) >= capacity
-        small = scrape(url + "/metrics")
+        small = swarm.metrics(url=url)
         assert value(small, "swarm_gateway_busy_total", kind="queue_full") == sum(s == 429 for s, _ in answers)
     finally:
         gateway.stop()
 
     # The overload is over: a new request is served at once, nothing lingers.
     t0 = time.monotonic()
-    (status, answer), = asyncio.run(_ask(swarm.url, QUESTIONS[:1], model))
+    (status, answer), = asyncio.run(_ask(swarm, QUESTIONS[:1], model))
     assert (status, answer) == (200, solo[QUESTIONS[0]])
     print(f"after the overload: served in {time.monotonic() - t0:.2f} s")  # the figure is bench/load.py's business
     _no_failure_state(swarm)
-    state = get_json(swarm.url + "/dashboard/state")
+    state = swarm.state()
     assert state["queue"]["waiting"] == 0 and not state["queue"]["full"]
     assert not [e for e in state["events"] if e["kind"] == "failover"]
 
@@ -186,13 +190,13 @@ def test_a_node_killed_during_an_overload_is_recovered(swarm: Swarm, default_mod
     solo, longest = _solo(swarm, QUESTIONS, model)
     capacity = _span_capacity(swarm, longest)
     load = QUESTIONS[: 2 * capacity]
-    state = get_json(swarm.url + "/dashboard/state")
+    state = swarm.state()
     victim = next(n["id"] for n in state["nodes"] if n["serving"] and n["serving"][1] == state["swarm"]["num_layers"])
 
     async def run() -> list[tuple[int, Any]]:
-        task = asyncio.ensure_future(_ask(swarm.url, load, model))
+        task = asyncio.ensure_future(_ask(swarm, load, model))
         while True:  # kill the tail once generations are streaming tokens
-            s = await asyncio.to_thread(get_json, swarm.url + "/dashboard/state")
+            s = await asyncio.to_thread(swarm.state)
             if any(x["tokens"] > 0 for x in s["sessions"]):
                 break
             await asyncio.sleep(0.05)

@@ -21,6 +21,7 @@ from typing import Any
 import openai
 import pytest
 from e2e.gateway_helpers import CHROMIUM, CHROMIUM_ARGS, Swarm, scrape, start_swarm, total, value
+from e2e.trust import Trust
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -47,13 +48,13 @@ applies_to = "prompt"
 
 
 @pytest.fixture(scope="module")
-def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+def swarm(default_model: Path, tmp_path_factory: pytest.TempPathFactory, trust: Trust) -> Iterator[Swarm]:
     logs = tmp_path_factory.mktemp("policy-swarm")
     (logs / "policy.toml").write_text(RULES)
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     args = ["--policy", str(logs / "policy.toml"), "--policy-watch", "0"]
     args += ["--audit-log", str(logs / "audit.jsonl")]
-    swarm = start_swarm(default_model, 1, logs, coordinator_args=args, coordinator_env=env)
+    swarm = start_swarm(default_model, 1, logs, coordinator_args=args, coordinator_env=env, trust=trust)
     try:
         yield swarm
     finally:
@@ -66,7 +67,7 @@ def _files(swarm: Swarm) -> tuple[Path, Path]:
 
 
 def _api(swarm: Swarm) -> tuple[openai.OpenAI, str]:
-    api = openai.OpenAI(base_url=swarm.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    api: openai.OpenAI = swarm.openai(KEY, max_retries=0, timeout=120)
     return api, api.models.list().data[0].id
 
 
@@ -153,7 +154,7 @@ def test_the_audit_log_has_a_line_per_request_and_no_text(swarm: Swarm) -> None:
 
     state: Any = swarm.wait(lambda s: s["policy"] is not None, what="the policy panel")
     assert state["policy"]["refusals_by_key"][fingerprint] >= 3
-    metrics = scrape(swarm.url + "/metrics")
+    metrics = swarm.metrics()
     assert value(metrics, "swarm_gateway_policy_decisions_total", decision="refused", rule="no-bombs") >= 2
     assert value(metrics, "swarm_gateway_policy_decisions_total", decision="stopped", rule="no-paris") >= 3
 
@@ -187,7 +188,7 @@ def test_the_dashboard_shows_policy_events_and_refusals_per_key(swarm: Swarm) ->
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1366, "height": 900})
+            page = browser.new_page(viewport={"width": 1366, "height": 900}, ignore_https_errors=True)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(swarm.url + "/")

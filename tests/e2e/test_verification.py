@@ -20,12 +20,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from e2e.chaos import GREEDY, SEEDED, ChaosSwarm, NodeSpec, add_tokenizer, generate, prompts
+from e2e.chaos import GREEDY, SEEDED, ChaosSwarm, EventWatch, NodeSpec, add_tokenizer, generate, prompts
+from e2e.trust import Trust
 from helpers import make_tiny_model
 
 from swarm_client.speculation import PromptLookup, Speculation
 from swarm_client.verify import VerifyPolicy
-from swarm_coordinator.registry import Registry
 from swarm_proto.presence import EventKind
 from swarm_proto.wire import SamplingParams
 
@@ -43,9 +43,9 @@ CHECKED = VerifyPolicy(rate=0.25)
 
 
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosSwarm]:
+def swarm(tmp_path_factory: pytest.TempPathFactory, trust: Trust) -> Iterator[ChaosSwarm]:
     tiny = add_tokenizer(make_tiny_model(tmp_path_factory.mktemp("verify-model"), "llama3"))
-    s = ChaosSwarm(tiny, tmp_path_factory.mktemp("verify-swarm"))
+    s = ChaosSwarm(tiny, tmp_path_factory.mktemp("verify-swarm"), trust=trust)
     try:
         s.start(HONEST, timeout=180)
         yield s
@@ -127,5 +127,5 @@ def test_liar_is_caught_quarantined_and_output_unchanged(
     assert outs == references
 
 
-def _quarantined(observer: Registry, node_id: str) -> bool:
+def _quarantined(observer: EventWatch, node_id: str) -> bool:
     return any(e.kind == EventKind.QUARANTINE and e.node_id == node_id for e in observer.events)

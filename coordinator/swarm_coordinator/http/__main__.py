@@ -5,7 +5,9 @@
     python -m swarm_coordinator.http --coordinator HOST:PORT         routes from a coordinator
 
 Same API, dashboard (without the swarm panels: there is no registry here) and metrics
-as ``swarm-coordinator --http-port``; the gateway flags (``--api-key``, ...) apply. Every
+as ``swarm-coordinator --http-port``; the gateway flags (``--api-key``, ...) apply. With
+``--tls-cert/--tls-key/--tls-ca`` it reaches the swarm over mutual TLS and serves HTTPS
+with that certificate, as the coordinator's own gateway does. Every
 flag but the choice of source (``--local`` / ``--route`` / ``--coordinator``) falls back
 to ``SWARM_<FLAG>``.
 """
@@ -23,6 +25,7 @@ from swarm_coordinator.http.mount import add_gateway_flags, gateway_config_from_
 from swarm_coordinator.http.serving import HttpServer
 from swarm_proto import daemon
 from swarm_proto.flags import flag_adder
+from swarm_proto.tls import add_tls_flags, tls_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", str, "127.0.0.1", "address to bind")
     add("--port", int, 8000, "port to bind; 0 picks a free one")
     add("--token", str, "", "swarm token of the nodes and coordinator; prefer the env var, flags show in ps")
+    add_tls_flags(add)
     daemon.add_log_level(add)
     add_gateway_flags(p)
     return p
@@ -56,7 +60,7 @@ def _backend(ns: argparse.Namespace) -> object:
     policy = FailoverPolicy(busy_at_start="raise")
     return AsyncSwarmClient.remote(
         coordinator=ns.coordinator, route=ns.route, model=model, token=ns.token, policy=policy,
-        speculate=getattr(ns, "speculate", 0) or 0,
+        speculate=getattr(ns, "speculate", 0) or 0, tls=tls_from_args(ns),
     )
 
 
@@ -64,7 +68,7 @@ async def _serve(_: object, ns: argparse.Namespace) -> None:
     backend = await asyncio.to_thread(_backend, ns)  # fail here, before serving, if the model is missing
     app = create_app(backend, None, gateway_config_from_args(ns))  # type: ignore[arg-type]
     stop = daemon.stop_event()
-    async with HttpServer(app, ns.host, ns.port) as server:
+    async with HttpServer(app, ns.host, ns.port, tls=tls_from_args(ns)) as server:
         daemon.announce(f"gateway listening on {server.url}")
         await stop.wait()
 

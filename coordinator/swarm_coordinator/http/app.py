@@ -98,6 +98,7 @@ class GatewayConfig:
     policy_watch_s: float = 1.0  # how often the rules file is checked for changes; 0: only SIGHUP reloads
     audit_log: str | None = None  # one JSON line per generation request (:mod:`.audit`)
     audit_log_text: bool = False  # the audit log also holds prompt and completion texts
+    warnings: tuple[str, ...] = ()  # shown on the dashboard (the coordinator's exposure warning)
 
     def __post_init__(self) -> None:
         KeyLimits(self.requests_per_minute, self.tokens_per_minute)  # validates
@@ -437,7 +438,7 @@ class Gateway:
         self.sync_events()
         return snapshot(
             self.view, self.activity, model_id=self.model_id, auth_required=self.keys.enabled, queue=self.queue,
-            policy=self.policy.snapshot(),
+            policy=self.policy.snapshot(), warnings=self.config.warnings,
         )
 
 

@@ -206,6 +206,7 @@ def _node(view: NodeView, now_mono: float) -> dict[str, Any]:
         "memory_budget": status.memory_budget,
         "weight_format": status.weight_format,
         "layer_bytes": status.layer_bytes,
+        "exposed": status.exposed,
         "load": None
         if load is None
         else {
@@ -219,6 +220,16 @@ def _node(view: NodeView, now_mono: float) -> dict[str, Any]:
         },
         "last_seen_s": round(now_mono - view.last_seen, 1) if view.last_seen else None,
     }
+
+
+def exposure_warnings(nodes: Iterable[dict[str, Any]]) -> list[str]:
+    """One line per online node listening beyond loopback with neither TLS nor a token."""
+    return [
+        f"node {n['id']} ({n['address']}) listens with neither TLS nor a swarm token: anyone who can reach it "
+        "can read the activations it computes and call it"
+        for n in sorted(nodes, key=lambda n: n["id"])
+        if n["online"] and n["exposed"]
+    ]
 
 
 def coverage(state: SwarmState) -> list[int]:
@@ -277,8 +288,10 @@ def snapshot(
     now_mono: float | None = None,
     queue: FairQueue | None = None,
     policy: dict[str, Any] | None = None,
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Everything the dashboard shows, JSON-ready."""
+    """Everything the dashboard shows, JSON-ready. ``warnings``: the coordinator's own
+    (an exposed bind); one is added per online node that says it is exposed."""
     now_perf = time.perf_counter()
     mono = time.monotonic() if now_mono is None else now_mono
     state = view.state if view is not None else None
@@ -292,6 +305,7 @@ def snapshot(
         "model": model_id,
         "swarm": None if state is None else {"model": state.model, "num_layers": state.num_layers},
         "auth_required": auth_required,
+        "warnings": [*warnings, *exposure_warnings(nodes)],
         "nodes": nodes,
         "coverage": counts,
         "uncovered": _runs_of_zero(counts),

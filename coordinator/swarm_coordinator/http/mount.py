@@ -121,7 +121,11 @@ def coordinator_app(coordinator: Any, config: GatewayConfig | None = None) -> St
     config = config or GatewayConfig()
     verify = VerifyPolicy(rate=config.verify_rate)
     # The daemon always checks Host: the loopback names, its bound host and the extra names.
-    config = replace(config, allowed_hosts=default_allowed_hosts(coordinator.config.host, config.allowed_hosts or ()))
+    config = replace(
+        config,
+        allowed_hosts=default_allowed_hosts(coordinator.config.host, config.allowed_hosts or ()),
+        warnings=(*config.warnings, *coordinator.warnings),
+    )
     speculate = config.speculate
 
     def client() -> AsyncSwarmClient:

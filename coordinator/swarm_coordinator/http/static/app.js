@@ -112,7 +112,8 @@ function renderNodes(s) {
       el("td", { class: "id" }, n.id, el("span", { class: "sub", text: n.address || "" })),
       el("td", {}, n.device, el("span", { class: "sub", text: n.weight_format || "" })),
       el("td", { text: layerText }),
-      el("td", {}, el("span", { class: `pill ${n.state}`, text: n.state })),
+      el("td", {}, el("span", { class: `pill ${n.state}`, text: n.state }),
+        n.exposed ? el("span", { class: "pill exposed", title: "listens with neither TLS nor a swarm token", text: "exposed" }) : null),
       el("td", { class: "num", text: n.online && n.load ? String(load.active_sessions) : "–" }),
       el("td", { class: "num", text: n.online && n.load ? String(load.queued_steps) : "–" }),
       el("td", { class: "num", text: n.online && n.load ? fmt(load.tokens_per_s) : "–" }),
@@ -404,6 +405,15 @@ function renderCharts(s) {
   legend($("legend-lat"), lat);
 }
 
+// ---------------------------------------------------------------- warnings
+
+function renderWarnings(s) {
+  const box = $("warnings");
+  const lines = s.warnings || [];
+  box.querySelector("ul").replaceChildren(...lines.map((w) => el("li", { text: w })));
+  box.hidden = lines.length === 0;
+}
+
 // ---------------------------------------------------------------- feed
 
 function render(s) {
@@ -413,6 +423,7 @@ function render(s) {
   $("key-label").hidden = !s.auth_required;
   reported.push([s.time, s.totals.reported_tokens_per_s]);
   while (reported.length && reported[0][0] < s.time - HISTORY_S) reported.shift();
+  renderWarnings(s);
   renderTiles(s);
   renderNodes(s);
   renderCoverage(s);
