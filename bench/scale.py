@@ -114,7 +114,7 @@ def micro(counts: list[int], calls: int = 500, seed: int = 1) -> list[dict[str, 
             t = time.perf_counter()
             if k % 10 == 0:  # at 100 routes/s a snapshot serves 10 (rpc.ROUTE_STATE_MAX_AGE_S = 0.1)
                 fresh = SwarmState.of(model.name, model.num_layers, model.layer_bytes, state.nodes.values())
-                index = RouteIndex(fresh)
+                index = RouteIndex(fresh, recent=recent.counts(k * 0.01))
             spans = index.route(max_length=2048, recent=recent.counts(k * 0.01))
             times.append(time.perf_counter() - t)
             recent.record(spans, k * 0.01)

@@ -201,11 +201,19 @@ def test_route_index_answers_as_find_route_on_random_swarms() -> None:
                                 state=NodeState.READY if rng.random() < 0.9 else NodeState.LOADING)
             views.append(NodeView(status, load if rng.random() < 0.8 else None))
         state = SwarmState.of("m", L, 1, views)
-        index = RouteIndex(state)
+        ids = [v.node_id for v in views]
+        # the counts the index is built with; the requests' counts differ in some nodes
+        built = {n: rng.randrange(1, 4) for n in rng.sample(ids, k=rng.randrange(0, len(ids) + 1))}
+        index = RouteIndex(state, recent=built)
         for _ in range(5):
-            ids = [v.node_id for v in views]
             exclude = set(rng.sample(ids, k=rng.randrange(0, min(3, len(ids)) + 1)))
-            recent = {n: rng.randrange(1, 4) for n in rng.sample(ids, k=rng.randrange(0, len(ids) + 1))}
+            if rng.random() < 0.5:
+                recent = {n: rng.randrange(1, 4) for n in rng.sample(ids, k=rng.randrange(0, len(ids) + 1))}
+            else:  # a few routes recorded or expired since the index was built
+                recent = dict(built)
+                for n in rng.sample(ids, k=min(len(ids), rng.randrange(0, 4))):
+                    recent[n] = recent.get(n, 0) + rng.choice((-1, 1))
+                recent = {n: c for n, c in recent.items() if c > 0}
             max_length = rng.choice((1, 200, 4000))
             try:
                 want = find_route(state, max_length=max_length, exclude=exclude, recent=recent)
