@@ -174,6 +174,8 @@ def _search(L: int, candidates: Mapping[tuple[int, int], Sequence[Candidate]], l
     A span from ``pos`` can end only at the boundaries in ``(pos, end]`` of its range
     (a slice of the sorted boundaries), and the tie-break key (hops, node ids) is built
     only for a cost that can win: the search runs once per route request."""
+    if not links.measured:
+        return _search_unlinked(L, candidates, links.default)
     points = sorted({0, L} | {p for key in candidates for p in key})
     at = {p: i for i, p in enumerate(points)}
     by_start = sorted((start, end, at[end], members) for (start, end), members in candidates.items())
@@ -230,6 +232,60 @@ def _search(L: int, candidates: Mapping[tuple[int, int], Sequence[Candidate]], l
         spans.append(Span(view.node_id, view.address, prev[0], node[0]))
         node = prev
     return tuple(reversed(spans))
+
+
+def _search_unlinked(L: int, candidates: Mapping[tuple[int, int], Sequence[Candidate]], hop: float) -> tuple[Span, ...] | None:
+    """:func:`_search` when no link is measured: every hop costs ``hop``, so which node
+    a span follows does not matter. One pass over the boundaries in order (every span
+    goes forward): at each boundary the best way to be there (``free``, any span may end
+    at any boundary) and, per node serving the next segment, the best way to be inside
+    its span there (continuing its span, or entering it from ``free``). A few states per
+    boundary and node instead of one relaxation per (boundary, node, reachable end):
+    tens of times fewer steps on a thousand-node swarm's fragmented ranges. Same keys
+    as :func:`_search` (cost, hops, node ids)."""
+    points = sorted({0, L} | {p for key in candidates for p in key})
+    at = {p: i for i, p in enumerate(points)}
+    serving: list[list[Candidate]] = [[] for _ in points]  # segment i = [points[i], points[i + 1])
+    for (start, end), members in candidates.items():
+        for i in range(at[start], at[end]):
+            serving[i].extend(members)
+    # A state inside a span: (cost when it was entered, hop included; hops; node ids;
+    # where each span starts; seconds per layer). Its cost at boundary q is computed the
+    # way _search computes a span's, one product per span, so near-ties come out alike.
+    State = tuple[float, int, tuple[str, ...], tuple[int, ...], float]
+    views: dict[str, NodeView] = {}
+    inside: dict[str, State] = {}
+    free: tuple[float, int, tuple[str, ...], tuple[int, ...]] | None = (0.0, 0, (), ())
+    for i in range(len(points) - 1):
+        pos, q = points[i], points[i + 1]
+        if i:
+            free = min(
+                ((entered + (pos - starts[-1]) * per, hops, ids, starts) for entered, hops, ids, starts, per in inside.values()),
+                default=None,
+            )
+        if free is None:
+            return None  # nothing reaches this boundary
+        fcost, fhops, fids, fstarts = free
+        nxt: dict[str, State] = {}
+        for per_layer, node_id, view in serving[i]:
+            views[node_id] = view
+            enter = fcost + hop
+            here = inside.get(node_id)
+            if here is not None:
+                entered, hops, ids, starts, _ = here
+                stay, switch = entered + (q - starts[-1]) * per_layer, enter + (q - pos) * per_layer
+                if stay < switch or (stay == switch and (hops, ids) <= (fhops + 1, fids + (node_id,))):
+                    nxt[node_id] = here
+                    continue
+            nxt[node_id] = (enter, fhops + 1, fids + (node_id,), fstarts + (pos,), per_layer)
+        inside = nxt
+    if not inside:
+        return None
+    _, _, ids, starts = min(
+        (entered + (L - starts[-1]) * per + hop, hops, ids, starts) for entered, hops, ids, starts, per in inside.values()
+    )
+    ends = (*starts[1:], L)
+    return tuple(Span(n, views[n].address, a, b) for n, a, b in zip(ids, starts, ends, strict=True))
 
 
 class RouteIndex:

@@ -225,6 +225,48 @@ def test_route_index_answers_as_find_route_on_random_swarms() -> None:
             assert index.route(max_length=max_length, exclude=exclude, recent=recent) == want, trial
 
 
+def test_the_unlinked_search_finds_routes_as_cheap_as_the_general_search() -> None:
+    """With no link measured, _search takes a one-pass search over boundaries; the
+    general (boundary, node) search must find no cheaper route (ties may split
+    elsewhere between equally fast nodes)."""
+    import random
+
+    from swarm_coordinator.routing import LinkDelays, _search
+
+    rng = random.Random(11)
+    for trial in range(300):
+        L = rng.choice((4, 16, 80))
+        candidates: dict[tuple[int, int], list[tuple[float, str, NodeView]]] = {}
+        for i in range(rng.randrange(1, 40)):
+            start = rng.randrange(0, L)
+            end = rng.randrange(start + 1, L + 1)
+            view = NodeView(NodeStatus(f"n{i:02d}", f"h:{i}", "m", LayerRange(start, end), state=NodeState.READY))
+            candidates.setdefault((start, end), []).append((rng.choice((0.001, 0.002, 0.005)), f"n{i:02d}", view))
+        unlinked = LinkDelays({}, {}, 0.002)
+        general = LinkDelays({("x", "y"): 0.004}, {}, 0.002)  # measured, but between nodes that are not here
+        fast, slow = _search(L, candidates, unlinked), _search(L, candidates, general)
+        assert (fast is None) == (slow is None), trial
+        if fast is None or slow is None:
+            continue
+        per_layer = {m[1]: m[0] for members in candidates.values() for m in members}
+
+        def cost(spans: tuple[Span, ...]) -> float:
+            return sum(0.002 + (s.end - s.start) * per_layer[s.node_id] for s in spans) + 0.002
+
+        check_route_over(fast, L, candidates)
+        assert cost(fast) == pytest.approx(cost(slow), abs=1e-12), trial  # (rounding can split a tie either way)
+
+
+def check_route_over(spans: tuple[Span, ...], L: int, candidates: dict[tuple[int, int], list[tuple[float, str, NodeView]]]) -> None:
+    ranges = {m[1]: key for key, members in candidates.items() for m in members}
+    assert spans[0].start == 0 and spans[-1].end == L
+    for a, b in zip(spans, spans[1:]):
+        assert a.end == b.start and a.node_id != b.node_id
+    for span in spans:
+        start, end = ranges[span.node_id]
+        assert start <= span.start < span.end <= end
+
+
 # --- link-aware routing (docs/wan.md) ---------------------------------------------------
 
 
