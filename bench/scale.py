@@ -145,7 +145,8 @@ def summary(r: dict[str, Any]) -> str:
     growth = "+".join(f"{m:.0f}" for m in r["coordinator_rss_growth_mb"].values())
     at = "; ".join(
         f"{m}: p50 {s['route_p50_ms']:.2f} ms p99 {s['route_p99_ms']:.2f} ms "
-        f"(CPU p50 {s['route_cpu_p50_ms']:.2f} p99 {s['route_cpu_p99_ms']:.2f} ms), {s['plans']} plans of {s['plan_ms_mean']:.1f} ms"
+        f"(CPU p50 {s['route_cpu_p50_ms']:.2f} p99 {s['route_cpu_p99_ms']:.2f} ms; loop lag p50 {s.get('loop_lag_p50_ms', 0):.2f} "
+        f"p99 {s.get('loop_lag_p99_ms', 0):.2f} ms), {s['plans']} plans of {s['plan_ms_mean']:.1f} ms"
         for m, s in r["coordinator"].items()
     )
     return (
