@@ -174,6 +174,18 @@ async def test_changes_yields_the_state_after_each_change() -> None:
     await stream.aclose()
 
 
+async def test_changes_misses_nothing_while_its_reader_is_busy() -> None:
+    reg, _ = make()
+    stream = reg.changes()
+    first = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)
+    feed(reg, T.status("a"), status("a"))
+    assert "a" in (await asyncio.wait_for(first, 2)).nodes
+    feed(reg, T.status("b"), status("b"))  # while the reader is away: no waiting for a next change
+    assert "b" in (await asyncio.wait_for(stream.__anext__(), 2)).nodes
+    await stream.aclose()
+
+
 async def test_received_messages_are_opened_off_the_loop_in_order_and_forgeries_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
