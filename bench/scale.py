@@ -118,8 +118,12 @@ def micro(counts: list[int], calls: int = 500, seed: int = 1) -> list[dict[str, 
         for k in range(calls):
             t = time.perf_counter()
             if k % 10 == 0:  # at 100 routes/s a snapshot serves 10 (rpc.ROUTE_STATE_MAX_AGE_S = 0.1)
-                fresh = SwarmState.of(model.name, model.num_layers, model.layer_bytes, state.nodes.values())
-                index = RouteIndex(fresh, recent=recent.counts(k * 0.01))
+                # in 0.1 s a twentieth of the nodes report their load (every 2 s): new views
+                nodes = dict(state.nodes)
+                for node_id in rng.sample(sorted(nodes), k=max(1, n // 20)):
+                    nodes[node_id] = replace(nodes[node_id], load=replace(nodes[node_id].load))
+                fresh = SwarmState.of(model.name, model.num_layers, model.layer_bytes, nodes.values())
+                index = RouteIndex(fresh, recent=recent.counts(k * 0.01), previous=index)  # as rpc.py does
             spans = index.route(max_length=2048, recent=recent.counts(k * 0.01))
             times.append(time.perf_counter() - t)
             recent.record(spans, k * 0.01)

@@ -27,6 +27,7 @@ ranges: a near replica may beat a faster far one).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -246,30 +247,32 @@ def _search_unlinked(L: int, candidates: Mapping[tuple[int, int], Sequence[Candi
     points = sorted({0, L} | {p for key in candidates for p in key})
     at = {p: i for i, p in enumerate(points)}
     serving: list[list[Candidate]] = [[] for _ in points]  # segment i = [points[i], points[i + 1])
+    views: dict[str, NodeView] = {}
     for (start, end), members in candidates.items():
         for i in range(at[start], at[end]):
             serving[i].extend(members)
+        for _, node_id, view in members:
+            views[node_id] = view
     # A state inside a span: (cost when it was entered, hop included; hops; node ids;
     # where each span starts; seconds per layer). Its cost at boundary q is computed the
     # way _search computes a span's, one product per span, so near-ties come out alike.
     State = tuple[float, int, tuple[str, ...], tuple[int, ...], float]
-    views: dict[str, NodeView] = {}
     inside: dict[str, State] = {}
     free: tuple[float, int, tuple[str, ...], tuple[int, ...]] | None = (0.0, 0, (), ())
     for i in range(len(points) - 1):
         pos, q = points[i], points[i + 1]
-        if i:
-            free = min(
-                ((entered + (pos - starts[-1]) * per, hops, ids, starts) for entered, hops, ids, starts, per in inside.values()),
-                default=None,
-            )
+        if i:  # the best of the spans that can end here (the lowest key)
+            free = None
+            for entered, hops, ids, starts, per in inside.values():
+                cost = entered + (pos - starts[-1]) * per
+                if free is None or cost < free[0] or (cost == free[0] and (hops, ids) < (free[1], free[2])):
+                    free = (cost, hops, ids, starts)
         if free is None:
             return None  # nothing reaches this boundary
         fcost, fhops, fids, fstarts = free
         nxt: dict[str, State] = {}
-        for per_layer, node_id, view in serving[i]:
-            views[node_id] = view
-            enter = fcost + hop
+        enter = fcost + hop
+        for per_layer, node_id, _ in serving[i]:
             here = inside.get(node_id)
             if here is not None:
                 entered, hops, ids, starts, _ = here
@@ -303,25 +306,80 @@ class RouteIndex:
     """
 
     def __init__(
-        self, state: SwarmState, policy: RoutingPolicy = RoutingPolicy(), recent: Mapping[str, int] | None = None
+        self,
+        state: SwarmState,
+        policy: RoutingPolicy = RoutingPolicy(),
+        recent: Mapping[str, int] | None = None,
+        *,
+        previous: RouteIndex | None = None,
     ) -> None:
+        """``previous``: the index of an earlier snapshot; only the nodes whose view
+        (the registry reuses a node's view until a message of that node arrives) or
+        recent count differ are regrouped, the rest of its sorted groups is kept."""
         self.state = state
         self.policy = policy
         self.links = LinkDelays.of(state, policy)
         self._recent = dict(recent or {})  # the counts the order below was computed with
+        if previous is not None and previous.policy == policy and previous.state.num_layers == state.num_layers:
+            updated = self._update(previous)
+            if updated is not None:
+                self._groups, self._group_of = updated
+                return
         groups: dict[tuple[int, int], list[Candidate]] = {}
         self._group_of: dict[str, tuple[int, int]] = {}
         for view in state.nodes.values():
-            r = view.serving
-            if r is None or not state.serves_model(view) or r.end > state.num_layers:
-                continue
-            key = (r.start, r.end)
-            cost = seconds_per_layer(view, self._recent.get(view.node_id, 0), policy)
-            groups.setdefault(key, []).append((cost, view.node_id, view))
-            self._group_of[view.node_id] = key
+            entry = self._entry(view)
+            if entry is not None:
+                groups.setdefault(entry[0], []).append(entry[1])
+                self._group_of[view.node_id] = entry[0]
         for members in groups.values():
             members.sort(key=lambda m: (m[0], m[1]))
         self._groups = groups
+
+    def _entry(self, view: NodeView) -> tuple[tuple[int, int], Candidate] | None:
+        """The group and sort entry of a node, ``None`` when it cannot be on a route."""
+        r = view.serving
+        if r is None or not self.state.serves_model(view) or r.end > self.state.num_layers:
+            return None
+        return (r.start, r.end), (seconds_per_layer(view, self._recent.get(view.node_id, 0), self.policy), view.node_id, view)
+
+    def _update(
+        self, previous: RouteIndex
+    ) -> tuple[dict[tuple[int, int], list[Candidate]], dict[str, tuple[int, int]]] | None:
+        """``previous``'s groups with the changed nodes regrouped; ``None`` when so many
+        changed that building afresh is cheaper."""
+        before, now = previous.state.nodes, self.state.nodes
+        then, counts = previous._recent, self._recent
+        dirty = {node_id for node_id, view in now.items() if before.get(node_id) is not view}
+        dirty.update(before.keys() - now.keys())
+        dirty.update(k for k, v in counts.items() if then.get(k) != v)
+        dirty.update(then.keys() - counts.keys())
+        if 8 * len(dirty) > len(now):
+            return None
+        groups = dict(previous._groups)  # lists copied only where they change
+        group_of = dict(previous._group_of)
+        copied: set[tuple[int, int]] = set()
+
+        def members_of(key: tuple[int, int]) -> list[Candidate]:
+            if key not in copied:
+                groups[key] = list(groups.get(key, ()))
+                copied.add(key)
+            return groups[key]
+
+        for node_id in dirty:
+            old = group_of.pop(node_id, None)
+            if old is not None:
+                members = members_of(old)
+                members[:] = [m for m in members if m[1] != node_id]
+                if not members:
+                    del groups[old]
+                    copied.discard(old)
+            view = now.get(node_id)
+            entry = self._entry(view) if view is not None else None
+            if entry is not None:
+                bisect.insort(members_of(entry[0]), entry[1], key=lambda m: (m[0], m[1]))
+                group_of[node_id] = entry[0]
+        return groups, group_of
 
     def _changed(self, recent: Mapping[str, int]) -> tuple[set[str], dict[tuple[int, int], list[NodeView]]]:
         """The nodes whose recent-session count differs from the index's, and the indexed

@@ -115,7 +115,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
     ) -> tuple[Span, ...]:
         recent = self.recent.counts(now)
         if self._index is None or self._index.state is not state:
-            self._index = RouteIndex(state, self.policy, recent)
+            self._index = RouteIndex(state, self.policy, recent, previous=self._index)
         try:
             return self._index.route(
                 max_length=max_length, exclude=set(asked) | set(avoided), recent=recent, client_rtts=rtts

@@ -225,6 +225,59 @@ def test_route_index_answers_as_find_route_on_random_swarms() -> None:
             assert index.route(max_length=max_length, exclude=exclude, recent=recent) == want, trial
 
 
+def test_a_route_index_updated_from_the_previous_one_equals_a_fresh_one() -> None:
+    """RouteIndex(previous=...) regroups only the nodes whose view or recent count
+    changed; its groups and routes must be those of an index built from scratch."""
+    import random
+    from dataclasses import replace
+
+    from swarm_coordinator.routing import RouteIndex
+
+    rng = random.Random(8)
+    L = 30
+
+    def fresh_view(i: int) -> NodeView:
+        start = rng.randrange(0, L)
+        end = rng.randrange(start + 1, L + 1)
+        state = NodeState.READY if rng.random() < 0.9 else NodeState.LOADING
+        load = NodeLoad(active_sessions=rng.randrange(3), free_kv_tokens=5000, kv_tokens=5000, free_sessions=2)
+        status = NodeStatus(f"n{i:03d}", f"h:{i}", "m", LayerRange(start, end), speed=rng.choice((50.0, 100.0)), state=state)
+        return NodeView(status, load)
+
+    views = {f"n{i:03d}": fresh_view(i) for i in range(80)}
+    recent: dict[str, int] = {}
+    index = RouteIndex(SwarmState.of("m", L, 1, views.values()))
+    serial = 80
+    for _ in range(60):  # few changes per step: the update path (many: a fresh build)
+        for _ in range(rng.randrange(0, 5)):  # loads, moves, leaves, joins
+            what = rng.random()
+            node_id = rng.choice(sorted(views))
+            if what < 0.4:
+                load = NodeLoad(active_sessions=rng.randrange(4), free_kv_tokens=5000, kv_tokens=5000, free_sessions=2)
+                views[node_id] = replace(views[node_id], load=load)
+            elif what < 0.6:
+                views[node_id] = fresh_view(int(node_id[1:]))  # another range, speed or state
+            elif what < 0.8 and len(views) > 5:
+                del views[node_id]
+            else:
+                views[f"n{serial:03d}"] = fresh_view(serial)
+                serial += 1
+        for node_id in rng.sample(sorted(views), k=rng.randrange(0, 3)):
+            recent[node_id] = max(0, recent.get(node_id, 0) + rng.choice((-1, 1, 2)))
+        recent = {k: v for k, v in recent.items() if v > 0 and k in views}
+        state = SwarmState.of("m", L, 1, views.values())
+        index = RouteIndex(state, recent=recent, previous=index)
+        scratch = RouteIndex(state, recent=recent)
+        assert index._groups == scratch._groups and index._group_of == scratch._group_of
+        try:
+            want = scratch.route(max_length=100, recent=recent)
+        except NoRouteError:
+            with pytest.raises(NoRouteError):
+                index.route(max_length=100, recent=recent)
+            continue
+        assert index.route(max_length=100, recent=recent) == want
+
+
 def test_the_unlinked_search_finds_routes_as_cheap_as_the_general_search() -> None:
     """With no link measured, _search takes a one-pass search over boundaries; the
     general (boundary, node) search must find no cheaper route (ties may split
