@@ -303,7 +303,7 @@ def test_the_unlinked_search_finds_routes_as_cheap_as_the_general_search() -> No
             continue
         per_layer = {m[1]: m[0] for members in candidates.values() for m in members}
 
-        def cost(spans: tuple[Span, ...]) -> float:
+        def cost(spans: tuple[Span, ...], per_layer: dict[str, float] = per_layer) -> float:
             return sum(0.002 + (s.end - s.start) * per_layer[s.node_id] for s in spans) + 0.002
 
         check_route_over(fast, L, candidates)
@@ -311,9 +311,11 @@ def test_the_unlinked_search_finds_routes_as_cheap_as_the_general_search() -> No
 
 
 def check_route_over(spans: tuple[Span, ...], L: int, candidates: dict[tuple[int, int], list[tuple[float, str, NodeView]]]) -> None:
+    import itertools
+
     ranges = {m[1]: key for key, members in candidates.items() for m in members}
     assert spans[0].start == 0 and spans[-1].end == L
-    for a, b in zip(spans, spans[1:]):
+    for a, b in itertools.pairwise(spans):
         assert a.end == b.start and a.node_id != b.node_id
     for span in spans:
         start, end = ranges[span.node_id]
