@@ -244,15 +244,23 @@ def _search_unlinked(L: int, candidates: Mapping[tuple[int, int], Sequence[Candi
     boundary and node instead of one relaxation per (boundary, node, reachable end):
     tens of times fewer steps on a thousand-node swarm's fragmented ranges. Same keys
     as :func:`_search` (cost, hops, node ids)."""
-    points = sorted({0, L} | {p for key in candidates for p in key})
+    # A node whose range lies within that of a node cheaper per layer (or as cheap with a
+    # smaller id) can be replaced by it on any route at no loss, ties included: leave it
+    # out, and its boundaries with it.
+    kept: list[tuple[float, str, int, int, NodeView]] = []
+    for per_layer, node_id, start, end, view in sorted(
+        (per_layer, node_id, start, end, view) for (start, end), members in candidates.items() for per_layer, node_id, view in members
+    ):
+        if not any(s <= start and end <= e for _, _, s, e, _ in kept):
+            kept.append((per_layer, node_id, start, end, view))
+    points = sorted({0, L} | {p for _, _, start, end, _ in kept for p in (start, end)})
     at = {p: i for i, p in enumerate(points)}
     serving: list[list[Candidate]] = [[] for _ in points]  # segment i = [points[i], points[i + 1])
     views: dict[str, NodeView] = {}
-    for (start, end), members in candidates.items():
+    for per_layer, node_id, start, end, view in kept:
         for i in range(at[start], at[end]):
-            serving[i].extend(members)
-        for _, node_id, view in members:
-            views[node_id] = view
+            serving[i].append((per_layer, node_id, view))
+        views[node_id] = view
     # A state inside a span: (cost when it was entered, hop included; hops; node ids;
     # where each span starts; seconds per layer). Its cost at boundary q is computed the
     # way _search computes a span's, one product per span, so near-ties come out alike.
