@@ -14,7 +14,12 @@ CPU and memory, broker messages/s, and a timeline of coverage and churn
     .venv/bin/python bench/scale.py --nodes 1000 --minutes 2 --json bench/results/scale-1000.json
     .venv/bin/python bench/scale.py --sweep 100,300,1000,3000 --minutes 1 --json bench/results/scale-sweep.json
 
-``--minutes`` is real (wall-clock) minutes of measurement after warm-up.
+``--minutes`` is real (wall-clock) minutes of measurement after warm-up. Each coordinator
+reports its time inside GetRoute (wall and CPU) and its event loop's lag (how late a
+10 ms timer fires: about what a request waits before its handler starts). With
+``SWARM_SIM_PROFILE=DIR`` in the environment the coordinators run under cProfile and
+write ``DIR/<model>.prof`` as they stop. ``bench/scale_plot.py`` draws route latency
+against N from the JSON files.
 """
 
 from __future__ import annotations
@@ -113,8 +118,12 @@ def micro(counts: list[int], calls: int = 500, seed: int = 1) -> list[dict[str, 
         for k in range(calls):
             t = time.perf_counter()
             if k % 10 == 0:  # at 100 routes/s a snapshot serves 10 (rpc.ROUTE_STATE_MAX_AGE_S = 0.1)
-                fresh = SwarmState.of(model.name, model.num_layers, model.layer_bytes, state.nodes.values())
-                index = RouteIndex(fresh)
+                # in 0.1 s a twentieth of the nodes report their load (every 2 s): new views
+                nodes = dict(state.nodes)
+                for node_id in rng.sample(sorted(nodes), k=max(1, n // 20)):
+                    nodes[node_id] = replace(nodes[node_id], load=replace(nodes[node_id].load))
+                fresh = SwarmState.of(model.name, model.num_layers, model.layer_bytes, nodes.values())
+                index = RouteIndex(fresh, recent=recent.counts(k * 0.01), previous=index)  # as rpc.py does
             spans = index.route(max_length=2048, recent=recent.counts(k * 0.01))
             times.append(time.perf_counter() - t)
             recent.record(spans, k * 0.01)
@@ -145,7 +154,8 @@ def summary(r: dict[str, Any]) -> str:
     growth = "+".join(f"{m:.0f}" for m in r["coordinator_rss_growth_mb"].values())
     at = "; ".join(
         f"{m}: p50 {s['route_p50_ms']:.2f} ms p99 {s['route_p99_ms']:.2f} ms "
-        f"(CPU p50 {s['route_cpu_p50_ms']:.2f} p99 {s['route_cpu_p99_ms']:.2f} ms), {s['plans']} plans of {s['plan_ms_mean']:.1f} ms"
+        f"(CPU p50 {s['route_cpu_p50_ms']:.2f} p99 {s['route_cpu_p99_ms']:.2f} ms; loop lag p50 {s.get('loop_lag_p50_ms', 0):.2f} "
+        f"p99 {s.get('loop_lag_p99_ms', 0):.2f} ms), {s['plans']} plans of {s['plan_ms_mean']:.1f} ms"
         for m, s in r["coordinator"].items()
     )
     return (

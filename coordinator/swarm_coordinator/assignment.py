@@ -204,16 +204,13 @@ def _score(state: SwarmState, a: Assignment, replicas: int) -> tuple[bool, int, 
     return covered, min(min(counts, default=0), replicas), estimate_throughput(state, a) if covered else 0.0
 
 
-def _range_min(values: Sequence[float]) -> list[list[float]]:
-    """``table[i][j - i - 1]`` is ``min(values[i:j])``."""
-    table = []
-    for i in range(len(values)):
-        row, low = [], values[i]
-        for j in range(i, len(values)):
-            low = min(low, values[j])
-            row.append(low)
-        table.append(row)
-    return table
+def _prefix_min(values: Sequence[float]) -> list[float]:
+    """``out[i]`` is ``min(values[:i])`` (infinite for ``i == 0``)."""
+    out, low = [float("inf")], float("inf")
+    for v in values:
+        low = min(low, v)
+        out.append(low)
+    return out
 
 
 class _Placer:
@@ -250,30 +247,31 @@ def _best_window(
     L = state.num_layers
     cap = min(L, node.capacity(state.bytes_per_layer))
     counts = [float(min(c, replicas)) for c in coverage]
-    count_min, thr_min = _range_min(counts), _range_min(thr)
-    inf = float("inf")
-
-    def outside(table: list[list[float]], start: int, end: int) -> float:
-        left = table[0][start - 1] if start > 0 else inf
-        right = table[end][L - end - 1] if end < L else inf
-        return min(left, right)
-
+    # the minimum outside a window [start, end) is min(before start, from end on)
+    count_before, thr_before = _prefix_min(counts), _prefix_min(thr)
+    count_after, thr_after = _prefix_min(counts[::-1])[::-1], _prefix_min(thr[::-1])[::-1]
     weakest = min(thr)
     at_weakest = [0]  # prefix counts of layers at the weakest throughput
     for x in thr:
         at_weakest.append(at_weakest[-1] + (x <= weakest * (1 + _EPS) + _EPS))
-    best: tuple[tuple[float, int, int, int, int], LayerRange] | None = None
-    for size in range(1, cap + 1):
-        boost = speed / size
-        for start in range(L - size + 1):
-            end = start + size
-            rep = min(outside(count_min, start, end), min(count_min[start][size - 1] + 1, replicas))
-            low = min(outside(thr_min, start, end), thr_min[start][size - 1] + boost)
+    top = float(replicas)
+    best_key: tuple[float, int, int, int, int] | None = None
+    best_at = (0, 0)
+    for start in range(L):
+        count_in = thr_in = float("inf")  # minimum inside [start, end), grown one layer at a time
+        c_before, t_before = count_before[start], thr_before[start]
+        for end in range(start + 1, min(L, start + cap) + 1):
+            size = end - start
+            c, t = counts[end - 1], thr[end - 1]
+            count_in = min(count_in, c)
+            thr_in = min(thr_in, t)
+            rep = min(c_before, count_after[end], min(count_in + 1, top))
+            low = min(t_before, thr_after[end], thr_in + speed / size)
             key = (rep, int(low * 1e9 + 0.5), at_weakest[end] - at_weakest[start], size, -start)  # low to 1e-9
-            if best is None or key > best[0]:
-                best = (key, LayerRange(start, end))
-    assert best is not None
-    return best[1]
+            if best_key is None or key > best_key:
+                best_key, best_at = key, (start, end)
+    assert best_key is not None
+    return LayerRange(*best_at)
 
 
 def _repair(

@@ -27,6 +27,7 @@ ranges: a near replica may beat a faster far one).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -169,12 +170,20 @@ def _find_route(
 def _search(L: int, candidates: Mapping[tuple[int, int], Sequence[Candidate]], links: LinkDelays) -> tuple[Span, ...] | None:
     """Dijkstra over (boundary position, node that ends there), a few candidates per
     distinct range; ties go to fewer hops, then smaller node ids. ``None`` when ``[0, L)``
-    cannot be chained."""
+    cannot be chained.
+
+    A span from ``pos`` can end only at the boundaries in ``(pos, end]`` of its range
+    (a slice of the sorted boundaries), and the tie-break key (hops, node ids) is built
+    only for a cost that can win: the search runs once per route request."""
+    if not links.measured:
+        return _search_unlinked(L, candidates, links.default)
     points = sorted({0, L} | {p for key in candidates for p in key})
-    by_start = sorted(candidates.items())
+    at = {p: i for i, p in enumerate(points)}
+    by_start = sorted((start, end, at[end], members) for (start, end), members in candidates.items())
     # With no link measured every hop costs the same, and the sender does not matter:
     # the search collapses to boundary positions alone (as many states as boundaries).
     by_sender = links.measured
+    hop = links.default
     Key = tuple[float, int, tuple[str, ...]]
     Node = tuple[int, str]  # (position, last node id; "" = the client, or anyone when not by_sender)
     best: dict[Node, Key] = {(0, ""): (0.0, 0, ())}
@@ -192,59 +201,206 @@ def _search(L: int, candidates: Mapping[tuple[int, int], Sequence[Candidate]], l
             goal = here
             break
         cost, hops, ids = key
-        for (start, end), members in by_start:
+        first = at[pos] + 1
+        for start, end, stop, members in by_start:
             if start > pos:
                 break
             if pos >= end:
                 continue
+            ends = points[first : stop + 1]
             for per_layer, node_id, view in members:
                 if node_id == last:
                     continue
-                enter = links.one_way(last, node_id)
-                for q in points:
-                    if pos < q <= end:
-                        leave = links.one_way(node_id, "") if q == L else 0.0  # the tail answers the client
-                        new: Key = (cost + enter + (q - pos) * per_layer + leave, hops + 1, ids + (node_id,))
-                        there = (q, node_id if by_sender else "")
-                        if there not in best or new < best[there]:
-                            best[there] = new
-                            back[there] = (here, view)
-                            heapq.heappush(heap, (new, there))
+                enter = links.one_way(last, node_id) if by_sender else hop
+                for q in ends:
+                    leave = (links.one_way(node_id, "") if by_sender else hop) if q == L else 0.0  # the tail answers the client
+                    new_cost = cost + enter + (q - pos) * per_layer + leave
+                    there = (q, node_id if by_sender else "")
+                    old = best.get(there)
+                    if old is not None and (new_cost > old[0] or (new_cost == old[0] and hops + 1 > old[1])):
+                        continue
+                    new: Key = (new_cost, hops + 1, ids + (node_id,))
+                    if old is None or new < old:
+                        best[there] = new
+                        back[there] = (here, view)
+                        heapq.heappush(heap, (new, there))
     if goal is None:
         return None
     spans: list[Span] = []
-    at = goal
-    while at[0] != 0:
-        prev, view = back[at]
-        spans.append(Span(view.node_id, view.address, prev[0], at[0]))
-        at = prev
+    node = goal
+    while node[0] != 0:
+        prev, view = back[node]
+        spans.append(Span(view.node_id, view.address, prev[0], node[0]))
+        node = prev
     return tuple(reversed(spans))
+
+
+def _search_unlinked(L: int, candidates: Mapping[tuple[int, int], Sequence[Candidate]], hop: float) -> tuple[Span, ...] | None:
+    """:func:`_search` when no link is measured: every hop costs ``hop``, so which node
+    a span follows does not matter. One pass over the boundaries in order (every span
+    goes forward): at each boundary the best way to be there (``free``, any span may end
+    at any boundary) and, per node serving the next segment, the best way to be inside
+    its span there (continuing its span, or entering it from ``free``). A few states per
+    boundary and node instead of one relaxation per (boundary, node, reachable end):
+    tens of times fewer steps on a thousand-node swarm's fragmented ranges. Same keys
+    as :func:`_search` (cost, hops, node ids)."""
+    # A node whose range lies within that of a node cheaper per layer (or as cheap with a
+    # smaller id) can be replaced by it on any route at no loss, ties included: leave it
+    # out, and its boundaries with it.
+    kept: list[tuple[float, str, int, int, NodeView]] = []
+    for per_layer, node_id, start, end, view in sorted(
+        (per_layer, node_id, start, end, view) for (start, end), members in candidates.items() for per_layer, node_id, view in members
+    ):
+        if not any(s <= start and end <= e for _, _, s, e, _ in kept):
+            kept.append((per_layer, node_id, start, end, view))
+    points = sorted({0, L} | {p for _, _, start, end, _ in kept for p in (start, end)})
+    at = {p: i for i, p in enumerate(points)}
+    serving: list[list[Candidate]] = [[] for _ in points]  # segment i = [points[i], points[i + 1])
+    views: dict[str, NodeView] = {}
+    for per_layer, node_id, start, end, view in kept:
+        for i in range(at[start], at[end]):
+            serving[i].append((per_layer, node_id, view))
+        views[node_id] = view
+    # A state inside a span: (cost when it was entered, hop included; hops; node ids;
+    # where each span starts; seconds per layer). Its cost at boundary q is computed the
+    # way _search computes a span's, one product per span, so near-ties come out alike.
+    State = tuple[float, int, tuple[str, ...], tuple[int, ...], float]
+    inside: dict[str, State] = {}
+    free: tuple[float, int, tuple[str, ...], tuple[int, ...]] | None = (0.0, 0, (), ())
+    for i in range(len(points) - 1):
+        pos, q = points[i], points[i + 1]
+        if i:  # the best of the spans that can end here (the lowest key)
+            free = None
+            for entered, hops, ids, starts, per in inside.values():
+                cost = entered + (pos - starts[-1]) * per
+                if free is None or cost < free[0] or (cost == free[0] and (hops, ids) < (free[1], free[2])):
+                    free = (cost, hops, ids, starts)
+        if free is None:
+            return None  # nothing reaches this boundary
+        fcost, fhops, fids, fstarts = free
+        nxt: dict[str, State] = {}
+        enter = fcost + hop
+        for per_layer, node_id, _ in serving[i]:
+            here = inside.get(node_id)
+            if here is not None:
+                entered, hops, ids, starts, _ = here
+                stay, switch = entered + (q - starts[-1]) * per_layer, enter + (q - pos) * per_layer
+                if stay < switch or (stay == switch and (hops, ids) <= (fhops + 1, fids + (node_id,))):
+                    nxt[node_id] = here
+                    continue
+            nxt[node_id] = (enter, fhops + 1, fids + (node_id,), fstarts + (pos,), per_layer)
+        inside = nxt
+    if not inside:
+        return None
+    _, _, ids, starts = min(
+        (entered + (L - starts[-1]) * per + hop, hops, ids, starts) for entered, hops, ids, starts, per in inside.values()
+    )
+    ends = (*starts[1:], L)
+    return tuple(Span(n, views[n].address, a, b) for n, a, b in zip(ids, starts, ends, strict=True))
 
 
 class RouteIndex:
     """Routing over one snapshot, with the per-node work done once per snapshot.
 
     The ready nodes of the state's model are grouped by served range and sorted by their
-    cost with no recent sessions; a request then scans each group only until no later
-    node can be cheaper (recent sessions only add cost), skipping excluded and full
-    nodes, so a route costs about one look per distinct range instead of one per node.
-    Same answers as :func:`find_route` (which it falls back on to explain a failure).
-    The nodes' link delays are gathered once per snapshot too.
+    cost under the recent-session counts of the moment the index is built (``recent``,
+    copied). A request then takes, per group, the cheapest few of the nodes whose count
+    has not changed since (their cost is the sorted one) and weighs the changed ones
+    (the few routed through or expired since: tens, against hundreds of nodes) one by
+    one, so a route costs about one look per distinct range plus one per changed node
+    instead of one per node. Excluded and full nodes are skipped. Same answers as
+    :func:`find_route` (which it falls back on to explain a failure). The nodes' link
+    delays are gathered once per snapshot too.
     """
 
-    def __init__(self, state: SwarmState, policy: RoutingPolicy = RoutingPolicy()) -> None:
+    def __init__(
+        self,
+        state: SwarmState,
+        policy: RoutingPolicy = RoutingPolicy(),
+        recent: Mapping[str, int] | None = None,
+        *,
+        previous: RouteIndex | None = None,
+    ) -> None:
+        """``previous``: the index of an earlier snapshot; only the nodes whose view
+        (the registry reuses a node's view until a message of that node arrives) or
+        recent count differ are regrouped, the rest of its sorted groups is kept."""
         self.state = state
         self.policy = policy
         self.links = LinkDelays.of(state, policy)
-        groups: dict[tuple[int, int], list[tuple[float, str, NodeView]]] = {}
+        self._recent = dict(recent or {})  # the counts the order below was computed with
+        if previous is not None and previous.policy == policy and previous.state.num_layers == state.num_layers:
+            updated = self._update(previous)
+            if updated is not None:
+                self._groups, self._group_of = updated
+                return
+        groups: dict[tuple[int, int], list[Candidate]] = {}
+        self._group_of: dict[str, tuple[int, int]] = {}
         for view in state.nodes.values():
-            r = view.serving
-            if r is None or not state.serves_model(view) or r.end > state.num_layers:
-                continue
-            groups.setdefault((r.start, r.end), []).append((seconds_per_layer(view, 0, policy), view.node_id, view))
+            entry = self._entry(view)
+            if entry is not None:
+                groups.setdefault(entry[0], []).append(entry[1])
+                self._group_of[view.node_id] = entry[0]
         for members in groups.values():
             members.sort(key=lambda m: (m[0], m[1]))
         self._groups = groups
+
+    def _entry(self, view: NodeView) -> tuple[tuple[int, int], Candidate] | None:
+        """The group and sort entry of a node, ``None`` when it cannot be on a route."""
+        r = view.serving
+        if r is None or not self.state.serves_model(view) or r.end > self.state.num_layers:
+            return None
+        return (r.start, r.end), (seconds_per_layer(view, self._recent.get(view.node_id, 0), self.policy), view.node_id, view)
+
+    def _update(
+        self, previous: RouteIndex
+    ) -> tuple[dict[tuple[int, int], list[Candidate]], dict[str, tuple[int, int]]] | None:
+        """``previous``'s groups with the changed nodes regrouped; ``None`` when so many
+        changed that building afresh is cheaper."""
+        before, now = previous.state.nodes, self.state.nodes
+        then, counts = previous._recent, self._recent
+        dirty = {node_id for node_id, view in now.items() if before.get(node_id) is not view}
+        dirty.update(before.keys() - now.keys())
+        dirty.update(k for k, v in counts.items() if then.get(k) != v)
+        dirty.update(then.keys() - counts.keys())
+        if 8 * len(dirty) > len(now):
+            return None
+        groups = dict(previous._groups)  # lists copied only where they change
+        group_of = dict(previous._group_of)
+        copied: set[tuple[int, int]] = set()
+
+        def members_of(key: tuple[int, int]) -> list[Candidate]:
+            if key not in copied:
+                groups[key] = list(groups.get(key, ()))
+                copied.add(key)
+            return groups[key]
+
+        for node_id in dirty:
+            old = group_of.pop(node_id, None)
+            if old is not None:
+                members = members_of(old)
+                members[:] = [m for m in members if m[1] != node_id]
+                if not members:
+                    del groups[old]
+                    copied.discard(old)
+            view = now.get(node_id)
+            entry = self._entry(view) if view is not None else None
+            if entry is not None:
+                bisect.insort(members_of(entry[0]), entry[1], key=lambda m: (m[0], m[1]))
+                group_of[node_id] = entry[0]
+        return groups, group_of
+
+    def _changed(self, recent: Mapping[str, int]) -> tuple[set[str], dict[tuple[int, int], list[NodeView]]]:
+        """The nodes whose recent-session count differs from the index's, and the indexed
+        ones among them by group."""
+        then = self._recent
+        changed = {k for k, v in recent.items() if then.get(k) != v}
+        changed.update(then.keys() - recent.keys())
+        by_group: dict[tuple[int, int], list[NodeView]] = {}
+        for node_id in changed:
+            key = self._group_of.get(node_id)
+            if key is not None:
+                by_group.setdefault(key, []).append(self.state.nodes[node_id])
+        return changed, by_group
 
     def route(
         self, *, max_length: int = 1, exclude: Collection[str] = frozenset(), recent: Mapping[str, int] | None = None,
@@ -253,17 +409,24 @@ class RouteIndex:
         recent = recent or {}
         links = self.links.with_client(client_rtts or {})
         keep = links.candidates_per_range(len(self._groups))
+        changed, moved_by_group = self._changed(recent)
         for need_room in (True, False):
             cheapest: dict[tuple[int, int], list[Candidate]] = {}
             for key, members in self._groups.items():
-                picks: list[Candidate] = []  # the `keep` cheapest so far, sorted
-                for base, node_id, view in members:
-                    if len(picks) >= keep and (base, node_id) >= picks[-1][:2]:
-                        break  # sorted by cost with no recent sessions: nothing later is cheaper
-                    if node_id in exclude or (need_room and not has_room(view, max_length)):
+                moved = moved_by_group.get(key, ())
+                picks: list[Candidate] = []  # the `keep` cheapest unchanged nodes, in order
+                for member in members:
+                    node_id, view = member[1], member[2]
+                    if node_id in exclude or (moved and node_id in changed) or (need_room and not has_room(view, max_length)):
                         continue
-                    cost = seconds_per_layer(view, recent.get(node_id, 0), self.policy) if node_id in recent else base
-                    picks.append((cost, node_id, view))
+                    picks.append(member)
+                    if len(picks) >= keep:
+                        break
+                if moved:
+                    for view in moved:
+                        if view.node_id in exclude or (need_room and not has_room(view, max_length)):
+                            continue
+                        picks.append((seconds_per_layer(view, recent.get(view.node_id, 0), self.policy), view.node_id, view))
                     picks.sort(key=lambda m: m[:2])
                     del picks[keep:]
                 if picks:

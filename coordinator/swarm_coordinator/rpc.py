@@ -115,7 +115,7 @@ class CoordinatorService(swarm_pb2_grpc.CoordinatorServicer):
     ) -> tuple[Span, ...]:
         recent = self.recent.counts(now)
         if self._index is None or self._index.state is not state:
-            self._index = RouteIndex(state, self.policy)
+            self._index = RouteIndex(state, self.policy, recent, previous=self._index)
         try:
             return self._index.route(
                 max_length=max_length, exclude=set(asked) | set(avoided), recent=recent, client_rtts=rtts
@@ -233,6 +233,8 @@ def failover_detail(report: swarm_pb2.FailureReport) -> str:
 
 
 def _ids_at(state: SwarmState, addresses: Collection[str]) -> set[str]:
+    if not addresses:
+        return set()  # the common request: no walk over a thousand nodes
     wanted = set(addresses)
     return {v.node_id for v in state.nodes.values() if v.address and v.address in wanted}
 

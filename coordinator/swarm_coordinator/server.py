@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,8 @@ from swarm_proto.trust import Identity, key_path, read_allowed_keys
 
 log = logging.getLogger(__name__)
 
+LAG_PROBE_S = 0.01  # the loop-lag probe's timer (stats: loop_lag_p50_ms, loop_lag_p99_ms)
+
 __all__ = ["CoordinatorServer", "HttpAppFactory"]
 
 HttpAppFactory = Callable[["CoordinatorServer"], Any]  # coordinator -> ASGI app
@@ -68,6 +71,8 @@ class CoordinatorServer(Service):
         self.advertised_mqtt_url = ""  # the broker as nodes should reach it (GetSwarmInfo; no credentials)
         self.identity: Identity | None = None  # the key that seals assignments
         self.warnings: list[str] = []  # shown at start and on the dashboard
+        self.loop_lag: deque[float] = deque(maxlen=20_000)  # seconds the event loop ran a timer late
+        self._lag_task: asyncio.Task[None] | None = None
 
     # --- what the HTTP gateway (and tests) read ------------------------------------------
 
@@ -170,6 +175,7 @@ class CoordinatorServer(Service):
             keepalive=cfg.keepalive,
         )
         self.lease.start()
+        self._lag_task = asyncio.get_running_loop().create_task(self._probe_lag(), name="loop-lag")
         await self._start_http()
         log.info(
             "coordinator of swarm %s (model %s, %d layers) on %s, broker %s%s",
@@ -192,10 +198,20 @@ class CoordinatorServer(Service):
         """Wait until :meth:`stop` is called."""
         await self._stopped.wait()
 
+    async def _probe_lag(self) -> None:
+        """How late the event loop runs a timer: about what a request arriving at a random
+        moment waits before its handler starts (behind a plan, a batch of presence)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(LAG_PROBE_S)
+            self.loop_lag.append(max(0.0, loop.time() - asked - LAG_PROBE_S))
+
     def stats(self) -> dict[str, float]:
         """What the scale bench reads: route handling times, planner work, reloads."""
         times = sorted(self.service.route_seconds) if self.service is not None else []
         cpu = sorted(self.service.route_cpu_seconds) if self.service is not None else []
+        lag = sorted(self.loop_lag)
         planner = self.planner
 
         def pct(q: float, values: list[float] = times) -> float:
@@ -207,6 +223,8 @@ class CoordinatorServer(Service):
             "route_p99_ms": pct(0.99),
             "route_cpu_p50_ms": pct(0.5, cpu),  # CPU time: the work, whatever else the machine runs
             "route_cpu_p99_ms": pct(0.99, cpu),
+            "loop_lag_p50_ms": pct(0.5, lag),  # a request's wait before its handler, roughly
+            "loop_lag_p99_ms": pct(0.99, lag),
             "plans": planner.runs if planner else 0,
             "plan_ms_mean": round(1000 * planner.plan_seconds / planner.runs, 3) if planner and planner.runs else 0.0,
             "reloads": planner.reloads if planner else 0,
@@ -217,6 +235,10 @@ class CoordinatorServer(Service):
 
     async def stop(self) -> None:
         log.info("coordinator stats %s", json.dumps(self.stats()))
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            await asyncio.gather(self._lag_task, return_exceptions=True)
+            self._lag_task = None
         if self._http is not None:
             await self._http.stop()
             self._http = None

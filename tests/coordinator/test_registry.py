@@ -172,3 +172,51 @@ async def test_changes_yields_the_state_after_each_change() -> None:
     state = await asyncio.wait_for(pending, 2)
     assert "a" in state.nodes
     await stream.aclose()
+
+
+async def test_changes_misses_nothing_while_its_reader_is_busy() -> None:
+    reg, _ = make()
+    stream = reg.changes()
+    first = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)
+    feed(reg, T.status("a"), status("a"))
+    assert "a" in (await asyncio.wait_for(first, 2)).nodes
+    feed(reg, T.status("b"), status("b"))  # while the reader is away: no waiting for a next change
+    assert "b" in (await asyncio.wait_for(stream.__anext__(), 2)).nodes
+    await stream.aclose()
+
+
+async def test_received_messages_are_opened_off_the_loop_in_order_and_forgeries_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """on_message queues; a worker thread opens the seals in batches; the loop applies
+    them in arrival order; a message whose signature fails changes nothing."""
+    import aiomqtt
+
+    from swarm_coordinator import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "MAX_BATCH", 3)  # several trips to the worker
+    monkeypatch.setattr(registry_module, "MAX_INBOX", 4)  # and the receive loop made to wait
+    reg, _ = make()
+    sealer = Sealer(Identity.generate())
+
+    def message(topic: str, body: bytes) -> aiomqtt.Message:
+        return aiomqtt.Message(topic, sealer.seal(topic, body), qos=1, retain=False, mid=0, properties=None)
+
+    forged = message(T.load("a"), encode(NodeLoad(99, 0, 900, 1.0)))
+    forged.payload = forged.payload[:-1] + bytes([forged.payload[-1] ^ 1])  # type: ignore[index,operator]  # the signature's last byte
+    received = [message(T.status("a"), status("a"))]
+    received += [message(T.load("a"), encode(NodeLoad(i, 0, 900, 1.0))) for i in range(7)]
+    received.insert(5, forged)
+    try:
+        for m in received:
+            await reg.on_message(m)
+        state = await reg.wait_until(
+            lambda s: "a" in s.nodes and s.nodes["a"].load is not None and s.nodes["a"].load.active_sessions == 6, 5
+        )
+        assert state.nodes["a"].online
+        await asyncio.sleep(0.05)
+        assert reg.state.nodes["a"].load == NodeLoad(6, 0, 900, 1.0)  # the last one, not the forgery
+        assert reg.malformed == 1 and reg.batches >= 3 and not reg._inbox
+    finally:
+        await reg.stop()

@@ -201,11 +201,19 @@ def test_route_index_answers_as_find_route_on_random_swarms() -> None:
                                 state=NodeState.READY if rng.random() < 0.9 else NodeState.LOADING)
             views.append(NodeView(status, load if rng.random() < 0.8 else None))
         state = SwarmState.of("m", L, 1, views)
-        index = RouteIndex(state)
+        ids = [v.node_id for v in views]
+        # the counts the index is built with; the requests' counts differ in some nodes
+        built = {n: rng.randrange(1, 4) for n in rng.sample(ids, k=rng.randrange(0, len(ids) + 1))}
+        index = RouteIndex(state, recent=built)
         for _ in range(5):
-            ids = [v.node_id for v in views]
             exclude = set(rng.sample(ids, k=rng.randrange(0, min(3, len(ids)) + 1)))
-            recent = {n: rng.randrange(1, 4) for n in rng.sample(ids, k=rng.randrange(0, len(ids) + 1))}
+            if rng.random() < 0.5:
+                recent = {n: rng.randrange(1, 4) for n in rng.sample(ids, k=rng.randrange(0, len(ids) + 1))}
+            else:  # a few routes recorded or expired since the index was built
+                recent = dict(built)
+                for n in rng.sample(ids, k=min(len(ids), rng.randrange(0, 4))):
+                    recent[n] = recent.get(n, 0) + rng.choice((-1, 1))
+                recent = {n: c for n, c in recent.items() if c > 0}
             max_length = rng.choice((1, 200, 4000))
             try:
                 want = find_route(state, max_length=max_length, exclude=exclude, recent=recent)
@@ -215,6 +223,103 @@ def test_route_index_answers_as_find_route_on_random_swarms() -> None:
                 assert str(got.value) == str(exc)
                 continue
             assert index.route(max_length=max_length, exclude=exclude, recent=recent) == want, trial
+
+
+def test_a_route_index_updated_from_the_previous_one_equals_a_fresh_one() -> None:
+    """RouteIndex(previous=...) regroups only the nodes whose view or recent count
+    changed; its groups and routes must be those of an index built from scratch."""
+    import random
+    from dataclasses import replace
+
+    from swarm_coordinator.routing import RouteIndex
+
+    rng = random.Random(8)
+    L = 30
+
+    def fresh_view(i: int) -> NodeView:
+        start = rng.randrange(0, L)
+        end = rng.randrange(start + 1, L + 1)
+        state = NodeState.READY if rng.random() < 0.9 else NodeState.LOADING
+        load = NodeLoad(active_sessions=rng.randrange(3), free_kv_tokens=5000, kv_tokens=5000, free_sessions=2)
+        status = NodeStatus(f"n{i:03d}", f"h:{i}", "m", LayerRange(start, end), speed=rng.choice((50.0, 100.0)), state=state)
+        return NodeView(status, load)
+
+    views = {f"n{i:03d}": fresh_view(i) for i in range(80)}
+    recent: dict[str, int] = {}
+    index = RouteIndex(SwarmState.of("m", L, 1, views.values()))
+    serial = 80
+    for _ in range(60):  # few changes per step: the update path (many: a fresh build)
+        for _ in range(rng.randrange(0, 5)):  # loads, moves, leaves, joins
+            what = rng.random()
+            node_id = rng.choice(sorted(views))
+            if what < 0.4:
+                load = NodeLoad(active_sessions=rng.randrange(4), free_kv_tokens=5000, kv_tokens=5000, free_sessions=2)
+                views[node_id] = replace(views[node_id], load=load)
+            elif what < 0.6:
+                views[node_id] = fresh_view(int(node_id[1:]))  # another range, speed or state
+            elif what < 0.8 and len(views) > 5:
+                del views[node_id]
+            else:
+                views[f"n{serial:03d}"] = fresh_view(serial)
+                serial += 1
+        for node_id in rng.sample(sorted(views), k=rng.randrange(0, 3)):
+            recent[node_id] = max(0, recent.get(node_id, 0) + rng.choice((-1, 1, 2)))
+        recent = {k: v for k, v in recent.items() if v > 0 and k in views}
+        state = SwarmState.of("m", L, 1, views.values())
+        index = RouteIndex(state, recent=recent, previous=index)
+        scratch = RouteIndex(state, recent=recent)
+        assert index._groups == scratch._groups and index._group_of == scratch._group_of
+        try:
+            want = scratch.route(max_length=100, recent=recent)
+        except NoRouteError:
+            with pytest.raises(NoRouteError):
+                index.route(max_length=100, recent=recent)
+            continue
+        assert index.route(max_length=100, recent=recent) == want
+
+
+def test_the_unlinked_search_finds_routes_as_cheap_as_the_general_search() -> None:
+    """With no link measured, _search takes a one-pass search over boundaries; the
+    general (boundary, node) search must find no cheaper route (ties may split
+    elsewhere between equally fast nodes)."""
+    import random
+
+    from swarm_coordinator.routing import LinkDelays, _search
+
+    rng = random.Random(11)
+    for trial in range(300):
+        L = rng.choice((4, 16, 80))
+        candidates: dict[tuple[int, int], list[tuple[float, str, NodeView]]] = {}
+        for i in range(rng.randrange(1, 40)):
+            start = rng.randrange(0, L)
+            end = rng.randrange(start + 1, L + 1)
+            view = NodeView(NodeStatus(f"n{i:02d}", f"h:{i}", "m", LayerRange(start, end), state=NodeState.READY))
+            candidates.setdefault((start, end), []).append((rng.choice((0.001, 0.002, 0.005)), f"n{i:02d}", view))
+        unlinked = LinkDelays({}, {}, 0.002)
+        general = LinkDelays({("x", "y"): 0.004}, {}, 0.002)  # measured, but between nodes that are not here
+        fast, slow = _search(L, candidates, unlinked), _search(L, candidates, general)
+        assert (fast is None) == (slow is None), trial
+        if fast is None or slow is None:
+            continue
+        per_layer = {m[1]: m[0] for members in candidates.values() for m in members}
+
+        def cost(spans: tuple[Span, ...], per_layer: dict[str, float] = per_layer) -> float:
+            return sum(0.002 + (s.end - s.start) * per_layer[s.node_id] for s in spans) + 0.002
+
+        check_route_over(fast, L, candidates)
+        assert cost(fast) == pytest.approx(cost(slow), abs=1e-12), trial  # (rounding can split a tie either way)
+
+
+def check_route_over(spans: tuple[Span, ...], L: int, candidates: dict[tuple[int, int], list[tuple[float, str, NodeView]]]) -> None:
+    import itertools
+
+    ranges = {m[1]: key for key, members in candidates.items() for m in members}
+    assert spans[0].start == 0 and spans[-1].end == L
+    for a, b in itertools.pairwise(spans):
+        assert a.end == b.start and a.node_id != b.node_id
+    for span in spans:
+        start, end = ranges[span.node_id]
+        assert start <= span.start < span.end <= end
 
 
 # --- link-aware routing (docs/wan.md) ---------------------------------------------------

@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Gateway", "GatewayConfig", "create_app", "model_id_for"]
 
 STATIC = Path(__file__).parent / "static"
+WATCH_INTERVAL_S = 0.1  # the registry watch wakes the dashboard feeds at most this often
 
 
 @dataclass(frozen=True)
@@ -433,6 +434,9 @@ class Gateway:
         async for _ in self.view.changes():
             self.sync_events()
             self.poke()
+            # at most ten wakes a second: a big swarm changes hundreds of times a second,
+            # and each state read is a snapshot built (changes() misses nothing meanwhile)
+            await asyncio.sleep(WATCH_INTERVAL_S)
 
     def snapshot(self) -> dict[str, Any]:
         self.sync_events()

@@ -147,7 +147,7 @@ class Harness:
             port = _free_port()
             replicas = cfg.replicas or max(1, int(cfg.nodes * run.model.share) // 5)
             argv = [
-                sys.executable, "-m", "swarm_coordinator.cli", "--model", str(folder), "--port", str(port),
+                sys.executable, *_profiler(run.model.name), "-m", "swarm_coordinator.cli", "--model", str(folder), "--port", str(port),
                 "--http-port", "0", "--mqtt", self.broker_url, "--swarm-id", run.model.name,
                 "--replicas", str(replicas), "--settle", "0.2", "--node-timeout", "10", "--forget-after", str(max(2.0, 600 * scale)),
                 "--rebalance-interval", str(max(1.0, 600 * scale)),
@@ -392,6 +392,16 @@ def _quiet_crashes(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> 
     if isinstance(context.get("exception"), aiomqtt.MqttError):
         return
     loop.default_exception_handler(context)
+
+
+def _profiler(name: str) -> list[str]:
+    """``SWARM_SIM_PROFILE=DIR``: run each coordinator under cProfile, its profile
+    written to ``DIR/<model>.prof`` as it stops (the bench's ``--profile``)."""
+    folder = os.environ.get("SWARM_SIM_PROFILE")
+    if not folder:
+        return []
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return ["-m", "cProfile", "-o", str(Path(folder) / f"{name}.prof")]
 
 
 def _free_port() -> int:
