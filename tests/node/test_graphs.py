@@ -153,3 +153,70 @@ def test_cuda_graph_decode_equals_eager_through_two_slices(tiny_models: dict[str
             assert (graphs is not None and graphs.replays == 12) == (mode == "auto")
         assert torch.equal(results[0].argmax(-1), results[1].argmax(-1))
         assert relative_error(results[1], results[0]) < 1e-4
+
+
+@cuda
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cuda_graph_route_equals_eager_route(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Two real 2-node routes on the GPU, one replaying decode graphs and one eager
+    (--no-cuda-graphs), float32: one session and three at once give the same greedy
+    tokens on both, and the graph nodes did capture graphs."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    from swarm_client.remote import Hop, RouteSession
+
+    path = tiny_models["llama3"]
+    procs: list[tuple[subprocess.Popen[str], Path]] = []
+
+    def start(layers: str, *extra: str) -> subprocess.Popen[str]:
+        log = tmp_path / f"node-{len(procs)}.log"
+        cmd = [sys.executable, "-m", "swarm_node.cli", "--model", str(path), "--layers", layers, "--port", "0",
+               "--device", "cuda", "--dtype", "float32", "--threads", "1", *extra]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=dict(os.environ))
+        procs.append((proc, log))
+        return proc
+
+    def address(proc: subprocess.Popen[str]) -> str:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "listening on" in line:
+                return line.split("listening on", 1)[1].strip()
+        raise AssertionError("swarm-node did not start:\n" + "\n".join(log.read_text() for _, log in procs))
+
+    async def generate(route: list[Hop], prompts: list[list[int]], steps: int) -> list[list[int]]:
+        async def one(prompt: list[int]) -> list[int]:
+            async with RouteSession(route, max_length=len(prompt) + steps + 1) as s:
+                out = await s.prefill(prompt)
+                got = [int(out.token)]  # type: ignore[arg-type]
+                for _ in range(steps):
+                    got.append(int((await s.decode(got[-1])).token))  # type: ignore[arg-type]
+                return got
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    try:
+        graph_nodes = [start("0:3"), start("3:6")]
+        eager_nodes = [start("0:3", "--no-cuda-graphs"), start("3:6", "--no-cuda-graphs")]
+        graph_route = [Hop(address(graph_nodes[0]), 0, 3), Hop(address(graph_nodes[1]), 3, 6)]
+        eager_route = [Hop(address(eager_nodes[0]), 0, 3), Hop(address(eager_nodes[1]), 3, 6)]
+        gen = torch.Generator().manual_seed(6)
+        prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (9, 17, 30)]
+        for batch in (prompts[:1], prompts):
+            want = asyncio.run(generate(eager_route, batch, 16))
+            got = asyncio.run(generate(graph_route, batch, 16))
+            assert got == want
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+        for proc, _ in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    logs = [log.read_text() for _, log in procs]
+    assert all("captured a decode graph" in text for text in logs[:2]), logs[:2]
+    assert not any("captured a decode graph" in text for text in logs[2:])

@@ -31,6 +31,7 @@ eager batches of different sizes.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -165,6 +166,7 @@ class DecodeGraphs:
             h, logits = model.decode_step(x, slots, positions, length)
             out[:] = [h] if logits is None else [h, logits]
 
+        t0 = time.perf_counter()
         if self.fake:
             graph: Any = FakeGraph(step)
             step()
@@ -178,8 +180,9 @@ class DecodeGraphs:
                     step()
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._mempool):
+            # thread_local: the event loop's thread may use CUDA (a copy) while this one captures.
+            with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
                 step()
         self.captures += 1
-        log.debug("captured a decode graph: %d rows, %d keys", bucket, length)
+        log.info("captured a decode graph: %d rows, %d keys (%.0f ms)", bucket, length, (time.perf_counter() - t0) * 1e3)
         return _Entry(graph, x, slots, positions, out)
