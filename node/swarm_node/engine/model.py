@@ -368,8 +368,7 @@ class ModelSlice(nn.Module):
         """The slice's graph runner per ``graph_mode`` (made on first use), or None."""
         mode = self.graph_mode
         if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
-            self._graphs = None
-            return None
+            return None  # captured graphs are kept for when the mode is back
         fake = mode == "fake"
         if self._graphs is None or self._graphs.fake != fake:
             self._graphs = DecodeGraphs(self, fake=fake)
