@@ -117,6 +117,26 @@ def test_graphs_leave_other_forwards_eager(tiny_models: dict[str, Path]) -> None
     gc.collect()
 
 
+def test_a_failed_capture_falls_back_to_eager(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph that cannot be captured leaves the step (and every later one) to the eager path."""
+    from swarm_node.engine import graphs as graphs_module
+
+    eager = load_slice(tiny_models["llama3"], 0, 6)
+    model = load_slice(tiny_models["llama3"], 0, 6)
+    model.graph_mode = "fake"
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(graphs_module.DecodeGraphs, "_capture", broken)
+    prompts = [torch.tensor([5, 9, 7]), torch.tensor([4, 4])]
+    want = _decode(eager, prompts, [eager.new_cache(16) for _ in prompts], 3)
+    got = _decode(model, prompts, [model.new_cache(16) for _ in prompts], 3)
+    assert torch.equal(got, want)
+    graphs = model.decode_graphs()
+    assert graphs is not None and graphs.failed and graphs.replays == 0
+
+
 # --- CUDA --------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

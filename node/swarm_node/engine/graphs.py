@@ -94,6 +94,7 @@ class DecodeGraphs:
         self._scratch: KVCache | None = None  # the padding rows' slot
         self._mempool: Any = None
         self.captures = 0  # graphs captured so far (for tests and logs)
+        self.failed = False  # a capture failed: every step runs eagerly from then on
         self.replays = 0
 
     @property
@@ -104,12 +105,13 @@ class DecodeGraphs:
         """True if this forward is a batch of decode steps a graph can run."""
         model = self.model
         pool = model._pool
-        if pool is None or not seqs or len(seqs) > self.max_batch or model.batch_invariant:
+        if self.failed or pool is None or not seqs or len(seqs) > self.max_batch or model.batch_invariant:
             return False
         return all(s.length == 1 and s.cache.pool is pool for s in seqs)
 
-    def run(self, x: torch.Tensor, seqs: Sequence[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The decode steps of ``seqs`` (inputs ``x``, one row each): (hidden [N, C], logits [N, V] or None)."""
+    def run(self, x: torch.Tensor, seqs: Sequence[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The decode steps of ``seqs`` (inputs ``x``, one row each): (hidden [N, C], logits [N, V] or None);
+        None if the graph could not be captured (the caller runs the step eagerly)."""
         model = self.model
         pool = model._pool
         assert pool is not None
@@ -126,10 +128,18 @@ class DecodeGraphs:
             if self._entries:
                 log.info("KV pool or rotary tables moved: dropping %d decode graphs", len(self._entries))
             self._entries.clear()
+            self._mempool = None  # the old pool goes with its graphs
             self._where = where
         entry = self._entries.get((bucket, length))
         if entry is None:
-            entry = self._entries[(bucket, length)] = self._capture(bucket, length, x)
+            try:
+                entry = self._capture(bucket, length, x)
+            except RuntimeError:
+                log.exception("capturing a decode graph failed: decode steps run eagerly from now on")
+                self.failed = True
+                self._entries.clear()
+                return None
+            self._entries[(bucket, length)] = entry
 
         index = torch.empty(2, bucket, dtype=torch.int64)
         index[0].fill_(self._scratch.slot)
@@ -171,8 +181,6 @@ class DecodeGraphs:
             graph: Any = FakeGraph(step)
             step()
         else:
-            if self._mempool is None:
-                self._mempool = torch.cuda.graph_pool_handle()
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
@@ -181,8 +189,12 @@ class DecodeGraphs:
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: the event loop's thread may use CUDA (a copy) while this one captures.
+            # The graphs share the first one's memory pool (they replay one at a time). Not
+            # torch.cuda.graph_pool_handle(): torch 2.11 asserted on its first capture.
             with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
                 step()
+            if self._mempool is None:
+                self._mempool = graph.pool()
         self.captures += 1
         log.info("captured a decode graph: %d rows, %d keys (%.0f ms)", bucket, length, (time.perf_counter() - t0) * 1e3)
         return _Entry(graph, x, slots, positions, out)

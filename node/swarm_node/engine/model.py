@@ -420,7 +420,9 @@ class ModelSlice(nn.Module):
             s.cache.check(s.start_pos, s.length)
         graphs = self.decode_graphs()
         if graphs is not None and graphs.applies(seqs, all_logits):
-            return graphs.run(x, seqs)
+            out = graphs.run(x, seqs)
+            if out is not None:
+                return out
         positions = to_device(torch.cat([torch.arange(s.start_pos, s.start_pos + s.length) for s in seqs]), self.device)
 
         h = self.embed_tokens(x) if self.embed_tokens is not None else x.to(self.dtype)  # [T, C]
