@@ -5,6 +5,9 @@ hidden 4096, MLP 14336, 32 heads over 8 KV heads, vocabulary 128256), written on
 ``save_pretrained`` to --dir (skipped when it is there), every process on the one GPU,
 loopback gRPC, ``swarm-node --layers`` processes (no broker):
 
+- one decode step of a node's Scheduler on the local model (input copy, forward,
+  commitment, sampling, trip to the host; no gRPC), with commitments on and off:
+  where a node's step time goes besides the network;
 - decode latency per token (greedy, --prompt random tokens then --tokens steps, median of
   --runs runs, the configurations taking turns): the whole model in this process
   (``LocalBackend``, decode graphs on), the same with the graphs off ("local eager"),
@@ -103,6 +106,36 @@ def local_decode(model: Any, prompt: list[int], tokens: int) -> tuple[list[float
         out.append(next(gen).token_id)
         times.append(time.perf_counter() - t0)
     return times, out
+
+
+def scheduler_steps(model: Any, prompt: list[int], tokens: int, commit_k: int) -> tuple[list[float], list[int]]:
+    """Seconds of each greedy decode step through a node's Scheduler on ``model`` in this
+    process (the node's step without gRPC: input copy, forward, commitment, sampling, the
+    trip to the host), with ``commit_k`` commitment entries per position; and the tokens."""
+    from swarm_node.scheduler import Job, SampleRequest, Scheduler
+    from swarm_proto.wire import SamplingParams
+
+    async def main() -> tuple[list[float], list[int]]:
+        sched = Scheduler(model, commit_k=commit_k)
+        sched.start()
+        try:
+            cache = await sched.call(model.new_cache, len(prompt) + tokens + 1)
+            history = list(prompt)
+            params = SamplingParams()
+            out = await sched.submit(Job(cache, 0, torch.tensor(history), sample=SampleRequest(params, len(history), history)))
+            history.append(int(out.token))  # type: ignore[arg-type]
+            times = []
+            for _ in range(tokens):
+                t0 = time.perf_counter()
+                job = Job(cache, len(history) - 1, torch.tensor(history[-1:]), sample=SampleRequest(params, len(history), history))
+                out = await sched.submit(job)
+                times.append(time.perf_counter() - t0)
+                history.append(int(out.token))  # type: ignore[arg-type]
+            return times, history[len(prompt):]
+        finally:
+            await sched.stop()
+
+    return asyncio.run(main())
 
 
 async def route_decode(hops: Sequence[Hop], prompt: list[int], tokens: int) -> tuple[list[float], list[int]]:
@@ -294,6 +327,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         payload = shape["hidden_size"] * 2  # one bfloat16 activation
         report["echo_rtt_ms"] = asyncio.run(echo_round_trip(echo_address, payload, 300)) * 1e3
 
+        # --- one step inside a node, without the network
+        steps: dict[str, float] = {}
+        for name, k in (("scheduler step, commitments on", 8), ("scheduler step, commitments off", 0)):
+            samples = []
+            for _ in range(args.runs):
+                times, got = scheduler_steps(model, prompt, args.tokens, k)
+                samples.append(statistics.median(times))
+                if got != toks["local"]:
+                    raise AssertionError(f"{name}: tokens differ from the local run")
+            steps[name] = statistics.median(samples) * 1e3
+        report["in_process_step_ms"] = steps
+        say("in process: " + ", ".join(f"{n} {v:.2f} ms" for n, v in steps.items()))
+
         # --- throughput on 2 nodes
         prompts16 = [torch.randint(3, vocab, (args.prompt,), generator=gen).tolist() for _ in range(16)]
         addresses = [h.address for h in hops[2]]
@@ -357,6 +403,8 @@ def print_table(r: dict[str, Any]) -> None:
     for c in ("local", "local eager", "1 node", "2 nodes"):
         o = r["outside_forward_per_traversal_ms"].get(c)
         print(f"{c:34} {d[c]:9.2f} {d[c] / d['local']:8.2f}x {'' if o is None else f'{o:20.2f}'}")
+    for c, v in r.get("in_process_step_ms", {}).items():
+        print(f"{c:34} {v:9.2f} {v / d['local']:8.2f}x")
     print(f"raw grpc.aio echo RTT of one activation: {r['echo_rtt_ms']:.3f} ms")
     t = r["tokens_per_s_2_nodes"]
     for c, v in t.items():

@@ -77,8 +77,7 @@ class FakeGraph:
 class _Entry:
     graph: Any  # torch.cuda.CUDAGraph or FakeGraph
     x: torch.Tensor  # [B] ids or [B, C] hidden states
-    slots: torch.Tensor  # [B] int64
-    positions: torch.Tensor  # [B] int64
+    index: torch.Tensor  # [2, B] int64: each row's slot, position
     out: list[torch.Tensor]  # [hidden [B, C], logits [B, V]] (logits at the tail only)
 
 
@@ -141,16 +140,14 @@ class DecodeGraphs:
                 return None
             self._entries[(bucket, length)] = entry
 
-        index = torch.empty(2, bucket, dtype=torch.int64)
-        index[0].fill_(self._scratch.slot)
-        index[1].zero_()
-        index[0, :n] = torch.tensor([s.cache.slot for s in seqs])
-        index[1, :n] = torch.tensor([s.start_pos for s in seqs])
+        pad = bucket - n
+        index = torch.tensor(
+            [[s.cache.slot for s in seqs] + [self._scratch.slot] * pad, [s.start_pos for s in seqs] + [0] * pad],
+            dtype=torch.int64,
+        )  # [2, bucket]: slots, positions
         if entry.x.is_cuda:
             index = index.pin_memory()
-        index = index.to(entry.x.device, non_blocking=True)
-        entry.slots.copy_(index[0])
-        entry.positions.copy_(index[1])
+        entry.index.copy_(index, non_blocking=True)
         entry.x[:n].copy_(x, non_blocking=True)
         if n < bucket:
             entry.x[n:].zero_()
@@ -168,8 +165,9 @@ class DecodeGraphs:
         assert self._scratch is not None
         x = torch.zeros((bucket, *like.shape[1:]), dtype=like.dtype, device=device)
         # Warm-up and capture write position 0 of the scratch slot only.
-        slots = torch.full((bucket,), self._scratch.slot, dtype=torch.int64, device=device)
-        positions = torch.zeros(bucket, dtype=torch.int64, device=device)
+        index = torch.zeros(2, bucket, dtype=torch.int64, device=device)
+        index[0] = self._scratch.slot
+        slots, positions = index[0], index[1]
         out: list[torch.Tensor] = []
 
         def step() -> None:
@@ -197,4 +195,4 @@ class DecodeGraphs:
                 self._mempool = graph.pool()
         self.captures += 1
         log.info("captured a decode graph: %d rows, %d keys (%.0f ms)", bucket, length, (time.perf_counter() - t0) * 1e3)
-        return _Entry(graph, x, slots, positions, out)
+        return _Entry(graph, x, index, out)
