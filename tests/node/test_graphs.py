@@ -180,7 +180,7 @@ def test_cuda_graph_decode_equals_eager_through_two_slices(tiny_models: dict[str
 @pytest.mark.timeout(300)
 def test_cuda_graph_route_equals_eager_route(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """Two real 2-node routes on the GPU, one replaying decode graphs and one eager
-    (--no-cuda-graphs), float32: one session and three at once give the same greedy
+    (--cuda-graphs off), float32: one session and three at once give the same greedy
     tokens on both, and the graph nodes did capture graphs."""
     import asyncio
     import os
@@ -220,7 +220,7 @@ def test_cuda_graph_route_equals_eager_route(tiny_models: dict[str, Path], tmp_p
 
     try:
         graph_nodes = [start("0:3"), start("3:6")]
-        eager_nodes = [start("0:3", "--no-cuda-graphs"), start("3:6", "--no-cuda-graphs")]
+        eager_nodes = [start("0:3", "--cuda-graphs", "off"), start("3:6", "--cuda-graphs", "off")]
         graph_route = [Hop(address(graph_nodes[0]), 0, 3), Hop(address(graph_nodes[1]), 3, 6)]
         eager_route = [Hop(address(eager_nodes[0]), 0, 3), Hop(address(eager_nodes[1]), 3, 6)]
         gen = torch.Generator().manual_seed(6)

@@ -8,6 +8,10 @@ positions and lengths: the matrix work runs once on the packed tokens, the
 attention runs per sequence against that sequence's cache, or, for a batch
 of single decode steps, once over all the sequences' slots of the KV pool.
 
+On CUDA a batch of decode steps replays a captured graph instead (engine/graphs.py,
+``ModelSlice.decode_step``: the same operations, padded to fixed shapes, with no host
+work inside); everything else runs eagerly.
+
 Batch invariance: a slice whose every matrix product computes each row on its own
 (`batch_invariant`, set by the loader for the int4-kernel formats) attends each
 position alone, over exactly its keys 0..p, the very call a decode step makes; the
