@@ -242,6 +242,34 @@ def in_process_batch(model: Any, prompts: Sequence[list[int]], tokens: int, sync
     return rate, table
 
 
+def profile_node(directory: Path, layers: int, extra: list[str], prompt: list[int], tokens: int, logs: Path) -> str:
+    """One more 1-node route whose node profiles (cProfile, its event loop thread: a lone
+    session's steps run there whole) 4 x ``tokens`` decode steps; the top functions."""
+    import io
+    import pstats
+    import signal
+
+    prof = logs / "node.prof"
+    wrapper = Path(__file__).resolve().parent / "device" / "profiled_node.py"
+    node = Node(directory, (0, layers), 2, logs / "profiled.log", extra, python_args=(str(wrapper), str(prof)))
+    try:
+        hops = [node.hop()]
+        asyncio.run(route_decode(hops, prompt, 4))  # warm-up: graphs captured
+        node.proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.2)  # the warm-up session drops out of the node's recent ones: a lone session
+        times, _ = asyncio.run(route_decode(hops, prompt, 4 * tokens))
+        node.proc.send_signal(signal.SIGUSR2)
+        time.sleep(2)
+    finally:
+        node.stop()
+    out = io.StringIO()
+    out.write(f"profiled node: {statistics.median(times) * 1e3:.2f} ms per step under cProfile, {4 * tokens} steps\n")
+    stats = pstats.Stats(str(prof), stream=out)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumtime").print_stats(30)
+    return out.getvalue()
+
+
 # --- the run -----------------------------------------------------------------------------
 
 
@@ -376,6 +404,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             say(f"16 sessions from {args.client_procs} client processes: {statistics.median(rates):.1f} tok/s")
         elif args.client_procs > 1:
             report["skipped"].append("several client processes")
+        if args.profile_node and left() > 40:
+            report["node_profile"] = profile_node(directory, layers, extra, prompt, args.tokens, logs)
+            print(report["node_profile"], flush=True)
     finally:
         for ns in nodes.values():
             for n in ns:
@@ -431,6 +462,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--client-procs", type=int, default=4, help="also 16 sessions from this many client processes (1: off)")
+    ap.add_argument("--profile-node", action="store_true", help="also profile one node's steps with cProfile")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds: sections that would start later are skipped")
     ap.add_argument("--out", default="bench/results/gpu_swarm.json")
     args = ap.parse_args()

@@ -359,7 +359,9 @@ class ModelSlice(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        # The first parameter (what next(self.parameters()) finds, without walking the
+        # module tree on every step): the first layer's attention norm.
+        return self.layers[0].attention_norm.weight.dtype
 
     def new_cache(self, max_length: int) -> KVCache:
         """A KV cache for one sequence, in this slice's pool (see swarm_node.engine.kv_cache)."""
