@@ -138,10 +138,16 @@ def scheduler_steps(model: Any, prompt: list[int], tokens: int, commit_k: int) -
     return asyncio.run(main())
 
 
-async def route_decode(hops: Sequence[Hop], prompt: list[int], tokens: int) -> tuple[list[float], list[int]]:
+async def route_decode(
+    hops: Sequence[Hop], prompt: list[int], tokens: int, after_prefill: Any = None
+) -> tuple[list[float], list[int]]:
+    """Seconds of each greedy decode step along the route (prefill excluded) and the tokens;
+    ``after_prefill()`` is called once the first token is in."""
     async with RouteSession(hops, max_length=len(prompt) + tokens + 1) as s:
         out = await s.prefill(prompt)
         got = [int(out.token)]  # type: ignore[arg-type]
+        if after_prefill is not None:
+            after_prefill()
         times = []
         for _ in range(tokens):
             t0 = time.perf_counter()
@@ -244,7 +250,9 @@ def in_process_batch(model: Any, prompts: Sequence[list[int]], tokens: int, sync
 
 def profile_node(directory: Path, layers: int, extra: list[str], prompt: list[int], tokens: int, logs: Path) -> str:
     """One more 1-node route whose node profiles (cProfile, its event loop thread: a lone
-    session's steps run there whole) 4 x ``tokens`` decode steps; the top functions."""
+    session's steps run there whole) 4 x ``tokens`` decode steps, and so does this process
+    (the client); the top functions of each."""
+    import cProfile
     import io
     import pstats
     import signal
@@ -257,7 +265,10 @@ def profile_node(directory: Path, layers: int, extra: list[str], prompt: list[in
         asyncio.run(route_decode(hops, prompt, 4))  # warm-up: graphs captured
         node.proc.send_signal(signal.SIGUSR1)
         time.sleep(1.2)  # the warm-up session drops out of the node's recent ones: a lone session
+        client = cProfile.Profile()
+        client.enable()
         times, _ = asyncio.run(route_decode(hops, prompt, 4 * tokens))
+        client.disable()
         node.proc.send_signal(signal.SIGUSR2)
         time.sleep(2)
     finally:
@@ -267,6 +278,10 @@ def profile_node(directory: Path, layers: int, extra: list[str], prompt: list[in
     stats = pstats.Stats(str(prof), stream=out)
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumtime").print_stats(30)
+    out.write("--- the client (this process) over the same steps\n")
+    stats = pstats.Stats(client, stream=out)
+    stats.sort_stats("tottime").print_stats(20)
+    stats.sort_stats("cumtime").print_stats("swarm_client|swarm_proto", 20)
     return out.getvalue()
 
 
@@ -335,9 +350,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     model.graph_mode = "auto"
                 else:
                     k = int(c[0])
-                    before = sum(forward_seconds(u) for u in metrics[k])
-                    times, got = asyncio.run(route_decode(hops[k], prompt, args.tokens))
-                    fwd = sum(forward_seconds(u) for u in metrics[k]) - before  # prefill included: a bound
+                    before: list[float] = []
+                    times, got = asyncio.run(route_decode(
+                        hops[k], prompt, args.tokens,
+                        lambda k=k, before=before: before.append(sum(forward_seconds(u) for u in metrics[k])),
+                    ))
+                    fwd = sum(forward_seconds(u) for u in metrics[k]) - before[0]  # the decode steps' forwards
                     outside[c].append((sum(times) - fwd) / len(times) / (k + 1))
                 lat[c].append(statistics.median(times))
                 toks.setdefault(c, got)
