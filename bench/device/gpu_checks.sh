@@ -24,7 +24,7 @@ tests="tests/node/test_graphs.py tests/node/test_sampler.py::test_cuda_draws_mat
 timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider $tests 2>&1 | tail -40 | tee -a "$log"
 echo "=== gpu_swarm" | tee -a "$log"
 timeout "${SWARM_S:-260}" python3 bench/gpu_swarm.py --device "${DEVICE:-cuda}" --shape "${SHAPE:-8b}" --dir "/tmp/llama-${SHAPE:-8b}-random" --runs 3 --tokens 48 \
-  --budget "${SWARM_BUDGET:-230}" --out "$OUT/gpu_swarm.json" 2>&1 | tee -a "$log"
+  --budget "${SWARM_BUDGET:-230}" ${PROFILE:+--profile-node} --out "$OUT/gpu_swarm.json" 2>&1 | tee -a "$log"
 cat "$OUT"/gpu-swarm-logs/*.log > "$OUT/nodes.log" 2>/dev/null; rm -rf "$OUT/gpu-swarm-logs"
 if [ "${QUANT_S:-0}" != 0 ] && grep -q -- "--gpu" bench/quant.py; then  # issue 10's GPU rows, same checkpoint
   echo "=== quant --gpu" | tee -a "$log"
