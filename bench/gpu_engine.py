@@ -6,7 +6,8 @@
    a 64-token prompt. Target below 2e-2; the script exits non-zero above it.
 2. Speed: a randomly initialised Llama-2-7B-shaped model (32 layers, hidden
    4096, MLP 11008, 32 heads, vocabulary 32000), greedy decode tokens/s at
-   batch 1 and batch 16, median of --runs runs, the engines alternating.
+   batch 1 and batch 16, median of --runs runs, the engines alternating; on
+   CUDA also our engine with its decode graphs off ("ours eager").
 
 Runs in a few minutes on one H100; needs torch with CUDA and transformers.
 
@@ -78,6 +79,23 @@ def random_pair(shape: dict[str, int], device: torch.device, dtype: torch.dtype)
     return ours, ref, errors
 
 
+def eager_runner(model: ModelSlice, sync: Any) -> dict[str, Any]:
+    """``ours_runner`` with the slice's decode graphs switched off while it runs."""
+    fns = ours_runner(model, sync)
+
+    def off(fn: Any) -> Any:
+        def run(ids: torch.Tensor, steps: int) -> float:
+            mode, model.graph_mode = model.graph_mode, "off"
+            try:
+                return fn(ids, steps)
+            finally:
+                model.graph_mode = mode
+
+        return run
+
+    return {kind: off(fn) for kind, fn in fns.items()}
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -129,6 +147,8 @@ def main() -> None:
         ("decode batch 16 (tok/s)", "decode", torch.randint(3, vocab, (16, args.prompt), generator=gen).to(device), "higher"),
     ]
     engines = {"ours": ours_runner(ours, sync), "transformers": hf_runner(ref, sync)}
+    if device.type == "cuda":  # the same engine with its decode graphs off (engine/graphs.py)
+        engines["ours eager"] = eager_runner(ours, sync)
     report["rows"] = compare(engines, rows, args.runs, args.steps)
     if args.profile:
         for name, fns in engines.items():
@@ -141,6 +161,10 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2))
     print(f"{report['device']}, bfloat16, random weights of shape {'tiny' if args.small else 'Llama-2-7B'}")
     print_table(report["rows"])
+    for r in report["rows"]:
+        if "ours eager" in r["median"]:
+            m = r["median"]
+            print(f"{r['row']:26} ours without CUDA graphs {m['ours eager']:.3f} (graphs {m['ours'] / m['ours eager']:.2f}x)")
     print(f"(median of {args.runs} runs of {args.steps} steps after a {args.prompt}-token prompt; {report['seconds']:.0f} s; JSON in {out})")
     worst = max(report[k]["relative_error"] for k in ("equivalence_small_gqa", "equivalence_7b_shape"))
     if worst > 2e-2:

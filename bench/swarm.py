@@ -70,10 +70,10 @@ class Node:
 
     def __init__(
         self, model: Path, layers: tuple[int, int], threads: int, log: Path, extra: Sequence[str] = (),
-        env: dict[str, str] | None = None,
+        env: dict[str, str] | None = None, python_args: Sequence[str] = (),
     ) -> None:
         exe = Path(sys.executable).parent / "swarm-node"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "swarm_node.cli"]
+        cmd = [str(exe)] if exe.exists() and not python_args else [sys.executable, *python_args, "-m", "swarm_node.cli"]
         cmd += ["--model", str(model), "--layers", f"{layers[0]}:{layers[1]}", "--port", "0"]
         cmd += ["--threads", str(threads), "--log-level", "WARNING", "--metrics-port", "0", *extra]
         self.layers = layers

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drain-timeout", float, defaults["drain_timeout"].default, "seconds SIGTERM waits for in-flight steps")
     add("--park-timeout", float, defaults["park_timeout"].default, "seconds a failed session's cache waits for a failover resume")
     add("--max-batch-tokens", int, defaults["max_batch_tokens"].default, "positions merged into one forward")
+    add("--cuda-graphs", str, "on", "on CUDA, decode steps replay captured graphs (off: run them eagerly)", choices=["on", "off"])
     add("--token", str, "", "swarm token required on every call and sent to successors; prefer the env var, flags show in ps")
     add("--node-id", str, None, "identity reported to the swarm (default: host-pid)")
     add("--state-dir", str, "", "where a node with a --node-id keeps its presence key (default: <cache>/state)")
@@ -110,6 +111,7 @@ def config_from_args(ns: argparse.Namespace) -> NodeConfig:
         max_pending_results=ns.max_pending_results,
         max_pending_result_bytes=_bytes(ns.max_pending_result_bytes) or NodeConfig.max_pending_result_bytes,
         max_batch_tokens=ns.max_batch_tokens,
+        cuda_graphs=ns.cuda_graphs == "on",
         token=ns.token,
         metrics_port=ns.metrics_port,
         tls=tls_from_args(ns),

@@ -43,6 +43,7 @@ class NodeConfig:
     max_pending_results: int = 256  # results waiting at the tail for the client to read, per session
     max_pending_result_bytes: int = 64 << 20  # ... and their bytes (a step's logits must fit too)
     max_batch_tokens: int = 2048  # positions merged into one forward pass
+    cuda_graphs: bool = True  # decode steps on CUDA replay captured graphs (swarm_node.engine.graphs)
     token: str = field(default="", repr=False)  # swarm token required on every call; "" = none
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (0: pick one; None: off)
     tls: TlsFiles | None = None  # mutual TLS on the gRPC server and every outgoing channel (None: in clear)

@@ -42,8 +42,8 @@ import torch
 
 from swarm_node.engine.kv_cache import KVCache
 from swarm_node.engine.model import ModelSlice, SeqChunk
-from swarm_node.engine.sampler import sample
-from swarm_node.verify import Lie, commit_rows
+from swarm_node.engine.sampler import BatchSample, sample
+from swarm_node.verify import Lie, commit_tensors
 from swarm_proto.wire import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -306,23 +306,32 @@ class Scheduler:
         model = batch[0].model or self.model
         device = model.device
         seqs = [SeqChunk(j.cache, j.start_pos, j.length) for j in batch]
-        x = torch.cat([j.x for j in batch]).to(device)  # [T] or [T, C]
+        x = torch.cat([j.x for j in batch])  # [T] or [T, C]
+        x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
         all_logits = any(j.return_logits or j.sample_all or (j.sample is not None and j.sample.draft > 0) for j in batch)
         h, out = model.run(x, seqs, all_logits=all_logits)
         lengths = [j.length for j in batch]
         if self.lie is not None:
             h = torch.cat([self.lie.perturb(r, j.start_pos) for r, j in zip(h.split(lengths), batch)])
-        commits = [commit_rows(r, self.commit_k) if self.commit_k else ([], []) for r in h.split(lengths)]
         if out is None:
-            hidden = h.to("cpu")  # [T, C]
+            # One trip to the host for the hidden states and the commitments together.
+            if self.commit_k:
+                idx, values = commit_tensors(h, self.commit_k)  # [T, k] each
+                hidden, idx, values = to_host(h, idx, values)
+                commits = _split_commits(idx, values, lengths)
+            else:
+                (hidden,) = to_host(h)
+                commits = [([], [])] * len(batch)
             return [JobOutput(hidden=r, commit=c) for r, c in zip(hidden.split(lengths), commits)]
-
         # out: [T, V] with all_logits, else [N, V] (each chunk's last position)
         if all_logits:
             per_job = list(out.split([j.length for j in batch]))
         else:
             per_job = [out[i : i + 1] for i in range(len(batch))]
-        samples = self._sample(batch, per_job)
+        # The commitments come to the host with the sampled tokens, in one trip.
+        extra = commit_tensors(h, self.commit_k) if self.commit_k else ()
+        samples, extra = self._sample(batch, per_job, extra)
+        commits = _split_commits(*extra, lengths) if self.commit_k else [([], [])] * len(batch)
         outputs = []
         for i, job in enumerate(batch):
             picked = samples.get(i, ())
@@ -359,9 +368,12 @@ class Scheduler:
         return outputs
 
     @staticmethod
-    def _sample(batch: list[Job], per_job: list[torch.Tensor]) -> dict[int, tuple[Sampled, ...]]:
+    def _sample(
+        batch: list[Job], per_job: list[torch.Tensor], extra: tuple[torch.Tensor, ...] = ()
+    ) -> tuple[dict[int, tuple[Sampled, ...]], tuple[torch.Tensor, ...]]:
         """Every sampling row of the batch in one call: each sampling job's last position,
-        and for a job with drafts the positions before it too."""
+        and for a job with drafts the positions before it too. ``extra`` tensors come
+        back on the host, fetched together with the samples."""
         logits: list[torch.Tensor] = []
         params: list[SamplingParams] = []
         positions: list[int] = []
@@ -381,9 +393,11 @@ class Scheduler:
                 histories.append(req.history[:pos] if penalised and r < req.draft else req.history)
                 owners.append((i, req.top_logprobs))
         if not owners:
-            return {}
+            return {}, to_host(*extra)
         stacked = torch.cat(logits)  # [R, V]
-        picked = sample(stacked, params, positions, histories)
+        drawn = sample(stacked, params, positions, histories)
+        tokens, logprobs, *rest = to_host(drawn.tokens, drawn.logprobs, *extra)  # one trip to the host
+        picked = BatchSample(tokens, logprobs)
         want = max(n for _, n in owners)
         tops: list[tuple[tuple[int, float], ...]] = [()] * len(owners)
         if want:
@@ -392,4 +406,22 @@ class Scheduler:
         out: dict[int, list[Sampled]] = {}
         for r, (i, _) in enumerate(owners):
             out.setdefault(i, []).append(Sampled(int(picked.tokens[r]), float(picked.logprobs[r]), tops[r]))
-        return {i: tuple(rows) for i, rows in out.items()}
+        return {i: tuple(rows) for i, rows in out.items()}, tuple(rest)
+
+
+def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors on the CPU. From CUDA: queued copies into pinned memory and one wait
+    for all of them, instead of one synchronizing copy each."""
+    if not tensors or all(not t.is_cuda for t in tensors):
+        return tuple(t.to("cpu") for t in tensors)
+    out = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return out
+
+
+def _split_commits(idx: torch.Tensor, values: torch.Tensor, lengths: Sequence[int]) -> list[tuple[list[int], list[float]]]:
+    """Per job, the row-major lists of its rows of the [T, k] commitment tensors."""
+    out = []
+    for i, v in zip(idx.split(list(lengths)), values.split(list(lengths))):
+        out.append((i.reshape(-1).tolist(), v.reshape(-1).tolist()))
+    return out

@@ -53,6 +53,7 @@ class NodeServer(Service):
                 "layers [%d, %d) on %s in %s, weights %s (%.1f MB held), loaded in %.1f s", cfg.start, cfg.end, device,
                 cfg.resolved_dtype, cfg.weight_format, model_bytes(model) / 1e6, time.monotonic() - t0,
             )
+        model.graph_mode = "auto" if cfg.cuda_graphs else "off"
         self.scheduler = Scheduler(model, max_batch_tokens=cfg.max_batch_tokens)
         self.scheduler.start()
         # A step carries at most max_length positions of hidden states (float32 at most).

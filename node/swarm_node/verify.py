@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENV_LIE", "Lie", "commit_rows"]
+__all__ = ["ENV_LIE", "Lie", "commit_rows", "commit_tensors"]
 
 ENV_LIE = "SWARM_TEST_LIE"
 _MODES = ("slight", "gross", "token")
@@ -32,11 +32,16 @@ _MODES = ("slight", "gross", "token")
 
 def commit_rows(hidden: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
     """Row-major [T, k] indices and values of the k largest-magnitude entries per row."""
+    idx, values = commit_tensors(hidden, k)
+    return idx.reshape(-1).tolist(), values.reshape(-1).tolist()
+
+
+def commit_tensors(hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``commit_rows`` as tensors on hidden's device: indices [T, k] and float32 values [T, k]."""
     k = min(k, int(hidden.shape[-1]))
     h = hidden.float()  # [T, C]
     idx = h.abs().topk(k, dim=-1).indices  # [T, k]
-    values = h.gather(-1, idx)  # [T, k]
-    return idx.reshape(-1).tolist(), values.reshape(-1).tolist()
+    return idx, h.gather(-1, idx)
 
 
 @dataclass(frozen=True)

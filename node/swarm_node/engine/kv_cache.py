@@ -195,8 +195,9 @@ class KVPool:
 
     def gather(self, layer: int, slots: Sequence[int], slot_index: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, length, Hkv, D] of the given slots: a view when the slots
-        are consecutive and in order, else one gathered copy."""
-        first = slots[0]
-        if list(slots) == list(range(first, first + len(slots))):
+        are consecutive and in order, else (or with ``slots`` empty: a captured graph's
+        step, whose slots are known on the device only) one gathered copy."""
+        first = slots[0] if slots else -1
+        if slots and list(slots) == list(range(first, first + len(slots))):
             return self.k[layer, first : first + len(slots), :length], self.v[layer, first : first + len(slots), :length]
         return self.k[layer, slot_index, :length], self.v[layer, slot_index, :length]

@@ -8,6 +8,10 @@ positions and lengths: the matrix work runs once on the packed tokens, the
 attention runs per sequence against that sequence's cache, or, for a batch
 of single decode steps, once over all the sequences' slots of the KV pool.
 
+On CUDA a batch of decode steps replays a captured graph instead (engine/graphs.py,
+``ModelSlice.decode_step``: the same operations, padded to fixed shapes, with no host
+work inside); everything else runs eagerly.
+
 Batch invariance: a slice whose every matrix product computes each row on its own
 (`batch_invariant`, set by the loader for the int4-kernel formats) attends each
 position alone, over exactly its keys 0..p, the very call a decode step makes; the
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swarm_node.engine.graphs import DecodeGraphs
 from swarm_node.engine.kv_cache import KVCache, KVPool
 from swarm_node.errors import SliceRangeError
 from swarm_proto.model_args import ModelArgs
@@ -123,6 +128,22 @@ class Rotary(nn.Module):
         if tables is None or tables[0] is not self.inv_freq or tables[1].shape[0] < end:
             tables = self._tables = self._grow(tables, end)
         _, cos, sin = tables
+        return cos[positions].to(dtype), sin[positions].to(dtype)
+
+    def reserve(self, end: int) -> None:
+        """Make the tables cover positions [0, end) now (a captured graph reads them in place)."""
+        tables = self._tables
+        if tables is None or tables[0] is not self.inv_freq or tables[1].shape[0] < end:
+            self._tables = self._grow(tables, end)
+
+    def address(self) -> int:
+        """Where the cos table lives (0 before any): it moves when the tables grow."""
+        return 0 if self._tables is None else self._tables[1].data_ptr()
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, D] for positions already covered (`reserve`), with no host work."""
+        assert self._tables is not None
+        _, cos, sin = self._tables
         return cos[positions].to(dtype), sin[positions].to(dtype)
 
     def _grow(self, tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, end: int
@@ -224,7 +245,7 @@ class DecodeBatch:
     """One new position for each of several sequences whose caches share a pool."""
 
     pool: KVPool
-    slots: list[int]
+    slots: list[int]  # empty in a captured graph: the slots are known on the device only
     slot_index: torch.Tensor  # [B] on the device
     positions: torch.Tensor  # [B] on the device
     length: int  # keys to attend to: the longest sequence's
@@ -312,6 +333,10 @@ class ModelSlice(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if self.is_tail else None
         self.lm_head: nn.Module | None = Linear(args.hidden_size, args.vocab_size) if self.is_tail else None
         self._pool: KVPool | None = None
+        # Decode steps from CUDA graphs (engine/graphs.py): "auto" captures them on CUDA,
+        # "off" never, "fake" runs the same path without capture (CPU tests).
+        self.graph_mode = "auto"
+        self._graphs: DecodeGraphs | None = None
         # Every product computes each row on its own (the loader decides): then positions
         # are attended one by one too, and outputs do not depend on the batch (module doc).
         self.batch_invariant = False
@@ -334,7 +359,9 @@ class ModelSlice(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        # The first parameter (what next(self.parameters()) finds, without walking the
+        # module tree on every step): the first layer's attention norm.
+        return self.layers[0].attention_norm.weight.dtype
 
     def new_cache(self, max_length: int) -> KVCache:
         """A KV cache for one sequence, in this slice's pool (see swarm_node.engine.kv_cache)."""
@@ -342,6 +369,37 @@ class ModelSlice(nn.Module):
             a = self.args
             self._pool = KVPool(self.num_layers, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
         return self._pool.allocate(max_length)
+
+    def decode_graphs(self) -> DecodeGraphs | None:
+        """The slice's graph runner per ``graph_mode`` (made on first use), or None."""
+        mode = self.graph_mode
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return None  # captured graphs are kept for when the mode is back
+        fake = mode == "fake"
+        if self._graphs is None or self._graphs.fake != fake:
+            self._graphs = DecodeGraphs(self, fake=fake)
+        return self._graphs
+
+    def decode_step(
+        self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode position for each row, every input on the device and no host sync
+        (what a CUDA graph captures): x [B] ids or [B, C] hidden states at ``positions``
+        [B] of the pool's ``slots`` [B], attending over each slot's first ``length``
+        keys, those past the row's position masked. Returns (hidden [B, C], logits [B, V]
+        float32 at the tail, else None). The caches' lengths are the caller's to update."""
+        pool = self._pool
+        assert pool is not None
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x.to(self.dtype)  # [B, C]
+        cos, sin = self.rotary.lookup(positions, h.dtype)
+        keys = torch.arange(length, device=positions.device)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, length]
+        decode = DecodeBatch(pool, [], slots, positions, length, mask)
+        for i, block in enumerate(self.layers):
+            h = block(h, cos, sin, i, (), decode)
+        if self.norm is None or self.lm_head is None:
+            return h, None
+        return h, self.lm_head(self.norm(h)).float()
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, seqs: Sequence[SeqChunk], *, all_logits: bool = False) -> torch.Tensor:
@@ -366,6 +424,11 @@ class ModelSlice(nn.Module):
             raise ValueError(f"{x.shape[0]} inputs for chunks totalling {total} positions")
         for s in seqs:
             s.cache.check(s.start_pos, s.length)
+        graphs = self.decode_graphs()
+        if graphs is not None and graphs.applies(seqs, all_logits):
+            out = graphs.run(x, seqs)
+            if out is not None:
+                return out
         positions = to_device(torch.cat([torch.arange(s.start_pos, s.start_pos + s.length) for s in seqs]), self.device)
 
         h = self.embed_tokens(x) if self.embed_tokens is not None else x.to(self.dtype)  # [T, C]

@@ -147,9 +147,9 @@ def _sample_rows(
             raise ValueError(f"got {len(histories)} histories for {n} rows")
         scores = apply_repetition_penalty(scores, histories, torch.tensor(penalties))
 
-    greedy = torch.tensor([r.greedy for r in rows], device=device)  # [N]
     tokens = scores.argmax(dim=-1)  # [N]
-    if not bool(greedy.all()):
+    if not all(r.greedy for r in rows):  # decided on the host: no wait for the device
+        greedy = torch.tensor([r.greedy for r in rows], device=device)  # [N]
         temps = torch.tensor([r.temperature if not r.greedy else 1.0 for r in rows], device=device)
         scores = scores / temps.unsqueeze(-1)
         if any(r.top_k > 0 for r in rows):
