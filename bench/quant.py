@@ -310,11 +310,11 @@ def bench_gpu(root: Path, runs: int, steps: int, budget_s: float, engines: list[
 
 def print_gpu_table(results: list[dict[str, Any]]) -> None:
     ref = {r["engine"]: r for r in results}.get("bfloat16")
-    print(f"{'engine':9} {'GB held':>8} {'dec b1':>8} {'dec b16':>8} {'b1 vs bf16':>10} {'load s':>7}")
+    print(f"{'engine':9} {'GB on GPU':>9} {'GB wts':>7} {'dec b1':>8} {'dec b16':>8} {'b1 vs bf16':>10} {'load s':>7}")
     for r in results:
         ratio = f"{r['decode_b1'] / ref['decode_b1']:.2f}x" if ref else "-"
-        print(f"{r['engine']:9} {r['gpu_bytes'] / 1e9:8.2f} {r['decode_b1']:8.1f} {r['decode_b16']:8.1f} {ratio:>10} "
-              f"{r['load_s']:7.1f}")
+        print(f"{r['engine']:9} {r['gpu_bytes'] / 1e9:9.2f} {r['weights_bytes'] / 1e9:7.2f} {r['decode_b1']:8.1f} "
+              f"{r['decode_b16']:8.1f} {ratio:>10} {r['load_s']:7.1f}")
 
 
 def main() -> None:

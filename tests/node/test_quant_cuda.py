@@ -41,14 +41,14 @@ def test_quantizer_matches_the_cpu_path(bits: int) -> None:
     assert [quant_cuda.inner_k_tiles(k) for k in (4096, 576, 96)] == [8, 4, 2]
 
 
-def test_quantize_flag_on_cuda(tiny_models: dict[str, Path]) -> None:
+def test_quantize_flag_on_cuda(llama_dir: Path) -> None:
     """``--quantize int8|int4`` applies on CUDA, with bfloat16 kernels (the only dtype
     tinygemm takes) whatever the activations' dtype; ``auto`` still dequantizes GGUF there."""
     from swarm_proto.weight_format import compute_dtypes, resolve
 
-    assert resolve("int4", tiny_models["llama3"], "auto", "cuda:0") == "int4"
+    assert resolve("int4", llama_dir, "auto", "cuda:0") == "int4"
     with pytest.raises(ValueError, match="CPU or CUDA"):
-        resolve("int8", tiny_models["llama3"], "auto", "mps")
+        resolve("int8", llama_dir, "auto", "mps")
     assert compute_dtypes("auto", "int4", "cuda") == ("bfloat16", "bfloat16")
     assert compute_dtypes("float32", "int8", "cuda") == ("float32", "bfloat16")
     assert compute_dtypes("auto", "int4", "cpu") == ("float32", "bfloat16")
