@@ -16,7 +16,8 @@ from helpers import relative_error
 from swarm_node.engine import quant, quant_cuda
 from swarm_node.engine.loading import load_slice, model_bytes
 from swarm_node.engine.model import SeqChunk
-from swarm_proto.weight_format import GROUP
+from swarm_proto.model_args import read_args
+from swarm_proto.weight_format import GROUP, format_layer_bytes
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # Shapes whose K' take every inner k-tiling: 4096 (8 tiles of 16), 576 (4), 96 (2).
@@ -156,6 +157,8 @@ def test_cuda_slice_follows_the_cpu_slice(llama_dir: Path, weights: str) -> None
     layer = gpu.layers[0].feed_forward.w13
     assert isinstance(layer, quant_cuda.CudaQuantLinear)
     assert quant.module_bytes(layer) == quant.held_bytes(weights, (2 * FF, C), torch.bfloat16)
+    # what the node budgets and reports per layer (agent: format_layer_bytes at the kernel dtype)
+    assert quant.module_bytes(gpu.layers[0]) == format_layer_bytes(read_args(llama_dir), "bfloat16", weights)
 
     ids = torch.randint(3, V, (24,), generator=torch.Generator().manual_seed(5))
     assert relative_error(_logits(gpu, ids), _logits(cpu, ids)) < 5e-2
