@@ -22,11 +22,21 @@ llama.cpp is a bench-only dependency, built outside the repository (never in `ma
     cmake --build build -j2 --target llama-bench
 
     PYTHONPATH=proto:node .venv/bin/python bench/quant.py [--threads 1,2] [--runs 3] [--models smollm2,1b-q4_0,1b-q8_0]
+
+On a CUDA machine, ``--gpu`` runs the GPU rows instead: a Llama-3-8B-shaped model (32
+layers, hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocabulary 128256) with random
+bfloat16 weights, written once with ``save_pretrained`` (16 GB, into --gpu-dir), then our
+engine holding it as bfloat16, int8 and int4 (``--quantize``; engine.quant_cuda): GPU
+memory held after the load and decode tokens/s at batch 1 and 16 (median of --runs runs
+of 32 steps). Needs torch with CUDA, transformers and safetensors; no gguf:
+
+    PYTHONPATH=proto:node python bench/quant.py --gpu [--gpu-dir DIR] [--budget 170]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -221,6 +231,92 @@ def print_table(results: list[dict[str, Any]]) -> None:
               f"{r['weights_bytes'] / 1e6:8.1f} {r['weights_vs_file']:7.2f} {ratio:>16}")
 
 
+SHAPE_8B = {"layers": 32, "hidden": 4096, "mlp": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256}
+GPU_VARIANTS = {"int4": "int4", "bfloat16": "float", "int8": "int8"}  # engine -> weight format, in run order
+
+
+def write_8b(out: Path) -> Path:
+    """A random Llama-3-8B-shaped bfloat16 checkpoint (built on the GPU), written once."""
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    s = SHAPE_8B
+    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                      max_position_embeddings=8192, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, max_shard_size="4GB")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    tmp.rename(out)
+    return out
+
+
+def gpu_decode(model: Any, batch: int, steps: int) -> float:
+    """Decode tokens/s: `batch` sequences of 16 prompt tokens, then `steps` greedy steps."""
+    from swarm_node.engine.model import SeqChunk
+
+    caches = [model.new_cache(16 + steps) for _ in range(batch)]
+    prompt = torch.arange(3, 19, device=model.device).repeat(batch)
+    logits = model(prompt, [SeqChunk(c, 0, 16) for c in caches])
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        logits = model(logits.argmax(-1), [SeqChunk(c, c.length, 1) for c in caches])
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t)
+
+
+def bench_gpu(root: Path, runs: int, steps: int, budget_s: float, engines: list[str]) -> list[dict[str, Any]]:
+    """The GPU rows, printed as they come; engines left when `budget_s` has passed are skipped."""
+    from swarm_node.engine.loading import load_slice, model_bytes
+
+    t0 = time.perf_counter()
+    path = write_8b(root)
+    print(f"checkpoint {path} ready after {time.perf_counter() - t0:.0f} s", flush=True)
+    results: list[dict[str, Any]] = []
+    for engine in engines:
+        if time.perf_counter() - t0 > budget_s:
+            print(f"{engine}: skipped (time box of {budget_s:.0f} s spent)", flush=True)
+            continue
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t = time.perf_counter()
+        model = load_slice(path, 0, SHAPE_8B["layers"], dtype=torch.bfloat16, weights=GPU_VARIANTS[engine], device="cuda")
+        torch.cuda.synchronize()
+        row: dict[str, Any] = {
+            "model": "llama3-8b-random", "engine": engine, "device": torch.cuda.get_device_name(),
+            "load_s": time.perf_counter() - t, "gpu_bytes": torch.cuda.memory_allocated() - base,
+            "gpu_peak_load_bytes": torch.cuda.max_memory_allocated() - base, "weights_bytes": model_bytes(model),
+        }
+        for batch in (1, 16):
+            gpu_decode(model, batch, 4)  # warm-up
+            samples = [gpu_decode(model, batch, steps) for _ in range(runs)]
+            row[f"decode_b{batch}"] = statistics.median(samples)
+            row.setdefault("samples", {})[f"decode_b{batch}"] = samples
+        results.append(row)
+        print(f"{engine}: {json.dumps({k: v for k, v in row.items() if k != 'samples'})}", flush=True)
+        del model
+    print(f"GPU rows done after {time.perf_counter() - t0:.0f} s", flush=True)
+    return results
+
+
+def print_gpu_table(results: list[dict[str, Any]]) -> None:
+    ref = {r["engine"]: r for r in results}.get("bfloat16")
+    print(f"{'engine':9} {'GB on GPU':>9} {'GB wts':>7} {'dec b1':>8} {'dec b16':>8} {'b1 vs bf16':>10} {'load s':>7}")
+    for r in results:
+        ratio = f"{r['decode_b1'] / ref['decode_b1']:.2f}x" if ref else "-"
+        print(f"{r['engine']:9} {r['gpu_bytes'] / 1e9:9.2f} {r['weights_bytes'] / 1e9:7.2f} {r['decode_b1']:8.1f} "
+              f"{r['decode_b16']:8.1f} {ratio:>10} {r['load_s']:7.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
@@ -229,8 +325,23 @@ def main() -> None:
     ap.add_argument("--no-llama", action="store_true", help="our engine only (no llama-bench binary)")
     ap.add_argument("--engines", default="float32,bfloat16,quantized",
                     help=f"our variants to run (of {','.join(VARIANTS)})")
-    ap.add_argument("--out", default="bench/results/quant.json")
+    ap.add_argument("--out", default=None, help="JSON results (default bench/results/quant.json, quant_gpu.json with --gpu)")
+    ap.add_argument("--gpu", action="store_true", help="the CUDA rows (Llama-3-8B shape) instead of the CPU ones")
+    ap.add_argument("--gpu-dir", default=str(CACHE / "llama3-8b-random"), help="where the random checkpoint is kept")
+    ap.add_argument("--gpu-engines", default=",".join(GPU_VARIANTS), help=f"of {','.join(GPU_VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per run (--gpu)")
+    ap.add_argument("--budget", type=float, default=170.0, help="seconds after which --gpu skips engines left")
     args = ap.parse_args()
+
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA device")
+        gpu_results = bench_gpu(Path(args.gpu_dir), args.runs, args.steps, args.budget, args.gpu_engines.split(","))
+        out = Path(args.out or "bench/results/quant_gpu.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"results": gpu_results, "torch": torch.__version__}, indent=1))
+        print_gpu_table(gpu_results)
+        return
 
     from swarm_proto.store import resolve_model
 
@@ -244,8 +355,9 @@ def main() -> None:
         path = smol if name == "smollm2" else write_1b(name.split("-")[1].upper(), smol)
         results += bench_model(name, path, threads, args.runs, with_llama, args.engines.split(","))
         print_table(results)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"results": results, "torch": torch.__version__}, indent=1))
+    out = Path(args.out or "bench/results/quant.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": results, "torch": torch.__version__}, indent=1))
     print_table(results)
 
 

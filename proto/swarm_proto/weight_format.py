@@ -34,8 +34,9 @@ QK_K = 256  # K-quant super-block
 def resolve(quantize: str, source: str | Path, dtype: str, device: str) -> str:
     """The weight format a node uses for ``--quantize``: ``auto`` keeps a GGUF file's
     quantization unless the dtype is float32 (the exact path) or the device is not the
-    CPU (the packed kernels are CPU ones); ``none`` dequantizes; int8/int4 quantize a
-    float checkpoint."""
+    CPU (the CUDA path for GGUF exists, engine.quant_cuda, but is not the default until
+    measured: docs/engine.md); ``none`` dequantizes; int8/int4 quantize a float
+    checkpoint, on the CPU or CUDA."""
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     gguf = is_gguf(Path(source))
@@ -46,8 +47,8 @@ def resolve(quantize: str, source: str | Path, dtype: str, device: str) -> str:
     if gguf:
         raise ValueError(f"--quantize {quantize} applies to float checkpoints; {Path(source).name} is GGUF, "
                          "whose weights stay in their own quantization (--quantize auto) or are dequantized (none)")
-    if device.split(":")[0] != "cpu":
-        raise ValueError(f"--quantize {quantize} runs on the CPU only, not on {device}")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--quantize {quantize} runs on the CPU or CUDA, not on {device}")
     return quantize
 
 
@@ -57,7 +58,12 @@ def compute_dtypes(dtype: str, fmt: str, device: str) -> tuple[str, str]:
     quantized weights on the CPU run bfloat16 kernels around float32 activations (the
     residual stream, norms, attention and KV cache stay float32); float weights run in
     bfloat16 on CUDA and in float32 elsewhere (dense bfloat16 decode measured slower than
-    float32 on the CPU here). An explicit dtype is used throughout."""
+    float32 on the CPU here). An explicit dtype is used throughout, except by quantized
+    kernels on CUDA, which take bfloat16 only (engine.quant_cuda); activations there are
+    bfloat16 by default."""
+    cuda = device.split(":")[0] == "cuda"
+    if fmt != "float" and cuda:
+        return ("bfloat16" if dtype == "auto" else dtype), "bfloat16"
     if dtype != "auto":
         return dtype, dtype
     if fmt != "float":

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from swarm_node.engine import gguf_loader, hf_loader, quant
+from swarm_node.engine import gguf_loader, hf_loader, quant, quant_cuda
 from swarm_node.engine.model import Block, Linear, ModelSlice, check_range, inv_freq
 from swarm_node.errors import ModelFormatError
 from swarm_proto.model_args import ModelArgs, is_gguf, read_args
@@ -55,11 +55,17 @@ def load_slice(
     args = read_args(path)
     check_range(args, start, end)
     if weights != "float":
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"quantized weights ({weights}) run on the CPU only, not on {device}")
+        cuda = quant_cuda.on_cuda(device)
+        if torch.device(device).type != "cpu" and not cuda:
+            raise ValueError(f"quantized weights ({weights}) run on the CPU or CUDA, not on {device}")
+        if cuda and kernel_dtype not in (None, quant_cuda.KERNEL_DTYPE):
+            raise ValueError(f"quantized weights on CUDA run bfloat16 kernels, not {kernel_dtype}")
         if (weights == "gguf") != is_gguf(path):
             raise ValueError(f"weight format {weights} does not apply to {path.name}")
-        model = _build_quantized(path, args, start, end, dtype, kernel_dtype or dtype, weights)
+        kdtype = quant_cuda.KERNEL_DTYPE if cuda else kernel_dtype or dtype
+        model = _build_quantized(path, args, start, end, dtype, kdtype, weights, device if cuda else None)
+        if cuda:
+            model = model.to(device)  # the float parts (norms, a dense head); packed matrices are there already
         _return_freed_memory()
         log.info("loaded layers [%d, %d) of %s as %s (%.1f MB)", start, end, path.name, weights, model_bytes(model) / 1e6)
         return model
@@ -121,9 +127,11 @@ def _return_freed_memory() -> None:
 
 
 def _build_quantized(
-    path: Path, args: ModelArgs, start: int, end: int, dtype: torch.dtype, kdtype: torch.dtype, fmt: str
+    path: Path, args: ModelArgs, start: int, end: int, dtype: torch.dtype, kdtype: torch.dtype, fmt: str,
+    cuda: torch.device | str | None = None,
 ) -> ModelSlice:
-    """Layers [start, end) with quantized matrices, built one matrix at a time."""
+    """Layers [start, end) with quantized matrices, built one matrix at a time (on the
+    GPU `cuda` when given: engine.quant_cuda; the float parts stay on the CPU)."""
     gguf = fmt == "gguf"
     floats: dict[str, torch.Tensor] = {}
     if not gguf:
@@ -160,20 +168,27 @@ def _build_quantized(
             if not kept_quantized(fmt, (w.shape[0], w.shape[1])):
                 _warn_once(f"{fmt} for shape {tuple(w.shape)}")
                 return dense(w, bias)
+            if cuda is not None:
+                return quant_cuda.linear_from_float(w, bits, cuda, bias)
             return quant.linear_from_float(w, bits, kdtype, None if bias is None else bias.to(kdtype))
         parts = [read(n) for n in names]
         k = int(parts[0][1].shape[1]) if parts[0][0] in ("F32", "F16") else _gguf_cols(path, names[0])
         mods: list[nn.Module] = []
         kept = [p for p in parts if kept_quantized(p[0], (p[1].shape[0], k))]
         if len(kept) == len(parts):
-            mod = quant.linear_from_gguf(parts, k, kdtype, None if bias is None else bias.to(kdtype), refine_top)
+            if cuda is not None:
+                mod = quant_cuda.linear_from_gguf(parts, k, cuda, bias)
+            else:
+                mod = quant.linear_from_gguf(parts, k, kdtype, None if bias is None else bias.to(kdtype), refine_top)
             _check_finite(mod, names[0])
             return mod
         col = 0
         for (kind, raw), name in zip(parts, names):
             b = None if bias is None else bias[col : col + raw.shape[0]]
             col += raw.shape[0]
-            if kept_quantized(kind, (raw.shape[0], k)):
+            if kept_quantized(kind, (raw.shape[0], k)) and cuda is not None:
+                mods.append(quant_cuda.linear_from_gguf([(kind, raw)], k, cuda, b))
+            elif kept_quantized(kind, (raw.shape[0], k)):
                 mods.append(quant.linear_from_gguf([(kind, raw)], k, kdtype, None if b is None else b.to(kdtype)))
             else:
                 if kind not in ("F32", "F16"):
@@ -241,7 +256,7 @@ def _embedding(model: ModelSlice, args: ModelArgs, gguf: bool, tail: bool, make:
         table = model.lm_head
     elif gguf:
         table = make([name], refine_top=HEAD_REFINE_TOP)  # its residual: the rows are exact, as the tied head's
-    if isinstance(table, quant.GroupedInt8Linear) or (
+    if isinstance(table, (quant.GroupedInt8Linear, quant_cuda.CudaQuantLinear)) or (
         isinstance(table, quant.QuantLinear) and quant.packed_layout_known()
     ):
         return quant.QuantEmbedding(table, dtype)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm_node.engine import quant
+from swarm_node.engine import quant, quant_cuda
 from swarm_node.engine.model import ModelSlice, SeqChunk, inv_freq
 from swarm_proto.model_args import ModelArgs, layer_bytes
 from swarm_proto.weight_format import gguf_types, kept_quantized
@@ -117,7 +117,9 @@ def measure(
             for owner, name in ((block.attention, "wqkv"), (block.attention, "wo"), (block.feed_forward, "w13"),
                                 (block.feed_forward, "w2")):
                 w = getattr(owner, name).weight
-                if kept_quantized(f"int{bits}", tuple(w.shape)):
+                if kept_quantized(f"int{bits}", tuple(w.shape)) and device.type == "cuda":
+                    setattr(owner, name, quant_cuda.linear_from_float(w, bits, device))
+                elif kept_quantized(f"int{bits}", tuple(w.shape)):
                     setattr(owner, name, quant.linear_from_float(w.float().cpu(), bits, kernel_dtype or dtype))
     g = torch.Generator(device="cpu").manual_seed(0)
     cache = model.new_cache(context + prefill_chunk + 64)
