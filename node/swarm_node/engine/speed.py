@@ -118,7 +118,8 @@ def measure(
                                 (block.feed_forward, "w2")):
                 w = getattr(owner, name).weight
                 if kept_quantized(f"int{bits}", tuple(w.shape)):
-                    setattr(owner, name, quant.linear_from_float(w.float().cpu(), bits, kernel_dtype or dtype))
+                    kd = kernel_dtype or dtype
+                    setattr(owner, name, quant.linear_from_float(w.float().cpu(), bits, kd, spread=quant.layer_spread(kd)))
     g = torch.Generator(device="cpu").manual_seed(0)
     cache = model.new_cache(context + prefill_chunk + 64)
     # The fastest quarter of many short runs: what the node does when it has the
