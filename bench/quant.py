@@ -60,6 +60,8 @@ VARIANTS: dict[str, tuple[torch.dtype, str, torch.dtype | None]] = {
     "quantized": (torch.float32, "gguf", torch.bfloat16),  # the node's default on CPU
     # the same without batch invariance (causal prefill kernel, pooled batched decode): its price
     "quantized-noinv": (torch.float32, "gguf", torch.bfloat16),
+    # the same without the layers' rounding spread (engine.quant.SPREAD): its price
+    "quantized-nospread": (torch.float32, "gguf", torch.bfloat16),
 }
 
 
@@ -133,13 +135,18 @@ def write_1b(kind: str, donor: Path) -> Path:
 
 
 def ours(path: Path, dtype: torch.dtype, weights: str, kdtype: torch.dtype | None,
-         invariant: bool = True) -> tuple[Any, dict[str, Callable[[int], float]]]:
+         invariant: bool = True, spread: bool = True) -> tuple[Any, dict[str, Callable[[int], float]]]:
+    from swarm_node.engine import quant
     from swarm_node.engine.loading import load_slice
     from swarm_node.engine.model import SeqChunk
     from swarm_proto.model_args import read_args
 
     model = load_slice(path, 0, read_args(path).num_layers, dtype=dtype, weights=weights, kernel_dtype=kdtype)
     model.batch_invariant = model.batch_invariant and invariant
+    if not spread:
+        for m in model.modules():
+            if isinstance(m, quant.QuantLinear):
+                m.spread = None
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 1000, (128,), generator=gen)
 
@@ -190,7 +197,8 @@ def bench_model(
     held: dict[str, int] = {}
     for variant in variants:
         dtype, weights, kdtype = VARIANTS[variant]
-        model, fns = ours(path, dtype, weights, kdtype, invariant=not variant.endswith("-noinv"))
+        model, fns = ours(path, dtype, weights, kdtype, invariant=not variant.endswith("-noinv"),
+                          spread=not variant.endswith("-nospread"))
         engines[variant] = fns  # type: ignore[assignment]
         held[variant] = model_bytes(model)
     file_bytes = file_tensor_bytes(path)

@@ -85,11 +85,12 @@ def test_a_route_of_slices_equals_the_whole(default_model: Path, ids: torch.Tens
     assert torch.equal(x, stepped[:PROMPT])
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_the_int4_kernel_computes_each_row_on_its_own(bits: int) -> None:
-    """The premise: PyTorch's int4 kernel gives a row the same bits alone or among others."""
+@pytest.mark.parametrize("bits,spread", [(4, ()), (8, ()), (4, quant.SPREAD), (8, quant.SPREAD)])
+def test_the_int4_kernel_computes_each_row_on_its_own(bits: int, spread: tuple[float, ...]) -> None:
+    """The premise: PyTorch's int4 kernel gives a row the same bits alone or among others
+    (with the rounding spread too: its rows lie R times in one call)."""
     gen = torch.Generator().manual_seed(bits)
-    lin = quant.linear_from_float(torch.randn(192, 320, generator=gen) * 0.05, bits, torch.bfloat16)
+    lin = quant.linear_from_float(torch.randn(192, 320, generator=gen) * 0.05, bits, torch.bfloat16, spread=spread)
     x = torch.randn(70, 320, generator=gen)
     alone = torch.cat([lin(x[i : i + 1].clone()) for i in range(len(x))])
     for m in (2, 3, 5, 8, 17, 70):

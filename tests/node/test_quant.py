@@ -77,3 +77,22 @@ def test_quantize_float_weights_groupwise() -> None:
 
 def test_packed_layout_is_read_back() -> None:
     assert quant.packed_layout_known()
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_rounding_spread_brings_bfloat16_kernels_closer_to_exact(kind: str) -> None:
+    """Three scaled input rows per call, summed in float32 (quant.SPREAD): the bfloat16
+    roundings of input and output average out (expected error ratio ~0.6)."""
+    rng = np.random.default_rng(1)
+    raw = _random_blocks(kind, rng)
+    ref_w = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(N, K).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((64, K)).astype(np.float32))
+    ref = F.linear(x.double(), ref_w.double())
+    plain = quant.linear_from_gguf([(kind, raw)], K, torch.bfloat16)
+    spread = quant.linear_from_gguf([(kind, raw)], K, torch.bfloat16, spread=quant.SPREAD)
+    assert quant.module_bytes(spread) == quant.module_bytes(plain)  # settings, not weights
+    e_plain = float((plain(x).double() - ref).norm())
+    e_spread = float((spread(x).double() - ref).norm())
+    assert spread(x).dtype == torch.float32
+    assert e_spread < 0.85 * e_plain, (e_spread, e_plain)
+    assert quant.layer_spread(torch.float32) == () and quant.layer_spread(torch.bfloat16) == quant.SPREAD

@@ -2,14 +2,14 @@
 float32 activations), against transformers on the dequantized weights: teacher-forced
 next-token distributions over 256 positions of 3 texts.
 
-The issue asked for top-1 agreement >= 99%; measured here it is 98.57% (11 of 768
-positions; mean KL 4.4e-4, twenty times under its 1e-2 bound). The weights are exact;
-what flips near-tied argmaxes is bfloat16 rounding of the kernels' inputs, scales and
-outputs. The LM head recomputes each position's top 16 logits in float32 from the file's
-exact scales (from 97.5%, KL 8.6e-4; exact embedding rows alone: 97.5%, KL 8.4e-4);
-the 30 layers' bfloat16 kernels account for the rest. The bound below is the
-measured level with a margin of four positions for other CPUs' kernels; the KL bound
-is the issue's."""
+Measured here: top-1 99.35% (5 of 768 positions), mean KL 2.9e-4 (thirty times under
+its 1e-2 bound). The weights are exact; what flips near-tied argmaxes is bfloat16
+rounding of the kernels' inputs, scales and outputs. The LM head recomputes each
+position's top 16 logits in float32 from the file's exact scales (97.5% -> 98.57%), and
+the layers run the rounding spread (engine.quant: three scaled copies of each input in
+one kernel call, summed in float32; 98.57% -> 99.35%, and 98.96% -> 99.61% on 768
+held-out positions, docs/engine.md). The bounds are the issue's: the margin over 99% is
+two positions, so another CPU's kernel may land a flip or two apart."""
 
 from __future__ import annotations
 
@@ -85,5 +85,5 @@ def test_quantized_smollm2_agrees_with_transformers(default_model: Path, default
         kls.append((p.exp() * (p - q)).sum(-1))
     top1 = float(torch.cat(agree).mean())
     kl = float(torch.cat(kls).mean())
-    assert top1 >= 0.98, (top1, kl)
+    assert top1 >= 0.99, (top1, kl)
     assert kl <= 1e-2, (top1, kl)

@@ -161,7 +161,9 @@ def _build_quantized(
         return gguf_loader.read_tensors(path, args, [name])[name]
 
     def make(names: list[str], bias_names: Sequence[str] = (), refine_top: int = 0) -> nn.Module:
-        """One linear layer over the matrices `names` stacked along the output."""
+        """One linear layer over the matrices `names` stacked along the output (a layer
+        matrix gets the rounding spread, see engine.quant; the head refines instead)."""
+        spread = () if refine_top else quant.layer_spread(kdtype)
         bias = torch.cat([floats.pop(b) if not gguf else dequantized(b) for b in bias_names]) if bias_names else None
         if not gguf:
             w = torch.cat([floats.pop(n) for n in names])
@@ -170,7 +172,7 @@ def _build_quantized(
                 return dense(w, bias)
             if cuda is not None:
                 return quant_cuda.linear_from_float(w, bits, cuda, bias)
-            return quant.linear_from_float(w, bits, kdtype, None if bias is None else bias.to(kdtype))
+            return quant.linear_from_float(w, bits, kdtype, None if bias is None else bias.to(kdtype), spread)
         parts = [read(n) for n in names]
         k = int(parts[0][1].shape[1]) if parts[0][0] in ("F32", "F16") else _gguf_cols(path, names[0])
         mods: list[nn.Module] = []
@@ -179,7 +181,8 @@ def _build_quantized(
             if cuda is not None:
                 mod = quant_cuda.linear_from_gguf(parts, k, cuda, bias)
             else:
-                mod = quant.linear_from_gguf(parts, k, kdtype, None if bias is None else bias.to(kdtype), refine_top)
+                mod = quant.linear_from_gguf(parts, k, kdtype, None if bias is None else bias.to(kdtype), refine_top,
+                                             spread)
             _check_finite(mod, names[0])
             return mod
         col = 0
@@ -189,7 +192,8 @@ def _build_quantized(
             if kept_quantized(kind, (raw.shape[0], k)) and cuda is not None:
                 mods.append(quant_cuda.linear_from_gguf([(kind, raw)], k, cuda, b))
             elif kept_quantized(kind, (raw.shape[0], k)):
-                mods.append(quant.linear_from_gguf([(kind, raw)], k, kdtype, None if b is None else b.to(kdtype)))
+                mods.append(quant.linear_from_gguf([(kind, raw)], k, kdtype, None if b is None else b.to(kdtype),
+                                                   spread=spread))
             else:
                 if kind not in ("F32", "F16"):
                     _warn_once(kind)

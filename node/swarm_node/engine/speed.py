@@ -120,7 +120,8 @@ def measure(
                 if kept_quantized(f"int{bits}", tuple(w.shape)) and device.type == "cuda":
                     setattr(owner, name, quant_cuda.linear_from_float(w, bits, device))
                 elif kept_quantized(f"int{bits}", tuple(w.shape)):
-                    setattr(owner, name, quant.linear_from_float(w.float().cpu(), bits, kernel_dtype or dtype))
+                    kd = kernel_dtype or dtype
+                    setattr(owner, name, quant.linear_from_float(w.float().cpu(), bits, kd, spread=quant.layer_spread(kd)))
     g = torch.Generator(device="cpu").manual_seed(0)
     cache = model.new_cache(context + prefill_chunk + 64)
     # The fastest quarter of many short runs: what the node does when it has the
