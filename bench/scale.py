@@ -159,7 +159,7 @@ def summary(r: dict[str, Any]) -> str:
     at = "; ".join(
         f"{m}: p50 {s['route_p50_ms']:.2f} ms p99 {s['route_p99_ms']:.2f} ms "
         f"(CPU p50 {s['route_cpu_p50_ms']:.2f} p99 {s['route_cpu_p99_ms']:.2f} ms; loop lag p50 {s.get('loop_lag_p50_ms', 0):.2f} "
-        f"p99 {s.get('loop_lag_p99_ms', 0):.2f} ms), {s['plans']} plans of {s['plan_ms_mean']:.1f} ms"
+        f"p99 {s.get('loop_lag_p99_ms', 0):.2f} max {s.get('loop_lag_max_ms', 0):.0f} ms), {s['plans']} plans of {s['plan_ms_mean']:.1f} ms"
         for m, s in r["coordinator"].items()
     )
     return (
