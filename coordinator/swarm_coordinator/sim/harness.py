@@ -117,6 +117,7 @@ class _Worker:
     proc: asyncio.subprocess.Process
     nodes: int
     joined: int = 0
+    assigned: int = 0  # its nodes that have an assignment (warm-up)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     stats: asyncio.Future[dict[str, Any]] | None = None
     reader: asyncio.Task[None] | None = None
@@ -178,6 +179,7 @@ class Harness:
         self.churn_timeline: list[tuple[float, int]] = []  # (t, churn events in that second)
         self._churn_now = 0
         self._t0 = math.inf  # start of the measured run
+        self.placed_at_start = 0  # nodes with an assignment when the measured run started
 
     # --- coordinators ------------------------------------------------------------------
 
@@ -237,6 +239,8 @@ class Harness:
             if "mask" in msg:
                 model, mask = msg["mask"]
                 self.remote[(worker.index, model)] = int(mask)
+            elif "assigned" in msg:
+                worker.assigned = int(msg["assigned"])
             elif "churn" in msg:
                 self._churn_now += int(msg["churn"])
             elif "joined" in msg:
@@ -458,7 +462,25 @@ class Harness:
                         if time.monotonic() - t0 > self.config.warmup_timeout:
                             raise
                         await asyncio.sleep(0.2)
+        # and until the coordinators have placed every node: a plan placing a burst of
+        # newcomers holds a coordinator's loop for seconds at 3,000 nodes (docs/scale.md),
+        # so the measured run starts in steady churn, not in the tail of the joins
+        while self.placed() < self.config.nodes:
+            if time.monotonic() - t0 > self.config.warmup_timeout:
+                log.warning("warm-up: %d of %d nodes placed after %.0f s; measuring anyway",
+                            self.placed(), self.config.nodes, time.monotonic() - t0)
+                break
+            await asyncio.sleep(0.2)
+        self.placed_at_start = self.placed()
         return time.monotonic() - t0
+
+    def assigned(self) -> int:
+        """This process's live nodes that have received an assignment (a range or none)."""
+        return sum(node.presence.assignment is not None for node, _, _ in self.live.values())
+
+    def placed(self) -> int:
+        """Nodes with an assignment, here and in the workers (as they last reported)."""
+        return self.assigned() + sum(w.assigned for w in self.workers)
 
     async def run(self) -> dict[str, Any]:
         cfg = self.config
@@ -500,6 +522,7 @@ class Harness:
             "simulated_minutes": round(elapsed * cfg.speedup / 60, 1),
             "mean_lifetime_min": cfg.mean_lifetime / 60,
             "warmup_s": round(warm, 1),
+            "placed_at_start": self.placed_at_start,
             "coverage": {r.model.name: round(r.covered / max(1, r.samples), 5) for r in self.runs},
             "samples": {r.model.name: r.samples for r in self.runs},
             "routes": {"ok": self.route_ok, "failed": self.route_failed, "errors": self.route_errors,

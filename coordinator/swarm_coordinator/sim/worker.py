@@ -5,7 +5,8 @@
 ``models``; ``broker``; ``index``), then commands, one JSON object a line:
 ``join`` (join the initial nodes), ``start`` (churn begins), ``stop`` (churn stops; the
 counts are reported), ``exit`` (every node leaves; the process ends). On stdout, one JSON
-object a line: ``{"joined": n[, "done": true]}``, ``{"mask": [model, bits]}`` whenever
+object a line: ``{"joined": n[, "done": true]}``, ``{"assigned": n}`` (its nodes with an assignment,
+as that changes, from ``join`` to ``start``), ``{"mask": [model, bits]}`` whenever
 the layers its nodes serve change, ``{"churn": n}`` every second with churn, and
 ``{"stats": {...}}`` after ``stop``.
 
@@ -41,6 +42,17 @@ async def _ticker(harness: Harness) -> None:
             harness._churn_now = 0
 
 
+async def _report_assigned(harness: Harness) -> None:
+    """During warm-up: how many of this worker's nodes have an assignment, as it changes."""
+    last = -1
+    while True:
+        now = harness.assigned()
+        if now != last:
+            _emit({"assigned": now})
+            last = now
+        await asyncio.sleep(0.2)
+
+
 async def main() -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_crashes)
@@ -51,13 +63,17 @@ async def main() -> None:
     config = SimConfig(**{**spec["config"], "models": models})
     harness = Harness(config, spec["broker"], workdir=Path("."), worker=int(spec["index"]), emit=_emit)
     ticker: asyncio.Task[None] | None = None
+    placing: asyncio.Task[None] | None = None
     try:
         async for line in reader:
             command = json.loads(line)["cmd"]
             if command == "join":
                 await harness.join_initial()
                 _emit({"joined": len(harness.live), "done": True})
+                placing = loop.create_task(_report_assigned(harness))
             elif command == "start":
+                if placing is not None:
+                    placing.cancel()
                 harness.start_churn()
                 ticker = loop.create_task(_ticker(harness))
             elif command == "stop":
