@@ -102,6 +102,9 @@ class SimConfig:
     procs: int = 1  # processes hosting the nodes: 1, this one; K > 1, K worker processes (none here)
 
 
+PLACED_QUIET_S = 5.0  # warm-up: placement is over when no node got an assignment for this long
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return math.nan
@@ -462,10 +465,15 @@ class Harness:
                         if time.monotonic() - t0 > self.config.warmup_timeout:
                             raise
                         await asyncio.sleep(0.2)
-        # and until the coordinators have placed every node: a plan placing a burst of
-        # newcomers holds a coordinator's loop for seconds at 3,000 nodes (docs/scale.md),
-        # so the measured run starts in steady churn, not in the tail of the joins
-        while self.placed() < self.config.nodes:
+        # and until the coordinators have placed the newcomers: a plan placing a burst of
+        # them holds a coordinator's loop for seconds at 3,000 nodes (docs/scale.md), so the
+        # measured run starts in steady churn, not in the tail of the joins. Spare nodes
+        # beyond the replicas may never get an assignment: placement is done when every
+        # node has one or the count has not moved for PLACED_QUIET_S.
+        last, since = -1, time.monotonic()
+        while self.placed() < self.config.nodes and time.monotonic() - since < PLACED_QUIET_S:
+            if self.placed() != last:
+                last, since = self.placed(), time.monotonic()
             if time.monotonic() - t0 > self.config.warmup_timeout:
                 log.warning("warm-up: %d of %d nodes placed after %.0f s; measuring anyway",
                             self.placed(), self.config.nodes, time.monotonic() - t0)
