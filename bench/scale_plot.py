@@ -3,8 +3,9 @@
 Reads the JSON that ``bench/scale.py --json`` writes (one run or a ``--sweep`` list; any
 number of files) and, optionally, a ``--micro`` JSON; draws GetRoute latency at the
 coordinator (p50 and p99 wall time, p99 CPU time, per model) and the in-process route
-computation against the node count, log-log. Runs that failed (a size the machine could
-not host) are passed as ``--failed N`` and marked on the axis.
+computation against the node count, log-log; several runs of one size give one point,
+their median. Runs that failed (a size the machine could not host) are passed as
+``--failed N`` and marked on the axis.
 
     .venv/bin/python bench/scale_plot.py bench/results/scale-sweep.json bench/results/scale-1000.json \\
         --micro bench/results/scale-micro.json --out docs/scale-latency.png
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,22 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
         data = json.loads(path.read_text())
         runs.extend(data if isinstance(data, list) else [data])
     return sorted(runs, key=lambda r: r["nodes"])
+
+
+def median_per_size(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per node count: each model's latency figures, the median over the runs
+    of that size (the mean of the middle two for an even number of runs)."""
+    keys = ("route_p50_ms", "route_p99_ms", "route_cpu_p99_ms")
+    out: list[dict[str, Any]] = []
+    for n in sorted({r["nodes"] for r in runs}):
+        same = [r for r in runs if r["nodes"] == n]
+        models = sorted({m for r in same for m in r["coordinator"]})
+        coordinator = {
+            m: {k: statistics.median(r["coordinator"][m][k] for r in same if m in r["coordinator"]) for k in keys}
+            for m in models
+        }
+        out.append({"nodes": n, "runs": len(same), "coordinator": coordinator})
+    return out
 
 
 def plot(runs: list[dict[str, Any]], micro: list[dict[str, Any]], failed: list[int], out: Path) -> None:
@@ -69,7 +87,7 @@ def main() -> None:
     args = p.parse_args()
     micro = json.loads(args.micro.read_text()) if args.micro else []
     failed = [int(n) for n in args.failed.split(",") if n]
-    plot(load_runs(args.results), micro, failed, args.out)
+    plot(median_per_size(load_runs(args.results)), micro, failed, args.out)
 
 
 if __name__ == "__main__":

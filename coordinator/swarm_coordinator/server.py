@@ -225,6 +225,7 @@ class CoordinatorServer(Service):
             "route_cpu_p99_ms": pct(0.99, cpu),
             "loop_lag_p50_ms": pct(0.5, lag),  # a request's wait before its handler, roughly
             "loop_lag_p99_ms": pct(0.99, lag),
+            "loop_lag_max_ms": round(1000 * lag[-1], 3) if lag else 0.0,  # the longest stall (last 200 s)
             "plans": planner.runs if planner else 0,
             "plan_ms_mean": round(1000 * planner.plan_seconds / planner.runs, 3) if planner and planner.runs else 0.0,
             "reloads": planner.reloads if planner else 0,

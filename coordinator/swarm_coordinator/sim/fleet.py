@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from swarm_proto.presence import Assign, LayerRange, NodeLoad, NodeState, NodeStatus
@@ -91,9 +92,14 @@ class SimNode:
         load_interval: float = 2.0,
         keepalive: int = 10,
         token: str = "",
+        on_serving: Callable[[SimNode, LayerRange | None], None] | None = None,
     ) -> None:
         """``token``: the swarm token; the node's fresh key carries its proof of membership
-        (swarm_proto.trust), so a coordinator with a token admits it like a real node."""
+        (swarm_proto.trust), so a coordinator with a token admits it like a real node.
+        ``on_serving(node, span)`` is called as the node starts or stops serving (the
+        moment its status changes, as :attr:`serving` does), so a caller can keep count
+        without polling every node."""
+        self.on_serving = on_serving
         self.profile = profile
         self.layer_bytes = layer_bytes
         self.load_s_per_layer = load_s_per_layer
@@ -148,13 +154,20 @@ class SimNode:
         """Load what was assigned (LOADING for a while), then serve it (READY)."""
         status = self.presence.status
         if assign.layers is None:
+            self._serving(None)
             await self.presence.set_status(replace(status, hosted=None, state=NodeState.STARTING))
             return
         self.loads += 1
+        self._serving(None)
         await self.presence.set_status(replace(status, model=assign.model, state=NodeState.LOADING))
         await asyncio.sleep(len(assign.layers) * self.load_s_per_layer)
         status = self.presence.status
+        self._serving(assign.layers)
         await self.presence.set_status(replace(status, hosted=assign.layers, state=NodeState.READY))
+
+    def _serving(self, span: LayerRange | None) -> None:
+        if self.on_serving is not None:
+            self.on_serving(self, span)
 
     async def leave(self, timeout: float = 10.0) -> None:
         """Graceful: offline status, clean disconnect (no Will)."""

@@ -8,8 +8,15 @@ real gRPC, and a sampler of coverage. Time is compressed by ``speedup`` (simulat
 seconds per real second): lifetimes, load times, the reload window and the rebalance
 interval are divided by it; MQTT keepalives and heartbeats stay real.
 
+With ``procs > 1`` the nodes run in that many worker processes instead (:mod:`.worker`,
+:mod:`.shard`), each node still with its own MQTT connection and Last Will; the harness
+keeps the coordinators, the route load, the sampler and the figures, and merges the
+workers' counts.
+
 Coverage is ground truth, from the simulated nodes themselves: at each sample, is every
-layer of the model served by a live node that reports READY with it? Routes are what
+layer of the model served by a live node that reports READY with it? (Each process counts
+its nodes' served layers as their states change, :class:`.shard.ServedLayers`, and the
+sampler ORs the processes' masks.) Routes are what
 the coordinator answers. Reloads are counted at the nodes (an assignment that moves a
 node already hosting a range), per node-hour of simulated time.
 
@@ -28,15 +35,18 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from swarm_coordinator.sim.fleet import SimNode, draw_profile
+from swarm_coordinator.sim.shard import ServedLayers, shares
 from swarm_proto import swarm_pb2, swarm_pb2_grpc
 from swarm_proto.model_args import ModelArgs, layer_bytes
+from swarm_proto.presence import LayerRange
 from swarm_proto.presence_client import BrokerAddress
 from swarm_proto.transport import call_metadata
 
@@ -89,6 +99,10 @@ class SimConfig:
     warmup_timeout: float = 120.0
     join_batch: int = 50  # initial joins in flight at once
     token: str = "sim-token"  # the swarm token: nodes are admitted by its proof, routes carry it ("": open swarms)
+    procs: int = 1  # processes hosting the nodes: 1, this one; K > 1, K worker processes (none here)
+
+
+PLACED_QUIET_S = 5.0  # warm-up: placement is over when no node got an assignment for this long
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -96,6 +110,24 @@ def percentile(values: list[float], q: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class _Worker:
+    """A worker process hosting a share of the nodes (:mod:`.worker`)."""
+
+    index: int
+    proc: asyncio.subprocess.Process
+    nodes: int
+    joined: int = 0
+    assigned: int = 0  # its nodes that have an assignment (warm-up)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    stats: asyncio.Future[dict[str, Any]] | None = None
+    reader: asyncio.Task[None] | None = None
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": command}).encode() + b"\n")
 
 
 @dataclass
@@ -111,8 +143,24 @@ class _ModelRun:
 class Harness:
     """``async with Harness(config, broker_url) as h: report = await h.run()``."""
 
-    def __init__(self, config: SimConfig, broker_url: str, *, workdir: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: SimConfig,
+        broker_url: str,
+        *,
+        workdir: Path | None = None,
+        worker: int = -1,
+        emit: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """``worker >= 0`` and ``emit``: this is worker process ``worker`` of a harness
+        (:mod:`.worker`): node ids get its number, and each change of the layers its
+        nodes serve is sent with ``emit``."""
         self.config = config
+        self._prefix = "sim" if worker < 0 else f"sim{worker}x"
+        self._emit = emit
+        self.served = {m.name: ServedLayers(m.num_layers) for m in config.models}
+        self.remote: dict[tuple[int, str], int] = {}  # (worker, model) -> its mask of served layers
+        self.workers: list[_Worker] = []
         self.broker_url = broker_url
         self.broker = BrokerAddress.parse(broker_url)
         self.rng = random.Random(config.seed)
@@ -134,6 +182,7 @@ class Harness:
         self.churn_timeline: list[tuple[float, int]] = []  # (t, churn events in that second)
         self._churn_now = 0
         self._t0 = math.inf  # start of the measured run
+        self.placed_at_start = 0  # nodes with an assignment when the measured run started
 
     # --- coordinators ------------------------------------------------------------------
 
@@ -163,17 +212,80 @@ class Harness:
             if not line:
                 raise RuntimeError(f"coordinator of {run.model.name} did not start: see {log_file.name}")
             run.address = f"127.0.0.1:{port}"
+        if cfg.procs > 1:
+            await self._start_workers()
         return self
+
+    async def _start_workers(self) -> None:
+        cfg = self.config
+        batch = max(1, math.ceil(cfg.join_batch / cfg.procs))  # the same joins in flight in all
+        for index, nodes in enumerate(shares(cfg.nodes, cfg.procs)):
+            sub = replace(cfg, nodes=nodes, procs=1, join_batch=batch, seed=cfg.seed * 1000 + index + 1)
+            spec = {"config": {k: v for k, v in asdict(sub).items() if k != "models"},
+                    "models": [asdict(m) for m in cfg.models], "broker": self.broker_url, "index": index}
+            log_file = (self.workdir / f"worker{index}.log").open("w")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "swarm_coordinator.sim.worker", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            worker = _Worker(index, proc, nodes, stats=asyncio.get_running_loop().create_future())
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(spec).encode() + b"\n")
+            worker.reader = asyncio.get_running_loop().create_task(self._read_worker(worker))
+            self.workers.append(worker)
+
+    async def _read_worker(self, worker: _Worker) -> None:
+        """Fold one worker's reports in: masks of served layers, churn, joins, final counts."""
+        assert worker.proc.stdout is not None
+        async for line in worker.proc.stdout:
+            msg = json.loads(line)
+            if "mask" in msg:
+                model, mask = msg["mask"]
+                self.remote[(worker.index, model)] = int(mask)
+            elif "assigned" in msg:
+                worker.assigned = int(msg["assigned"])
+            elif "churn" in msg:
+                self._churn_now += int(msg["churn"])
+            elif "joined" in msg:
+                worker.joined = int(msg["joined"])
+                if msg.get("done"):
+                    worker.ready.set()
+            elif "stats" in msg and worker.stats is not None and not worker.stats.done():
+                worker.stats.set_result(msg["stats"])
+        if worker.stats is not None and not worker.stats.done():
+            worker.stats.set_exception(RuntimeError(f"simulator worker {worker.index} exited: see worker{worker.index}.log"))
+        worker.ready.set()
+
+    async def _stop_workers(self) -> None:
+        for worker in self.workers:
+            if worker.proc.returncode is None:
+                try:
+                    worker.send("exit")
+                except (ConnectionError, RuntimeError):
+                    pass
+        for worker in self.workers:
+            try:
+                await asyncio.wait_for(worker.proc.wait(), 60)
+            except asyncio.TimeoutError:
+                worker.proc.kill()
+                await worker.proc.wait()
+            if worker.reader is not None:
+                await asyncio.gather(worker.reader, return_exceptions=True)
+        self.workers.clear()
 
     async def __aexit__(self, *exc: object) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(node.leave() for node, _, _ in self.live.values()), return_exceptions=True)
-        self.live.clear()
+        await self.leave_all()
+        await self._stop_workers()
         await self._stop_coordinators()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+    async def leave_all(self) -> None:
+        await asyncio.gather(*(node.leave() for node, _, _ in self.live.values()), return_exceptions=True)
+        self.live.clear()
 
     async def _stop_coordinators(self) -> dict[str, dict[str, Any]]:
         """SIGTERM each coordinator; returns the stats line each logs as it stops."""
@@ -208,17 +320,23 @@ class Harness:
         run = self._pick_model()
         self._serial += 1
         node = SimNode(
-            self.broker, run.model.name, run.model.name, f"sim{self._serial:05d}", draw_profile(self.rng),
+            self.broker, run.model.name, run.model.name, f"{self._prefix}{self._serial:05d}", draw_profile(self.rng),
             run.model.layer_bytes, self.rng, load_s_per_layer=self.config.load_s_per_layer / self.config.speedup,
-            token=self.config.token,
+            token=self.config.token, on_serving=lambda node, span, run=run: self._on_serving(run, node, span),
         )
         await node.join()
         self.live[node.node_id] = (node, run, time.monotonic())
         self.joins += 1
         return node.node_id
 
+    def _on_serving(self, run: _ModelRun, node: SimNode, span: LayerRange | None) -> None:
+        served = self.served[run.model.name]
+        if served.set(node.node_id, span) and self._emit is not None:
+            self._emit({"mask": [run.model.name, served.mask]})
+
     async def _exit(self, node_id: str) -> None:
-        node, _, joined = self.live.pop(node_id)
+        node, run, joined = self.live.pop(node_id)
+        self._on_serving(run, node, None)
         self.node_seconds += time.monotonic() - max(joined, self._t0)
         self.reloads += max(0, node.loads - 1)
         if self.rng.random() < node.profile.crash_share:
@@ -244,14 +362,11 @@ class Harness:
     # --- measuring -----------------------------------------------------------------------
 
     def _coverage(self, run: _ModelRun) -> float:
-        L = run.model.num_layers
-        served = [False] * L
-        for node, r, _ in self.live.values():
-            span = node.serving
-            if r is run and span is not None:
-                for layer in range(span.start, min(span.end, L)):
-                    served[layer] = True
-        return sum(served) / L
+        name = run.model.name
+        mask = self.served[name].mask
+        for worker in self.workers:
+            mask |= self.remote.get((worker.index, name), 0)
+        return mask.bit_count() / run.model.num_layers
 
     async def _sampler(self, t0: float) -> None:
         while True:
@@ -303,13 +418,35 @@ class Harness:
             if k < len(self.route_ms):
                 self.route_ms[k] = ms
 
-    async def _warm_up(self) -> float:
-        """Join the initial nodes and wait until every model is covered; returns seconds."""
+    async def join_initial(self) -> None:
+        """Join this process's initial nodes, ``join_batch`` at a time."""
         t0 = time.monotonic()
         batch = self.config.join_batch
         for start in range(0, self.config.nodes, batch):
             await asyncio.gather(*(self._join() for _ in range(min(batch, self.config.nodes - start))))
             log.info("warm-up: %d nodes joined after %.1f s", len(self.live), time.monotonic() - t0)
+            if self._emit is not None:
+                self._emit({"joined": len(self.live)})
+
+    async def _warm_up(self) -> float:
+        """Join the initial nodes and wait until every model is covered; returns seconds."""
+        t0 = time.monotonic()
+        if self.workers:
+            for worker in self.workers:
+                worker.send("join")
+            for worker in self.workers:
+                remaining = self.config.warmup_timeout - (time.monotonic() - t0)
+                try:
+                    await asyncio.wait_for(worker.ready.wait(), max(1.0, remaining))
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"simulator workers joined {[w.joined for w in self.workers]} of "
+                                       f"{[w.nodes for w in self.workers]} nodes in {self.config.warmup_timeout:g} s") from None
+                if worker.proc.returncode is not None or worker.joined < worker.nodes:
+                    raise RuntimeError(f"simulator worker {worker.index} failed: see worker{worker.index}.log")
+            log.info("warm-up: %d nodes joined in %d workers after %.1f s",
+                     sum(w.joined for w in self.workers), len(self.workers), time.monotonic() - t0)
+        else:
+            await self.join_initial()
         while not all(self._coverage(run) == 1.0 for run in self.runs):
             if time.monotonic() - t0 > self.config.warmup_timeout:
                 raise TimeoutError(f"not covered after {self.config.warmup_timeout:g} s: "
@@ -328,36 +465,64 @@ class Harness:
                         if time.monotonic() - t0 > self.config.warmup_timeout:
                             raise
                         await asyncio.sleep(0.2)
+        # and until the coordinators have placed the newcomers: a plan placing a burst of
+        # them holds a coordinator's loop for seconds at 3,000 nodes (docs/scale.md), so the
+        # measured run starts in steady churn, not in the tail of the joins. Spare nodes
+        # beyond the replicas may never get an assignment: placement is done when every
+        # node has one or the count has not moved for PLACED_QUIET_S.
+        last, since = -1, time.monotonic()
+        while self.placed() < self.config.nodes and time.monotonic() - since < PLACED_QUIET_S:
+            if self.placed() != last:
+                last, since = self.placed(), time.monotonic()
+            if time.monotonic() - t0 > self.config.warmup_timeout:
+                log.warning("warm-up: %d of %d nodes placed after %.0f s; measuring anyway",
+                            self.placed(), self.config.nodes, time.monotonic() - t0)
+                break
+            await asyncio.sleep(0.2)
+        self.placed_at_start = self.placed()
         return time.monotonic() - t0
+
+    def assigned(self) -> int:
+        """This process's live nodes that have received an assignment (a range or none)."""
+        return sum(node.presence.assignment is not None for node, _, _ in self.live.values())
+
+    def placed(self) -> int:
+        """Nodes with an assignment, here and in the workers (as they last reported)."""
+        return self.assigned() + sum(w.assigned for w in self.workers)
 
     async def run(self) -> dict[str, Any]:
         cfg = self.config
         asyncio.get_running_loop().set_exception_handler(_quiet_crashes)
         warm = await self._warm_up()
         before = {pid: _proc_cpu(pid) for pid in self.coordinator_pids}
+        sims = {"harness": os.getpid(), **{f"worker{w.index}": w.proc.pid for w in self.workers}}
+        sim_before = {name: _proc_cpu(pid) for name, pid in sims.items()}
+        load_before = os.getloadavg()
         rss0 = {pid: _proc_rss(pid) for pid in before}
         msgs0 = await _broker_received(self.broker_url)
-        t0 = self._t0 = time.monotonic()
-        for node, _, _ in self.live.values():
-            node.loads = min(node.loads, 1)  # what warm-up loaded is the first load
-        if cfg.churn:
-            for node_id in list(self.live):
-                self._spawn(self._life(node_id))
+        t0 = time.monotonic()
+        self.start_churn()
+        for worker in self.workers:
+            worker.send("start")
         self._spawn(self._sampler(t0))
         self._spawn(self._router())
         await asyncio.sleep(cfg.seconds)
         elapsed = time.monotonic() - t0
         cpu = {pid: _proc_cpu(pid) - before[pid] for pid in before}
+        sim_cpu = {name: _proc_cpu(pid) - sim_before[name] for name, pid in sims.items()}
+        load_after = os.getloadavg()
         rss = {pid: _proc_rss(pid) for pid in before}
         msgs1 = await _broker_received(self.broker_url)
-        for task in list(self._tasks):  # churn and routes stop; the nodes stay until exit
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in self.workers:
+            worker.send("stop")
+        counts = await self.stop_churn()  # churn and routes stop; the nodes stay until exit
+        for worker in self.workers:
+            assert worker.stats is not None
+            theirs = await asyncio.wait_for(worker.stats, 60)
+            counts = {key: counts[key] + theirs[key] for key in counts}
         stats = await self._stop_coordinators()
-        now = time.monotonic()
-        reloads = self.reloads + sum(max(0, node.loads - 1) for node, _, _ in self.live.values())
-        node_seconds = self.node_seconds + sum(now - max(joined, t0) for _, _, joined in self.live.values())
-        sim_hours = node_seconds * cfg.speedup / 3600
+        sim_hours = counts["node_seconds"] * cfg.speedup / 3600
+        reloads = counts["reloads"]
         return {
             "nodes": cfg.nodes,
             "seconds": round(elapsed, 1),
@@ -365,6 +530,7 @@ class Harness:
             "simulated_minutes": round(elapsed * cfg.speedup / 60, 1),
             "mean_lifetime_min": cfg.mean_lifetime / 60,
             "warmup_s": round(warm, 1),
+            "placed_at_start": self.placed_at_start,
             "coverage": {r.model.name: round(r.covered / max(1, r.samples), 5) for r in self.runs},
             "samples": {r.model.name: r.samples for r in self.runs},
             "routes": {"ok": self.route_ok, "failed": self.route_failed, "errors": self.route_errors,
@@ -372,15 +538,40 @@ class Harness:
                        "rate_per_s": round((self.route_ok + self.route_failed) / elapsed, 1),
                        "p50_ms": round(percentile(self.route_ms, 0.5), 2),
                        "p99_ms": round(percentile(self.route_ms, 0.99), 2)},
-            "churn": {"joins": self.joins, "leaves": self.leaves, "crashes": self.crashes},
+            "churn": {"joins": counts["joins"], "leaves": counts["leaves"], "crashes": counts["crashes"]},
             "reloads": reloads,
             "reloads_per_node_hour": round(reloads / sim_hours, 3) if sim_hours else 0.0,
             "coordinator_cpu_percent": {str(p): round(100 * c / elapsed, 1) for p, c in cpu.items()},
             "coordinator_rss_mb": {str(p): round(m / 2**20, 1) for p, m in rss.items()},
             "coordinator_rss_growth_mb": {str(p): round((rss[p] - rss0[p]) / 2**20, 1) for p in rss},
             "coordinator": stats,
+            "simulator_procs": cfg.procs,
+            "simulator_cpu_percent": {name: round(100 * c / elapsed, 1) for name, c in sim_cpu.items()},
+            "load_average": [round(x, 2) for x in (*load_before, *load_after)],  # 1/5/15 min, before and after
             "broker_msgs_per_s": round((msgs1 - msgs0) / elapsed, 1) if msgs0 >= 0 and msgs1 >= 0 else None,
             "timeline": {"coverage": {r.model.name: r.timeline for r in self.runs}, "churn": self.churn_timeline},
+        }
+
+
+    def start_churn(self) -> None:
+        """The measured run starts: every live node lives out a lifetime (with churn)."""
+        self._t0 = time.monotonic()
+        for node, _, _ in self.live.values():
+            node.loads = min(node.loads, 1)  # what warm-up loaded is the first load
+        if self.config.churn:
+            for node_id in list(self.live):
+                self._spawn(self._life(node_id))
+
+    async def stop_churn(self) -> dict[str, float]:
+        """Stop churn (and routes); the nodes stay until exit. Returns this process's counts."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        now = time.monotonic()
+        return {
+            "joins": self.joins, "leaves": self.leaves, "crashes": self.crashes,
+            "reloads": self.reloads + sum(max(0, node.loads - 1) for node, _, _ in self.live.values()),
+            "node_seconds": self.node_seconds + sum(now - max(joined, self._t0) for _, _, joined in self.live.values()),
         }
 
 
