@@ -378,10 +378,7 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
                 request = swarm_pb2.SessionRequest(
                     step=convert.step_to_proto(step, out.hidden, session.spec.wire_codec, commit)
                 )
-                try:
-                    await session.downstream.write(request)
-                except grpc.aio.AioRpcError as exc:
-                    raise Failed(self._rpc_error(exc, session.spec.downstream[0])) from exc
+                await self._send_downstream(session, request)
         except ValueError as exc:  # the engine refused the step (checked above; a safety net)
             raise ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, f"step {step.step_id}: {exc}") from exc
         except RuntimeError as exc:  # the forward itself failed (out of memory, device error)
@@ -431,10 +428,19 @@ class NodeService(swarm_pb2_grpc.NodeServicer):
         assert session.outputs is not None and session.downstream is not None
         hidden = session.outputs[step.start_pos : session.verified]
         request = swarm_pb2.SessionRequest(step=convert.step_to_proto(step, hidden, session.spec.wire_codec))
+        await self._send_downstream(session, request)
+
+    async def _send_downstream(self, session: NodeSession, request: swarm_pb2.SessionRequest) -> None:
+        """Write to the successor; a successor that is gone ends the session with an
+        in-band error naming it (the reader's verdict when it came first)."""
+        assert session.downstream is not None
+        hop = session.spec.downstream[0]
         try:
             await session.downstream.write(request)
         except grpc.aio.AioRpcError as exc:
-            raise Failed(self._rpc_error(exc, session.spec.downstream[0])) from exc
+            raise Failed(session.failure or self._rpc_error(exc, hop)) from exc
+        except asyncio.InvalidStateError as exc:  # the call ended between the reader's verdict and this write
+            raise Failed(session.failure or self._error(grpc.StatusCode.UNAVAILABLE, "successor ended the session", at=hop)) from exc
 
     async def _supersede(self, session_id: str, capability: str) -> None:
         """A resume of a session still open here: its upstream gave up on it (a step

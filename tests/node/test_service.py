@@ -7,6 +7,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -23,7 +24,7 @@ from swarm_node.engine.model import ModelSlice, SeqChunk
 from swarm_node.engine.sampler import sample
 from swarm_node.server import NodeServer
 from swarm_proto import PROTOCOL_VERSION, codec, swarm_pb2, swarm_pb2_grpc
-from swarm_proto.wire import SamplingParams
+from swarm_proto.wire import SamplingParams, status_code
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -194,7 +195,39 @@ async def test_refusal_names_the_hop_that_refused(route: Route) -> None:
             pass
     assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
     assert err.value.address == hops[1].address
-    assert servers[0].service.sessions == {}  # type: ignore[union-attr]
+    # The head relays the refusal before its own session task has wound down.
+    service = servers[0].service  # type: ignore[union-attr]
+    for _ in range(100):
+        if not service.sessions:
+            break
+        await asyncio.sleep(0.05)
+    assert service.sessions == {}
+
+
+async def test_a_write_to_a_successor_that_just_ended_names_it(route: Route) -> None:
+    """The successor's call can end between the reader's verdict and a step's write
+    (grpc raises InvalidStateError then): the session still ends with an in-band error
+    naming the successor, never an unexpected exception (which the caller would see as
+    UNKNOWN from the head, blaming nobody)."""
+    from swarm_node.session import Failed
+
+    servers, hops = await route([(0, 3), (3, 6)], max_length=64)
+    service = servers[0].service  # type: ignore[union-attr]
+
+    class Ended:
+        async def write(self, request: Any) -> None:
+            raise asyncio.InvalidStateError("RPC already finished")
+
+    session = SimpleNamespace(downstream=Ended(), spec=SimpleNamespace(downstream=(hops[1],)), failure=None)
+    with pytest.raises(Failed) as err:
+        await service._send_downstream(session, swarm_pb2.SessionRequest())
+    assert status_code(err.value.error) == grpc.StatusCode.UNAVAILABLE
+    assert (err.value.error.node_address, err.value.error.node_id) == (hops[1].address, hops[1].node_id)
+    verdict = swarm_pb2.Error(message="relayed", node_address="10.0.0.9:1")
+    session.failure = verdict  # the reader's verdict came first: it is the one relayed
+    with pytest.raises(Failed) as err:
+        await service._send_downstream(session, swarm_pb2.SessionRequest())
+    assert err.value.error is verdict
 
 
 async def test_bad_route_is_refused_at_open(route: Route) -> None:
@@ -419,9 +452,9 @@ async def test_rewind_rewrites_the_cache_and_the_tail_history(route: Route) -> N
     _, hops = await route([(0, 3), (3, 6)])
     params = SamplingParams(temperature=1.0, repetition_penalty=1.5, seed=4)
     async with RouteSession(hops, max_length=64, sampling=params) as s:
-        out = await s.prefill(PROMPT)
+        await s.prefill(PROMPT)
         for token in (9, 10, 11):
-            out = await s.decode(token)
+            await s.decode(token)
         s.position = len(PROMPT)  # go back to just after the prompt
         rewound = await s.decode(77)
     async with RouteSession(hops, max_length=64, sampling=params) as fresh:
