@@ -160,10 +160,12 @@ def _build_quantized(
     def dequantized(name: str) -> torch.Tensor:
         return gguf_loader.read_tensors(path, args, [name])[name]
 
-    def make(names: list[str], bias_names: Sequence[str] = (), refine_top: int = 0) -> nn.Module:
-        """One linear layer over the matrices `names` stacked along the output (a layer
-        matrix gets the rounding spread, see engine.quant; the head refines instead)."""
-        spread = () if refine_top else quant.layer_spread(kdtype)
+    def make(names: list[str], bias_names: Sequence[str] = (), refine_top: int = 0, spread_in: bool = False
+             ) -> nn.Module:
+        """One linear layer over the matrices `names` stacked along the output (with
+        `spread_in`, a layer matrix fed by a norm gets the rounding spread, see
+        engine.quant; the head refines instead)."""
+        spread = quant.layer_spread(kdtype) if spread_in and not refine_top else ()
         bias = torch.cat([floats.pop(b) if not gguf else dequantized(b) for b in bias_names]) if bias_names else None
         if not gguf:
             w = torch.cat([floats.pop(n) for n in names])
@@ -211,9 +213,9 @@ def _build_quantized(
         p, block = f"model.layers.{i}.", model.layers[i - start]
         assert isinstance(block, Block)
         attn_bias = [p + f"self_attn.{x}_proj.bias" for x in "qkv"] if args.attention_bias else []
-        block.attention.wqkv = make([p + f"self_attn.{x}_proj.weight" for x in "qkv"], attn_bias)
+        block.attention.wqkv = make([p + f"self_attn.{x}_proj.weight" for x in "qkv"], attn_bias, spread_in=True)
         block.attention.wo = make([p + "self_attn.o_proj.weight"])
-        block.feed_forward.w13 = make([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        block.feed_forward.w13 = make([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], spread_in=True)
         block.feed_forward.w2 = make([p + "mlp.down_proj.weight"])
         state[f"layers.{i - start}.attention_norm.weight"] = norm(p + "input_layernorm.weight")
         state[f"layers.{i - start}.ffn_norm.weight"] = norm(p + "post_attention_layernorm.weight")
