@@ -1,7 +1,6 @@
 """Quantized weights on CUDA (engine.quant_cuda): PyTorch's int4 kernel (tinygemm) runs
-the same grouped affine 4-bit form as the CPU path. All but the first test need a GPU
-(sm80+) and are skipped without one; the first checks on any machine that the GPU-side
-quantizer computes exactly what the CPU path's does."""
+the same grouped affine 4-bit form as the CPU path. All but the weight-format tests need
+a GPU (sm80+) and are skipped without one."""
 
 from __future__ import annotations
 
@@ -25,20 +24,24 @@ SHAPES = [(256, 4096), (192, 576), (128, 96)]
 
 
 def _dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int) -> torch.Tensor:
-    """float32 [N, K] from `quant_cuda.quantize`'s output (nibble halves summed)."""
+    """float32 [N, K] from `quant.quantize_groups`'s output (nibble halves summed)."""
     w = (codes.float() - 8) * scale.repeat_interleave(GROUP, 1) + zero.repeat_interleave(GROUP, 1)
     return w.reshape(w.shape[0], -1, k).sum(1)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+@cuda
 def test_quantizer_matches_the_cpu_path(bits: int) -> None:
     w = torch.randn(320, 192, generator=torch.Generator().manual_seed(bits)) * 0.05
-    codes, scale, zero, splits = quant_cuda.quantize(w, bits)
+    codes, scale, zero, splits = quant.quantize_groups(w.cuda(), bits)
     ref = quant.quantize_band(w, bits)
     assert splits == ref.splits
-    assert np.array_equal(codes.numpy(), ref.codes.astype(np.uint8))
-    assert np.allclose(scale.numpy(), ref.scale, rtol=0, atol=0)
-    assert np.allclose(zero.numpy(), ref.zero, rtol=1e-6, atol=1e-9)
+    assert np.array_equal(codes.cpu().numpy(), ref.codes.astype(np.uint8))
+    assert np.allclose(scale.cpu().numpy(), ref.scale, rtol=0, atol=0)
+    assert np.allclose(zero.cpu().numpy(), ref.zero, rtol=1e-6, atol=1e-9)
+
+
+def test_inner_k_tiles() -> None:
     assert [quant_cuda.inner_k_tiles(k) for k in (4096, 576, 96)] == [8, 4, 2]
 
 
@@ -64,7 +67,7 @@ def test_matmul_matches_dequantized_weights(bits: int, n: int, k: int) -> None:
     g = torch.Generator(device="cuda").manual_seed(n + bits)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.05
     bias = torch.randn(n, device="cuda", generator=g) * 0.1
-    codes, scale, zero, splits = quant_cuda.quantize(w, bits)
+    codes, scale, zero, splits = quant.quantize_groups(w, bits)
     layer = quant_cuda.CudaQuantLinear.from_codes(codes, scale, zero, k, splits, bias)
     ref_w = _dequantized(codes, scale, zero, k)
     for m in (1, 5, 33):

@@ -154,22 +154,31 @@ def decode_q6_k(raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 # --- float checkpoints (--quantize) ----------------------------------------------------
 
 
-def quantize_band(w: torch.Tensor, bits: int) -> Affine4:
-    """A float band [n, K] -> grouped affine 4-bit: int4 asymmetric (min/max per group of
-    32), int8 symmetric (absmax per group of 32, split into two nibbles)."""
+def quantize_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A float band [n, K] -> (codes uint8 [n, K'], scale, zero float32 [n, K' / 32],
+    splits), on ``w``'s device (the CPU path and engine.quant_cuda share it): int4
+    asymmetric (min/max per group of 32), int8 symmetric (absmax per group of 32) split
+    into nibble halves as `_split_nibbles` does."""
     n, k = w.shape
     g = w.float().reshape(n, k // GROUP, GROUP)
     if bits == 4:
         lo, hi = g.amin(-1), g.amax(-1)
         scale = ((hi - lo) / 15).clamp_min(1e-12)
         q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15)
-        return Affine4(q.reshape(n, k).to(torch.uint8).numpy(), scale.numpy(), (lo + 8 * scale).numpy(), 1)
+        return q.reshape(n, k).to(torch.uint8), scale, lo + 8 * scale, 1
     if bits == 8:
-        scale = (g.abs().amax(-1) / 127).clamp_min(1e-12)
-        q = torch.round(g / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-        d = scale.numpy()
-        return _split_nibbles(q.reshape(n, k).numpy(), d, np.zeros_like(d))
+        d = (g.abs().amax(-1) / 127).clamp_min(1e-12)
+        q = torch.round(g / d[..., None]).clamp_(-127, 127).reshape(n, k).to(torch.int16)
+        hi, lo = q >> 4, q & 15  # arithmetic shift: hi in -8..7
+        codes = torch.cat([hi + 8, lo], dim=1).to(torch.uint8)
+        return codes, torch.cat([16 * d, d], dim=1), torch.cat([torch.zeros_like(d), 8 * d], dim=1), 2
     raise ValueError(f"cannot quantize to {bits} bits: int8 and int4 are supported")
+
+
+def quantize_band(w: torch.Tensor, bits: int) -> Affine4:
+    """`quantize_groups` of a CPU band, as an `Affine4`."""
+    codes, scale, zero, splits = quantize_groups(w, bits)
+    return Affine4(codes.numpy(), scale.numpy(), zero.numpy(), splits)
 
 
 # --- the packed layout ------------------------------------------------------------------

@@ -19,7 +19,7 @@ CUDA kernel, but with one scale per output row (our int8 is per group of 32, lik
 and a plain dot-product loop; two nibble halves through tinygemm read the same bytes
 (8 bits a weight) in a tensor-core kernel and keep the CPU path's exact form.
 
-Invariants: the codes are converted on the GPU (``quantize`` runs there too for
+Invariants: the codes are converted on the GPU (``quant.quantize_groups`` runs there too for
 ``--quantize``); a module's buffers are all it holds (``quant.module_bytes``), the same
 byte count as the CPU layout's at bfloat16 scales (``swarm_proto.weight_format``);
 ``rows(ids)`` dequantizes rows through the kernel itself, so it agrees with ``forward``.
@@ -43,7 +43,7 @@ KERNEL_DTYPE = torch.bfloat16  # the only activation dtype tinygemm takes
 N_TILE = 8  # rows per n-tile of the packed layout
 _ROWS_CHUNK = 1024  # identity rows per kernel call in `CudaQuantLinear.rows`
 
-__all__ = ["KERNEL_DTYPE", "CudaQuantLinear", "inner_k_tiles", "linear_from_float", "linear_from_gguf", "on_cuda", "quantize"]
+__all__ = ["KERNEL_DTYPE", "CudaQuantLinear", "inner_k_tiles", "linear_from_float", "linear_from_gguf", "on_cuda"]
 
 
 def on_cuda(device: torch.device | str) -> bool:
@@ -63,27 +63,6 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
     c = codes.to(torch.uint8)
     b = ((c[:, 0::2] << 4) | c[:, 1::2]).contiguous()  # high nibble: even column
     return torch.ops.aten._convert_weight_to_int4pack(b, inner_k_tiles(codes.shape[1]))
-
-
-def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """A float band [n, K] -> (codes uint8 [n, K'], scale, zero float32 [n, K'/32], splits),
-    on ``w``'s device, exactly as `quant.quantize_band` computes it (tests check that
-    they agree): int4 asymmetric (min/max per group of 32), int8 symmetric (absmax per
-    group) split into nibbles ``q = 16 hi + lo``, hi stored as hi + 8 with no offset."""
-    n, k = w.shape
-    g = w.float().reshape(n, k // GROUP, GROUP)
-    if bits == 4:
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15).clamp_min(1e-12)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15)
-        return q.reshape(n, k).to(torch.uint8), scale, lo + 8 * scale, 1
-    if bits == 8:
-        d = (g.abs().amax(-1) / 127).clamp_min(1e-12)
-        q = torch.round(g / d[..., None]).clamp_(-127, 127).reshape(n, k).to(torch.int16)
-        hi, lo = q >> 4, q & 15  # arithmetic shift: hi in -8..7
-        codes = torch.cat([hi + 8, lo], dim=1).to(torch.uint8)
-        return codes, torch.cat([16 * d, d], dim=1), torch.cat([torch.zeros_like(d), 8 * d], dim=1), 2
-    raise ValueError(f"cannot quantize to {bits} bits: int8 and int4 are supported")
 
 
 class CudaQuantLinear(nn.Module):
@@ -151,7 +130,7 @@ def linear_from_float(w: torch.Tensor, bits: int, device: torch.device | str,
     one band of rows at a time."""
     n, k = w.shape
     step = 4096
-    bands = [quantize(w[r : r + step].to(device, non_blocking=True), bits) for r in range(0, n, step)]
+    bands = [quant.quantize_groups(w[r : r + step].to(device, non_blocking=True), bits) for r in range(0, n, step)]
     codes = torch.cat([b[0] for b in bands])
     scale = torch.cat([b[1] for b in bands])
     zero = torch.cat([b[2] for b in bands])
