@@ -37,6 +37,19 @@ def _decode(model: ModelSlice, prompts: list[torch.Tensor], caches: list[KVCache
     return torch.stack(rows)
 
 
+def _decode_two(head: ModelSlice, tail: ModelSlice, prompts: list[torch.Tensor], cache: int, steps: int) -> torch.Tensor:
+    """`_decode` through a head slice and a tail slice (hidden states between them)."""
+    hc, tc = [head.new_cache(cache) for _ in prompts], [tail.new_cache(cache) for _ in prompts]
+    h = head(torch.cat(prompts), [SeqChunk(c, 0, len(p)) for c, p in zip(hc, prompts)], all_logits=True)
+    logits = tail(h, [SeqChunk(c, 0, len(p)) for c, p in zip(tc, prompts)])
+    rows = [logits]
+    for _ in range(steps):
+        h = head(logits.argmax(-1), [SeqChunk(c, c.length, 1) for c in hc])
+        logits = tail(h, [SeqChunk(c, c.length, 1) for c in tc])
+        rows.append(logits)
+    return torch.stack(rows)
+
+
 def test_fake_graph_decode_equals_eager(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches of 1, 3 and 5 sequences of unequal lengths (padded to buckets 1, 4 and 8,
     keys padded to 64 or 128), across a length bucket's edge: same logits as eager,
@@ -78,16 +91,7 @@ def test_fake_graph_on_a_middle_and_a_tail_slice(tiny_models: dict[str, Path]) -
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 320, (n,), generator=gen) for n in (5, 11)]
     want = _decode(whole, prompts, [whole.new_cache(64) for _ in prompts], 4)
-
-    hc, tc = [head.new_cache(64) for _ in prompts], [tail.new_cache(64) for _ in prompts]
-    h = head(torch.cat(prompts), [SeqChunk(c, 0, len(p)) for c, p in zip(hc, prompts)], all_logits=True)
-    logits = tail(h, [SeqChunk(c, 0, len(p)) for c, p in zip(tc, prompts)])
-    rows = [logits]
-    for _ in range(4):
-        h = head(logits.argmax(-1), [SeqChunk(c, c.length, 1) for c in hc])
-        logits = tail(h, [SeqChunk(c, c.length, 1) for c in tc])
-        rows.append(logits)
-    got = torch.stack(rows)
+    got = _decode_two(head, tail, prompts, 64, 4)
     assert relative_error(got, want) < 1e-5
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     for part in (head, tail):
@@ -160,15 +164,7 @@ def test_cuda_graph_decode_equals_eager_through_two_slices(tiny_models: dict[str
         results = []
         for mode in ("off", "auto"):
             head, tail = pipeline(mode)
-            hc, tc = [head.new_cache(128) for _ in prompts], [tail.new_cache(128) for _ in prompts]
-            h = head(torch.cat(prompts), [SeqChunk(c, 0, len(p)) for c, p in zip(hc, prompts)], all_logits=True)
-            logits = tail(h, [SeqChunk(c, 0, len(p)) for c, p in zip(tc, prompts)])
-            rows = [logits]
-            for _ in range(12):
-                h = head(logits.argmax(-1), [SeqChunk(c, c.length, 1) for c in hc])
-                logits = tail(h, [SeqChunk(c, c.length, 1) for c in tc])
-                rows.append(logits)
-            results.append(torch.stack(rows).cpu())
+            results.append(_decode_two(head, tail, prompts, 128, 12).cpu())
             graphs = tail.decode_graphs()
             assert (graphs is not None and graphs.replays == 12) == (mode == "auto")
         assert torch.equal(results[0].argmax(-1), results[1].argmax(-1))
