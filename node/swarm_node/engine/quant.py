@@ -36,7 +36,7 @@ independent and the sum is elementwise), so batch invariance holds.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -399,20 +399,25 @@ class QuantEmbedding(nn.Module):
 
 # --- building from GGUF blocks ----------------------------------------------------------
 
+def per_part(parts: Sequence[tuple[str, np.ndarray]], bias: torch.Tensor | None,
+             build: Callable[[list[tuple[str, np.ndarray]], torch.Tensor | None], nn.Module]) -> ConcatLinear:
+    """A stack of mixed-type parts: one module per part (``build(part, its bias)``),
+    side by side along the output."""
+    mods: list[nn.Module] = []
+    col = 0
+    for kind, raw in parts:
+        mods.append(build([(kind, raw)], None if bias is None else bias[col : col + raw.shape[0]]))
+        col += raw.shape[0]
+    return ConcatLinear(mods)
+
+
 def linear_from_gguf(parts: Sequence[tuple[str, np.ndarray]], k: int, dtype: torch.dtype,
                      bias: torch.Tensor | None = None, refine_top: int = 0, spread: Sequence[float] = ()) -> nn.Module:
     """A linear layer over GGUF row blocks ``parts`` [(type name, raw [n_i, bytes])],
     stacked along the output dimension (a fused q/k/v, say). Parts of one type become
     one kernel call; mixed types become a `ConcatLinear`."""
-    kinds = {kind for kind, _ in parts}
-    if len(kinds) > 1:
-        mods: list[nn.Module] = []
-        col = 0
-        for kind, raw in parts:
-            b = None if bias is None else bias[col : col + raw.shape[0]]
-            mods.append(linear_from_gguf([(kind, raw)], k, dtype, b, spread=spread))
-            col += raw.shape[0]
-        return ConcatLinear(mods)
+    if len({kind for kind, _ in parts}) > 1:
+        return per_part(parts, bias, lambda part, b: linear_from_gguf(part, k, dtype, b, spread=spread))
     kind = parts[0][0]
     if kind == "Q6_K":
         decoded = [decode_q6_k(raw[r : r + _ROWS_PER_BAND], k) for _, raw in parts

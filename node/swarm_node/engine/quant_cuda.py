@@ -144,15 +144,8 @@ def linear_from_gguf(parts: Sequence[tuple[str, np.ndarray]], k: int, device: to
     time (`quant.decode_band`), converted and packed on the GPU. Q6_K keeps its int8 form
     (`quant.GroupedInt8Linear`, dequantized per call) in bfloat16; mixed types become a
     `quant.ConcatLinear`."""
-    kinds = {kind for kind, _ in parts}
-    if len(kinds) > 1:
-        mods: list[nn.Module] = []
-        col = 0
-        for kind, raw in parts:
-            b = None if bias is None else bias[col : col + raw.shape[0]]
-            mods.append(linear_from_gguf([(kind, raw)], k, device, b))
-            col += raw.shape[0]
-        return quant.ConcatLinear(mods)
+    if len({kind for kind, _ in parts}) > 1:
+        return quant.per_part(parts, bias, lambda part, b: linear_from_gguf(part, k, device, b))
     kind = parts[0][0]
     step = 256
     if kind == "Q6_K":
