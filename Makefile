@@ -17,8 +17,12 @@ install: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[node,dev]"
 
-# Debian packages the integration tests need (a real MQTT broker, a real browser).
+# Debian packages the integration tests need (a real MQTT broker, a real browser, a C
+# compiler for the node's VNNI kernel, node/swarm_node/engine/blockq.c).
 deps-system:
+	@if ! command -v cc >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q gcc; \
+		else echo "no C compiler: apt-get install gcc"; fi; fi
 	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q mosquitto; \
 		else echo "mosquitto missing: apt-get install mosquitto"; fi; fi

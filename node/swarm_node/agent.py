@@ -43,6 +43,7 @@ import grpc
 import torch
 
 from swarm_node.config import NodeConfig
+from swarm_node.engine import blockq
 from swarm_node.engine.speed import Speed, default_memory_budget, measure, quantized_bits
 from swarm_node.errors import SwarmNodeError
 from swarm_node.server import NodeServer
@@ -214,7 +215,8 @@ class NodeAgent:
                 _measure_alone, args, device, cfg.torch_dtype, weights, bits, cfg.torch_kernel_dtype
             )
         budget = self.memory_budget or default_memory_budget(device)
-        per_layer = format_layer_bytes(args, cfg.kernel_dtype, weights, cfg.model)
+        per_layer = format_layer_bytes(args, cfg.kernel_dtype, weights, cfg.model,
+                                       blockq=device.split(":")[0] == "cpu" and blockq.available())
         weight_format = describe(weights, cfg.resolved_dtype, cfg.model)
         log.info(
             "memory budget %.1f MB: room for %d of %d layers (%.1f MB each, weights %s)",

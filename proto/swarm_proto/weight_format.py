@@ -26,6 +26,7 @@ from swarm_proto.model_args import DTYPE_BYTES, ModelArgs, is_gguf, layer_bytes
 QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")  # --quantize
 FORMATS = ("float", "gguf", "int8", "int4")
 KEPT_GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+BLOCKQ_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # run by the VNNI kernel where a node has it
 GROUP = 32  # columns per scale/offset pair
 PACK_ROWS = 64  # rows per block of the packed int4 layout
 QK_K = 256  # K-quant super-block
@@ -81,12 +82,16 @@ def kept_quantized(kind: str, shape: tuple[int, int]) -> bool:
     return kind in KEPT_GGUF_TYPES and k % (QK_K if kind.endswith("_K") else GROUP) == 0 and n % PACK_ROWS == 0
 
 
-def matrix_bytes(kind: str, shape: tuple[int, int], dtype: str) -> int:
-    """Bytes a [N, K] matrix of ``kind`` holds once loaded with compute dtype ``dtype``."""
+def matrix_bytes(kind: str, shape: tuple[int, int], dtype: str, blockq: bool = False) -> int:
+    """Bytes a [N, K] matrix of ``kind`` holds once loaded with compute dtype ``dtype``;
+    ``blockq``: on a node running the VNNI kernel (engine.blockq), whose Q4_0, Q4_1 and
+    Q8_0 hold the file's codes and fp16 scales (and Q4_1's fp16 offsets)."""
     n, k = shape
     e = DTYPE_BYTES[dtype]
     if not kept_quantized(kind, shape):
         return n * k * e
+    if blockq and kind in BLOCKQ_TYPES and k % 64 == 0:
+        return n * k * (4 if kind == "Q8_0" else 2) // 4 + n * (k // GROUP) * (4 if kind == "Q4_1" else 2)
     if kind in ("Q4_0", "Q4_1", "Q4_K", "int4"):
         return n * k // 2 + (k // GROUP) * n * 2 * e
     if kind in ("Q8_0", "Q5_K", "int8"):
@@ -94,9 +99,11 @@ def matrix_bytes(kind: str, shape: tuple[int, int], dtype: str) -> int:
     return n * k + n * (k // 16) * e  # Q6_K
 
 
-def format_layer_bytes(args: ModelArgs, dtype: str, fmt: str, source: str | Path | None = None) -> int:
+def format_layer_bytes(args: ModelArgs, dtype: str, fmt: str, source: str | Path | None = None,
+                       blockq: bool = False) -> int:
     """Bytes one decoder layer holds in format ``fmt`` (for ``gguf``, the mean over the
-    file's layers, rounded up: K-quant mixes give some layers wider types)."""
+    file's layers, rounded up: K-quant mixes give some layers wider types; ``blockq`` as
+    in `matrix_bytes`)."""
     if fmt == "float":
         return layer_bytes(args, dtype)
     c, i, e = args.hidden_size, args.intermediate_size, DTYPE_BYTES[dtype]
@@ -115,7 +122,7 @@ def format_layer_bytes(args: ModelArgs, dtype: str, fmt: str, source: str | Path
         if not t.name.startswith("blk.") or t.name.endswith(".bias") or len(t.shape) != 2:
             continue
         kind = GGMLQuantizationType(t.tensor_type).name
-        total += matrix_bytes(kind, (int(t.shape[1]), int(t.shape[0])), dtype)  # GGUF: innermost first
+        total += matrix_bytes(kind, (int(t.shape[1]), int(t.shape[0])), dtype, blockq)  # GGUF: innermost first
     return norms + math.ceil(total / args.num_layers)
 
 

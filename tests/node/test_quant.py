@@ -35,13 +35,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@pytest.mark.parametrize("vnni", [True, False], ids=["vnni", "aten"])
 @pytest.mark.parametrize("kind", quant.KEPT_GGUF_TYPES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
-def test_matmul_matches_dequantized_reference(kind: str, dtype: torch.dtype, tol: float) -> None:
+def test_matmul_matches_dequantized_reference(kind: str, dtype: torch.dtype, tol: float, vnni: bool) -> None:
+    """Each type through the kernel it runs here (engine.blockq's where this CPU has it),
+    and through PyTorch's int4 kernel."""
     rng = np.random.default_rng(0)
     raw = _random_blocks(kind, rng)
     ref_w = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(N, K).astype(np.float32))
-    layer = quant.linear_from_gguf([(kind, raw)], K, dtype)
+    layer = quant.linear_from_gguf([(kind, raw)], K, dtype, vnni=vnni)
     assert not isinstance(layer, quant.ConcatLinear)
     x = torch.from_numpy(rng.standard_normal((5, K)).astype(np.float32))
     ref = F.linear(x, ref_w)
@@ -51,7 +54,9 @@ def test_matmul_matches_dequantized_reference(kind: str, dtype: torch.dtype, tol
     # the rows an embedding reads are the same weights
     ids = torch.tensor([0, 5, 63, 64, 100, 127])
     assert _rel(layer.rows(ids), ref_w[ids]) < tol
-    assert quant.module_bytes(layer) == quant.held_bytes(kind, (N, K), dtype)
+    on_vnni = isinstance(layer, quant.blockq.BlockLinear)
+    assert on_vnni == (vnni and kind in quant.blockq.KINDS and quant.blockq.available())
+    assert quant.module_bytes(layer) == quant.matrix_bytes(kind, (N, K), str(dtype).removeprefix("torch."), on_vnni)
 
 
 def test_mixed_types_in_one_fused_matrix() -> None:
@@ -88,8 +93,8 @@ def test_rounding_spread_brings_bfloat16_kernels_closer_to_exact(kind: str) -> N
     ref_w = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(N, K).astype(np.float32))
     x = torch.from_numpy(rng.standard_normal((64, K)).astype(np.float32))
     ref = F.linear(x.double(), ref_w.double())
-    plain = quant.linear_from_gguf([(kind, raw)], K, torch.bfloat16)
-    spread = quant.linear_from_gguf([(kind, raw)], K, torch.bfloat16, spread=quant.SPREAD)
+    plain = quant.linear_from_gguf([(kind, raw)], K, torch.bfloat16, vnni=False)
+    spread = quant.linear_from_gguf([(kind, raw)], K, torch.bfloat16, spread=quant.SPREAD, vnni=False)
     assert quant.module_bytes(spread) == quant.module_bytes(plain)  # settings, not weights
     e_plain = float((plain(x).double() - ref).norm())
     e_spread = float((spread(x).double() - ref).norm())

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from swarm_node.engine import gguf_loader, hf_loader, quant, quant_cuda
+from swarm_node.engine import blockq, gguf_loader, hf_loader, quant, quant_cuda
 from swarm_node.engine.model import Block, Linear, ModelSlice, check_range, inv_freq
 from swarm_node.errors import ModelFormatError
 from swarm_proto.model_args import ModelArgs, is_gguf, read_args
@@ -262,7 +262,7 @@ def _embedding(model: ModelSlice, args: ModelArgs, gguf: bool, tail: bool, make:
         table = model.lm_head
     elif gguf:
         table = make([name], refine_top=HEAD_REFINE_TOP)  # its residual: the rows are exact, as the tied head's
-    if isinstance(table, (quant.GroupedInt8Linear, quant_cuda.CudaQuantLinear)) or (
+    if isinstance(table, (quant.GroupedInt8Linear, quant_cuda.CudaQuantLinear, blockq.BlockLinear)) or (
         isinstance(table, quant.QuantLinear) and quant.packed_layout_known()
     ):
         return quant.QuantEmbedding(table, dtype)

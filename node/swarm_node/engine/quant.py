@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swarm_node.engine import blockq
 from swarm_proto.weight_format import GROUP, KEPT_GGUF_TYPES, PACK_ROWS, QK_K, kept_quantized, matrix_bytes
 
 log = logging.getLogger(__name__)
@@ -378,17 +379,18 @@ def rows_independent(module: nn.Module) -> bool:
     """Whether each output row of ``module`` is computed from its input row alone, bit for
     bit whatever the other rows are. PyTorch's int4 kernel does so (tests/node/test_quant.py
     checks it); dense BLAS products do not (their blocking and threading depend on the
-    number of rows), nor does `GroupedInt8Linear`, a dense product."""
+    number of rows), nor does `GroupedInt8Linear`, a dense product. The VNNI kernel's rows
+    are independent too (engine.blockq)."""
     if isinstance(module, ConcatLinear):
         return all(rows_independent(p) for p in module.parts)
-    return isinstance(module, (QuantLinear, EachRow))
+    return isinstance(module, (QuantLinear, EachRow, blockq.BlockLinear))
 
 
 class QuantEmbedding(nn.Module):
     """Token embedding read as dequantized rows of a quantized [V, C] matrix (the LM
     head's own when the two are tied: one copy)."""
 
-    def __init__(self, table: QuantLinear | GroupedInt8Linear, dtype: torch.dtype) -> None:
+    def __init__(self, table: QuantLinear | GroupedInt8Linear | blockq.BlockLinear, dtype: torch.dtype) -> None:
         super().__init__()
         self.table, self.dtype = table, dtype
 
@@ -412,13 +414,19 @@ def per_part(parts: Sequence[tuple[str, np.ndarray]], bias: torch.Tensor | None,
 
 
 def linear_from_gguf(parts: Sequence[tuple[str, np.ndarray]], k: int, dtype: torch.dtype,
-                     bias: torch.Tensor | None = None, refine_top: int = 0, spread: Sequence[float] = ()) -> nn.Module:
+                     bias: torch.Tensor | None = None, refine_top: int = 0, spread: Sequence[float] = (),
+                     vnni: bool = True) -> nn.Module:
     """A linear layer over GGUF row blocks ``parts`` [(type name, raw [n_i, bytes])],
     stacked along the output dimension (a fused q/k/v, say). Parts of one type become
-    one kernel call; mixed types become a `ConcatLinear`."""
+    one kernel call; mixed types become a `ConcatLinear`. Q4_0, Q4_1 and Q8_0 run the
+    VNNI kernel where this machine has it (engine.blockq: float32 compute, so neither
+    ``refine_top`` nor ``spread`` applies), else (or with ``vnni`` false) PyTorch's int4
+    kernel."""
     if len({kind for kind, _ in parts}) > 1:
-        return per_part(parts, bias, lambda part, b: linear_from_gguf(part, k, dtype, b, spread=spread))
+        return per_part(parts, bias, lambda part, b: linear_from_gguf(part, k, dtype, b, spread=spread, vnni=vnni))
     kind = parts[0][0]
+    if vnni and blockq.takes(kind, (sum(raw.shape[0] for _, raw in parts), k)):
+        return blockq.BlockLinear.from_gguf(list(parts), k, bias, _ROWS_PER_BAND)
     if kind == "Q6_K":
         decoded = [decode_q6_k(raw[r : r + _ROWS_PER_BAND], k) for _, raw in parts
                    for r in range(0, raw.shape[0], _ROWS_PER_BAND)]
@@ -450,8 +458,8 @@ def layer_spread(dtype: torch.dtype) -> tuple[float, ...]:
 
 
 def held_bytes(kind: str, shape: tuple[int, int], dtype: torch.dtype) -> int:
-    """Bytes a [N, K] matrix of ``kind`` holds once loaded (see swarm_proto.weight_format)."""
-    return matrix_bytes(kind, shape, str(dtype).removeprefix("torch."))
+    """Bytes a [N, K] matrix of ``kind`` holds once loaded here (see swarm_proto.weight_format)."""
+    return matrix_bytes(kind, shape, str(dtype).removeprefix("torch."), blockq=blockq.available())
 
 
 def module_bytes(module: nn.Module) -> int:

@@ -1,0 +1,210 @@
+/* Products of float32 activations with block-quantized weights on AVX-512 VNNI integer
+ * dot products (engine/blockq.py converts GGUF blocks to this layout, builds and loads
+ * this file).
+ *
+ * Weights: per output row n, blocks of 32 columns, each with an fp16 scale s and an
+ * offset z (an fp16 array for Q4_1; else implied: -8 s for 4-bit codes, -128 s for
+ * 8-bit ones), w = c * s + z:
+ *   kind 8: c in 0..255, 32 bytes a block (Q8_0's int8 codes with the sign bit flipped);
+ *   kind 4: c in 0..15; each group of 4 blocks is 64 bytes whose low nibbles are blocks
+ *           0 and 1 and whose high nibbles are blocks 2 and 3, in column order (one
+ *           load and two masks give two pairs of blocks); a last pair of blocks when
+ *           their number is not a multiple of 4 is 32 bytes, low nibbles the first 32
+ *           columns, high nibbles the next 32.
+ * Activations: each row of x is quantized per block of 32 to 16 bits against the
+ * block's absolute maximum, xq = round(x * 32639 / max) = 256 xh + xl with xh, xl
+ * int8, so a block's dot product with the codes is exact in int32 from two vpdpbusd
+ * (unsigned codes x signed bytes). With sx the block's input scale,
+ *   y = sum_b s_b sx_b D_b + z_b sx_b S_b,   D_b = sum c xq,  S_b = sum xq,
+ * in float32. The input's rounding is 2^-16 of its block's largest element (bfloat16's
+ * is 2^-9 of each element); everything after it is exact or float32.
+ *
+ * Each output (m, n) is computed from x's row m and w's row n alone, by the same
+ * sequence of instructions whatever M, N, the thread count or the other rows are:
+ * results are batch-invariant bit for bit. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define BLOCKQ_OK 1
+#include <immintrin.h>
+#else
+#define BLOCKQ_OK 0
+#endif
+
+#define QMAX 32639.0f /* 256 * 127 + 127: xh and xl stay within int8 */
+
+int blockq_supported(void) { return BLOCKQ_OK; }
+
+#if BLOCKQ_OK
+
+/* One row of x [K] -> xh, xl [K]; sx [K/32] the blocks' scales; xo [K/32] = sx * S. */
+static void prep_row(const float *x, int64_t K, int8_t *xh, int8_t *xl, float *sx, float *xo) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        __m512 v0 = _mm512_loadu_ps(x + b * 32), v1 = _mm512_loadu_ps(x + b * 32 + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float check = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        if (!isfinite(amax) || !isfinite(check)) { /* NaN or inf in: NaN out, not a wrong number */
+            sx[b] = xo[b] = NAN;
+            memset(xh + b * 32, 0, 32);
+            memset(xl + b * 32, 0, 32);
+            continue;
+        }
+        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? QMAX / amax : 0.0f);
+        __m512i q[2] = {_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv))};
+        for (int h = 0; h < 2; h++) {
+            __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q[h], _mm512_set1_epi32(128)), 8);
+            __m512i lo = _mm512_sub_epi32(q[h], _mm512_slli_epi32(hi, 8));
+            _mm_storeu_si128((__m128i *)(xh + b * 32 + 16 * h), _mm512_cvtepi32_epi8(hi));
+            _mm_storeu_si128((__m128i *)(xl + b * 32 + 16 * h), _mm512_cvtepi32_epi8(lo));
+        }
+        sx[b] = amax / QMAX;
+        xo[b] = sx[b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+    }
+}
+
+/* One x row as the kernel reads it. */
+typedef struct {
+    const int8_t *xh, *xl;
+    const float *sx, *xo;
+} xrow;
+
+/* y for NT (1 or 4) rows of w against MT (1 or 2) rows of x. Each (row of x, row of w)
+ * has one float32 accumulator and gets the same instructions whatever the tile is: per
+ * chunk of 16 blocks, the offsets' term, then per pair of blocks its 16 int32 partial
+ * sums times the blocks' scales (s sx, one rounding); the lanes are summed at the end. */
+static inline __attribute__((always_inline)) void dot_tile(const int kind, const int NT, const int MT, int64_t nb,
+                                                           int64_t row_bytes, const uint8_t *w, const uint16_t *s,
+                                                           const uint16_t *z, const xrow *x, float *y, int64_t N) {
+    const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i two = _mm512_set1_epi32(2), m4 = _mm512_set1_epi8(15);
+    const __m512 zdef = _mm512_set1_ps(kind == 4 ? -8.0f : -128.0f);
+    __m512 acc[4][2], sv[4][2];
+    for (int j = 0; j < NT; j++)
+        for (int t = 0; t < MT; t++) acc[j][t] = _mm512_setzero_ps();
+
+/* the pair of blocks b, b + 1 with codes wv, scale lanes idx */
+#define PAIR(wv_, b_, idx_)                                                                                        \
+    do {                                                                                                           \
+        for (int t = 0; t < MT; t++) {                                                                             \
+            const __m512i xh_ = _mm512_loadu_si512(x[t].xh + (b_) * 32), xl_ = _mm512_loadu_si512(x[t].xl + (b_) * 32); \
+            for (int j = 0; j < NT; j++) {                                                                         \
+                __m512i dh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv_[j], xh_);                            \
+                __m512i d = _mm512_dpbusd_epi32(_mm512_slli_epi32(dh, 8), wv_[j], xl_);                           \
+                acc[j][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx_, sv[j][t]), acc[j][t]); \
+            }                                                                                                      \
+        }                                                                                                          \
+    } while (0)
+
+    for (int64_t c = 0; c < nb; c += 16) {
+        const int64_t left = nb - c < 16 ? nb - c : 16;
+        const __mmask16 mk = (__mmask16)((1u << left) - 1u);
+        __m512 sx[2], xo[2];
+        for (int t = 0; t < MT; t++) {
+            sx[t] = _mm512_maskz_loadu_ps(mk, x[t].sx + c);
+            xo[t] = _mm512_maskz_loadu_ps(mk, x[t].xo + c);
+        }
+        for (int j = 0; j < NT; j++) {
+            const __m512 sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s + j * nb + c));
+            const __m512 zw = z ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, z + j * nb + c)) : _mm512_mul_ps(sw, zdef);
+            for (int t = 0; t < MT; t++) {
+                acc[j][t] = _mm512_fmadd_ps(zw, xo[t], acc[j][t]);
+                sv[j][t] = _mm512_mul_ps(sw, sx[t]);
+            }
+        }
+        __m512i idx = half;
+        int64_t b = c;
+        if (kind == 8) {
+            for (; b < c + left; b += 2, idx = _mm512_add_epi32(idx, two)) {
+                __m512i wv[4];
+                for (int j = 0; j < NT; j++) wv[j] = _mm512_loadu_si512(w + j * row_bytes + b * 32);
+                PAIR(wv, b, idx);
+            }
+        } else {
+            for (; b + 4 <= c + left; b += 4) {
+                __m512i lo[4], hi[4];
+                for (int j = 0; j < NT; j++) {
+                    const __m512i raw = _mm512_loadu_si512(w + j * row_bytes + b * 16);
+                    lo[j] = _mm512_and_si512(raw, m4);
+                    hi[j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+                }
+                PAIR(lo, b, idx);
+                idx = _mm512_add_epi32(idx, two);
+                PAIR(hi, b + 2, idx);
+                idx = _mm512_add_epi32(idx, two);
+            }
+            if (b < c + left) { /* the row's last pair, 32 bytes */
+                __m512i wv[4];
+                for (int j = 0; j < NT; j++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + j * row_bytes + b * 16));
+                    const __m256i m = _mm512_castsi512_si256(m4);
+                    wv[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m)),
+                                               _mm256_and_si256(_mm256_srli_epi16(raw, 4), m), 1);
+                }
+                PAIR(wv, b, idx);
+            }
+        }
+    }
+#undef PAIR
+    for (int j = 0; j < NT; j++)
+        for (int t = 0; t < MT; t++) y[t * N + j] = _mm512_reduce_add_ps(acc[j][t]);
+}
+
+#define TILE(K_, NT_, MT_) dot_tile(K_, NT_, MT_, nb, row_bytes, w, s, z, x + m, y + m * N, N)
+
+/* Rows n .. n + NT of y (NT 1 or 4) against all M rows of x. */
+static void dot_rows(int kind, int NT, int64_t nb, int64_t row_bytes, const uint8_t *w, const uint16_t *s,
+                     const uint16_t *z, const xrow *x, int64_t M, float *y, int64_t N) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) {
+        if (kind == 4) NT == 4 ? TILE(4, 4, 2) : TILE(4, 1, 2);
+        else NT == 4 ? TILE(8, 4, 2) : TILE(8, 1, 2);
+    }
+    for (; m < M; m++) {
+        if (kind == 4) NT == 4 ? TILE(4, 4, 1) : TILE(4, 1, 1);
+        else NT == 4 ? TILE(8, 4, 1) : TILE(8, 1, 1);
+    }
+}
+
+#endif
+
+/* y [M, N] = x [M, K] . w^T for kind 4 or 8 weights: codes [N, K/2] or [N, K] bytes,
+ * scales fp16 bits [N, K/32], zeros fp16 bits [N, K/32] or NULL (the implied offsets).
+ * K must be a multiple of 64. Returns 0, or -1 when this build has no kernel, the
+ * arguments are not its, or memory ran out. */
+int blockq_linear(int kind, const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
+                  const uint16_t *zeros, int64_t N, float *y) {
+#if BLOCKQ_OK
+    if (K % 64 != 0 || M < 1 || N < 1 || (kind != 4 && kind != 8)) return -1;
+    const int64_t nb = K / 32, row_bytes = kind == 4 ? K / 2 : K;
+    int8_t *xh = malloc((size_t)(M * K * 2));
+    float *f = malloc((size_t)(M * nb * 2) * sizeof(float));
+    xrow *rows = malloc((size_t)M * sizeof(xrow));
+    if (!xh || !f || !rows) {
+        free(xh), free(f), free(rows);
+        return -1;
+    }
+    int8_t *xl = xh + M * K;
+    float *sx = f, *xo = f + M * nb;
+#pragma omp parallel for schedule(static) if (M * K >= 32768)
+    for (int64_t m = 0; m < M; m++) prep_row(x + m * K, K, xh + m * K, xl + m * K, sx + m * nb, xo + m * nb);
+    for (int64_t m = 0; m < M; m++) rows[m] = (xrow){xh + m * K, xl + m * K, sx + m * nb, xo + m * nb};
+    const int64_t tiles = (N + 3) / 4;
+#pragma omp parallel for schedule(static) if (M * N * K >= 262144)
+    for (int64_t i = 0; i < tiles; i++) {
+        const int64_t n = 4 * i;
+        const int nt = N - n >= 4 ? 4 : 1;
+        for (int64_t j = n; j < n + 4 && j < N; j += nt)
+            dot_rows(kind, nt, nb, row_bytes, codes + j * row_bytes, scales + j * nb, zeros ? zeros + j * nb : NULL,
+                     rows, M, y + j, N);
+    }
+    free(xh), free(f), free(rows);
+    return 0;
+#else
+    (void)kind, (void)x, (void)M, (void)K, (void)codes, (void)scales, (void)zeros, (void)N, (void)y;
+    return -1;
+#endif
+}

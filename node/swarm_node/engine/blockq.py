@@ -1,0 +1,207 @@
+"""Block-quantized products on AVX-512 VNNI: GGUF's Q4_0, Q4_1 and Q8_0 blocks as the file
+lays them, run by a small C kernel (``blockq.c``) built once per machine.
+
+PyTorch's int4 kernel (engine.quant) rounds its input and output to bfloat16 and takes
+8-bit codes only as two 4-bit halves; llama.cpp's speed comes from integer dot products
+on the codes as they are. This kernel does the same, keeping more precision: each row of
+the input is quantized per block of 32 to 16 bits (two int8 halves, two ``vpdpbusd``),
+the block's dot product is exact in int32, and the rest is float32 (the C file's header
+has the arithmetic). Held per row and block of 32: the codes, an fp16 scale and, for
+Q4_1, an fp16 offset (``W = q s + z``; Q4_0's ``z = -8 s`` and Q8_0's ``-128 s`` are
+implied): exactly the file's bytes.
+
+The kernel is compiled with the machine's C compiler (``-march=native -fopenmp``, sharing
+PyTorch's OpenMP runtime and thread count) into the cache directory the first time a
+node needs it. A machine without AVX-512 VNNI or without a compiler keeps PyTorch's
+int4 kernel (one log line says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from swarm_proto.store import cache_dir
+from swarm_proto.weight_format import BLOCKQ_TYPES
+
+log = logging.getLogger(__name__)
+
+KINDS = BLOCKQ_TYPES
+_SOURCE = Path(__file__).with_name("blockq.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _build() -> Path:
+    """The kernel's shared library, compiled into the cache on first use (keyed by the
+    source, the flags and the CPU's features)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc) on PATH")
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"blockq-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        built = Path(tmp) / out.name
+        res = subprocess.run([cc, *_FLAGS, "-o", str(built), str(_SOURCE)], check=False, capture_output=True, text=True,
+                             timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-500:]}")
+        os.replace(built, out)  # atomic: nodes building at once each get a whole file
+    return out
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("SWARM_BLOCKQ", "1") == "0":
+        log.info("blockq kernel off (SWARM_BLOCKQ=0): quantized weights run PyTorch's int4 kernel")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("blockq kernel unavailable (%s): quantized weights run PyTorch's int4 kernel", e)
+        return None
+    if not lib.blockq_supported():
+        log.info("this CPU has no AVX-512 VNNI: quantized weights run PyTorch's int4 kernel")
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.blockq_linear.argtypes = [ctypes.c_int, p, i64, i64, p, p, p, i64, p]
+    lib.blockq_linear.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether this machine runs the kernel (compiled, and the CPU has AVX-512 VNNI)."""
+    return _library() is not None
+
+
+def takes(kind: str, shape: tuple[int, int]) -> bool:
+    """Whether a [N, K] GGUF matrix of ``kind`` runs this kernel here."""
+    return kind in KINDS and shape[1] % 64 == 0 and available()
+
+
+def _pack4(q: np.ndarray) -> np.ndarray:
+    """4-bit codes [n, K] in column order (uint8, 0..15) -> the kernel's bytes [n, K/2]:
+    each 4 blocks of 32 as 64 bytes, low nibbles blocks 0-1, high nibbles blocks 2-3; a
+    last lone pair of blocks as 32 bytes, low nibbles its first 32 columns."""
+    n, k = q.shape
+    full = k // 128 * 128
+    g = q[:, :full].reshape(n, -1, 2, 64)
+    out = [(g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, -1)]
+    if full < k:
+        t = q[:, full:]
+        out.append(t[:, :32] | (t[:, 32:] << 4))
+    return np.ascontiguousarray(np.concatenate(out, axis=1))
+
+
+def _unpack4(b: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_pack4`: bytes [R, K/2] -> codes [R, K] in column order."""
+    r, half = b.shape
+    full = half // 64 * 64
+    g = b[:, :full].reshape(r, -1, 1, 64)
+    out = [torch.cat([g & 15, g >> 4], dim=2).reshape(r, -1)]
+    if full < half:
+        t = b[:, full:]
+        out.append(torch.cat([t & 15, t >> 4], dim=1))
+    return torch.cat(out, dim=1)
+
+
+class BlockLinear(nn.Module):
+    """``F.linear`` of block-quantized weights with the VNNI kernel (module doc).
+
+    Buffers: ``codes`` uint8 [N, K/2] (4-bit, `_pack4`) or [N, K] (8-bit, sign bit flipped);
+    ``scales`` float16 [N, K/32]; ``zeros`` float16 [N, K/32] (Q4_1 only). Any input
+    dtype; the product is computed in float32 and returned in the input's dtype."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+    def __init__(self, bits: int, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.bits = bits
+        self.out_features, self.in_features = scales.shape[0], scales.shape[1] * 32
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    @staticmethod
+    def from_gguf(parts: list[tuple[str, np.ndarray]], k: int, bias: torch.Tensor | None = None,
+                  band: int = 256) -> BlockLinear:
+        """GGUF row blocks of one kind in ``KINDS``, stacked along the output; converted a
+        band of rows at a time into preallocated buffers."""
+        kind = parts[0][0]
+        bits = 8 if kind == "Q8_0" else 4
+        n = sum(raw.shape[0] for _, raw in parts)
+        codes = np.empty((n, k * bits // 8), np.uint8)
+        scales = np.empty((n, k // 32), np.float16)
+        zeros = np.empty((n, k // 32), np.float16) if kind == "Q4_1" else None  # else -8 s, -128 s
+        row = 0
+        for _, raw in parts:
+            for r in range(0, raw.shape[0], band):
+                b = np.asarray(raw[r : r + band])
+                rows = slice(row, row + b.shape[0])
+                blocks = b.reshape(b.shape[0], k // 32, -1)
+                scales[rows] = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
+                if kind == "Q8_0":
+                    codes[rows] = (blocks[..., 2:] ^ np.uint8(0x80)).reshape(b.shape[0], -1)
+                else:
+                    qs = blocks[..., -16:]
+                    codes[rows] = _pack4(np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(b.shape[0], k))
+                if kind == "Q4_1":
+                    zeros[rows] = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]  # type: ignore[index]
+                row += b.shape[0]
+        return BlockLinear(bits, torch.from_numpy(codes), torch.from_numpy(scales),
+                           None if zeros is None else torch.from_numpy(zeros), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = _library()
+        assert lib is not None, "BlockLinear built where the kernel is unavailable"
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        zeros = 0 if self.zeros is None else self.zeros.data_ptr()
+        if lib.blockq_linear(self.bits, x2.data_ptr(), x2.shape[0], self.in_features, self.codes.data_ptr(),
+                             self.scales.data_ptr(), zeros, self.out_features, y.data_ptr()) != 0:
+            raise MemoryError(f"blockq kernel failed on a [{x2.shape[0]}, {self.in_features}] input")
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """Dequantized rows ``ids`` [R] -> float32 [R, in_features], exactly the file's
+        weights (``exact`` is accepted for the other modules' signature)."""
+        c = self.codes[ids]
+        s = self.scales[ids].float()[..., None]  # [R, K/32, 1]
+        if self.bits == 8:
+            q = c.view(len(ids), -1, 32).to(torch.int16) - 128
+            return (q.float() * s).reshape(len(ids), -1)
+        q = _unpack4(c).view(len(ids), -1, 32).float()
+        z = -8 * s if self.zeros is None else self.zeros[ids].float()[..., None]
+        return (q * s + z).reshape(len(ids), -1)
