@@ -62,6 +62,8 @@ VARIANTS: dict[str, tuple[torch.dtype, str, torch.dtype | None]] = {
     "quantized-noinv": (torch.float32, "gguf", torch.bfloat16),
     # the same without the layers' rounding spread (engine.quant.SPREAD): its price
     "quantized-nospread": (torch.float32, "gguf", torch.bfloat16),
+    # Q4_0/Q4_1/Q8_0 on PyTorch's int4 kernel instead of the VNNI one (engine.blockq)
+    "quantized-aten": (torch.float32, "gguf", torch.bfloat16),
 }
 
 
@@ -135,13 +137,16 @@ def write_1b(kind: str, donor: Path) -> Path:
 
 
 def ours(path: Path, dtype: torch.dtype, weights: str, kdtype: torch.dtype | None,
-         invariant: bool = True, spread: bool = True) -> tuple[Any, dict[str, Callable[[int], float]]]:
-    from swarm_node.engine import quant
+         invariant: bool = True, spread: bool = True, vnni: bool = True) -> tuple[Any, dict[str, Callable[[int], float]]]:
+    from unittest import mock
+
+    from swarm_node.engine import blockq, quant
     from swarm_node.engine.loading import load_slice
     from swarm_node.engine.model import SeqChunk
     from swarm_proto.model_args import read_args
 
-    model = load_slice(path, 0, read_args(path).num_layers, dtype=dtype, weights=weights, kernel_dtype=kdtype)
+    with mock.patch.object(blockq, "takes", blockq.takes if vnni else lambda kind, shape: False):
+        model = load_slice(path, 0, read_args(path).num_layers, dtype=dtype, weights=weights, kernel_dtype=kdtype)
     model.batch_invariant = model.batch_invariant and invariant
     if not spread:
         for m in model.modules():
@@ -198,7 +203,7 @@ def bench_model(
     for variant in variants:
         dtype, weights, kdtype = VARIANTS[variant]
         model, fns = ours(path, dtype, weights, kdtype, invariant=not variant.endswith("-noinv"),
-                          spread=not variant.endswith("-nospread"))
+                          spread=not variant.endswith("-nospread"), vnni=not variant.endswith("-aten"))
         engines[variant] = fns  # type: ignore[assignment]
         held[variant] = model_bytes(model)
     file_bytes = file_tensor_bytes(path)

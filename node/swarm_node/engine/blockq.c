@@ -36,6 +36,9 @@
 #endif
 
 #define QMAX 32639.0f /* 256 * 127 + 127: xh and xl stay within int8 */
+#ifndef PF_BYTES
+#define PF_BYTES 1024 /* how far ahead in a weight row to prefetch */
+#endif
 
 int blockq_supported(void) { return BLOCKQ_OK; }
 
@@ -72,29 +75,31 @@ typedef struct {
     const float *sx, *xo;
 } xrow;
 
-/* y for NT (1 or 4) rows of w against MT (1 or 2) rows of x. Each (row of x, row of w)
- * has one float32 accumulator and gets the same instructions whatever the tile is: per
- * chunk of 16 blocks, the offsets' term, then per pair of blocks its 16 int32 partial
- * sums times the blocks' scales (s sx, one rounding); the lanes are summed at the end. */
+/* y for NT (1 or 2) rows of w against MT (1 or 2) rows of x. Each (row of x, row of w)
+ * has two float32 accumulators (even and odd pairs of blocks) and gets the same
+ * instructions whatever the tile is: per chunk of 16 blocks, the offsets' term, then per
+ * pair of blocks its 16 int32 partial sums times the blocks' scales (s sx, one
+ * rounding); the lanes are summed at the end. */
 static inline __attribute__((always_inline)) void dot_tile(const int kind, const int NT, const int MT, int64_t nb,
                                                            int64_t row_bytes, const uint8_t *w, const uint16_t *s,
                                                            const uint16_t *z, const xrow *x, float *y, int64_t N) {
     const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i two = _mm512_set1_epi32(2), m4 = _mm512_set1_epi8(15);
     const __m512 zdef = _mm512_set1_ps(kind == 4 ? -8.0f : -128.0f);
-    __m512 acc[4][2], sv[4][2];
+    __m512 acc[2][2][2], sv[2][2]; /* [w row][x row][pair parity] */
     for (int j = 0; j < NT; j++)
-        for (int t = 0; t < MT; t++) acc[j][t] = _mm512_setzero_ps();
+        for (int t = 0; t < MT; t++) acc[j][t][0] = acc[j][t][1] = _mm512_setzero_ps();
 
-/* the pair of blocks b, b + 1 with codes wv, scale lanes idx */
-#define PAIR(wv_, b_, idx_)                                                                                        \
+/* the pair of blocks b, b + 1 (of parity p: the pair's index in the row, mod 2) with
+ * codes wv, scale lanes idx */
+#define PAIR(wv_, b_, idx_, p_)                                                                                        \
     do {                                                                                                           \
         for (int t = 0; t < MT; t++) {                                                                             \
             const __m512i xh_ = _mm512_loadu_si512(x[t].xh + (b_) * 32), xl_ = _mm512_loadu_si512(x[t].xl + (b_) * 32); \
             for (int j = 0; j < NT; j++) {                                                                         \
                 __m512i dh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv_[j], xh_);                            \
                 __m512i d = _mm512_dpbusd_epi32(_mm512_slli_epi32(dh, 8), wv_[j], xl_);                           \
-                acc[j][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx_, sv[j][t]), acc[j][t]); \
+                acc[j][t][p_] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx_, sv[j][t]), acc[j][t][p_]); \
             }                                                                                                      \
         }                                                                                                          \
     } while (0)
@@ -111,7 +116,7 @@ static inline __attribute__((always_inline)) void dot_tile(const int kind, const
             const __m512 sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s + j * nb + c));
             const __m512 zw = z ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, z + j * nb + c)) : _mm512_mul_ps(sw, zdef);
             for (int t = 0; t < MT; t++) {
-                acc[j][t] = _mm512_fmadd_ps(zw, xo[t], acc[j][t]);
+                acc[j][t][0] = _mm512_fmadd_ps(zw, xo[t], acc[j][t][0]);
                 sv[j][t] = _mm512_mul_ps(sw, sx[t]);
             }
         }
@@ -119,53 +124,58 @@ static inline __attribute__((always_inline)) void dot_tile(const int kind, const
         int64_t b = c;
         if (kind == 8) {
             for (; b < c + left; b += 2, idx = _mm512_add_epi32(idx, two)) {
-                __m512i wv[4];
-                for (int j = 0; j < NT; j++) wv[j] = _mm512_loadu_si512(w + j * row_bytes + b * 32);
-                PAIR(wv, b, idx);
+                __m512i wv[2];
+                for (int j = 0; j < NT; j++) {
+                    _mm_prefetch((const char *)(w + j * row_bytes + b * 32 + PF_BYTES), _MM_HINT_T0);
+                    wv[j] = _mm512_loadu_si512(w + j * row_bytes + b * 32);
+                }
+                if ((b / 2) & 1) PAIR(wv, b, idx, 1);
+                else PAIR(wv, b, idx, 0);
             }
         } else {
             for (; b + 4 <= c + left; b += 4) {
-                __m512i lo[4], hi[4];
+                __m512i lo[2], hi[2];
                 for (int j = 0; j < NT; j++) {
+                    _mm_prefetch((const char *)(w + j * row_bytes + b * 16 + PF_BYTES), _MM_HINT_T0);
                     const __m512i raw = _mm512_loadu_si512(w + j * row_bytes + b * 16);
                     lo[j] = _mm512_and_si512(raw, m4);
                     hi[j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
                 }
-                PAIR(lo, b, idx);
+                PAIR(lo, b, idx, 0);
                 idx = _mm512_add_epi32(idx, two);
-                PAIR(hi, b + 2, idx);
+                PAIR(hi, b + 2, idx, 1);
                 idx = _mm512_add_epi32(idx, two);
             }
-            if (b < c + left) { /* the row's last pair, 32 bytes */
-                __m512i wv[4];
+            if (b < c + left) { /* the row's last pair, 32 bytes (an even one) */
+                __m512i wv[2];
                 for (int j = 0; j < NT; j++) {
                     const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + j * row_bytes + b * 16));
                     const __m256i m = _mm512_castsi512_si256(m4);
                     wv[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m)),
                                                _mm256_and_si256(_mm256_srli_epi16(raw, 4), m), 1);
                 }
-                PAIR(wv, b, idx);
+                PAIR(wv, b, idx, 0);
             }
         }
     }
 #undef PAIR
     for (int j = 0; j < NT; j++)
-        for (int t = 0; t < MT; t++) y[t * N + j] = _mm512_reduce_add_ps(acc[j][t]);
+        for (int t = 0; t < MT; t++) y[t * N + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][t][0], acc[j][t][1]));
 }
 
 #define TILE(K_, NT_, MT_) dot_tile(K_, NT_, MT_, nb, row_bytes, w, s, z, x + m, y + m * N, N)
 
-/* Rows n .. n + NT of y (NT 1 or 4) against all M rows of x. */
+/* Rows n .. n + NT of y (NT 1 or 2) against all M rows of x. */
 static void dot_rows(int kind, int NT, int64_t nb, int64_t row_bytes, const uint8_t *w, const uint16_t *s,
                      const uint16_t *z, const xrow *x, int64_t M, float *y, int64_t N) {
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) {
-        if (kind == 4) NT == 4 ? TILE(4, 4, 2) : TILE(4, 1, 2);
-        else NT == 4 ? TILE(8, 4, 2) : TILE(8, 1, 2);
+        if (kind == 4) NT == 2 ? TILE(4, 2, 2) : TILE(4, 1, 2);
+        else NT == 2 ? TILE(8, 2, 2) : TILE(8, 1, 2);
     }
     for (; m < M; m++) {
-        if (kind == 4) NT == 4 ? TILE(4, 4, 1) : TILE(4, 1, 1);
-        else NT == 4 ? TILE(8, 4, 1) : TILE(8, 1, 1);
+        if (kind == 4) NT == 2 ? TILE(4, 2, 1) : TILE(4, 1, 1);
+        else NT == 2 ? TILE(8, 2, 1) : TILE(8, 1, 1);
     }
 }
 
@@ -192,12 +202,15 @@ int blockq_linear(int kind, const float *x, int64_t M, int64_t K, const uint8_t 
 #pragma omp parallel for schedule(static) if (M * K >= 32768)
     for (int64_t m = 0; m < M; m++) prep_row(x + m * K, K, xh + m * K, xl + m * K, sx + m * nb, xo + m * nb);
     for (int64_t m = 0; m < M; m++) rows[m] = (xrow){xh + m * K, xl + m * K, sx + m * nb, xo + m * nb};
-    const int64_t tiles = (N + 3) / 4;
+    /* One row of w at a time for one row of x (decode: the weights are read as one
+     * stream, which the hardware prefetcher follows best), two for several (prefill:
+     * each x load serves two rows). */
+    const int64_t tile = M == 1 ? 1 : 2, tiles = (N + tile - 1) / tile;
 #pragma omp parallel for schedule(static) if (M * N * K >= 262144)
     for (int64_t i = 0; i < tiles; i++) {
-        const int64_t n = 4 * i;
-        const int nt = N - n >= 4 ? 4 : 1;
-        for (int64_t j = n; j < n + 4 && j < N; j += nt)
+        const int64_t n = tile * i;
+        const int nt = N - n >= tile ? (int)tile : 1;
+        for (int64_t j = n; j < n + tile && j < N; j += nt)
             dot_rows(kind, nt, nb, row_bytes, codes + j * row_bytes, scales + j * nb, zeros ? zeros + j * nb : NULL,
                      rows, M, y + j, N);
     }
