@@ -97,3 +97,20 @@ def test_shapes_it_cannot_take_stay_with_pytorch() -> None:
     assert not blockq.takes("Q4_0", (64, 96))  # K not a multiple of 64
     assert not blockq.takes("Q4_K", (64, 512))
     assert blockq.takes("Q8_0", (64, 512))
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,keys", [(9, 3, 64, 1), (9, 3, 64, 37), (32, 4, 128, 300)])
+def test_one_query_attention_matches_sdpa(heads: int, kv_heads: int, dim: int, keys: int) -> None:
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, heads, dim, generator=g)
+    k, v = torch.randn(keys, kv_heads, dim, generator=g) * 2, torch.randn(keys, kv_heads, dim, generator=g)
+    got = blockq.attend_one(q, k, v)
+    assert got is not None
+    groups = heads // kv_heads
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.repeat_interleave(groups, 1).transpose(0, 1)[None],
+                                         v.repeat_interleave(groups, 1).transpose(0, 1)[None])[0].transpose(0, 1)
+    assert float((got - ref).abs().max()) < 1e-5
+    k[3 % keys, 0, 0] = float("nan")
+    spoilt = blockq.attend_one(q, k, v)
+    assert spoilt is not None and torch.isnan(spoilt[0, :groups]).all() and not torch.isnan(spoilt[0, groups:]).any()
+    assert blockq.attend_one(q.double(), k.double(), v.double()) is None  # float32 only: SDPA does the rest

@@ -44,10 +44,22 @@ int blockq_supported(void) { return BLOCKQ_OK; }
 
 #if BLOCKQ_OK
 
-/* One row of x [K] -> xh, xl [K]; sx [K/32] the blocks' scales; xo [K/32] = sx * S. */
-static void prep_row(const float *x, int64_t K, int8_t *xh, int8_t *xl, float *sx, float *xo) {
+/* One row of x [K] -> xh, xl [K]; sx [K/32] the blocks' scales; xo [K/32] = sx * S.
+ * With a norm weight g [K], the row is RMS-normalized first: g * (x / sqrt(mean(x^2) + eps)). */
+static void prep_row(const float *x, int64_t K, const float *g, float eps, int8_t *xh, int8_t *xl, float *sx,
+                     float *xo) {
+    __m512 r = _mm512_set1_ps(1.0f);
+    if (g) {
+        __m512 ss = _mm512_setzero_ps();
+        for (int64_t i = 0; i < K; i += 16) ss = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), ss);
+        r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)K + eps));
+    }
     for (int64_t b = 0; b < K / 32; b++) {
         __m512 v0 = _mm512_loadu_ps(x + b * 32), v1 = _mm512_loadu_ps(x + b * 32 + 16);
+        if (g) {
+            v0 = _mm512_mul_ps(_mm512_loadu_ps(g + b * 32), _mm512_mul_ps(v0, r));
+            v1 = _mm512_mul_ps(_mm512_loadu_ps(g + b * 32 + 16), _mm512_mul_ps(v1, r));
+        }
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         float check = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
         if (!isfinite(amax) || !isfinite(check)) { /* NaN or inf in: NaN out, not a wrong number */
@@ -179,14 +191,88 @@ static void dot_rows(int kind, int NT, int64_t nb, int64_t row_bytes, const uint
     }
 }
 
+/* e^x for x <= 0, float32 to ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor
+ * polynomial of degree 7, times 2^n. */
+static inline __m512 exp_neg(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f)); /* e^-103 is 0 in float32 */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 #endif
 
+/* One query's attention: out [H, D] = softmax(scale q k^T) v for q [H, D] over keys and
+ * values [P, Hkv, D] (row-major), query head h reading key head h / (H / Hkv). D must
+ * be a multiple of 16 and at most 256. Each head's result depends on its own q, the
+ * keys and the values alone, by a fixed order of operations. Returns 0, or -1 when
+ * this build has no kernel, the arguments are not its, or memory ran out. */
+int blockq_attend1(const float *q, const float *k, const float *v, int64_t P, int64_t H, int64_t Hkv, int64_t D,
+                   float scale, float *out) {
+#if BLOCKQ_OK
+    if (D % 16 != 0 || D > 256 || P < 1 || Hkv < 1 || H % Hkv != 0) return -1;
+    float *sc = malloc((size_t)(P + 16) * sizeof(float));
+    if (!sc) return -1;
+    const int64_t nd = D / 16, group = H / Hkv, row = Hkv * D;
+    for (int64_t h = 0; h < H; h++) {
+        const float *qh = q + h * D, *kh = k + (h / group) * D, *vh = v + (h / group) * D;
+        __m512 qv[16];
+        for (int64_t i = 0; i < nd; i++) qv[i] = _mm512_mul_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_set1_ps(scale));
+        float mx = -INFINITY;
+        int bad = 0;
+        for (int64_t p = 0; p < P; p++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < nd; i++) acc = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(kh + p * row + 16 * i), acc);
+            sc[p] = _mm512_reduce_add_ps(acc);
+            bad |= isnan(sc[p]);
+            mx = sc[p] > mx ? sc[p] : mx;
+        }
+        if (bad || !isfinite(mx)) { /* NaN or inf scores: NaN out, as softmax gives */
+            for (int64_t i = 0; i < D; i++) out[h * D + i] = NAN;
+            continue;
+        }
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t p = 0; p < P; p += 16) {
+            const __mmask16 mk = P - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (P - p)) - 1u);
+            __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + p), _mm512_set1_ps(mx)));
+            e = _mm512_maskz_mov_ps(mk, e);
+            _mm512_mask_storeu_ps(sc + p, mk, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+        __m512 o[16];
+        for (int64_t i = 0; i < nd; i++) o[i] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < P; p++) {
+            const __m512 e = _mm512_set1_ps(sc[p]);
+            for (int64_t i = 0; i < nd; i++) o[i] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vh + p * row + 16 * i), o[i]);
+        }
+        for (int64_t i = 0; i < nd; i++) _mm512_storeu_ps(out + h * D + 16 * i, _mm512_mul_ps(o[i], _mm512_set1_ps(inv)));
+    }
+    free(sc);
+    return 0;
+#else
+    (void)q, (void)k, (void)v, (void)P, (void)H, (void)Hkv, (void)D, (void)scale, (void)out;
+    return -1;
+#endif
+}
+
 /* y [M, N] = x [M, K] . w^T for kind 4 or 8 weights: codes [N, K/2] or [N, K] bytes,
- * scales fp16 bits [N, K/32], zeros fp16 bits [N, K/32] or NULL (the implied offsets).
- * K must be a multiple of 64. Returns 0, or -1 when this build has no kernel, the
- * arguments are not its, or memory ran out. */
+ * scales fp16 bits [N, K/32], zeros fp16 bits [N, K/32] or NULL (the implied offsets);
+ * norm [K] (or NULL): RMS-normalize each row of x first, with eps. K must be a multiple
+ * of 64. Returns 0, or -1 when this build has no kernel, the arguments are not its, or
+ * memory ran out. */
 int blockq_linear(int kind, const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
-                  const uint16_t *zeros, int64_t N, float *y) {
+                  const uint16_t *zeros, int64_t N, float *y, const float *norm, float eps) {
 #if BLOCKQ_OK
     if (K % 64 != 0 || M < 1 || N < 1 || (kind != 4 && kind != 8)) return -1;
     const int64_t nb = K / 32, row_bytes = kind == 4 ? K / 2 : K;
@@ -200,7 +286,8 @@ int blockq_linear(int kind, const float *x, int64_t M, int64_t K, const uint8_t 
     int8_t *xl = xh + M * K;
     float *sx = f, *xo = f + M * nb;
 #pragma omp parallel for schedule(static) if (M * K >= 32768)
-    for (int64_t m = 0; m < M; m++) prep_row(x + m * K, K, xh + m * K, xl + m * K, sx + m * nb, xo + m * nb);
+    for (int64_t m = 0; m < M; m++)
+        prep_row(x + m * K, K, norm, eps, xh + m * K, xl + m * K, sx + m * nb, xo + m * nb);
     for (int64_t m = 0; m < M; m++) rows[m] = (xrow){xh + m * K, xl + m * K, sx + m * nb, xo + m * nb};
     /* One row of w at a time for one row of x (decode: the weights are read as one
      * stream, which the hardware prefetcher follows best), two for several (prefill:
@@ -217,7 +304,7 @@ int blockq_linear(int kind, const float *x, int64_t M, int64_t K, const uint8_t 
     free(xh), free(f), free(rows);
     return 0;
 #else
-    (void)kind, (void)x, (void)M, (void)K, (void)codes, (void)scales, (void)zeros, (void)N, (void)y;
+    (void)kind, (void)x, (void)M, (void)K, (void)codes, (void)scales, (void)zeros, (void)N, (void)y, (void)norm, (void)eps;
     return -1;
 #endif
 }

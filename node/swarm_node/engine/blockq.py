@@ -89,8 +89,10 @@ def _library() -> ctypes.CDLL | None:
         log.info("this CPU has no AVX-512 VNNI: quantized weights run PyTorch's int4 kernel")
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.blockq_linear.argtypes = [ctypes.c_int, p, i64, i64, p, p, p, i64, p]
+    lib.blockq_linear.argtypes = [ctypes.c_int, p, i64, i64, p, p, p, i64, p, p, ctypes.c_float]
     lib.blockq_linear.restype = ctypes.c_int
+    lib.blockq_attend1.argtypes = [p, p, p, i64, i64, i64, i64, ctypes.c_float, p]
+    lib.blockq_attend1.restype = ctypes.c_int
     return lib
 
 
@@ -102,6 +104,23 @@ def available() -> bool:
 def takes(kind: str, shape: tuple[int, int]) -> bool:
     """Whether a [N, K] GGUF matrix of ``kind`` runs this kernel here."""
     return kind in KINDS and shape[1] % 64 == 0 and available()
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """One query's attention, q [1, H, D] over k, v [P, Hkv, D] (float32 on the CPU,
+    heads grouped), in the kernel: the batch-invariant slices' per-position attention
+    (engine.model._attend_each), a tenth of SDPA's time at one query. None where the
+    kernel is unavailable or does not take these tensors."""
+    lib = _library()
+    if lib is None or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32 \
+            or q.device.type != "cpu" or not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        return None
+    _, h, d = q.shape
+    p, hkv, _ = k.shape
+    out = torch.empty_like(q)
+    if lib.blockq_attend1(q.data_ptr(), k.data_ptr(), v.data_ptr(), p, h, hkv, d, d**-0.5, out.data_ptr()) != 0:
+        return None
+    return out
 
 
 def _pack4(q: np.ndarray) -> np.ndarray:
@@ -150,6 +169,21 @@ class BlockLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        # an RMSNorm's (weight, eps) applied to the input in the kernel (`fuse_norm`); not
+        # a submodule: the weight stays the norm's, in its place in the state dict
+        self.norm: tuple[torch.Tensor, float] | None = None
+
+    def fuse_norm(self, norm: nn.Module) -> bool:
+        """Normalize the input with ``norm`` (an engine.model.RMSNorm whose output feeds
+        only this product) inside the kernel: one call instead of the norm's six ops, and
+        the norm passes its input through (``norm.fused``). Only a float32 weight is taken
+        (the kernel's input is float32); returns whether it was."""
+        weight = norm.weight
+        if weight.dtype != torch.float32 or weight.shape != (self.in_features,) or not weight.is_contiguous():
+            return False
+        self.norm = (weight, float(norm.eps))
+        norm.fused = True
+        return True
 
     @staticmethod
     def from_gguf(parts: list[tuple[str, np.ndarray]], k: int, bias: torch.Tensor | None = None,
@@ -187,8 +221,9 @@ class BlockLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
         y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
         zeros = 0 if self.zeros is None else self.zeros.data_ptr()
+        norm, eps = (0, 0.0) if self.norm is None else (self.norm[0].data_ptr(), self.norm[1])
         if lib.blockq_linear(self.bits, x2.data_ptr(), x2.shape[0], self.in_features, self.codes.data_ptr(),
-                             self.scales.data_ptr(), zeros, self.out_features, y.data_ptr()) != 0:
+                             self.scales.data_ptr(), zeros, self.out_features, y.data_ptr(), norm, eps) != 0:
             raise MemoryError(f"blockq kernel failed on a [{x2.shape[0]}, {self.in_features}] input")
         if self.bias is not None:
             y += self.bias

@@ -235,8 +235,19 @@ def _build_quantized(
     if left:
         raise ModelFormatError(f"{path}: no weights for {left[0]}")
     model.rotary.inv_freq = inv_freq(args)
+    fuse_norms(model)
     model.eval()
     return model
+
+
+def fuse_norms(model: ModelSlice) -> None:
+    """Each layer's two RMSNorms into the VNNI products they feed (q/k/v, gate/up), where
+    those run it (engine.blockq.BlockLinear.fuse_norm)."""
+    for block in model.layers:
+        if isinstance(block, Block):
+            for norm, product in ((block.attention_norm, block.attention.wqkv), (block.ffn_norm, block.feed_forward.w13)):
+                if isinstance(product, blockq.BlockLinear):
+                    product.fuse_norm(norm)
 
 
 def mark_batch_invariant(model: ModelSlice) -> None:

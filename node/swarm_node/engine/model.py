@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swarm_node.engine import blockq
 from swarm_node.engine.graphs import DecodeGraphs
 from swarm_node.engine.kv_cache import KVCache, KVPool
 from swarm_node.errors import SliceRangeError
@@ -52,8 +53,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False  # the product it feeds applies it (engine.blockq.BlockLinear.fuse_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return x
         dtype = x.dtype
         if dtype == torch.float32:  # the same arithmetic without the two no-op casts' dispatch
             return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
@@ -245,12 +249,19 @@ def _attend_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: i
     the one a decode step at that position computes, bit for bit (a causal kernel's
     blocking over queries and keys would make it depend on the chunk's size)."""
     if q.shape[0] == 1:
-        return _attend(q, k, v, start_pos, groups)
+        return _attend_one(q, k, v, start_pos, groups)
     out = torch.empty_like(q)  # [n, H, D]
     for i in range(q.shape[0]):
         end = start_pos + i + 1
-        out[i : i + 1] = _attend(q[i : i + 1], k[:end], v[:end], start_pos + i, groups)
+        out[i : i + 1] = _attend_one(q[i : i + 1], k[:end], v[:end], start_pos + i, groups)
     return out
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, groups: int) -> torch.Tensor:
+    """One query over all of k, v: the CPU kernel's (engine.blockq.attend_one) where it
+    takes the tensors, else SDPA's."""
+    out = blockq.attend_one(q, k, v)
+    return out if out is not None else _attend(q, k, v, start_pos, groups)
 
 
 @dataclass
