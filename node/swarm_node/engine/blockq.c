@@ -81,6 +81,15 @@ static void prep_row(const float *x, int64_t K, const float *g, float eps, int8_
     }
 }
 
+/* For the i-th pair of blocks in a chunk of 16: which of the chunk's 16 block scales
+ * each of the pair's 16 int32 partial sums takes (8 lanes per block). */
+static const int32_t LANES[8][16] = {
+#define L(i) {2 * i, 2 * i, 2 * i, 2 * i, 2 * i, 2 * i, 2 * i, 2 * i, \
+              2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1}
+    L(0), L(1), L(2), L(3), L(4), L(5), L(6), L(7)
+#undef L
+};
+
 /* One x row as the kernel reads it. */
 typedef struct {
     const int8_t *xh, *xl;
@@ -95,8 +104,7 @@ typedef struct {
 static inline __attribute__((always_inline)) void dot_tile(const int kind, const int NT, const int MT, int64_t nb,
                                                            int64_t row_bytes, const uint8_t *w, const uint16_t *s,
                                                            const uint16_t *z, const xrow *x, float *y, int64_t N) {
-    const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i two = _mm512_set1_epi32(2), m4 = _mm512_set1_epi8(15);
+    const __m512i m4 = _mm512_set1_epi8(15);
     const __m512 zdef = _mm512_set1_ps(kind == 4 ? -8.0f : -128.0f);
     __m512 acc[2][2][2], sv[2][2]; /* [w row][x row][pair parity] */
     for (int j = 0; j < NT; j++)
@@ -132,10 +140,10 @@ static inline __attribute__((always_inline)) void dot_tile(const int kind, const
                 sv[j][t] = _mm512_mul_ps(sw, sx[t]);
             }
         }
-        __m512i idx = half;
         int64_t b = c;
         if (kind == 8) {
-            for (; b < c + left; b += 2, idx = _mm512_add_epi32(idx, two)) {
+            for (; b < c + left; b += 2) {
+                const __m512i idx = _mm512_loadu_si512(LANES[(b - c) / 2]);
                 __m512i wv[2];
                 for (int j = 0; j < NT; j++) {
                     _mm_prefetch((const char *)(w + j * row_bytes + b * 32 + PF_BYTES), _MM_HINT_T0);
@@ -153,10 +161,8 @@ static inline __attribute__((always_inline)) void dot_tile(const int kind, const
                     lo[j] = _mm512_and_si512(raw, m4);
                     hi[j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
                 }
-                PAIR(lo, b, idx, 0);
-                idx = _mm512_add_epi32(idx, two);
-                PAIR(hi, b + 2, idx, 1);
-                idx = _mm512_add_epi32(idx, two);
+                PAIR(lo, b, _mm512_loadu_si512(LANES[(b - c) / 2]), 0);
+                PAIR(hi, b + 2, _mm512_loadu_si512(LANES[(b - c) / 2 + 1]), 1);
             }
             if (b < c + left) { /* the row's last pair, 32 bytes (an even one) */
                 __m512i wv[2];
@@ -166,7 +172,7 @@ static inline __attribute__((always_inline)) void dot_tile(const int kind, const
                     wv[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m)),
                                                _mm256_and_si256(_mm256_srli_epi16(raw, 4), m), 1);
                 }
-                PAIR(wv, b, idx, 0);
+                PAIR(wv, b, _mm512_loadu_si512(LANES[(b - c) / 2]), 0);
             }
         }
     }

@@ -172,6 +172,7 @@ class BlockLinear(nn.Module):
         # an RMSNorm's (weight, eps) applied to the input in the kernel (`fuse_norm`); not
         # a submodule: the weight stays the norm's, in its place in the state dict
         self.norm: tuple[torch.Tensor, float] | None = None
+        self._cached: tuple[tuple[torch.Tensor | None, ...], tuple[int, int, int, int, float]] | None = None
 
     def fuse_norm(self, norm: nn.Module) -> bool:
         """Normalize the input with ``norm`` (an engine.model.RMSNorm whose output feeds
@@ -214,20 +215,38 @@ class BlockLinear(nn.Module):
         return BlockLinear(bits, torch.from_numpy(codes), torch.from_numpy(scales),
                            None if zeros is None else torch.from_numpy(zeros), bias)
 
+    def _weights(self) -> tuple[int, int, int, int, float]:
+        """(codes, scales, zeros, norm weight) addresses and the norm's eps, as the kernel
+        takes them; kept until one of those tensors is replaced (a decode step makes ~100
+        products, and reading four addresses costs as much as a small product)."""
+        b = self._buffers
+        held = (b["codes"], b["scales"], b["zeros"], None if self.norm is None else self.norm[0])
+        cached = self._cached
+        if cached is None or any(t is not c for t, c in zip(held, cached[0])):
+            codes, scales, zeros, norm = held
+            assert codes is not None and scales is not None
+            ptrs = (codes.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
+                    0 if norm is None else norm.data_ptr(), 0.0 if self.norm is None else self.norm[1])
+            cached = self._cached = (held, ptrs)
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = _library()
         assert lib is not None, "BlockLinear built where the kernel is unavailable"
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
-        zeros = 0 if self.zeros is None else self.zeros.data_ptr()
-        norm, eps = (0, 0.0) if self.norm is None else (self.norm[0].data_ptr(), self.norm[1])
-        if lib.blockq_linear(self.bits, x2.data_ptr(), x2.shape[0], self.in_features, self.codes.data_ptr(),
-                             self.scales.data_ptr(), zeros, self.out_features, y.data_ptr(), norm, eps) != 0:
-            raise MemoryError(f"blockq kernel failed on a [{x2.shape[0]}, {self.in_features}] input")
+        k, n = self.in_features, self.out_features
+        x2 = x.reshape(-1, k)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
+        m = x2.shape[0]
+        y = torch.empty(m, n)
+        codes, scales, zeros, norm, eps = self._weights()
+        if lib.blockq_linear(self.bits, x2.data_ptr(), m, k, codes, scales, zeros, n, y.data_ptr(), norm, eps) != 0:
+            raise MemoryError(f"blockq kernel failed on a [{m}, {k}] input")
         if self.bias is not None:
             y += self.bias
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], n)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def rows(self, ids: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """Dequantized rows ``ids`` [R] -> float32 [R, in_features], exactly the file's
