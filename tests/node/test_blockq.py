@@ -34,7 +34,8 @@ def _layer(kind: str, n: int, k: int, seed: int = 0) -> tuple[blockq.BlockLinear
     w[:, :32] += rng.uniform(-0.1, 0.1, size=(n, 1))  # offsets per group, for Q4_1's min
     raw = quantize(w, GGMLQuantizationType[kind])
     ref = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(n, k).astype(np.float32))
-    return blockq.BlockLinear.from_gguf([(kind, raw)], k, band=48), ref
+    parts = [(kind, raw[:33]), (kind, raw[33:])]  # an odd first part: pairs of rows and bands cross it
+    return blockq.BlockLinear.from_gguf(parts, k, band=48), ref
 
 
 def test_kernel_builds_here() -> None:
@@ -42,7 +43,7 @@ def test_kernel_builds_here() -> None:
 
 
 @pytest.mark.parametrize("kind", blockq.KINDS)
-@pytest.mark.parametrize("k", [576, 1024])  # 576: 18 blocks, a lone last pair; 1024: groups of 4 only
+@pytest.mark.parametrize("k", [576, 704, 1024])  # blocks: 16 + a lone pair; 16 + 4 + 2; two groups of 16
 def test_matches_dequantized_reference(kind: str, k: int) -> None:
     n = 99  # not a multiple of the kernel's 4-row tiles
     layer, ref_w = _layer(kind, n, k)

@@ -5,12 +5,18 @@
  * Weights: per output row n, blocks of 32 columns, each with an fp16 scale s and an
  * offset z (an fp16 array for Q4_1; else implied: -8 s for 4-bit codes, -128 s for
  * 8-bit ones), w = c * s + z:
- *   kind 8: c in 0..255, 32 bytes a block (Q8_0's int8 codes with the sign bit flipped);
- *   kind 4: c in 0..15; each group of 4 blocks is 64 bytes whose low nibbles are blocks
- *           0 and 1 and whose high nibbles are blocks 2 and 3, in column order (one
- *           load and two masks give two pairs of blocks); a last pair of blocks when
- *           their number is not a multiple of 4 is 32 bytes, low nibbles the first 32
- *           columns, high nibbles the next 32.
+ *   kind 8: c in 0..255 (Q8_0's int8 codes with the sign bit flipped), a byte each;
+ *   kind 4: c in 0..15, a nibble each.
+ * A row's blocks go in groups of 16 (512 columns), then a tail of fewer than 16:
+ *   a group is 8 (kind 8) or 4 (kind 4) loads of 64 bytes, each holding 4 consecutive
+ *           columns of each of the 16 blocks side by side (kind 4: the low nibbles hold
+ *           columns 4q..4q+3, the high nibbles 16+4q..16+4q+3, GGUF's own bytes), so one
+ *           vpdpbusd adds 4 columns to each block's dot product in its own int32 lane
+ *           and the group ends with one conversion and one scaling for 16 blocks;
+ *   the tail is in column order (kind 8), or (kind 4) each 4 blocks as 64 bytes whose
+ *           low nibbles are blocks 0-1 and high nibbles blocks 2-3, a last lone pair as
+ *           32 bytes (low nibbles its first 32 columns); its pairs of blocks are scaled
+ *           one pair at a time.
  * Activations: each row of x is quantized per block of 32 to 16 bits against the
  * block's absolute maximum, xq = round(x * 32639 / max) = 256 xh + xl with xh, xl
  * int8, so a block's dot product with the codes is exact in int32 from two vpdpbusd
@@ -37,17 +43,20 @@
 
 #define QMAX 32639.0f /* 256 * 127 + 127: xh and xl stay within int8 */
 #ifndef PF_BYTES
-#define PF_BYTES 1024 /* how far ahead in a weight row to prefetch */
+#define PF_BYTES 2048 /* how far ahead in a weight row to prefetch */
 #endif
 
 int blockq_supported(void) { return BLOCKQ_OK; }
 
 #if BLOCKQ_OK
 
-/* One row of x [K] -> xh, xl [K]; sx [K/32] the blocks' scales; xo [K/32] = sx * S.
- * With a norm weight g [K], the row is RMS-normalized first: g * (x / sqrt(mean(x^2) + eps)). */
+/* One row of x [K] -> xh, xl [K] in the weights' order (the first 16 * (K / 512)
+ * blocks in groups of 16, 4 columns of each block side by side; the rest in column
+ * order); sx [K/32] the blocks' scales; xo [K/32] = sx * S. With a norm weight g [K],
+ * the row is RMS-normalized first: g * (x / sqrt(mean(x^2) + eps)). */
 static void prep_row(const float *x, int64_t K, const float *g, float eps, int8_t *xh, int8_t *xl, float *sx,
                      float *xo) {
+    const int64_t grouped = K / 512 * 16;
     __m512 r = _mm512_set1_ps(1.0f);
     if (g) {
         __m512 ss = _mm512_setzero_ps();
@@ -64,20 +73,31 @@ static void prep_row(const float *x, int64_t K, const float *g, float eps, int8_
         float check = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
         if (!isfinite(amax) || !isfinite(check)) { /* NaN or inf in: NaN out, not a wrong number */
             sx[b] = xo[b] = NAN;
-            memset(xh + b * 32, 0, 32);
-            memset(xl + b * 32, 0, 32);
-            continue;
+            v0 = v1 = _mm512_setzero_ps();
         }
-        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? QMAX / amax : 0.0f);
+        const __m512 inv = _mm512_set1_ps(amax > 0.0f && isfinite(amax) ? QMAX / amax : 0.0f);
         __m512i q[2] = {_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv))};
         for (int h = 0; h < 2; h++) {
             __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q[h], _mm512_set1_epi32(128)), 8);
             __m512i lo = _mm512_sub_epi32(q[h], _mm512_slli_epi32(hi, 8));
-            _mm_storeu_si128((__m128i *)(xh + b * 32 + 16 * h), _mm512_cvtepi32_epi8(hi));
-            _mm_storeu_si128((__m128i *)(xl + b * 32 + 16 * h), _mm512_cvtepi32_epi8(lo));
+            if (b < grouped) { /* columns 4j..4j+3 of the group's 16 blocks side by side */
+                uint8_t bh[16], bl[16];
+                _mm_storeu_si128((__m128i *)bh, _mm512_cvtepi32_epi8(hi));
+                _mm_storeu_si128((__m128i *)bl, _mm512_cvtepi32_epi8(lo));
+                for (int j = 0; j < 4; j++) {
+                    const int64_t at = (b / 16) * 512 + (4 * h + j) * 64 + (b % 16) * 4;
+                    memcpy(xh + at, bh + 4 * j, 4);
+                    memcpy(xl + at, bl + 4 * j, 4);
+                }
+            } else {
+                _mm_storeu_si128((__m128i *)(xh + b * 32 + 16 * h), _mm512_cvtepi32_epi8(hi));
+                _mm_storeu_si128((__m128i *)(xl + b * 32 + 16 * h), _mm512_cvtepi32_epi8(lo));
+            }
         }
-        sx[b] = amax / QMAX;
-        xo[b] = sx[b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+        if (isfinite(amax) && isfinite(check)) {
+            sx[b] = amax / QMAX;
+            xo[b] = sx[b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+        }
     }
 }
 
@@ -102,13 +122,17 @@ typedef struct {
  * pair of blocks its 16 int32 partial sums times the blocks' scales (s sx, one
  * rounding); the lanes are summed at the end. */
 static inline __attribute__((always_inline)) void dot_tile(const int kind, const int NT, const int MT, int64_t nb,
-                                                           int64_t row_bytes, const uint8_t *w, const uint16_t *s,
+                                                           int64_t gstride, const uint8_t *w, const uint16_t *s,
                                                            const uint16_t *z, const xrow *x, float *y, int64_t N) {
     const __m512i m4 = _mm512_set1_epi8(15);
     const __m512 zdef = _mm512_set1_ps(kind == 4 ? -8.0f : -128.0f);
     __m512 acc[2][2][2], sv[2][2]; /* [w row][x row][pair parity] */
     for (int j = 0; j < NT; j++)
         for (int t = 0; t < MT; t++) acc[j][t][0] = acc[j][t][1] = _mm512_setzero_ps();
+    /* the NT rows' groups lie interleaved, group by group (gstride bytes a group of all
+     * NT rows), then each row's tail (tb bytes) */
+    const int64_t bb = kind == 4 ? 16 : 32, groups = nb / 16, tb = (nb - 16 * groups) * bb;
+    const uint8_t *wt = w + groups * gstride;
 
 /* the pair of blocks b, b + 1 (of parity p: the pair's index in the row, mod 2) with
  * codes wv, scale lanes idx */
@@ -141,13 +165,42 @@ static inline __attribute__((always_inline)) void dot_tile(const int kind, const
             }
         }
         int64_t b = c;
-        if (kind == 8) {
+        if (left == 16) { /* a group: the dot products of its 16 blocks in the 16 lanes */
+            for (int j = 0; j < NT; j++) {
+                const uint8_t *wg = w + (c / 16) * gstride + j * 16 * bb;  /* row j's part of group c / 16 */
+                __m512i W[8];
+                if (kind == 4) {
+                    for (int q = 0; q < 4; q++) {
+                        _mm_prefetch((const char *)(wg + 64 * q + PF_BYTES), _MM_HINT_T0);
+                        const __m512i raw = _mm512_loadu_si512(wg + 64 * q);
+                        W[q] = _mm512_and_si512(raw, m4);
+                        W[q + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+                    }
+                } else {
+                    for (int q = 0; q < 8; q++) {
+                        _mm_prefetch((const char *)(wg + 64 * q + PF_BYTES), _MM_HINT_T0);
+                        W[q] = _mm512_loadu_si512(wg + 64 * q);
+                    }
+                }
+                for (int t = 0; t < MT; t++) {
+                    const int8_t *xh = x[t].xh + c * 32, *xl = x[t].xl + c * 32;
+                    __m512i dh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), W[0], _mm512_loadu_si512(xh));
+                    __m512i dl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), W[0], _mm512_loadu_si512(xl));
+                    for (int q = 1; q < 8; q++) {
+                        dh = _mm512_dpbusd_epi32(dh, W[q], _mm512_loadu_si512(xh + 64 * q));
+                        dl = _mm512_dpbusd_epi32(dl, W[q], _mm512_loadu_si512(xl + 64 * q));
+                    }
+                    const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(dh, 8), dl);
+                    acc[j][t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv[j][t], acc[j][t][0]);
+                }
+            }
+        } else if (kind == 8) {
             for (; b < c + left; b += 2) {
                 const __m512i idx = _mm512_loadu_si512(LANES[(b - c) / 2]);
                 __m512i wv[2];
                 for (int j = 0; j < NT; j++) {
-                    _mm_prefetch((const char *)(w + j * row_bytes + b * 32 + PF_BYTES), _MM_HINT_T0);
-                    wv[j] = _mm512_loadu_si512(w + j * row_bytes + b * 32);
+                    _mm_prefetch((const char *)(wt + j * tb + (b - c) * 32 + PF_BYTES), _MM_HINT_T0);
+                    wv[j] = _mm512_loadu_si512(wt + j * tb + (b - c) * 32);
                 }
                 if ((b / 2) & 1) PAIR(wv, b, idx, 1);
                 else PAIR(wv, b, idx, 0);
@@ -156,8 +209,8 @@ static inline __attribute__((always_inline)) void dot_tile(const int kind, const
             for (; b + 4 <= c + left; b += 4) {
                 __m512i lo[2], hi[2];
                 for (int j = 0; j < NT; j++) {
-                    _mm_prefetch((const char *)(w + j * row_bytes + b * 16 + PF_BYTES), _MM_HINT_T0);
-                    const __m512i raw = _mm512_loadu_si512(w + j * row_bytes + b * 16);
+                    _mm_prefetch((const char *)(wt + j * tb + (b - c) * 16 + PF_BYTES), _MM_HINT_T0);
+                    const __m512i raw = _mm512_loadu_si512(wt + j * tb + (b - c) * 16);
                     lo[j] = _mm512_and_si512(raw, m4);
                     hi[j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
                 }
@@ -167,7 +220,7 @@ static inline __attribute__((always_inline)) void dot_tile(const int kind, const
             if (b < c + left) { /* the row's last pair, 32 bytes (an even one) */
                 __m512i wv[2];
                 for (int j = 0; j < NT; j++) {
-                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + j * row_bytes + b * 16));
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(wt + j * tb + (b - c) * 16));
                     const __m256i m = _mm512_castsi512_si256(m4);
                     wv[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m)),
                                                _mm256_and_si256(_mm256_srli_epi16(raw, 4), m), 1);
@@ -181,10 +234,10 @@ static inline __attribute__((always_inline)) void dot_tile(const int kind, const
         for (int t = 0; t < MT; t++) y[t * N + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][t][0], acc[j][t][1]));
 }
 
-#define TILE(K_, NT_, MT_) dot_tile(K_, NT_, MT_, nb, row_bytes, w, s, z, x + m, y + m * N, N)
+#define TILE(K_, NT_, MT_) dot_tile(K_, NT_, MT_, nb, gstride, w, s, z, x + m, y + m * N, N)
 
 /* Rows n .. n + NT of y (NT 1 or 2) against all M rows of x. */
-static void dot_rows(int kind, int NT, int64_t nb, int64_t row_bytes, const uint8_t *w, const uint16_t *s,
+static void dot_rows(int kind, int NT, int64_t nb, int64_t gstride, const uint8_t *w, const uint16_t *s,
                      const uint16_t *z, const xrow *x, int64_t M, float *y, int64_t N) {
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) {
@@ -295,17 +348,16 @@ int blockq_linear(int kind, const float *x, int64_t M, int64_t K, const uint8_t 
     for (int64_t m = 0; m < M; m++)
         prep_row(x + m * K, K, norm, eps, xh + m * K, xl + m * K, sx + m * nb, xo + m * nb);
     for (int64_t m = 0; m < M; m++) rows[m] = (xrow){xh + m * K, xl + m * K, sx + m * nb, xo + m * nb};
-    /* One row of w at a time for one row of x (decode: the weights are read as one
-     * stream, which the hardware prefetcher follows best), two for several (prefill:
-     * each x load serves two rows). */
-    const int64_t tile = M == 1 ? 1 : 2, tiles = (N + tile - 1) / tile;
+    /* Rows of w in pairs (the last alone when N is odd), each pair's two rows interleaved
+     * group by group (blockq.py, kernel_layout): a pair is read as one stream, and each
+     * load of x serves both rows. */
+    const int64_t gb = (kind == 4 ? 16 : 32) * 16, pairs = N / 2;
 #pragma omp parallel for schedule(static) if (M * N * K >= 262144)
-    for (int64_t i = 0; i < tiles; i++) {
-        const int64_t n = tile * i;
-        const int nt = N - n >= tile ? (int)tile : 1;
-        for (int64_t j = n; j < n + tile && j < N; j += nt)
-            dot_rows(kind, nt, nb, row_bytes, codes + j * row_bytes, scales + j * nb, zeros ? zeros + j * nb : NULL,
-                     rows, M, y + j, N);
+    for (int64_t i = 0; i < pairs + N % 2; i++) {
+        const int64_t n = 2 * i;
+        const int nt = n + 1 < N ? 2 : 1;
+        dot_rows(kind, nt, nb, nt * gb, codes + n * row_bytes, scales + n * nb, zeros ? zeros + n * nb : NULL, rows, M,
+                 y + n, N);
     }
     free(xh), free(f), free(rows);
     return 0;

@@ -123,10 +123,13 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return out
 
 
+GROUP_BLOCKS = 16  # blocks of 32 columns per group of the kernel's layout (blockq.c)
+
+
 def _pack4(q: np.ndarray) -> np.ndarray:
-    """4-bit codes [n, K] in column order (uint8, 0..15) -> the kernel's bytes [n, K/2]:
-    each 4 blocks of 32 as 64 bytes, low nibbles blocks 0-1, high nibbles blocks 2-3; a
-    last lone pair of blocks as 32 bytes, low nibbles its first 32 columns."""
+    """4-bit codes [n, K] in column order (uint8, 0..15), K < 512 -> the kernel's tail
+    bytes [n, K/2]: each 4 blocks of 32 as 64 bytes, low nibbles blocks 0-1, high nibbles
+    blocks 2-3; a last lone pair of blocks as 32 bytes, low nibbles its first 32 columns."""
     n, k = q.shape
     full = k // 128 * 128
     g = q[:, :full].reshape(n, -1, 2, 64)
@@ -134,7 +137,7 @@ def _pack4(q: np.ndarray) -> np.ndarray:
     if full < k:
         t = q[:, full:]
         out.append(t[:, :32] | (t[:, 32:] << 4))
-    return np.ascontiguousarray(np.concatenate(out, axis=1))
+    return np.concatenate(out, axis=1)
 
 
 def _unpack4(b: torch.Tensor) -> torch.Tensor:
@@ -149,10 +152,79 @@ def _unpack4(b: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
+def kernel_layout(bits: int, blocks: np.ndarray) -> np.ndarray:
+    """A band's code bytes [n, K/32, 16 or 32] as GGUF holds them (Q4: byte j's low nibble
+    is column j, its high nibble column j + 16; 8-bit: one byte a column) -> the kernel's
+    row bytes (blockq.c): the groups of 16 blocks with 4 columns of each block side by
+    side, then the tail."""
+    n, nb, per = blocks.shape
+    g = nb // GROUP_BLOCKS * GROUP_BLOCKS
+    head = blocks[:, :g].reshape(n, -1, GROUP_BLOCKS, per // 4, 4).transpose(0, 1, 3, 2, 4).reshape(n, -1)
+    tail = blocks[:, g:]
+    if bits == 4:
+        tail = _pack4(np.concatenate([tail & 15, tail >> 4], axis=-1).reshape(n, -1))
+    return np.concatenate([head, tail.reshape(n, -1)], axis=1)
+
+
+def column_codes(bits: int, row_bytes: torch.Tensor) -> torch.Tensor:
+    """The inverse of `kernel_layout`, as codes: rows [R, bytes] -> [R, K] in column order."""
+    r = row_bytes.shape[0]
+    per = 16 if bits == 4 else 32
+    nb = row_bytes.shape[1] // per
+    g = nb // GROUP_BLOCKS * GROUP_BLOCKS
+    head = row_bytes[:, : g * per].reshape(r, -1, per // 4, GROUP_BLOCKS, 4).permute(0, 1, 3, 2, 4)  # [R, G, 16, per/4, 4]
+    head = head.reshape(r, g, per)
+    tail = row_bytes[:, g * per :]
+    if bits == 8:
+        return torch.cat([head.reshape(r, -1), tail], dim=1)
+    head = torch.cat([head & 15, head >> 4], dim=-1).reshape(r, -1)
+    return torch.cat([head, _unpack4(tail)], dim=1)
+
+
+def _split(bits: int, row_bytes: int) -> tuple[int, int]:
+    """(bytes of a row's groups, bytes of one group) in the kernel's layout."""
+    group = 16 * (16 if bits == 4 else 32)
+    return row_bytes // group * group, group
+
+
+def pair_rows(bits: int, rows: np.ndarray) -> np.ndarray:
+    """Rows [n, bytes] in `kernel_layout` -> each pair of rows (2i, 2i + 1) interleaved
+    group by group, then the two tails (a last odd row stays as it is): the kernel reads
+    a pair as one stream (blockq.c)."""
+    n, rb = rows.shape
+    p = n // 2
+    head, group = _split(bits, rb)
+    out = rows.copy()
+    pairs = rows[: 2 * p].reshape(p, 2, rb)
+    heads = pairs[:, :, :head].reshape(p, 2, -1, group).transpose(0, 2, 1, 3).reshape(p, -1)
+    out[: 2 * p] = np.concatenate([heads, pairs[:, :, head:].reshape(p, -1)], axis=1).reshape(2 * p, rb)
+    return out
+
+
+def unpair_rows(bits: int, codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a matrix laid out by `pair_rows`, each as `kernel_layout` made it."""
+    n, rb = codes.shape
+    p = n // 2
+    head, group = _split(bits, rb)
+    out = torch.empty(len(ids), rb, dtype=codes.dtype)
+    lone = ids == 2 * p  # the last row of an odd count
+    if lone.any():
+        out[lone] = codes[2 * p]
+    paired = ~lone
+    if paired.any():
+        pair, j = ids[paired] // 2, ids[paired] % 2
+        rows = codes[: 2 * p].reshape(p, 2 * rb)
+        heads = rows[:, : 2 * head].reshape(p, -1, 2, group)[pair, :, j]  # [R, groups, group]
+        tails = rows[:, 2 * head :].reshape(p, 2, -1)[pair, j]
+        out[paired] = torch.cat([heads.reshape(len(pair), -1), tails], dim=1)
+    return out
+
+
 class BlockLinear(nn.Module):
     """``F.linear`` of block-quantized weights with the VNNI kernel (module doc).
 
-    Buffers: ``codes`` uint8 [N, K/2] (4-bit, `_pack4`) or [N, K] (8-bit, sign bit flipped);
+    Buffers: ``codes`` uint8 [N, K/2] (4-bit) or [N, K] (8-bit, sign bit flipped), each row
+    in the kernel's layout (`kernel_layout`);
     ``scales`` float16 [N, K/32]; ``zeros`` float16 [N, K/32] (Q4_1 only). Any input
     dtype; the product is computed in float32 and returned in the input's dtype."""
 
@@ -197,21 +269,18 @@ class BlockLinear(nn.Module):
         codes = np.empty((n, k * bits // 8), np.uint8)
         scales = np.empty((n, k // 32), np.float16)
         zeros = np.empty((n, k // 32), np.float16) if kind == "Q4_1" else None  # else -8 s, -128 s
-        row = 0
-        for _, raw in parts:
-            for r in range(0, raw.shape[0], band):
-                b = np.asarray(raw[r : r + band])
-                rows = slice(row, row + b.shape[0])
-                blocks = b.reshape(b.shape[0], k // 32, -1)
-                scales[rows] = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
-                if kind == "Q8_0":
-                    codes[rows] = (blocks[..., 2:] ^ np.uint8(0x80)).reshape(b.shape[0], -1)
-                else:
-                    qs = blocks[..., -16:]
-                    codes[rows] = _pack4(np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(b.shape[0], k))
-                if kind == "Q4_1":
-                    zeros[rows] = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]  # type: ignore[index]
-                row += b.shape[0]
+        starts = np.cumsum([0] + [raw.shape[0] for _, raw in parts])
+        band += band % 2  # bands start at even rows: the pairs of rows stay within one
+        for r in range(0, n, band):
+            end = min(r + band, n)
+            b = np.concatenate([np.asarray(raw[max(r - lo, 0) : max(min(end - lo, raw.shape[0]), 0)])
+                                for (_, raw), lo in zip(parts, starts[:-1])])
+            blocks = b.reshape(b.shape[0], k // 32, -1)
+            scales[r:end] = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
+            codes[r:end] = pair_rows(bits, kernel_layout(bits, blocks[..., 2:] ^ np.uint8(0x80) if bits == 8
+                                                         else blocks[..., -16:]))
+            if zeros is not None:
+                zeros[r:end] = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
         return BlockLinear(bits, torch.from_numpy(codes), torch.from_numpy(scales),
                            None if zeros is None else torch.from_numpy(zeros), bias)
 
@@ -251,11 +320,9 @@ class BlockLinear(nn.Module):
     def rows(self, ids: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """Dequantized rows ``ids`` [R] -> float32 [R, in_features], exactly the file's
         weights (``exact`` is accepted for the other modules' signature)."""
-        c = self.codes[ids]
+        q = column_codes(self.bits, unpair_rows(self.bits, self.codes, ids)).view(len(ids), -1, 32).float()
         s = self.scales[ids].float()[..., None]  # [R, K/32, 1]
         if self.bits == 8:
-            q = c.view(len(ids), -1, 32).to(torch.int16) - 128
-            return (q.float() * s).reshape(len(ids), -1)
-        q = _unpack4(c).view(len(ids), -1, 32).float()
+            return ((q - 128) * s).reshape(len(ids), -1)
         z = -8 * s if self.zeros is None else self.zeros[ids].float()[..., None]
         return (q * s + z).reshape(len(ids), -1)
