@@ -85,13 +85,15 @@ def kept_quantized(kind: str, shape: tuple[int, int]) -> bool:
 def matrix_bytes(kind: str, shape: tuple[int, int], dtype: str, blockq: bool = False) -> int:
     """Bytes a [N, K] matrix of ``kind`` holds once loaded with compute dtype ``dtype``;
     ``blockq``: on a node running the VNNI kernel (engine.blockq), whose Q4_0, Q4_1 and
-    Q8_0 hold the file's codes and fp16 scales (and Q4_1's fp16 offsets)."""
+    Q8_0 hold the file's codes and fp16 scales (and Q4_1's fp16 offsets), int4 as Q4_1
+    and int8 as Q8_0."""
     n, k = shape
     e = DTYPE_BYTES[dtype]
     if not kept_quantized(kind, shape):
         return n * k * e
-    if blockq and kind in BLOCKQ_TYPES and k % 64 == 0:
-        return n * k * (4 if kind == "Q8_0" else 2) // 4 + n * (k // GROUP) * (4 if kind == "Q4_1" else 2)
+    if blockq and kind in (*BLOCKQ_TYPES, "int4", "int8") and k % 64 == 0:  # int4 as Q4_1, int8 as Q8_0
+        wide = kind in ("Q8_0", "int8")
+        return n * k // (1 if wide else 2) + n * (k // GROUP) * (4 if kind in ("Q4_1", "int4") else 2)
     if kind in ("Q4_0", "Q4_1", "Q4_K", "int4"):
         return n * k // 2 + (k // GROUP) * n * 2 * e
     if kind in ("Q8_0", "Q5_K", "int8"):
@@ -110,7 +112,7 @@ def format_layer_bytes(args: ModelArgs, dtype: str, fmt: str, source: str | Path
     norms = 2 * c * e + ((args.q_size + 2 * args.kv_size) * e if args.attention_bias else 0)
     if fmt in ("int8", "int4"):
         shapes = [(args.q_size + 2 * args.kv_size, c), (c, args.q_size), (2 * i, c), (c, i)]
-        return norms + sum(matrix_bytes(fmt, s, dtype) for s in shapes)
+        return norms + sum(matrix_bytes(fmt, s, dtype, blockq) for s in shapes)
     if fmt != "gguf" or source is None:
         raise ValueError(f"unknown weight format {fmt!r} (or no GGUF file given)")
     from gguf import GGMLQuantizationType

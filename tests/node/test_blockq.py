@@ -115,3 +115,20 @@ def test_one_query_attention_matches_sdpa(heads: int, kv_heads: int, dim: int, k
     spoilt = blockq.attend_one(q, k, v)
     assert spoilt is not None and torch.isnan(spoilt[0, :groups]).all() and not torch.isnan(spoilt[0, groups:]).any()
     assert blockq.attend_one(q.double(), k.double(), v.double()) is None  # float32 only: SDPA does the rest
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 1e-2), (4, 0.12)])
+def test_float_weights_quantized_into_its_blocks(bits: int, tol: float) -> None:
+    """``--quantize int8|int4``: Q8_0's and Q4_1's forms, scales in fp16; the rows read
+    back are the codes times those scales, the product is the kernel's."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(130, 1088, generator=g) * 0.02
+    w[:, 40] += 0.3  # an outlier column
+    layer = blockq.BlockLinear.from_float(w, bits, band=64)
+    back = layer.rows(torch.arange(130))
+    assert float((back - w).norm() / w.norm()) < tol
+    x = torch.randn(3, 1088, generator=g)
+    assert float((layer(x) - F.linear(x, back)).norm() / F.linear(x, back).norm()) < 1e-4
+    held = layer.codes.nbytes + layer.scales.nbytes + (0 if layer.zeros is None else layer.zeros.nbytes)
+    per_row = 1088 * bits // 8 + 1088 // 32 * (4 if bits == 4 else 2)  # codes, fp16 scales (and offsets)
+    assert held == 130 * per_row and matrix_bytes(f"int{bits}", (128, 1088), "bfloat16", blockq=True) == 128 * per_row

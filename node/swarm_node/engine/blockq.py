@@ -299,6 +299,36 @@ class BlockLinear(nn.Module):
             cached = self._cached = (held, ptrs)
         return cached[1]
 
+    @staticmethod
+    def from_float(w: torch.Tensor, bits: int, bias: torch.Tensor | None = None, band: int = 256) -> BlockLinear:
+        """``--quantize int8|int4`` of a float [N, K] weight, per group of 32 columns, a band
+        of rows at a time: int4 as Q4_1 (``W = q s + z`` from the group's min and max,
+        q in 0..15), int8 as Q8_0 (``W = q s`` from its absolute max, q in -127..127), the
+        scales rounded to fp16 before the codes are chosen against them."""
+        if bits not in (4, 8):
+            raise ValueError(f"cannot quantize to {bits} bits: int8 and int4 are supported")
+        n, k = w.shape
+        codes = np.empty((n, k * bits // 8), np.uint8)
+        scales = torch.empty(n, k // 32, dtype=torch.float16)
+        zeros = torch.empty(n, k // 32, dtype=torch.float16) if bits == 4 else None
+        tiny = float(torch.finfo(torch.float16).tiny)
+        band += band % 2
+        for r in range(0, n, band):
+            g = w[r : r + band].float().reshape(-1, k // 32, 32)
+            if bits == 4:
+                lo = g.amin(-1).to(torch.float16)
+                s = ((g.amax(-1) - lo.float()) / 15).clamp(tiny, 65504).to(torch.float16)
+                q = torch.round((g - lo.float()[..., None]) / s.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+                zeros[r : r + band] = lo  # type: ignore[index]
+                raw = (q[..., :16] | (q[..., 16:] << 4)).numpy()  # GGUF's byte order
+            else:
+                s = (g.abs().amax(-1) / 127).clamp(tiny, 65504).to(torch.float16)
+                q = torch.round(g / s.float()[..., None]).clamp_(-127, 127)
+                raw = (q + 128).to(torch.uint8).numpy()
+            scales[r : r + band] = s
+            codes[r : r + band] = pair_rows(bits, kernel_layout(bits, raw))
+        return BlockLinear(bits, torch.from_numpy(codes), scales, zeros, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = _library()
         assert lib is not None, "BlockLinear built where the kernel is unavailable"

@@ -444,9 +444,13 @@ def linear_from_gguf(parts: Sequence[tuple[str, np.ndarray]], k: int, dtype: tor
 
 
 def linear_from_float(w: torch.Tensor, bits: int, dtype: torch.dtype, bias: torch.Tensor | None = None,
-                      spread: Sequence[float] = ()) -> QuantLinear:
-    """``--quantize``: a float [N, K] weight, quantized group-wise band by band."""
+                      spread: Sequence[float] = (), vnni: bool = True) -> nn.Module:
+    """``--quantize``: a float [N, K] weight, quantized group-wise band by band: in the
+    VNNI kernel's blocks where this machine runs it (engine.blockq.BlockLinear.from_float;
+    Q4_1's and Q8_0's forms), else (or with ``vnni`` false) for PyTorch's int4 kernel."""
     n, k = w.shape
+    if vnni and blockq.takes("Q8_0" if bits == 8 else "Q4_1", (n, k)):
+        return blockq.BlockLinear.from_float(w, bits, bias, _ROWS_PER_BAND)
     bands = [quantize_band(w[r : r + _ROWS_PER_BAND], bits) for r in range(0, n, _ROWS_PER_BAND)]
     return QuantLinear.from_bands(bands, k, dtype, bias, spread=spread)
 
