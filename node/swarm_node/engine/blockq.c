@@ -280,11 +280,13 @@ int blockq_attend1(const float *q, const float *k, const float *v, int64_t P, in
                    float scale, float *out) {
 #if BLOCKQ_OK
     if (D % 16 != 0 || D > 256 || P < 1 || Hkv < 1 || H % Hkv != 0) return -1;
-    float *sc = malloc((size_t)(P + 16) * sizeof(float));
-    if (!sc) return -1;
+    float *scores = malloc((size_t)(H * (P + 16)) * sizeof(float));
+    if (!scores) return -1;
     const int64_t nd = D / 16, group = H / Hkv, row = Hkv * D;
+#pragma omp parallel for schedule(static) if (H * P * D >= 131072)
     for (int64_t h = 0; h < H; h++) {
         const float *qh = q + h * D, *kh = k + (h / group) * D, *vh = v + (h / group) * D;
+        float *sc = scores + h * (P + 16);
         __m512 qv[16];
         for (int64_t i = 0; i < nd; i++) qv[i] = _mm512_mul_ps(_mm512_loadu_ps(qh + 16 * i), _mm512_set1_ps(scale));
         float mx = -INFINITY;
@@ -317,7 +319,7 @@ int blockq_attend1(const float *q, const float *k, const float *v, int64_t P, in
         }
         for (int64_t i = 0; i < nd; i++) _mm512_storeu_ps(out + h * D + 16 * i, _mm512_mul_ps(o[i], _mm512_set1_ps(inv)));
     }
-    free(sc);
+    free(scores);
     return 0;
 #else
     (void)q, (void)k, (void)v, (void)P, (void)H, (void)Hkv, (void)D, (void)scale, (void)out;
