@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from torch import nn
 
 from swarm_proto.store import cache_dir
 from swarm_proto.weight_format import BLOCKQ_TYPES
+
+if TYPE_CHECKING:
+    from swarm_node.engine.model import RMSNorm
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,7 @@ def _library() -> ctypes.CDLL | None:
     if not lib.blockq_supported():
         log.info("this CPU has no AVX-512 VNNI: quantized weights run PyTorch's int4 kernel")
         return None
+    log.info("blockq kernel (AVX-512 VNNI) loaded from %s", lib._name)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.blockq_linear.argtypes = [ctypes.c_int, p, i64, i64, p, p, p, i64, p, p, ctypes.c_float]
     lib.blockq_linear.restype = ctypes.c_int
@@ -246,7 +251,7 @@ class BlockLinear(nn.Module):
         self.norm: tuple[torch.Tensor, float] | None = None
         self._cached: tuple[tuple[torch.Tensor | None, ...], tuple[int, int, int, int, float]] | None = None
 
-    def fuse_norm(self, norm: nn.Module) -> bool:
+    def fuse_norm(self, norm: RMSNorm) -> bool:
         """Normalize the input with ``norm`` (an engine.model.RMSNorm whose output feeds
         only this product) inside the kernel: one call instead of the norm's six ops, and
         the norm passes its input through (``norm.fused``). Only a float32 weight is taken
