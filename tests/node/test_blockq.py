@@ -4,6 +4,8 @@ a bad input row harming no other row."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,18 @@ def test_float_weights_quantized_into_its_blocks(bits: int, tol: float) -> None:
     held = layer.codes.nbytes + layer.scales.nbytes + (0 if layer.zeros is None else layer.zeros.nbytes)
     per_row = 1088 * bits // 8 + 1088 // 32 * (4 if bits == 4 else 2)  # codes, fp16 scales (and offsets)
     assert held == 130 * per_row and matrix_bytes(f"int{bits}", (128, 1088), "bfloat16", blockq=True) == 128 * per_row
+
+
+def test_a_wrong_width_is_refused() -> None:
+    layer, _ = _layer("Q8_0", 64, 576)
+    with pytest.raises(ValueError, match="1152 features"):
+        layer(torch.randn(1, 1152))  # would reshape into two rows of 576 unnoticed
+
+
+def test_no_compiler_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the loader turns into one warning and PyTorch's kernel (blockq._library)."""
+    monkeypatch.setenv("SWARM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises((RuntimeError, OSError)):
+        blockq._build()
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written left behind

@@ -338,6 +338,8 @@ class BlockLinear(nn.Module):
         lib = _library()
         assert lib is not None, "BlockLinear built where the kernel is unavailable"
         k, n = self.in_features, self.out_features
+        if x.shape[-1] != k:
+            raise ValueError(f"input of {x.shape[-1]} features to a product that takes {k}")
         x2 = x.reshape(-1, k)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.to(torch.float32).contiguous()
