@@ -252,8 +252,9 @@ def fuse_norms(model: ModelSlice) -> None:
 
 def mark_batch_invariant(model: ModelSlice) -> None:
     """Mark the slice batch-invariant (swarm_node.engine.model) when every layer matrix runs
-    the int4 kernel, whose rows are computed independently; a head that is not such a
-    matrix then runs row by row (one row per sequence at decode, so the cost is small)."""
+    the VNNI kernel or PyTorch's int4 kernel, whose rows are computed independently; a head
+    that is not such a matrix then runs row by row (one row per sequence at decode, so the
+    cost is small)."""
     layers = [m for b in model.layers if isinstance(b, Block)
               for m in (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2)]
     if not all(quant.rows_independent(m) for m in layers):
